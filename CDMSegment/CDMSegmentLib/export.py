@@ -1,0 +1,37 @@
+"""From a training checkpoint to a model file: EMA weights, TorchScript, metadata inside."""
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .intensity import DEFAULT_NORMALISATION
+from .methods import PAPER_DEFAULTS
+from .modelfile import FORMAT_VERSION, save_model
+from .train import load_checkpoint
+
+NOT_CLINICAL = "Research use only; not a medical device and not for clinical decisions."
+
+
+def diffusion_metadata(train_cfg, *, name: str, version: str, image_size: int, modalities: Sequence[str],
+                       class_names: Sequence[str], training: dict, defaults: Optional[dict] = None,
+                       intended_use: str = NOT_CLINICAL, heatmap_sign: float = 1.0) -> dict:
+    """Everything a user of the model file needs to run it correctly, without the training code."""
+    return {
+        "format_version": FORMAT_VERSION, "kind": "diffusion", "name": name, "version": version,
+        "image_size": int(image_size), "in_channels": train_cfg.unet.in_channels, "modalities": list(modalities),
+        "class_names": list(class_names), "schedule": train_cfg.schedule, "num_timesteps": train_cfg.num_timesteps,
+        "defaults": dict(defaults if defaults is not None else PAPER_DEFAULTS),
+        "normalisation": dict(DEFAULT_NORMALISATION), "training": dict(training),
+        "architecture": {"type": "ConditionalUNet", **train_cfg.unet.to_dict()},
+        "intended_use": intended_use, "heatmap_sign": float(heatmap_sign),
+    }
+
+
+def export_checkpoint(checkpoint: Path, output: Path, **metadata_fields) -> str:
+    """Write the EMA network of ``checkpoint`` to ``output``; returns the file's SHA256 for models.json."""
+    net, cfg, state = load_checkpoint(checkpoint)
+    training = dict(metadata_fields.pop("training", {}))
+    training.setdefault("steps", state["step"])
+    training.setdefault("seconds", round(state["seconds"], 1))
+    training.setdefault("config", cfg.to_dict())
+    metadata = diffusion_metadata(cfg, training=training, **metadata_fields)
+    return save_model(net, metadata, output)

@@ -1,0 +1,90 @@
+"""Heatmap methods by name, each a callable on a batch of model-sized slices.
+
+The volume runner and the evaluation harness see only this interface:
+``method(x_0 (B, C, H, W), slice_ids (B,)) -> (B, H, W)``, larger where the target
+class is. Noise is drawn per slice from (seed, slice id) on the CPU, so a heatmap does
+not depend on the batch size or the device.
+"""
+
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Optional
+
+import torch
+
+from .cdm import cdm_heatmap
+from .errors import CDMSegmentError
+from .modelfile import LoadedModel
+
+# The paper's settings (Q = 400 of T = 4000 linear ~ alpha_bar 0.90, R = 10, tau = 0.95).
+PAPER_DEFAULTS = {"noise_level": 0.896, "steps": 10, "tau": 0.95, "noise_draws": 1, "guidance_scale": 100.0}
+
+
+@dataclass(frozen=True)
+class CDMParams:
+    """noise_level: alpha_bar at the start (the paper's Q, chosen by alpha_bar so any T works);
+    steps: R; tau; noise_draws: heatmaps averaged over this many noise draws; guidance_scale: s (CG-CDM)."""
+
+    noise_level: float = PAPER_DEFAULTS["noise_level"]
+    steps: int = PAPER_DEFAULTS["steps"]
+    tau: float = PAPER_DEFAULTS["tau"]
+    noise_draws: int = 1
+    guidance_scale: float = PAPER_DEFAULTS["guidance_scale"]
+
+    @classmethod
+    def for_model(cls, model: LoadedModel, preset: str = "model", **overrides) -> "CDMParams":
+        """The model's own measured defaults ('model') or the paper's ('paper'); None overrides are ignored."""
+        if preset not in ("model", "paper"):
+            raise CDMSegmentError(f"unknown preset {preset!r}; use 'model' or 'paper'")
+        names = {f.name for f in fields(cls)}
+        base = {k: v for k, v in (model.defaults if preset == "model" else PAPER_DEFAULTS).items() if k in names}
+        params = replace(cls(), **base)
+        return replace(params, **{k: v for k, v in overrides.items() if v is not None})
+
+
+MethodFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+METHODS = ("cdm", "cg-cdm")
+
+
+def slice_noise(slice_ids: torch.Tensor, shape, seed: int, draw: int) -> torch.Tensor:
+    """Reproducible eps for each slice: (B, *shape) float32 on the CPU."""
+    out = torch.empty((len(slice_ids),) + tuple(shape))
+    for n, sid in enumerate(slice_ids.tolist()):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + draw * 10_007 + int(sid))
+        out[n] = torch.randn(tuple(shape), generator=g)
+    return out
+
+
+def network_evaluations_per_slice(method: str, params: CDMParams) -> int:
+    """Forward passes of the diffusion network per slice (classifier gradients not counted)."""
+    if method in ("cdm", "cg-cdm"):
+        return 2 * params.steps * params.noise_draws
+    return 0
+
+
+def build_method(method: str, model: LoadedModel, params: CDMParams, *, target_class: int = 1,
+                 normal_class: int = 0, classifier: Optional[LoadedModel] = None, seed: int = 0) -> MethodFn:
+    """The heatmap function for ``method`` with the networks already on their device."""
+    if method not in METHODS:
+        raise CDMSegmentError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    n_classes = len(model.class_names)
+    for c in (target_class, normal_class):
+        if not 0 <= c < n_classes:
+            raise CDMSegmentError(f"class {c} does not exist; the model knows {n_classes} classes: "
+                                  f"{', '.join(model.class_names)}")
+    if method == "cg-cdm" and classifier is None:
+        raise CDMSegmentError("CG-CDM needs a noise-aware classifier; give one with --classifier")
+    schedule = model.schedule()
+    t_start = schedule.timestep_for_alpha_bar(params.noise_level)
+    guide = classifier.network if method == "cg-cdm" else None
+    sign = float(model.metadata.get("heatmap_sign", 1.0))
+
+    def heatmap(x_0: torch.Tensor, slice_ids: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(x_0.shape[0], *x_0.shape[2:], device=x_0.device)
+        for draw in range(params.noise_draws):
+            noise = slice_noise(slice_ids, x_0.shape[1:], seed, draw).to(x_0.device, x_0.dtype)
+            total += cdm_heatmap(model.network, schedule, x_0, t_start=t_start, steps=params.steps, tau=params.tau,
+                                 target_class=target_class, normal_class=normal_class, noise=noise,
+                                 classifier=guide, guidance_scale=params.guidance_scale).float()
+        return sign * total / params.noise_draws
+
+    return heatmap

@@ -1,0 +1,74 @@
+"""Segment files on disk: read a case, run the volume runner per class, write heatmap(s) and a .seg.nrrd.
+
+This is the function behind ``cdmsegment segment``; the Slicer module calls the volume
+runner directly on its nodes.
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import CDMSegmentError
+from .image import read_volume
+from .methods import CDMParams
+from .modelfile import load_model
+from .outputs import atomic_outputs, file_stem, write_heatmap, write_segmentation
+from .volume import segment_volume
+
+
+@dataclass
+class SegmentSummary:
+    heatmap_paths: list
+    segmentation_path: Path
+    slices_total: int
+    slices_run: int
+    voxels_segmented: int
+    volume_ml: float
+    seconds: float
+    device: str
+
+    def line(self) -> str:
+        files = ", ".join(str(p) for p in self.heatmap_paths + [self.segmentation_path])
+        return (f"{self.slices_run} of {self.slices_total} slices run, {self.voxels_segmented} voxels segmented "
+                f"({self.volume_ml:.1f} ml), {self.seconds:.1f} s on {self.device}: {files}")
+
+
+def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path], *, model=None,
+                  classifier=None, target_class: Optional[int] = None, preset: str = "model",
+                  noise_level=None, steps=None, tau=None, noise_draws=None, guidance_scale=None,
+                  overwrite: bool = False, log: Callable[[str], None] = print, **run_options) -> SegmentSummary:
+    """Read one case (one input per model modality), segment each class, write ``<stem>_heatmap.nrrd``
+    (``<stem>_<class>_heatmap.nrrd`` for several classes) and ``<stem>.seg.nrrd`` in ``output_dir``."""
+    start = time.perf_counter()
+    diffusion = load_model(model)
+    guide = load_model(classifier, kind="classifier") if classifier is not None else None
+    volumes = [read_volume(p) for p in inputs]
+    params = CDMParams.for_model(diffusion, preset, noise_level=noise_level, steps=steps, tau=tau,
+                                 noise_draws=noise_draws, guidance_scale=guidance_scale)
+    classes = [target_class] if target_class is not None else list(range(1, len(diffusion.class_names)))
+    if not classes or not all(0 < c < len(diffusion.class_names) for c in classes):
+        raise CDMSegmentError(f"target class must be one of 1..{len(diffusion.class_names) - 1} "
+                              f"({', '.join(diffusion.class_names[1:])})")
+    output_dir = Path(output_dir)
+    stem = file_stem(inputs[0])
+    names = [diffusion.class_names[c] for c in classes]
+    heatmap_paths = [output_dir / (f"{stem}_heatmap.nrrd" if len(classes) == 1 else f"{stem}_{n}_heatmap.nrrd")
+                     for n in names]
+    seg_path = output_dir / f"{stem}.seg.nrrd"
+    existing = [p for p in heatmap_paths + [seg_path] if p.exists()]
+    if existing and not overwrite:
+        raise CDMSegmentError(f"{existing[0]} already exists; choose another output folder or pass --overwrite")
+    results = [segment_volume(diffusion, volumes, target_class=c, params=params, classifier=guide, log=log,
+                              **run_options) for c in classes]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_outputs(heatmap_paths + [seg_path]) as tmp:
+        for path, result in zip(tmp, results):
+            write_heatmap(path, result.heatmap, volumes[0])
+        write_segmentation(tmp[-1], {n: r.mask for n, r in zip(names, results)}, volumes[0])
+    voxels = int(sum(int(r.mask.sum()) for r in results))
+    voxel_ml = float(np.prod(volumes[0].spacing_mm)) / 1000.0
+    return SegmentSummary(heatmap_paths, seg_path, results[0].slices_total, results[0].slices_run, voxels,
+                          voxels * voxel_ml, time.perf_counter() - start, results[0].device)

@@ -1,0 +1,166 @@
+"""The volume runner: a 3D image in, a heatmap and a mask on exactly its voxel grid out.
+
+volume(s) -> canonical orientation and slice axis -> per-volume normalisation ->
+model-sized slices with content -> batches on the device -> heatmap per slice ->
+back onto the input grid -> one volume-level threshold -> mask.
+"""
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import Cancelled, CDMSegmentError
+from .image import Volume, check_same_grid
+from .intensity import normalise_volume
+from .methods import CDMParams, build_method, network_evaluations_per_slice
+from .modelfile import LoadedModel
+from .slicing import Orientation, extract_slices, insert_slices
+from .threshold import make_mask, resolve_threshold
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class SegmentationResult:
+    heatmap: np.ndarray  # (K, J, I) float32, >= 0, on the input grid
+    mask: np.ndarray  # (K, J, I) uint8 (1 = target class)
+    threshold: float  # in heatmap units
+    slices_total: int
+    slices_run: int  # slices with content, the others are skipped
+    network_evaluations: int
+    seconds: float
+    device: str
+
+
+def choose_device(device: str = "auto", log: Callable[[str], None] = print) -> torch.device:
+    """'auto': CUDA when available, else the CPU, saying which; 'cuda' without CUDA is an error."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise CDMSegmentError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device == "auto":
+        chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        log(f"device: {torch.cuda.get_device_name(chosen) if chosen.type == 'cuda' else 'CPU'} "
+            f"({'CUDA found' if chosen.type == 'cuda' else 'no CUDA GPU found'})")
+        return chosen
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CDMSegmentError("CUDA was requested but no CUDA GPU is usable by this PyTorch; use --device cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    """fp32 on the CPU unless asked (the CDM subtracts two close outputs; see bench/), fp16 autocast on CUDA."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _is_cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
+
+
+def check_inputs(model: LoadedModel, volumes: Sequence[Volume]) -> None:
+    """One volume per modality the model declares, all 3D scalar images on one grid."""
+    names = model.modalities
+    if len(volumes) != len(names):
+        raise CDMSegmentError(f"model {model.metadata['name']} expects {len(names)} modalit"
+                              f"{'y' if len(names) == 1 else 'ies'} ({', '.join(names)}), got {len(volumes)} input"
+                              f"{'' if len(volumes) == 1 else 's'}")
+    for v, n in zip(volumes, names):
+        if v.array.ndim != 3:
+            raise CDMSegmentError(f"{n}: expected a 3D volume, got an array of shape {v.array.shape}")
+        if min(v.array.shape) < 2:
+            raise CDMSegmentError(f"{n}: the volume has a single slice ({v.array.shape}); give a 3D volume")
+    check_same_grid(volumes, names)
+
+
+def _normalised(model: LoadedModel, volumes: Sequence[Volume]) -> np.ndarray:
+    out = []
+    for v, n in zip(volumes, model.modalities):
+        try:
+            out.append(normalise_volume(v.array, model.metadata["normalisation"]))
+        except CDMSegmentError as e:
+            raise CDMSegmentError(f"{n}: {e}") from None
+    return np.stack(out)
+
+
+def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str = "cdm", target_class: int = 1,
+                   params: Optional[CDMParams] = None, classifier: Optional[LoadedModel] = None,
+                   device: str = "auto", axis: Union[str, int] = "auto", batch_size: int = 16,
+                   threshold: Union[str, float, None] = None, min_component_voxels: Optional[int] = None,
+                   precision: str = "auto", seed: int = 0,
+                   progress: Optional[Callable[[int, int], None]] = None, cancel=None,
+                   log: Callable[[str], None] = print) -> SegmentationResult:
+    """Run ``method`` slice by slice over the volume and threshold the heatmap at volume level.
+
+    volumes: one Volume per model modality, on one grid. threshold: 'model' (calibrated on held-out
+    data, the default when the model has one), 'otsu' (over the volume) or a number. progress(done, total)
+    counts slices with content; cancel (callable or threading.Event) stops between batches with Cancelled.
+    """
+    start = time.perf_counter()
+    check_inputs(model, volumes)
+    if precision not in PRECISIONS:
+        raise CDMSegmentError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if batch_size < 1:
+        raise CDMSegmentError(f"batch size must be at least 1, got {batch_size}")
+    params = params or CDMParams.for_model(model)
+    defaults = model.defaults
+    threshold = threshold if threshold is not None else ("model" if "threshold" in defaults else "otsu")
+    min_component_voxels = (min_component_voxels if min_component_voxels is not None
+                            else int(defaults.get("min_component_voxels", 0)))
+    ref = volumes[0]
+    orientation = Orientation.from_direction(ref.direction, ref.spacing_mm)
+    canonical_axis = orientation.canonical_axis(axis)
+    arrays = _normalised(model, volumes)
+    raw = np.stack([np.asarray(v.array) for v in volumes])
+    content_voxels = (raw != 0).any(axis=0)
+    slices, stack = extract_slices(arrays, orientation, canonical_axis, model.image_size)
+    content_c = np.moveaxis(orientation.to_canonical(content_voxels), canonical_axis, 0)
+    with_content = np.flatnonzero(content_c.reshape(content_c.shape[0], -1).any(axis=1))
+    total = len(with_content)
+    dev = choose_device(device, log)
+    maps = torch.zeros(slices.shape[0], model.image_size, model.image_size)
+    done = 0
+    if progress:
+        progress(0, total)
+    while done < total:
+        try:
+            fn = build_method(method, _on(model, dev), params, target_class=target_class, classifier=_on(classifier, dev),
+                              seed=seed)
+            for lo in range(done, total, batch_size):
+                if _is_cancelled(cancel):
+                    raise Cancelled()
+                ids = torch.from_numpy(with_content[lo:lo + batch_size])
+                with torch.no_grad(), _autocast(dev, precision):
+                    maps[ids] = fn(slices[ids].to(dev), ids).float().cpu()
+                done = lo + len(ids)
+                if progress:
+                    progress(done, total)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if batch_size > 1:
+                batch_size //= 2
+                log(f"out of GPU memory: retrying with batch size {batch_size}")
+            else:
+                dev = torch.device("cpu")
+                log("out of GPU memory even with batch size 1: continuing on the CPU")
+    heatmap = np.maximum(insert_slices(maps, stack), 0.0)
+    heatmap[~content_voxels] = 0.0
+    value = resolve_threshold(heatmap, threshold, content_voxels, defaults.get("threshold"))
+    mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
+    return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), total,
+                              total * network_evaluations_per_slice(method, params),
+                              time.perf_counter() - start, str(dev))
+
+
+def _on(model: Optional[LoadedModel], device: torch.device) -> Optional[LoadedModel]:
+    if model is not None:
+        model.network.to(device)
+    return model
