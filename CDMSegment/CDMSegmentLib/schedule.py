@@ -30,7 +30,8 @@ class NoiseSchedule:
         self.num_timesteps = int(num_timesteps)
         if kind == "linear":
             scale = 1000.0 / num_timesteps
-            betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+            # clamped so that very short schedules (T < 50) still have alpha > 0
+            betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64).clamp(max=0.999)
         else:
             s = 0.008
             steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
