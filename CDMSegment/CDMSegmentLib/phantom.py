@@ -31,7 +31,7 @@ from .slicing import Orientation
 TEMPLATE_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
 TEMPLATE_MARGIN_MM = 12  # room around the brain for the affine and elastic warp
 
-# Relative signal of csf, gm, wm, oedema, core per contrast (per-case jitter +-10 %).
+# Relative signal of csf, gm, wm, oedema, core per contrast (per-case jitter +-5 %, small enough to keep the order).
 # FLAIR suppresses fluid and shows the whole tumour bright; T1 has WM > GM > CSF;
 # T2 has fluid brightest; T1ce is T1 with an enhancing (bright) tumour core.
 CONTRASTS = {
@@ -181,7 +181,7 @@ def _lesions(rng: np.random.Generator, axes_mm: Sequence[np.ndarray], tissue: Di
 def _contrast(rng: np.random.Generator, modality: str, tissue: Dict[str, np.ndarray], whole: np.ndarray,
               core: np.ndarray) -> np.ndarray:
     """Noise-free signal on the fine grid: tissue fractions times their jittered relative intensities."""
-    csf, gm, wm, oedema, core_signal = np.array(CONTRASTS[modality]) * rng.uniform(0.9, 1.1, 5)
+    csf, gm, wm, oedema, core_signal = np.array(CONTRASTS[modality]) * rng.uniform(0.95, 1.05, 5)
     normal = tissue["csf"] * csf + tissue["gm"] * gm + tissue["wm"] * wm
     lesion = np.where(core, core_signal, oedema).astype(np.float32)
     return np.where(whole, lesion * tissue["brain"], normal).astype(np.float32)
