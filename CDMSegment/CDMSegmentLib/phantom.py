@@ -135,10 +135,8 @@ def _lesion(rng: np.random.Generator, axes_mm: Sequence[np.ndarray], centre_mm: 
     box, local = [], []
     for x, c in zip(axes_mm, centre_mm):
         idx = np.flatnonzero(np.abs(x - c) <= 2.2 * radius_mm + 2.0)
-        box.append(slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0))
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))  # never empty: the centre is a grid point
         local.append((x[box[-1]] - c).astype(np.float32))
-    if any(len(x) == 0 for x in local):
-        return tuple(box), np.zeros(0, bool), np.zeros(0, bool)
     grid = np.meshgrid(*local, indexing="ij", sparse=True)
     distance = np.full([len(x) for x in local], np.inf, dtype=np.float32)
     for lobe in range(rng.integers(1, 4)):
