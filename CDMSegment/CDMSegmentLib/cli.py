@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .cli_train import add_calibrate_parser, add_export_parser, add_phantom_parser, add_slices_parser, add_train_parser
 from .errors import CDMSegmentError
 
 
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_segment_parser, add_info_parser]
+COMMANDS = [add_segment_parser, add_info_parser, add_phantom_parser, add_slices_parser, add_train_parser,
+            add_export_parser, add_calibrate_parser]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -27,6 +27,7 @@ from .errors import CDMSegmentError
 from .image import check_same_grid, read_volume
 from .intensity import normalise_volume
 from .slicing import Orientation, extract_slices
+from .sliceset import SliceDataset
 
 BRATS_KINDS = ("flair", "t1", "t1ce", "t2", "seg")
 BRATS_FILE = re.compile(r"^(?P<case>.+)_(?P<kind>flair|t1|t1ce|t2|seg)\.nii(\.gz)?$")
@@ -223,64 +224,19 @@ def _table_labels(case: Case, orientation: Orientation, has_content: torch.Tenso
     return torch.tensor([label or 0 for label in labels], dtype=torch.int64)
 
 
-def quantise(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8, step 2/255 (error <= 1/255, below the noise of any MR image)."""
-    return torch.round((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
-
-
-def dequantise(q: torch.Tensor) -> torch.Tensor:
-    return q.to(torch.float32) / 127.5 - 1.0
-
-
-class SliceDataset(torch.utils.data.Dataset):
-    """Slices held compactly in memory (uint8 quantised, or float16); items are (x (C, S, S) float32, y int64).
-
-    slices: (N, C, S, S) float in [-1, 1], or already uint8 (quantised) / float16.
-    case_ids and slice_index (canonical slice number) say where each slice came from.
-    """
-
-    def __init__(self, slices, labels, case_ids: Optional[Sequence[str]] = None, slice_index=None, *,
-                 storage: str = "uint8", meta: Optional[dict] = None):
-        if storage not in ("uint8", "float16"):
-            raise CDMSegmentError(f"slice storage must be uint8 or float16, got {storage!r}")
-        slices = torch.as_tensor(slices)
-        if slices.ndim != 4 or len(slices) != len(labels):
-            raise CDMSegmentError(f"expected slices (N, C, S, S) and N labels, got {tuple(slices.shape)} and {len(labels)}")
-        if slices.dtype == torch.uint8 or slices.dtype == torch.float16:
-            self.data = slices if str(slices.dtype).endswith(storage) else self._store(self._load(slices), storage)
-        else:
-            self.data = self._store(slices.float(), storage)
-        self.storage = storage
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.case_ids = list(case_ids) if case_ids is not None else [""] * len(self.labels)
-        self.slice_index = torch.as_tensor(slice_index if slice_index is not None else range(len(self.labels)),
-                                           dtype=torch.int32)
-        self.meta = dict(meta or {})
-
-    @staticmethod
-    def _store(x: torch.Tensor, storage: str) -> torch.Tensor:
-        return quantise(x) if storage == "uint8" else x.clamp(-1, 1).to(torch.float16)
-
-    @staticmethod
-    def _load(data: torch.Tensor) -> torch.Tensor:
-        return dequantise(data) if data.dtype == torch.uint8 else data.to(torch.float32)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self._load(self.data[i]), self.labels[i]
-
-
 def build_slice_dataset(cases: Sequence[Case], modalities: Sequence[str], image_size: int,
                         axis: Union[str, int] = "axial", *, drop_empty: bool = True, storage: str = "uint8",
-                        normalisation: Optional[dict] = None,
+                        normalisation: Optional[dict] = None, with_masks: bool = False,
                         progress: Optional[Callable[[int, int], None]] = None) -> SliceDataset:
-    """All slices of ``cases`` (optionally only those with content); each case is compacted as soon as it is read."""
-    parts, labels, case_ids, index = [], [], [], []
+    """All slices of ``cases`` (optionally only those with content); each case is compacted as soon as it is read.
+    with_masks keeps the ground-truth masks too (for calibration and evaluation, never for training)."""
+    parts, labels, case_ids, index, masks = [], [], [], [], []
     for done, case in enumerate(cases, start=1):
-        x, y, content = load_case_slices(case, modalities, image_size, axis, normalisation=normalisation)
+        x, y, content, *mask = load_case_slices(case, modalities, image_size, axis, normalisation=normalisation,
+                                                with_masks=with_masks)
         keep = content if drop_empty else torch.ones_like(content)
+        if with_masks:
+            masks.append(mask[0][keep])
         parts.append(SliceDataset._store(x[keep], storage))
         labels.append(y[keep])
         index.append(torch.nonzero(keep)[:, 0])
@@ -291,28 +247,8 @@ def build_slice_dataset(cases: Sequence[Case], modalities: Sequence[str], image_
         raise CDMSegmentError("no cases given; nothing to build a slice set from")
     meta = {"modalities": list(modalities), "image_size": int(image_size), "axis": str(axis),
             "normalisation": normalisation, "drop_empty": drop_empty}
-    return SliceDataset(torch.cat(parts), torch.cat(labels), case_ids, torch.cat(index), storage=storage, meta=meta)
-
-
-def save_slices(path, dataset: SliceDataset) -> None:
-    """Write a slice set as one compressed ``.npz`` (uint8 slices compress to a few MB per hundred slices)."""
-    np.savez_compressed(Path(path), slices=dataset.data.numpy(), labels=dataset.labels.numpy().astype(np.int16),
-                        case_ids=np.array(dataset.case_ids, dtype=np.str_), slice_index=dataset.slice_index.numpy(),
-                        storage=np.array(dataset.storage), meta=np.array(json.dumps(dataset.meta)))
-
-
-def load_slices(path) -> SliceDataset:
-    """Read a slice set written by ``save_slices``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CDMSegmentError(f"slice file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return SliceDataset(torch.from_numpy(z["slices"]), torch.from_numpy(z["labels"].astype(np.int64)),
-                                [str(c) for c in z["case_ids"]], torch.from_numpy(z["slice_index"]),
-                                storage=str(z["storage"]), meta=json.loads(str(z["meta"])))
-    except (KeyError, ValueError, OSError) as e:
-        raise CDMSegmentError(f"{path} is not a slice file written by CDMSegment ({e})")
+    return SliceDataset(torch.cat(parts), torch.cat(labels), case_ids, torch.cat(index), storage=storage, meta=meta,
+                        masks=torch.cat(masks) if with_masks else None)
 
 
 def split_cases(cases: Sequence[Union[Case, str]], fractions: Sequence[float] = (0.7, 0.15, 0.15),

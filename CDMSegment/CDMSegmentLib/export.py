@@ -11,14 +11,15 @@ from .train import load_checkpoint
 NOT_CLINICAL = "Research use only; not a medical device and not for clinical decisions."
 
 
-def diffusion_metadata(train_cfg, *, name: str, version: str, image_size: int, modalities: Sequence[str],
-                       class_names: Sequence[str], training: dict, defaults: Optional[dict] = None,
+def diffusion_metadata(train_cfg, *, name: str, version: str, training: dict, image_size: Optional[int] = None,
+                       modalities: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None,
+                       defaults: Optional[dict] = None,
                        intended_use: str = NOT_CLINICAL, heatmap_sign: float = 1.0) -> dict:
     """Everything a user of the model file needs to run it correctly, without the training code."""
     return {
         "format_version": FORMAT_VERSION, "kind": "diffusion", "name": name, "version": version,
-        "image_size": int(image_size), "in_channels": train_cfg.unet.in_channels, "modalities": list(modalities),
-        "class_names": list(class_names), "schedule": train_cfg.schedule, "num_timesteps": train_cfg.num_timesteps,
+        "image_size": int(image_size or train_cfg.image_size), "in_channels": train_cfg.unet.in_channels,
+        "modalities": list(modalities or train_cfg.modalities), "class_names": list(class_names or train_cfg.class_names), "schedule": train_cfg.schedule, "num_timesteps": train_cfg.num_timesteps,
         "defaults": dict(defaults if defaults is not None else PAPER_DEFAULTS),
         "normalisation": dict(DEFAULT_NORMALISATION), "training": dict(training),
         "architecture": {"type": "ConditionalUNet", **train_cfg.unet.to_dict()},

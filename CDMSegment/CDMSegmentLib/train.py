@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast (CPU: 3-4x faster on AVX-512 BF16/AMX; CUDA), fp32
     checkpoint_every: int = 1000
     grad_clip: float = 1.0
+    flip_lr: bool = True  # random left-right flips: brains are roughly symmetric, lesions are not
+    image_size: int = 128  # recorded for export; the data decides
+    modalities: Tuple[str, ...] = ("flair",)
+    class_names: Tuple[str, ...] = ("normal", "tumour")
     unet: UNetConfig = field(default_factory=UNetConfig)
 
     def to_dict(self) -> dict:
@@ -51,6 +55,9 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
         d["unet"] = UNetConfig.from_dict(d.get("unet", {}))
+        for key in ("modalities", "class_names"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -132,7 +139,7 @@ def train_diffusion(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
     step, seconds = 0, 0.0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state["config"] != cfg.to_dict():
+        if TrainConfig.from_dict(state["config"]).to_dict() != cfg.to_dict():
             raise CDMSegmentError(f"{ckpt_path} was made with another configuration; use a new run folder")
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -155,6 +162,9 @@ def train_diffusion(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
         g = step_generator(cfg.seed, step, rank)
         idx = sample_batch(labels, cfg.batch_size, g, cfg.balance_classes)
         x_0 = to_float(data[idx.to(data.device)]).to(device, non_blocking=True)
+        if cfg.flip_lr:
+            flip = (torch.rand(cfg.batch_size, generator=g) < 0.5).to(device)
+            x_0 = torch.where(flip.view(-1, 1, 1, 1), x_0.flip(-1), x_0)
         y = labels[idx].to(device)
         t = torch.randint(cfg.num_timesteps, (cfg.batch_size,), generator=g).to(device)
         eps = torch.randn(x_0.shape, generator=g).to(device)

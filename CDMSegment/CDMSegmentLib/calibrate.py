@@ -1,0 +1,91 @@
+"""Choosing a model's defaults on held-out data: noise level, steps, tau, noise draws and the threshold.
+
+The paper's settings (Q ~ alpha_bar 0.90, R = 10, tau = 0.95) are one point of the grid;
+a model stores whichever setting measured best on its validation cases, and the
+threshold that setting needs, so the tool's default is a measured choice.
+"""
+
+import itertools
+import json
+import time
+from dataclasses import asdict
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+
+from .errors import CDMSegmentError
+from .methods import CDMParams, build_method, network_evaluations_per_slice
+from .modelfile import LoadedModel
+
+
+def run_heatmaps(model: LoadedModel, params: CDMParams, slices: torch.Tensor, device: torch.device,
+                 batch_size: int = 256, precision: str = "fp16") -> torch.Tensor:
+    """(N, C, S, S) slices -> (N, S, S) heatmaps >= 0 on the CPU, as the volume runner makes them."""
+    model.network.to(device)
+    fn = build_method("cdm", model, params)
+    out = torch.empty(slices.shape[0], *slices.shape[2:])
+    amp = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                         enabled=precision != "fp32")
+    for lo in range(0, slices.shape[0], batch_size):
+        ids = torch.arange(lo, min(lo + batch_size, slices.shape[0]))
+        with torch.no_grad(), amp:
+            out[ids] = fn(slices[ids].to(device), ids).float().cpu().clamp_min(0)
+    return out
+
+
+def best_threshold(heatmaps: torch.Tensor, masks: torch.Tensor, case_ids: List[str], quantiles: int = 64) -> Dict:
+    """The single threshold with the best pooled Dice over all cases (healthy ones included, so false
+    positives cost), with the mean per-case Dice of lesion cases and the false-positive voxel
+    fraction on lesion-free cases at that threshold."""
+    content = heatmaps > 0
+    values = heatmaps[content]
+    if values.numel() == 0:
+        raise CDMSegmentError("the heatmaps are all zero on the calibration set: the model ignores the label")
+    sample = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:200000]]
+    candidates = torch.quantile(sample.float(), torch.linspace(0.5, 0.9995, quantiles)).unique()
+    ids = np.array(case_ids)
+    best = None
+    for thr in candidates.tolist():
+        pred = heatmaps > thr
+        inter = float((pred & masks).sum())
+        pooled = 2 * inter / max(1.0, float(pred.sum() + masks.sum()))
+        if best is None or pooled > best["pooled_dice"]:
+            best = {"threshold": thr, "pooled_dice": pooled}
+    pred = heatmaps > best["threshold"]
+    dices, fp = [], []
+    for case in np.unique(ids):
+        sel = torch.from_numpy(ids == case)
+        p, g = pred[sel], masks[sel]
+        if g.any():
+            dices.append(2 * float((p & g).sum()) / float(p.sum() + g.sum()))
+        else:
+            fp.append(float(p.sum()) / p.numel())
+    best.update(mean_case_dice=float(np.mean(dices)) if dices else float("nan"),
+                healthy_fp_fraction=float(np.mean(fp)) if fp else float("nan"))
+    return best
+
+
+def sweep(model: LoadedModel, slices: torch.Tensor, masks: torch.Tensor, case_ids: List[str], grid: Dict[str, list],
+          device: torch.device, log: Callable[[str], None] = print, **run_options) -> List[dict]:
+    """Every combination of ``grid`` (keys of CDMParams), each with its best threshold; best first."""
+    rows = []
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        params = CDMParams.for_model(model, "paper", **dict(zip(keys, values)))
+        start = time.perf_counter()
+        heatmaps = run_heatmaps(model, params, slices, device, **run_options)
+        seconds = time.perf_counter() - start
+        row = {**asdict(params), **best_threshold(heatmaps, masks, case_ids),
+               "seconds_per_slice": seconds / len(slices),
+               "evaluations_per_slice": network_evaluations_per_slice("cdm", params)}
+        log(json.dumps(row))
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["pooled_dice"])
+
+
+def defaults_from(row: dict) -> dict:
+    """The metadata ``defaults`` entry for a sweep row."""
+    keys = ("noise_level", "steps", "tau", "noise_draws", "threshold")
+    return {**{k: row[k] for k in keys}, "calibration": {k: row[k] for k in ("pooled_dice", "mean_case_dice",
+                                                                            "healthy_fp_fraction")}}

@@ -1,0 +1,186 @@
+"""Command-line front ends for data and training: ``phantom``, ``slices``, ``train``, ``export``."""
+
+import json
+import time
+from pathlib import Path
+
+from .errors import CDMSegmentError
+
+
+def _ints(value: str) -> tuple:
+    return tuple(int(v) for v in value.split(",") if v.strip())
+
+
+def _names(value: str) -> tuple:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def add_phantom_parser(sub) -> None:
+    p = sub.add_parser("phantom", help="write phantom brain-tumour cases (BraTS layout) from the MNI152 anatomy")
+    p.add_argument("output", type=Path, metavar="OUTDIR")
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modalities", type=_names, default=("flair",), help="comma-separated: flair,t1,t1ce,t2")
+    p.add_argument("--lesion-free-fraction", type=float, default=0.25)
+    p.add_argument("--in-plane-mm", type=float, default=None, help="fixed in-plane spacing (default: random 1-2 mm)")
+    p.add_argument("--slice-mm", type=float, default=None, help="fixed slice thickness (default: random up to 5 mm)")
+    p.set_defaults(func=run_phantom)
+
+
+def run_phantom(args) -> None:
+    from tqdm import tqdm
+
+    from .phantom import generate_phantoms
+
+    with tqdm(total=args.cases, unit="case", desc="phantoms") as bar:
+        records = generate_phantoms(args.output, args.cases, args.seed, modalities=args.modalities,
+                                    lesion_free_fraction=args.lesion_free_fraction, in_plane_mm=args.in_plane_mm,
+                                    slice_mm=args.slice_mm, progress=lambda done, total: bar.update(1))
+    with_lesion = sum(1 for r in records if r["lesion_voxels"] > 0)
+    print(f"{len(records)} cases ({with_lesion} with lesions) in {args.output}")
+
+
+def _add_data_arguments(p) -> None:
+    p.add_argument("data", type=Path, help="a BraTS-layout folder (phantoms too) or a .npz slice set")
+    p.add_argument("--modalities", type=_names, default=("flair",))
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--split", type=Path, default=None,
+                   help="split JSON (train/val/test case ids); made and written beside the output when absent")
+    p.add_argument("--subset", default="train", choices=("train", "val", "test", "all"))
+
+
+def load_training_slices(args, split_path: Path, with_masks: bool = False):
+    """Slices for training: from a .npz as is, or from a case folder's ``subset`` of a patient-level split."""
+    from .sliceset import load_slices
+
+    if args.data.suffix == ".npz":
+        return load_slices(args.data)
+    from .data import build_slice_dataset, find_brats_cases, read_split, select_cases, split_cases, write_split
+
+    cases = find_brats_cases(args.data)
+    if args.subset != "all":
+        if args.split is not None:
+            split = read_split(args.split)
+        else:
+            split = split_cases(cases, seed=0)
+            write_split(split, split_path)
+        cases = select_cases(cases, split[args.subset])
+    return build_slice_dataset(cases, args.modalities, args.image_size, with_masks=with_masks)
+
+
+def add_slices_parser(sub) -> None:
+    p = sub.add_parser("slices", help="turn a case folder into a compact .npz slice set (to ship to a GPU machine)")
+    _add_data_arguments(p)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.npz")
+    p.add_argument("--with-masks", action="store_true", help="keep ground-truth masks (calibration, evaluation)")
+    p.set_defaults(func=run_slices)
+
+
+def run_slices(args) -> None:
+    from .sliceset import save_slices
+
+    dataset = load_training_slices(args, args.output.with_suffix(".split.json"), with_masks=args.with_masks)
+    save_slices(args.output, dataset)
+    print(f"{len(dataset)} slices ({int((dataset.labels > 0).sum())} labelled > 0) -> {args.output}")
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train the class-conditional diffusion model on image-level slice labels")
+    _add_data_arguments(p)
+    p.add_argument("-o", "--run-dir", type=Path, required=True, help="checkpoints go here; an existing run resumes")
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=32, help="per process (torchrun multiplies by processes)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", default="linear", choices=("linear", "cosine"))
+    p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--base-channels", type=int, default=32)
+    p.add_argument("--channel-mults", type=_ints, default=(1, 2, 2, 4))
+    p.add_argument("--attention-levels", type=_ints, default=(3,))
+    p.add_argument("--blocks-per-level", type=int, default=1)
+    p.add_argument("--class-names", type=_names, default=("normal", "tumour"))
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> None:
+    from .train import TrainConfig, train_diffusion, write_run_info
+    from .unet import UNetConfig
+
+    dataset = load_training_slices(args, args.run_dir / "split.json")
+    meta = dataset.meta
+    unet = UNetConfig(in_channels=dataset.data.shape[1], num_classes=len(args.class_names),
+                      base_channels=args.base_channels, channel_mults=args.channel_mults,
+                      attention_levels=args.attention_levels, blocks_per_level=args.blocks_per_level)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      schedule=args.schedule, num_timesteps=args.timesteps, precision=args.precision,
+                      checkpoint_every=args.checkpoint_every, image_size=int(meta.get("image_size", args.image_size)),
+                      modalities=tuple(meta.get("modalities", args.modalities)), class_names=args.class_names,
+                      unet=unet)
+    start = time.perf_counter()
+    ckpt = train_diffusion(dataset.data, dataset.labels, cfg, args.run_dir)
+    write_run_info(args.run_dir, {"data": str(args.data), "slices": len(dataset), "cases": len(set(dataset.case_ids)),
+                                  "seconds_this_run": round(time.perf_counter() - start, 1)})
+    print(f"checkpoint: {ckpt}")
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's EMA network as a TorchScript model file with metadata")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", default="1")
+    p.add_argument("--defaults", type=Path, default=None,
+                   help="JSON of measured defaults (noise_level, steps, tau, noise_draws, threshold, ...)")
+    p.add_argument("--training-data", default="", help="what the model was trained on, for its metadata")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> None:
+    from .export import export_checkpoint
+
+    defaults = json.loads(args.defaults.read_text()) if args.defaults else None
+    run_info = args.checkpoint.parent / "run.json"
+    training = json.loads(run_info.read_text()) if run_info.exists() else {}
+    training["data"] = args.training_data or training.get("data", "")
+    sha = export_checkpoint(args.checkpoint, args.output, name=args.name, version=args.version,
+                            defaults=defaults, training=training)
+    print(f"{args.output}: sha256 {sha}, {args.output.stat().st_size / 1e6:.1f} MB")
+
+
+def _floats(value: str) -> list:
+    return [float(v) for v in value.split(",") if v.strip()]
+
+
+def add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure CDM settings on held-out slices with masks; write the best as defaults")
+    p.add_argument("model", help="model file or registered name")
+    p.add_argument("data", type=Path, help=".npz slice set with masks (cdmsegment slices --with-masks)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="defaults JSON for cdmsegment export")
+    p.add_argument("--noise-level", type=_floats, default=[0.98, 0.95, 0.9, 0.8, 0.65, 0.5])
+    p.add_argument("--tau", type=_floats, default=[0.0, 0.5, 0.95])
+    p.add_argument("--steps", type=_ints, default=(2,))
+    p.add_argument("--noise-draws", type=_ints, default=(1,))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp16", choices=("fp32", "bf16", "fp16"))
+    p.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args) -> None:
+    from .calibrate import defaults_from, sweep
+    from .modelfile import load_model
+    from .sliceset import load_slices
+    from .volume import choose_device
+
+    model = load_model(args.model)
+    data = load_slices(args.data)
+    if data.masks is None:
+        raise CDMSegmentError(f"{args.data} has no masks; make it with 'cdmsegment slices --with-masks'")
+    grid = {"noise_level": args.noise_level, "tau": args.tau, "steps": list(args.steps),
+            "noise_draws": list(args.noise_draws)}
+    rows = sweep(model, data._load(data.data), data.masks, data.case_ids, grid, choose_device(args.device),
+                 precision=args.precision)
+    args.output.write_text(json.dumps(defaults_from(rows[0]), indent=1))
+    args.output.with_suffix(".sweep.json").write_text(json.dumps(rows, indent=1))
+    print(f"best: {json.dumps(rows[0])}\n-> {args.output}")
