@@ -171,7 +171,7 @@ def run_calibrate(args) -> None:
     from .calibrate import defaults_from, sweep
     from .modelfile import load_model
     from .sliceset import load_slices
-    from .volume import choose_device
+    from .device import choose_device
 
     model = load_model(args.model)
     data = load_slices(args.data)
