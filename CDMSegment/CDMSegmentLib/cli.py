@@ -32,8 +32,9 @@ def add_segment_parser(sub) -> None:
                    help="'model' (calibrated, default when stored), 'otsu' over the volume, or a number")
     p.add_argument("--axis", type=_axis, default="auto",
                    help="slice axis: auto (axial), axial, coronal, sagittal, or voxel axis 0 (I), 1 (J), 2 (K)")
-    p.add_argument("--method", default="cdm", help="cdm or cg-cdm")
-    p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm (name or file)")
+    p.add_argument("--method", default="cdm", help="cdm, cg-cdm (needs --classifier), or a baseline: gradcam, "
+                   "gradcam++, scorecam, layercam, cg-diff (all need --classifier)")
+    p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm and the baselines (name or file)")
     p.add_argument("--target-class", type=int, default=None,
                    help="class index to segment (default: every class except 0 = normal)")
     p.add_argument("--preset", default="model", choices=("model", "paper"),
