@@ -1,17 +1,100 @@
-"""Shared fixtures: tiny networks and model files, made in seconds on the CPU."""
+"""Shared tiny fixtures: synthetic slices (bright blobs on a dark disc), hand-made networks, tiny model files."""
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 
-from CDMSegmentLib.export import diffusion_metadata  # noqa: E402
-from CDMSegmentLib.modelfile import save_model  # noqa: E402
+from CDMSegmentLib.classifier import NoiseAwareClassifier  # noqa: E402
+from CDMSegmentLib.evaluate import EvalCase  # noqa: E402
+from CDMSegmentLib.export import classifier_metadata, diffusion_metadata  # noqa: E402
+from CDMSegmentLib.modelfile import load_model, save_model  # noqa: E402
 from CDMSegmentLib.train import TrainConfig  # noqa: E402
 from CDMSegmentLib.unet import ConditionalUNet, UNetConfig  # noqa: E402
+
+SIZE = 16
+SQUARE = (slice(2, 6), slice(2, 6))
+
+
+class SquareClassifier(nn.Module):
+    """Keys on a known square: features are the image split into 4 quadrant channels, logit 1 = 10 x the
+    mean of channel 0 inside SQUARE (in quadrant 0), logit 0 its negative. Same interface as NoiseAwareClassifier."""
+
+    def __init__(self, size: int = SIZE):
+        super().__init__()
+        q = torch.zeros(4, size, size)
+        h = size // 2
+        q[0, :h, :h] = q[1, :h, h:] = q[2, h:, :h] = q[3, h:, h:] = 1
+        self.register_buffer("quadrants", q)
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.gain * (x[:, :1] + 1) * self.quadrants[None]
+
+    def classify_features(self, h: torch.Tensor) -> torch.Tensor:
+        s = 10 * h[:, 0, SQUARE[0], SQUARE[1]].mean(dim=(1, 2))
+        return torch.stack([-s, s], dim=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.classify_features(self.features(x, t))
+
+
+class ZeroEps(nn.Module):
+    """eps_theta = 0: DDIM then only rescales x, so inversion followed by decoding is exact."""
+
+    def class_embedding(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(y, 2).float()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def blob_slices(n: int, blob_at=None, size: int = SIZE, blob=SQUARE) -> torch.Tensor:
+    """(n, 1, size, size): a dark disc (-0.2) on background (-1); slices in ``blob_at`` get a bright blob (0.8)."""
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 <= (size / 2 - 1) ** 2
+    x = np.where(disc, -0.2, -1.0).astype(np.float32)[None, None].repeat(n, 0)
+    for i in blob_at or []:
+        x[i, 0, blob[0], blob[1]] = 0.8
+    return torch.from_numpy(x)
+
+
+@pytest.fixture
+def synthetic_cases():
+    """Case A: 4 slices, lesion (the blob) on slices 1 and 2; case B: 3 healthy slices."""
+    a = blob_slices(4, [1, 2])
+    masks_a = (a[:, 0] > 0.5).numpy()
+    b = blob_slices(3)
+    return [EvalCase("A", a, masks_a, (1.5, 1.5)), EvalCase("B", b, np.zeros((3, SIZE, SIZE), bool), (1.5, 1.5))]
+
+
+TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_levels=())
+
+
+@pytest.fixture
+def tiny_model_files(tmp_path):
+    """(diffusion model path, classifier path): untrained tiny networks saved as real model files."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(unet=TINY)
+    common = dict(name="tiny", version="0", image_size=SIZE, modalities=["flair"], class_names=["normal", "lesion"],
+                  training={"note": "untrained test network"})
+    unet = ConditionalUNet(TINY)
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)  # the zero-initialised head would make every map 0
+    save_model(unet, diffusion_metadata(cfg, **common), tmp_path / "diffusion.pt")
+    save_model(NoiseAwareClassifier(TINY), classifier_metadata(cfg, **common), tmp_path / "classifier.pt")
+    return tmp_path / "diffusion.pt", tmp_path / "classifier.pt"
+
+
+@pytest.fixture
+def tiny_models(tiny_model_files):
+    d, c = tiny_model_files
+    return load_model(d), load_model(c, kind="classifier")
+
 
 TINY_UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), groups=4)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .cli_train import add_calibrate_parser, add_export_parser, add_phantom_parser, add_slices_parser, add_train_parser
+from .cli_eval import add_evaluate_parser, add_train_classifier_parser
 from .errors import CDMSegmentError
 
 
@@ -33,8 +34,9 @@ def add_segment_parser(sub) -> None:
                    help="'model' (calibrated, default when stored), 'otsu' over the volume, or a number")
     p.add_argument("--axis", type=_axis, default="auto",
                    help="slice axis: auto (axial), axial, coronal, sagittal, or voxel axis 0 (I), 1 (J), 2 (K)")
-    p.add_argument("--method", default="cdm", help="cdm or cg-cdm")
-    p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm (name or file)")
+    p.add_argument("--method", default="cdm", help="cdm, cg-cdm (needs --classifier), or a baseline: gradcam, "
+                   "gradcam++, scorecam, layercam, cg-diff (all need --classifier)")
+    p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm and the baselines (name or file)")
     p.add_argument("--target-class", type=int, default=None,
                    help="class index to segment (default: every class except 0 = normal)")
     p.add_argument("--preset", default="model", choices=("model", "paper"),
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = [add_segment_parser, add_info_parser, add_phantom_parser, add_slices_parser, add_train_parser,
-            add_export_parser, add_calibrate_parser]
+            add_export_parser, add_calibrate_parser, add_train_classifier_parser, add_evaluate_parser]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -3,6 +3,7 @@
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .classifier import load_classifier_checkpoint
 from .intensity import DEFAULT_NORMALISATION
 from .methods import PAPER_DEFAULTS
 from .modelfile import FORMAT_VERSION, save_model
@@ -27,12 +28,25 @@ def diffusion_metadata(train_cfg, *, name: str, version: str, training: dict, im
     }
 
 
-def export_checkpoint(checkpoint: Path, output: Path, **metadata_fields) -> str:
-    """Write the EMA network of ``checkpoint`` to ``output``; returns the file's SHA256 for models.json."""
-    net, cfg, state = load_checkpoint(checkpoint)
+def classifier_metadata(train_cfg, *, name: str, version: str, image_size: int, modalities: Sequence[str],
+                        class_names: Sequence[str], training: dict, intended_use: str = NOT_CLINICAL) -> dict:
+    """The noise-aware classifier's metadata: what the diffusion model's says, minus heatmap defaults."""
+    metadata = diffusion_metadata(train_cfg, name=name, version=version, image_size=image_size, modalities=modalities,
+                                  class_names=class_names, training=training, intended_use=intended_use)
+    for key in ("defaults", "heatmap_sign"):
+        del metadata[key]
+    metadata.update(kind="classifier", architecture={"type": "NoiseAwareClassifier", **train_cfg.unet.to_dict()})
+    return metadata
+
+
+def export_checkpoint(checkpoint: Path, output: Path, kind: str = "diffusion", **metadata_fields) -> str:
+    """Write the EMA network of a ``kind`` checkpoint to ``output``; returns the file's SHA256 for models.json."""
+    load, build_metadata = {"diffusion": (load_checkpoint, diffusion_metadata),
+                            "classifier": (load_classifier_checkpoint, classifier_metadata)}[kind]
+    net, cfg, state = load(checkpoint)
     training = dict(metadata_fields.pop("training", {}))
     training.setdefault("steps", state["step"])
     training.setdefault("seconds", round(state["seconds"], 1))
     training.setdefault("config", cfg.to_dict())
-    metadata = diffusion_metadata(cfg, training=training, **metadata_fields)
+    metadata = build_metadata(cfg, training=training, **metadata_fields)
     return save_model(net, metadata, output)

@@ -11,7 +11,9 @@ from typing import Callable, Optional
 
 import torch
 
+from .cam import CAM_METHODS, build_cam_method
 from .cdm import cdm_heatmap
+from .cgdiff import CGDiffParams, build_cgdiff_method
 from .errors import CDMSegmentError
 from .modelfile import LoadedModel
 
@@ -42,7 +44,9 @@ class CDMParams:
 
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-METHODS = ("cdm", "cg-cdm")
+CDM_METHODS = ("cdm", "cg-cdm")
+METHODS = CDM_METHODS + CAM_METHODS + ("cg-diff",)
+CLASSIFIER_METHODS = ("cg-cdm", "cg-diff") + CAM_METHODS  # the methods that need a noise-aware classifier
 
 
 def slice_noise(slice_ids: torch.Tensor, shape, seed: int, draw: int) -> torch.Tensor:
@@ -54,25 +58,55 @@ def slice_noise(slice_ids: torch.Tensor, shape, seed: int, draw: int) -> torch.T
     return out
 
 
-def network_evaluations_per_slice(method: str, params: CDMParams) -> int:
-    """Forward passes of the diffusion network per slice (classifier gradients not counted)."""
-    if method in ("cdm", "cg-cdm"):
+def network_evaluations_per_slice(method: str, params: CDMParams, cgdiff: Optional[CGDiffParams] = None) -> int:
+    """Forward passes of the diffusion network per slice (classifier gradients not counted; CAMs use none)."""
+    if method in CDM_METHODS:
         return 2 * params.steps * params.noise_draws
+    if method == "cg-diff":
+        return 2 * (cgdiff or CGDiffParams()).steps
     return 0
 
 
-def build_method(method: str, model: LoadedModel, params: CDMParams, *, target_class: int = 1,
-                 normal_class: int = 0, classifier: Optional[LoadedModel] = None, seed: int = 0) -> MethodFn:
-    """The heatmap function for ``method`` with the networks already on their device."""
+def classifier_passes_per_slice(method: str, params: CDMParams, cgdiff: Optional[CGDiffParams] = None,
+                                feature_channels: int = 0) -> int:
+    """Forward-and-backward passes of the classifier per slice (Score-CAM: one forward per feature channel, plus one)."""
+    if method == "cg-cdm":
+        return 2 * params.steps * params.noise_draws
+    if method == "cg-diff":
+        return (cgdiff or CGDiffParams()).steps
+    if method == "scorecam":
+        return 1 + feature_channels
+    return 1 if method in CAM_METHODS else 0
+
+
+def _check_class(c: int, class_names: list) -> None:
+    if not 0 <= c < len(class_names):
+        raise CDMSegmentError(f"class {c} does not exist; the model knows {len(class_names)} classes: "
+                              f"{', '.join(class_names)}")
+
+
+def build_method(method: str, model: Optional[LoadedModel], params: CDMParams, *, target_class: int = 1,
+                 normal_class: int = 0, classifier: Optional[LoadedModel] = None, seed: int = 0,
+                 cgdiff: Optional[CGDiffParams] = None) -> MethodFn:
+    """The heatmap function for ``method`` with the networks already on their device.
+
+    model: the diffusion model (not used by the CAM methods, which may pass None). classifier:
+    the noise-aware classifier, needed by the methods in CLASSIFIER_METHODS. cgdiff: CG-Diff's
+    settings (default: Wolleb et al.'s).
+    """
     if method not in METHODS:
         raise CDMSegmentError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    n_classes = len(model.class_names)
+    if method in CLASSIFIER_METHODS and classifier is None:
+        raise CDMSegmentError(f"{method} needs a noise-aware classifier; give one with --classifier "
+                              "(train one with 'cdmsegment train-classifier')")
+    if method not in CAM_METHODS and model is None:
+        raise CDMSegmentError(f"{method} needs the diffusion model; give one with --model")
     for c in (target_class, normal_class):
-        if not 0 <= c < n_classes:
-            raise CDMSegmentError(f"class {c} does not exist; the model knows {n_classes} classes: "
-                                  f"{', '.join(model.class_names)}")
-    if method == "cg-cdm" and classifier is None:
-        raise CDMSegmentError("CG-CDM needs a noise-aware classifier; give one with --classifier")
+        _check_class(c, (classifier if method in CAM_METHODS else model).class_names)
+    if method in CAM_METHODS:
+        return build_cam_method(method, classifier, target_class)
+    if method == "cg-diff":
+        return build_cgdiff_method(model, classifier, cgdiff or CGDiffParams(), normal_class)
     schedule = model.schedule()
     t_start = schedule.timestep_for_alpha_bar(params.noise_level)
     guide = classifier.network if method == "cg-cdm" else None

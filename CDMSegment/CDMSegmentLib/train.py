@@ -114,6 +114,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
 
 
+LossFn = Callable[[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                  torch.Tensor]
+
+
+def diffusion_loss(model, net, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The simple loss ||eps - eps_theta(x_t, t, f(y))||^2 (Ho et al. eq. 14)."""
+    pred = model(x_t, t, net.class_embedding(y))
+    return F.mse_loss(pred.float(), eps)
+
+
 def train_diffusion(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, run_dir: Path,
                     progress: bool = True, log: Callable[[str], None] = print,
                     stop_after: Optional[int] = None) -> Path:
@@ -124,6 +134,20 @@ def train_diffusion(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
     no longer shows the lesion. Writes ``run_dir/checkpoint.pt`` (resumed automatically)
     and returns its path. stop_after: stop at this step (to test exact resumption).
     """
+    return train_network(lambda: ConditionalUNet(cfg.unet), diffusion_loss, images, labels, cfg, run_dir,
+                         kind="diffusion", progress=progress, log=log, stop_after=stop_after)
+
+
+def train_network(build: Callable[[], torch.nn.Module], loss_fn: LossFn, images: torch.Tensor, labels: torch.Tensor,
+                  cfg: TrainConfig, run_dir: Path, *, kind: str, progress: bool = True,
+                  log: Callable[[str], None] = print, stop_after: Optional[int] = None) -> Path:
+    """The shared training loop on noisy slices x_t = q_sample(x_0, t, eps), t uniform over 0..T-1.
+
+    build() makes the network (after seeding, so its initial weights are reproducible);
+    loss_fn(model, net, x_t, t, y, eps) -> scalar runs under autocast (``model`` may be the DDP
+    wrapper of ``net``). kind ("diffusion" or "classifier") is stored in the checkpoint, so a
+    run folder of one kind is never resumed as the other.
+    """
     rank, world, device = distributed_context()
     if images.shape[1] != cfg.unet.in_channels:
         raise CDMSegmentError(f"the data has {images.shape[1]} channels, the network expects {cfg.unet.in_channels}")
@@ -133,13 +157,13 @@ def train_diffusion(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     torch.manual_seed(cfg.seed)
-    net = ConditionalUNet(cfg.unet).to(device)
+    net = build().to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, seconds = 0, 0.0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if TrainConfig.from_dict(state["config"]).to_dict() != cfg.to_dict():
+        if TrainConfig.from_dict(state["config"]).to_dict() != cfg.to_dict() or state.get("kind", "diffusion") != kind:
             raise CDMSegmentError(f"{ckpt_path} was made with another configuration; use a new run folder")
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -155,7 +179,7 @@ def train_diffusion(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="training")
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=f"training {kind}")
     last = stop_after if stop_after is not None else cfg.steps
     start = time.perf_counter()
     while step < last:
@@ -173,8 +197,7 @@ def train_diffusion(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         with _autocast(device, cfg.precision):
-            pred = model(x_t, t, net.class_embedding(y))
-        loss = F.mse_loss(pred.float(), eps)
+            loss = loss_fn(model, net, x_t, t, y, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -187,7 +210,7 @@ def train_diffusion(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == last):
-            _save(ckpt_path, net, ema, opt, step, seconds + time.perf_counter() - start, cfg)
+            _save(ckpt_path, net, ema, opt, step, seconds + time.perf_counter() - start, cfg, kind)
     if bar is not None:
         bar.close()
     if world > 1:
@@ -195,22 +218,25 @@ def train_diffusion(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
     return ckpt_path
 
 
-def _save(path: Path, net, ema, opt, step: int, seconds: float, cfg: TrainConfig) -> None:
+def _save(path: Path, net, ema, opt, step: int, seconds: float, cfg: TrainConfig, kind: str) -> None:
     """Write atomically: an interrupted save never corrupts the last good checkpoint."""
     tmp = path.with_name(path.name + ".partial")
     torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "seconds": seconds, "config": cfg.to_dict()}, tmp)
+                "seconds": seconds, "config": cfg.to_dict(), "kind": kind}, tmp)
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, weights: str = "ema"):
-    """-> (ConditionalUNet with the EMA (or raw) weights on the CPU, TrainConfig, checkpoint dict)."""
+def load_checkpoint(path: Path, weights: str = "ema", kind: str = "diffusion",
+                    build: Callable[[UNetConfig], torch.nn.Module] = ConditionalUNet):
+    """-> (network made by ``build`` with the EMA (or raw) weights on the CPU, TrainConfig, checkpoint dict)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as e:
         raise CDMSegmentError(f"cannot read checkpoint {path}: {e}") from None
+    if state.get("kind", "diffusion") != kind:
+        raise CDMSegmentError(f"{path} is a {state.get('kind', 'diffusion')} checkpoint, but a {kind} checkpoint is needed")
     cfg = TrainConfig.from_dict(state["config"])
-    net = ConditionalUNet(cfg.unet)
+    net = build(cfg.unet)
     net.load_state_dict(state[weights])
     return net.eval(), cfg, state
 

@@ -1,0 +1,89 @@
+"""Segmentation metrics: Dice, IoU, HD95 in millimetres, pixel AUROC, false positives on healthy slices.
+
+Undefined values are NaN, never a silent 0 or 1, and the evaluation reports how many there were:
+- Dice and IoU with an empty ground truth *and* an empty prediction are NaN (nothing to overlap;
+  healthy slices are scored by their false positives instead);
+- HD95 is NaN when either the prediction or the ground truth is empty (no surface to measure
+  from), reported as "n/a" with the number of such slices;
+- AUROC is NaN when the pixels hold only one class.
+"""
+
+import math
+from typing import Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import CDMSegmentError
+
+
+def _pair(prediction: np.ndarray, truth: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    p, t = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
+    if p.shape != t.shape:
+        raise CDMSegmentError(f"prediction {p.shape} and ground truth {t.shape} differ in shape")
+    return p, t
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """2 |P n T| / (|P| + |T|) for masks of any shape; NaN when both are empty."""
+    p, t = _pair(prediction, truth)
+    total = int(p.sum()) + int(t.sum())
+    return 2.0 * int((p & t).sum()) / total if total else math.nan
+
+
+def iou(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """|P n T| / |P u T|; NaN when both are empty."""
+    p, t = _pair(prediction, truth)
+    union = int((p | t).sum())
+    return int((p & t).sum()) / union if union else math.nan
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Boundary voxels: in the mask with a face neighbour outside it (the image border counts as outside)."""
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1),
+                                          border_value=0)
+
+
+def hd95(prediction: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> float:
+    """95th-percentile symmetric Hausdorff distance between the mask surfaces, in mm.
+
+    The larger of the two directed 95th percentiles (surface of P to surface of T and back),
+    the convention of MONAI's ``compute_hausdorff_distance(percentile=95)``. Distances are
+    Euclidean on the voxel grid scaled by ``spacing_mm`` (one value per array axis), computed
+    with scipy's exact distance transform. NaN when either mask is empty.
+    """
+    p, t = _pair(prediction, truth)
+    if len(spacing_mm) != p.ndim:
+        raise CDMSegmentError(f"spacing has {len(spacing_mm)} values for a {p.ndim}D mask")
+    if not p.any() or not t.any():
+        return math.nan
+    sp, st = _surface(p), _surface(t)
+    to_t = ndimage.distance_transform_edt(~st, sampling=spacing_mm)[sp]
+    to_p = ndimage.distance_transform_edt(~sp, sampling=spacing_mm)[st]
+    return float(max(np.percentile(to_t, 95), np.percentile(to_p, 95)))
+
+
+def pixel_auroc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Area under the ROC curve of the heatmap as a pixel classifier (scikit-learn); NaN with one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(truth, dtype=bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.size != s.size:
+        raise CDMSegmentError(f"{s.size} scores for {y.size} ground-truth pixels")
+    if y.all() or not y.any():
+        return math.nan
+    return float(roc_auc_score(y, s))
+
+
+def false_positive_pixels(prediction: np.ndarray, truth: np.ndarray) -> int:
+    """Predicted voxels outside the ground truth (on a healthy slice or volume: all predicted voxels)."""
+    p, t = _pair(prediction, truth)
+    return int((p & ~t).sum())
+
+
+def nan_mean(values: Sequence[float]) -> Tuple[float, int]:
+    """(mean of the defined values, number of NaN values left out); the mean is NaN when none is defined."""
+    a = np.asarray(list(values), dtype=np.float64)
+    defined = a[~np.isnan(a)]
+    return (float(defined.mean()) if defined.size else math.nan), int(a.size - defined.size)
