@@ -8,6 +8,7 @@ Slicer's physical space is RAS, the core's (like ITK's) LPS: the two differ by t
 of the first two rows of IJK-to-physical, nothing else.
 """
 
+import hashlib
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from .terminology import segment_style
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Black-red-yellow-white, created by Slicer's Colors module in every scene.
 HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
+WRITTEN_ATTRIBUTE = "CDMSegment.written."  # + segment id: digest of the mask CDMSegment last wrote
 
 
 def _matrix_to_array(m: vtk.vtkMatrix4x4) -> np.ndarray:
@@ -152,10 +154,23 @@ def add_segmentation_node(scene, masks: Dict[str, np.ndarray], ijk_to_ras_matrix
 
 
 def set_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> None:
-    """Replace one segment's voxels with ``mask`` (K, J, I) on the given grid."""
-    image = _oriented_image(mask.astype(np.uint8), ijk_to_ras_matrix)
+    """Replace one segment's voxels with ``mask`` (K, J, I) on the given grid, remembering what was
+    written (a node attribute, saved with the scene) so a later edit by the user can be recognised."""
+    mask = mask.astype(np.uint8)
+    image = _oriented_image(mask, ijk_to_ras_matrix)
     slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
         image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    segmentation_node.SetAttribute(WRITTEN_ATTRIBUTE + segment_id, _digest(mask))
+
+
+def _digest(mask: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(mask > 0).tobytes()).hexdigest()
+
+
+def segment_edited(segmentation_node, segment_id: str, ijk_to_ras_matrix: np.ndarray, shape) -> bool:
+    """True when the segment no longer holds what CDMSegment wrote (the user edited it, or it is not ours)."""
+    written = segmentation_node.GetAttribute(WRITTEN_ATTRIBUTE + segment_id)
+    return written != _digest(segment_mask(segmentation_node, segment_id, ijk_to_ras_matrix, shape))
 
 
 def segment_mask(segmentation_node, segment_id: str, ijk_to_ras_matrix: np.ndarray, shape) -> np.ndarray:

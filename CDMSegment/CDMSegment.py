@@ -1,0 +1,433 @@
+"""CDMSegment: weakly supervised segmentation with a conditional diffusion model (Hu et al., MICCAI 2023).
+
+Thin Slicer layer over CDMSegmentLib: the Widget owns Qt, the Logic owns MRML through
+CDMSegmentLib.mrml, the core does the rest. Model, torch and scipy imports happen inside
+methods, after the dependency check, so the module loads in a Slicer without torch.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import slicer
+
+from CDMSegmentLib import mrml
+from CDMSegmentLib.errors import CDMSegmentError
+
+try:  # the Slicer application; slicer-core (pytest) has MRML but no Qt and no scripted-module base classes
+    import ctk
+    import qt
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.parameterNodeWrapper import parameterNodeWrapper
+except ImportError:
+    ScriptedLoadableModule = ScriptedLoadableModuleWidget = ScriptedLoadableModuleTest = object
+    ScriptedLoadableModuleLogic = object
+
+    def parameterNodeWrapper(cls):
+        return cls
+
+MINIMUM_TORCH_VERSION = "2.1"
+RESOURCES = Path(__file__).resolve().parent / "Resources"
+# Written by whoever publishes the sample: {"url": ..., "sha256": ..., "file_name": ..., "segmentation_file_name": ...}
+SAMPLE_DESCRIPTION = RESOURCES / "Sample" / "CDMSegmentSample.json"
+SAMPLE_DICE_FLOOR = 0.3
+
+
+class CDMSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "CDMSegment"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CDMSegment developers"]
+        self.parent.helpText = ("Segments a lesion class from image-level training labels only, with the conditional "
+                                "diffusion model of Hu et al. (MICCAI 2023): a heatmap and an editable segment. "
+                                "Research use only; not a medical device.")
+        self.parent.acknowledgementText = "Method: Hu, Chen, Ho, Shi, arXiv 2306.03878."
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Register the sample FLAIR volume with the SampleData module when its description is published."""
+    if not SAMPLE_DESCRIPTION.is_file():
+        logging.info(f"CDMSegment: no sample registered ({SAMPLE_DESCRIPTION.name} not found)")
+        return
+    import SampleData
+
+    sample = json.loads(SAMPLE_DESCRIPTION.read_text())
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="CDMSegment", sampleName="CDMSegmentSample", uris=sample["url"], fileNames=sample["file_name"],
+        checksums=f"SHA256:{sample['sha256']}", nodeNames=Path(sample["file_name"]).name.split(".")[0],
+        thumbnailFileName=str(RESOURCES / "Icons" / "CDMSegment.png"))
+
+
+@parameterNodeWrapper
+class CDMSegmentParameterNode:
+    """What the panel shows, saved with the scene. Input volumes per modality are set by the widget."""
+
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    modelName: str = ""
+    method: str = "cdm"
+    device: str = "auto"
+    noiseLevel: float = 0.896
+    steps: int = 10
+    tau: float = 0.95
+    axis: str = "auto"
+    batchSize: int = 16
+    hardenTransform: bool = False
+    threshold: float = 0.0
+    heatmapVolume: slicer.vtkMRMLScalarVolumeNode
+    segmentation: slicer.vtkMRMLSegmentationNode
+
+
+class CDMSegmentLogic(ScriptedLoadableModuleLogic):
+    """Everything the panel does, callable from the Python console without it.
+
+    ``process`` runs on the calling thread; the widget calls its three steps separately
+    (prepareInputs and addResultNodes on the main thread, runModel on a worker thread).
+    """
+
+    def __init__(self, cacheDir=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.cacheDir = Path(cacheDir) if cacheDir else None
+
+    def getParameterNode(self):
+        return CDMSegmentParameterNode(super().getParameterNode())
+
+    def loadModel(self, nameOrPath=None, progress=None, cancel=None):
+        """A registered model (bundled, or downloaded into the cache on first use) or a model file."""
+        from CDMSegmentLib.download import default_cache_dir, download_model, model_file
+        from CDMSegmentLib.modelfile import default_model_name, load_model, read_registry
+
+        nameOrPath = nameOrPath or default_model_name()
+        entry = next((e for e in read_registry() if e["name"] == str(nameOrPath)), None)
+        if entry is None:
+            return load_model(nameOrPath)
+        cacheDir = self.cacheDir or default_cache_dir()
+        path = model_file(entry, cacheDir)
+        if not path.is_file():
+            path = download_model(entry, cacheDir, progress=progress, cancel=cancel)
+        return load_model(path, expected_sha256=entry["sha256"])
+
+    @staticmethod
+    def targetClasses(model, targetClass=None):
+        """[targetClass], or every class but 0 (normal) when None."""
+        last = len(model.class_names) - 1
+        classes = [targetClass] if targetClass is not None else list(range(1, last + 1))
+        if not classes or not all(0 < c <= last for c in classes):
+            raise CDMSegmentError(f"target class must be one of 1..{last} ({', '.join(model.class_names[1:])})")
+        return classes
+
+    @staticmethod
+    def prepareInputs(inputVolumeNodes, model, hardenTransform=False):
+        """On the main thread: copies of the inputs as Volumes, and the world IJK-to-RAS of the first."""
+        if len(inputVolumeNodes) != len(model.modalities):
+            raise CDMSegmentError(f"model {model.metadata['name']} expects {len(model.modalities)} input volume(s) "
+                                  f"({', '.join(model.modalities)}), got {len(inputVolumeNodes)}")
+        volumes = [mrml.volume_from_node(node, hardenTransform, modality)
+                   for node, modality in zip(inputVolumeNodes, model.modalities)]
+        return volumes, mrml.world_ijk_to_ras(inputVolumeNodes[0], hardenTransform)
+
+    @staticmethod
+    def runModel(model, volumes, classes, progress=None, cancel=None, **options):
+        """Any thread, no MRML: {class name: SegmentationResult}; progress counts slices over all classes."""
+        from CDMSegmentLib.volume import segment_volume
+
+        results = {}
+        for n, c in enumerate(classes):
+            def classProgress(done, total, n=n):
+                progress(n * total + done, len(classes) * total)
+
+            results[model.class_names[c]] = segment_volume(
+                model, volumes, target_class=c, progress=classProgress if progress else None, cancel=cancel,
+                log=logging.info, **options)
+        return results
+
+    @staticmethod
+    def addResultNodes(referenceNode, ijkToRAS, results, name=None):
+        """On the main thread: new heatmap volume(s) and a segmentation beside the input; returns them."""
+        return mrml.add_result_nodes(referenceNode.GetScene(), referenceNode, ijkToRAS,
+                                     {c: r.heatmap for c, r in results.items()},
+                                     {c: r.mask for c, r in results.items()}, name or referenceNode.GetName())
+
+    def process(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", preset="model",
+                noiseLevel=None, steps=None, tau=None, axis="auto", batchSize=16, threshold=None, classifier=None,
+                hardenTransform=False, progress=None, cancel=None):
+        """Segment and add result nodes to the inputs' scene: [heatmap volume(s)..., segmentation].
+
+        inputVolumeNodes: one scalar volume node per model modality (or a single node);
+        model: a registered name, a file path or a loaded model. The inputs are never modified.
+        """
+        from CDMSegmentLib.methods import CDMParams
+        from CDMSegmentLib.modelfile import LoadedModel
+
+        nodes = list(inputVolumeNodes) if isinstance(inputVolumeNodes, (list, tuple)) else [inputVolumeNodes]
+        model = model if isinstance(model, LoadedModel) else self.loadModel(model)
+        guide = classifier if classifier is None or isinstance(classifier, LoadedModel) else \
+            self.loadModel(classifier)
+        volumes, ijkToRAS = self.prepareInputs(nodes, model, hardenTransform)
+        params = CDMParams.for_model(model, preset, noise_level=noiseLevel, steps=steps, tau=tau)
+        results = self.runModel(model, volumes, self.targetClasses(model, targetClass), progress, cancel,
+                                method=method, params=params, classifier=guide, device=device, axis=axis,
+                                batch_size=batchSize, threshold=threshold)
+        logging.info("CDMSegment: " + "; ".join(
+            f"{c}: {r.slices_run} of {r.slices_total} slices, {int(r.mask.sum())} voxels, {r.seconds:.1f} s on "
+            f"{r.device}" for c, r in results.items()))
+        return self.addResultNodes(nodes[0], ijkToRAS, results)
+
+    @staticmethod
+    def remakeSegment(heatmapNode, segmentationNode, threshold, minComponentVoxels=0):
+        """Re-make the segment from the kept heatmap at ``threshold`` (no model run); returns the segmentation
+        written. A segment the user edited is left alone: the new mask goes into a new segmentation node."""
+        from CDMSegmentLib.threshold import make_mask
+
+        heatmap = slicer.util.arrayFromVolume(heatmapNode)
+        ijkToRAS = mrml.ijk_to_ras(heatmapNode)
+        # No content mask needed: the heatmap is zero outside the content and thresholds are >= 0.
+        mask = make_mask(heatmap, threshold, None, minComponentVoxels)
+        segmentId = segmentationNode.GetSegmentation().GetNthSegmentID(0)
+        if mrml.segment_edited(segmentationNode, segmentId, ijkToRAS, heatmap.shape):
+            scene = heatmapNode.GetScene()
+            className = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+            segmentationNode = mrml.add_segmentation_node(
+                scene, {className: mask}, ijkToRAS, scene.GenerateUniqueName(segmentationNode.GetName()))
+            mrml.place_beside(scene, [segmentationNode], heatmapNode)
+        else:
+            mrml.set_segment_mask(segmentationNode, segmentId, mask, ijkToRAS)
+        return segmentationNode
+
+
+
+class CDMSegmentWidget(ScriptedLoadableModuleWidget):
+    """The panel. Only this class touches Qt; a run happens on a worker thread polled by a timer."""
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CDMSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CDMSegmentLogic(Path(slicer.app.cachePath) / "CDMSegment")
+        self.model = None
+        self.job = None
+        self.pending = None  # (input nodes, IJK-to-RAS) of the running job
+        self.extraInputSelectors = []
+        self.timer = qt.QTimer()
+        self.timer.setInterval(200)
+        self.timer.connect("timeout()", self.onPoll)
+        # CG-CDM needs a classifier model; the panel offers it once one is bundled (console: classifier=).
+        self.ui.methodSelector.addItems(["cdm"])
+        self.ui.deviceSelector.addItems(["auto", "cuda", "cpu"])
+        self.ui.axisSelector.addItems(["auto", "axial", "coronal", "sagittal"])
+        self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelFile)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.segmentEditorButton.connect("clicked(bool)", self.openSegmentEditor)
+        self.parameterNode = self.logic.getParameterNode()
+        self.parameterNode.connectGui(self.ui)
+        if not self.parameterNode.inputVolume:
+            self.parameterNode.inputVolume = self.volumeInView()
+        self.ui.progressBar.hide()
+        if self.ensureDependencies(ask=False):
+            self.populateModels()
+
+    def cleanup(self):
+        if self.job is not None:
+            self.job.cancel()
+        self.timer.stop()
+
+    @staticmethod
+    def volumeInView():
+        layer = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetBackgroundLayer()
+        return layer.GetVolumeNode() or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def ensureDependencies(self, ask=True):
+        """torch through the PyTorch extension, after an explicit confirmation; scipy through pip."""
+        try:
+            import PyTorchUtils
+        except ImportError:
+            if ask:
+                slicer.util.errorDisplay("CDMSegment needs the PyTorch extension: install it from the Extensions "
+                                         "Manager and restart Slicer.")
+            return False
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            if not ask or not slicer.util.confirmOkCancelDisplay(
+                    "CDMSegment needs PyTorch, which is not installed yet. Install it now through the PyTorch "
+                    "extension? This downloads about 1 GB (CPU or CUDA build chosen for this computer)."):
+                self.ui.deviceInfoLabel.text = "PyTorch not installed: it will be installed, with your consent, on Apply"
+                return False
+            if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}") \
+                    is None:
+                return False
+        try:
+            import scipy  # noqa: F401
+        except ImportError:
+            slicer.util.pip_install("scipy")
+        import torch
+
+        found = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU found: CPU"
+        self.ui.deviceInfoLabel.text = f"PyTorch {torch.__version__}; {found}"
+        return True
+
+    def populateModels(self):
+        from CDMSegmentLib.modelfile import read_registry
+
+        self.ui.modelSelector.clear()
+        for entry in read_registry():
+            self.ui.modelSelector.addItem(entry["name"], entry["name"])
+
+    def onLoadModelFile(self):
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Load a CDMSegment model", "",
+                                              "TorchScript model (*.pt *.pth *.ts);;All files (*)")
+        if path:
+            self.ui.modelSelector.addItem(Path(path).name, path)
+            self.ui.modelSelector.currentIndex = self.ui.modelSelector.count - 1
+
+    def onModelChanged(self, index):
+        """Load the chosen model (downloading it on first use) and show one input per modality it declares."""
+        source = self.ui.modelSelector.itemData(index)
+        if not source:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not load the model.", waitCursor=True):
+            self.model = self.logic.loadModel(source)
+            metadata = self.model.metadata
+            self.parameterNode.modelName = str(source)
+            self.ui.modelInfoLabel.text = (f"{metadata['name']} {metadata['version']}: "
+                                           f"{', '.join(self.model.modalities)} -> {', '.join(self.model.class_names)}")
+            self.ui.targetClassSelector.clear()
+            self.ui.targetClassSelector.addItems(self.model.class_names[1:])
+            defaults = self.model.defaults
+            self.ui.noiseLevelSpinBox.value = defaults.get("noise_level", self.ui.noiseLevelSpinBox.value)
+            self.ui.stepsSpinBox.value = defaults.get("steps", self.ui.stepsSpinBox.value)
+            self.ui.tauSpinBox.value = defaults.get("tau", self.ui.tauSpinBox.value)
+            self.ui.firstInputLabel.text = f"{self.model.modalities[0]}:"
+            formLayout = self.ui.extraInputsWidget.layout()
+            for _, selector in self.extraInputSelectors:
+                formLayout.removeRow(selector)
+            self.extraInputSelectors = []
+            for modality in self.model.modalities[1:]:
+                selector = slicer.qMRMLNodeComboBox()
+                selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+                selector.addEnabled = selector.removeEnabled = False
+                selector.setMRMLScene(slicer.mrmlScene)
+                formLayout.addRow(f"{modality}:", selector)
+                self.extraInputSelectors.append((modality, selector))
+
+    def onApplyButton(self):
+        if self.job is not None:
+            self.job.cancel()
+            self.ui.statusLabel.text = "Cancelling after the current batch..."
+            return
+        if not self.ensureDependencies():
+            return
+        if self.model is None:
+            self.populateModels()
+            if self.model is None:
+                return
+        from CDMSegmentLib.background import BackgroundJob
+        from CDMSegmentLib.methods import CDMParams
+
+        with slicer.util.tryWithErrorDisplay("Could not start CDMSegment.", waitCursor=True):
+            p = self.parameterNode
+            nodes = [p.inputVolume] + [selector.currentNode() for _, selector in self.extraInputSelectors]
+            volumes, ijkToRAS = self.logic.prepareInputs(nodes, self.model, p.hardenTransform)
+            classes = [self.ui.targetClassSelector.currentIndex + 1]
+            params = CDMParams.for_model(self.model, noise_level=p.noiseLevel, steps=p.steps, tau=p.tau)
+            model = self.model
+            self.job = BackgroundJob(lambda progress, cancel: self.logic.runModel(
+                model, volumes, classes, progress, cancel, method=p.method, params=params, device=p.device,
+                axis=p.axis, batch_size=p.batchSize))
+            self.pending = (nodes, ijkToRAS)
+            self.ui.applyButton.text = "Cancel"
+            self.ui.progressBar.show()
+            self.ui.statusLabel.text = "Starting..."
+            self.timer.start()
+
+    def onPoll(self):
+        """Main thread: show progress; when the job ends, publish its result or its error."""
+        done, total = self.job.progress
+        eta = self.job.eta_seconds()
+        self.ui.progressBar.maximum = max(total, 1)
+        self.ui.progressBar.value = done
+        if total:
+            self.ui.statusLabel.text = f"{done} of {total} slices" + (f", about {eta:.0f} s left" if eta else "")
+        if not self.job.finished:
+            return
+        self.timer.stop()
+        job, (nodes, ijkToRAS) = self.job, self.pending
+        self.job = self.pending = None
+        self.ui.applyButton.text = "Apply"
+        self.ui.progressBar.hide()
+        from CDMSegmentLib.errors import Cancelled
+
+        if isinstance(job.error, Cancelled):
+            self.ui.statusLabel.text = "Cancelled; the scene is as it was."
+            return
+        if job.error is not None:
+            self.ui.statusLabel.text = "Failed."
+            slicer.util.errorDisplay(f"CDMSegment failed: {job.error}")
+            return
+        self.showResult(nodes, self.logic.addResultNodes(nodes[0], ijkToRAS, job.result), job.result)
+
+    def showResult(self, inputNodes, outputNodes, results):
+        heatmapNode, segmentationNode = outputNodes[0], outputNodes[-1]
+        result = next(iter(results.values()))
+        self.parameterNode.heatmapVolume = heatmapNode
+        self.parameterNode.segmentation = segmentationNode
+        slicer.util.setSliceViewerLayers(background=inputNodes[0], foreground=heatmapNode, foregroundOpacity=0.4)
+        self.ui.thresholdSlider.blockSignals(True)
+        self.ui.thresholdSlider.maximum = float(result.heatmap.max()) or 1.0
+        self.ui.thresholdSlider.singleStep = self.ui.thresholdSlider.maximum / 200
+        self.ui.thresholdSlider.value = result.threshold
+        self.ui.thresholdSlider.blockSignals(False)
+        self.ui.statusLabel.text = (f"{result.slices_run} of {result.slices_total} slices in {result.seconds:.0f} s "
+                                    f"on {result.device}; {int(result.mask.sum())} voxels segmented")
+        self.openSegmentEditor()
+
+    def onThresholdChanged(self, value):
+        p = self.parameterNode
+        if p.heatmapVolume is None or p.segmentation is None or self.job is not None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not re-make the segment."):
+            p.segmentation = self.logic.remakeSegment(p.heatmapVolume, p.segmentation, value)
+
+    def openSegmentEditor(self):
+        p = self.parameterNode
+        if p.segmentation is None:
+            return
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(p.segmentation)
+        editor.setSourceVolumeNode(p.inputVolume)
+
+
+class CDMSegmentTest(ScriptedLoadableModuleTest):
+    """Reload and Test / slicer_add_python_unittest: the sample volume end to end on the CPU, Dice floor."""
+
+    def runTest(self):
+        slicer.mrmlScene.Clear()
+        self.test_sampleEndToEnd()
+
+    def test_sampleEndToEnd(self):
+        if not SAMPLE_DESCRIPTION.is_file():
+            self.skipTest(f"{SAMPLE_DESCRIPTION.name} is not published yet")
+        import numpy as np
+        import SampleData
+
+        registerSampleData()
+        volume = SampleData.downloadSample("CDMSegmentSample")
+        sample = json.loads(SAMPLE_DESCRIPTION.read_text())
+        truthPath = SampleData.SampleDataLogic().downloadFileIntoCache(sample["segmentation_url"],
+                                                                       sample["segmentation_file_name"])
+        truth = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(truthPath)) > 0
+        nodes = CDMSegmentLogic().process(volume, device="cpu")
+        segmentation = nodes[-1]
+        mask = mrml.segment_mask(segmentation, segmentation.GetSegmentation().GetNthSegmentID(0),
+                                 mrml.ijk_to_ras(volume), truth.shape) > 0
+        dice = 2 * np.logical_and(mask, truth).sum() / max(mask.sum() + truth.sum(), 1)
+        self.delayDisplay(f"Dice {dice:.3f} (floor {SAMPLE_DICE_FLOOR})")
+        self.assertGreaterEqual(dice, SAMPLE_DICE_FLOOR)
