@@ -74,9 +74,11 @@ def check_volume_node(node, label: str = "input") -> None:
     if node is None:
         raise CDMSegmentError(f"{label}: no volume selected; choose a volume")
     name = f"{label} {node.GetName()!r}"
-    if not node.IsA("vtkMRMLScalarVolumeNode"):
-        kind = "a 4D or vector (RGB) volume" if node.IsA("vtkMRMLVectorVolumeNode") else f"a {node.GetClassName()}"
-        raise CDMSegmentError(f"{name} is {kind}; choose a scalar (grey-level) 3D volume, e.g. one time point")
+    # Vector (RGB), diffusion and 4D multi-volume nodes derive from the scalar volume node: test them first.
+    if node.IsA("vtkMRMLVectorVolumeNode") or node.IsA("vtkMRMLTensorVolumeNode") \
+            or not node.IsA("vtkMRMLScalarVolumeNode"):
+        raise CDMSegmentError(f"{name} is a {node.GetClassName()[7:]} (vector, RGB, tensor or 4D); choose a scalar "
+                              "(grey-level) 3D volume, e.g. one time point")
     if node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise CDMSegmentError(f"{name} is a labelmap; choose the image volume it was drawn on")
     image = node.GetImageData()
@@ -147,8 +149,7 @@ def add_segmentation_node(scene, masks: Dict[str, np.ndarray], ijk_to_ras_matrix
     for class_name, mask in masks.items():
         style = segment_style(class_name)
         segment_id = segmentation.AddEmptySegment(style.name, style.name, list(style.color))
-        segmentation.GetSegment(segment_id).SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(),
-                                                   style.terminology_string())
+        segmentation.GetSegment(segment_id).SetTerminology(style.terminology_string())
         set_segment_mask(node, segment_id, mask, ijk_to_ras_matrix)
     return node
 
