@@ -40,8 +40,12 @@ def tiny_model_path(tmp_path_factory):
     metadata = diffusion_metadata(cfg, name="tiny", version="0", image_size=32, modalities=["FLAIR"],
                                   class_names=["normal", "tumour"], training={"data": "none"},
                                   defaults=TINY_DEFAULTS)
+    network = ConditionalUNet(cfg.unet)
+    with torch.no_grad():  # the output layer starts at zero, which would give an all-zero heatmap
+        for parameter in network.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(ConditionalUNet(cfg.unet), metadata, path)
+    save_model(network, metadata, path)
     return path
 
 
