@@ -21,6 +21,7 @@ class BackgroundJob:
         self.error: Optional[BaseException] = None
         self._progress: Tuple[int, int] = (0, 0)
         self._first: Optional[Tuple[float, int]] = None  # (time, done) of the first report with a total
+        self._last_seconds = 0.0
         self._thread = threading.Thread(target=self._run, args=(work,), daemon=True, name="CDMSegment job")
         self._thread.start()
 
@@ -33,6 +34,7 @@ class BackgroundJob:
     def _report(self, done: int, total: int) -> None:
         if self._first is None and total:
             self._first = (time.perf_counter(), done)
+        self._last_seconds = time.perf_counter()
         self._progress = (done, total)
 
     @property
@@ -41,12 +43,13 @@ class BackgroundJob:
         return self._progress
 
     def eta_seconds(self) -> Optional[float]:
-        """Seconds left at the rate since the first report (which excludes model loading); None until known."""
+        """Seconds left at the rate between the first report (after model loading) and the last, counting
+        down between reports; None until two reports differ."""
         done, total = self._progress
         if self._first is None or done <= self._first[1]:
             return None
-        rate = (done - self._first[1]) / (time.perf_counter() - self._first[0])
-        return (total - done) / rate
+        rate = (done - self._first[1]) / (self._last_seconds - self._first[0])
+        return max(0.0, (total - done) / rate - (time.perf_counter() - self._last_seconds))
 
     @property
     def finished(self) -> bool:
