@@ -7,7 +7,6 @@ methods, after the dependency check, so the module loads in a Slicer without tor
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import slicer
@@ -16,7 +15,6 @@ from CDMSegmentLib import mrml
 from CDMSegmentLib.errors import CDMSegmentError
 
 try:  # the Slicer application; slicer-core (pytest) has MRML but no Qt and no scripted-module base classes
-    import ctk
     import qt
     from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                                ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -30,7 +28,7 @@ except ImportError:
 
 MINIMUM_TORCH_VERSION = "2.1"
 RESOURCES = Path(__file__).resolve().parent / "Resources"
-# Written by whoever publishes the sample: {"url": ..., "sha256": ..., "file_name": ..., "segmentation_file_name": ...}
+# Written when the sample is published: {"url", "sha256", "file_name", "segmentation_url", "segmentation_file_name"}
 SAMPLE_DESCRIPTION = RESOURCES / "Sample" / "CDMSegmentSample.json"
 SAMPLE_DICE_FLOOR = 0.3
 
@@ -131,7 +129,7 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         return volumes, mrml.world_ijk_to_ras(inputVolumeNodes[0], hardenTransform)
 
     @staticmethod
-    def runModel(model, volumes, classes, progress=None, cancel=None, **options):
+    def runModel(model, volumes, classes, progress=None, cancel=None, log=logging.info, **options):
         """Any thread, no MRML: {class name: SegmentationResult}; progress counts slices over all classes."""
         from CDMSegmentLib.volume import segment_volume
 
@@ -142,7 +140,7 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
 
             results[model.class_names[c]] = segment_volume(
                 model, volumes, target_class=c, progress=classProgress if progress else None, cancel=cancel,
-                log=logging.info, **options)
+                log=log, **options)
         return results
 
     @staticmethod
@@ -179,25 +177,9 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def remakeSegment(heatmapNode, segmentationNode, threshold, minComponentVoxels=0):
-        """Re-make the segment from the kept heatmap at ``threshold`` (no model run); returns the segmentation
-        written. A segment the user edited is left alone: the new mask goes into a new segmentation node."""
-        from CDMSegmentLib.threshold import make_mask
-
-        heatmap = slicer.util.arrayFromVolume(heatmapNode)
-        ijkToRAS = mrml.ijk_to_ras(heatmapNode)
-        # No content mask needed: the heatmap is zero outside the content and thresholds are >= 0.
-        mask = make_mask(heatmap, threshold, None, minComponentVoxels)
-        segmentId = segmentationNode.GetSegmentation().GetNthSegmentID(0)
-        if mrml.segment_edited(segmentationNode, segmentId, ijkToRAS, heatmap.shape):
-            scene = heatmapNode.GetScene()
-            className = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
-            segmentationNode = mrml.add_segmentation_node(
-                scene, {className: mask}, ijkToRAS, scene.GenerateUniqueName(segmentationNode.GetName()))
-            mrml.place_beside(scene, [segmentationNode], heatmapNode)
-        else:
-            mrml.set_segment_mask(segmentationNode, segmentId, mask, ijkToRAS)
-        return segmentationNode
-
+        """Re-make the segment from the kept heatmap at ``threshold`` without running the model; returns the
+        segmentation written: a new one when the user edited the segment, which is never overwritten."""
+        return mrml.remake_segment(heatmapNode, segmentationNode, threshold, minComponentVoxels)
 
 
 class CDMSegmentWidget(ScriptedLoadableModuleWidget):
@@ -245,7 +227,8 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
         return layer.GetVolumeNode() or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
     def ensureDependencies(self, ask=True):
-        """torch through the PyTorch extension, after an explicit confirmation; scipy through pip."""
+        """torch through the PyTorch extension and scipy through pip, after one explicit confirmation.
+        numpy, SimpleITK and requests come with Slicer and are never reinstalled."""
         try:
             import PyTorchUtils
         except ImportError:
@@ -253,20 +236,23 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
                 slicer.util.errorDisplay("CDMSegment needs the PyTorch extension: install it from the Extensions "
                                          "Manager and restart Slicer.")
             return False
+        import importlib.util
+
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
+        missing = [name for name, present in (("PyTorch", torchLogic.torchInstalled()),
+                                              ("scipy", importlib.util.find_spec("scipy") is not None)) if not present]
+        if missing:
             if not ask or not slicer.util.confirmOkCancelDisplay(
-                    "CDMSegment needs PyTorch, which is not installed yet. Install it now through the PyTorch "
-                    "extension? This downloads about 1 GB (CPU or CUDA build chosen for this computer)."):
-                self.ui.deviceInfoLabel.text = "PyTorch not installed: it will be installed, with your consent, on Apply"
+                    f"CDMSegment needs {' and '.join(missing)}, not installed yet. Install now? PyTorch comes through "
+                    "the PyTorch extension (about 1 GB, the CPU or CUDA build that suits this computer)."):
+                self.ui.deviceInfoLabel.text = f"{', '.join(missing)} not installed: Apply offers to install"
                 return False
-            if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}") \
-                    is None:
-                return False
-        try:
-            import scipy  # noqa: F401
-        except ImportError:
-            slicer.util.pip_install("scipy")
+            with slicer.util.tryWithErrorDisplay("Could not install the dependencies.", waitCursor=True):
+                if "PyTorch" in missing and torchLogic.installTorch(
+                        askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}") is None:
+                    return False
+                if "scipy" in missing:
+                    slicer.util.pip_install("scipy")
         import torch
 
         found = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU found: CPU"
@@ -338,14 +324,20 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
             classes = [self.ui.targetClassSelector.currentIndex + 1]
             params = CDMParams.for_model(self.model, noise_level=p.noiseLevel, steps=p.steps, tau=p.tau)
             model = self.model
+            self.lastMessage = ""
             self.job = BackgroundJob(lambda progress, cancel: self.logic.runModel(
-                model, volumes, classes, progress, cancel, method=p.method, params=params, device=p.device,
-                axis=p.axis, batch_size=p.batchSize))
+                model, volumes, classes, progress, cancel, log=self.onWorkerLog, method=p.method, params=params,
+                device=p.device, axis=p.axis, batch_size=p.batchSize))
             self.pending = (nodes, ijkToRAS)
             self.ui.applyButton.text = "Cancel"
             self.ui.progressBar.show()
             self.ui.statusLabel.text = "Starting..."
             self.timer.start()
+
+    def onWorkerLog(self, message):
+        """Worker thread: keep the message (device chosen, out of GPU memory retries) for the next poll."""
+        logging.info(f"CDMSegment: {message}")
+        self.lastMessage = message
 
     def onPoll(self):
         """Main thread: show progress; when the job ends, publish its result or its error."""
@@ -354,7 +346,8 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
         self.ui.progressBar.maximum = max(total, 1)
         self.ui.progressBar.value = done
         if total:
-            self.ui.statusLabel.text = f"{done} of {total} slices" + (f", about {eta:.0f} s left" if eta else "")
+            self.ui.statusLabel.text = (f"{done} of {total} slices" + (f", about {eta:.0f} s left" if eta else "")
+                                        + (f"\n{self.lastMessage}" if self.lastMessage else ""))
         if not self.job.finished:
             return
         self.timer.stop()
@@ -376,14 +369,13 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
     def showResult(self, inputNodes, outputNodes, results):
         heatmapNode, segmentationNode = outputNodes[0], outputNodes[-1]
         result = next(iter(results.values()))
-        self.parameterNode.heatmapVolume = heatmapNode
-        self.parameterNode.segmentation = segmentationNode
-        slicer.util.setSliceViewerLayers(background=inputNodes[0], foreground=heatmapNode, foregroundOpacity=0.4)
-        self.ui.thresholdSlider.blockSignals(True)
+        p = self.parameterNode
+        p.heatmapVolume = None  # the slider set-up below must not re-make the previous run's segment
         self.ui.thresholdSlider.maximum = float(result.heatmap.max()) or 1.0
         self.ui.thresholdSlider.singleStep = self.ui.thresholdSlider.maximum / 200
-        self.ui.thresholdSlider.value = result.threshold
-        self.ui.thresholdSlider.blockSignals(False)
+        p.threshold = result.threshold
+        p.heatmapVolume, p.segmentation = heatmapNode, segmentationNode
+        slicer.util.setSliceViewerLayers(background=inputNodes[0], foreground=heatmapNode, foregroundOpacity=0.4)
         self.ui.statusLabel.text = (f"{result.slices_run} of {result.slices_total} slices in {result.seconds:.0f} s "
                                     f"on {result.device}; {int(result.mask.sum())} voxels segmented")
         self.openSegmentEditor()
@@ -393,7 +385,8 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
         if p.heatmapVolume is None or p.segmentation is None or self.job is not None:
             return
         with slicer.util.tryWithErrorDisplay("Could not re-make the segment."):
-            p.segmentation = self.logic.remakeSegment(p.heatmapVolume, p.segmentation, value)
+            p.segmentation = self.logic.remakeSegment(p.heatmapVolume, p.segmentation, value,
+                                                      int(self.model.defaults.get("min_component_voxels", 0)))
 
     def openSegmentEditor(self):
         p = self.parameterNode
@@ -418,7 +411,6 @@ class CDMSegmentTest(ScriptedLoadableModuleTest):
         import numpy as np
         import SampleData
 
-        registerSampleData()
         volume = SampleData.downloadSample("CDMSegmentSample")
         sample = json.loads(SAMPLE_DESCRIPTION.read_text())
         truthPath = SampleData.SampleDataLogic().downloadFileIntoCache(sample["segmentation_url"],

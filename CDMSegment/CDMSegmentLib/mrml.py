@@ -19,6 +19,7 @@ from vtk.util import numpy_support
 from .errors import CDMSegmentError
 from .image import Volume
 from .terminology import segment_style
+from .threshold import make_mask
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Black-red-yellow-white, created by Slicer's Colors module in every scene.
@@ -221,3 +222,21 @@ def add_result_nodes(scene, reference_node, ijk_to_ras_matrix: np.ndarray, heatm
     nodes.append(add_segmentation_node(scene, masks, ijk_to_ras_matrix, scene.GenerateUniqueName(f"{name} segmentation")))
     place_beside(scene, nodes, reference_node)
     return nodes
+
+
+def remake_segment(heatmap_node, segmentation_node, threshold: float, min_component_voxels: int = 0):
+    """The first segment re-made from the heatmap node at ``threshold`` (no model run). An edited segment
+    is left as the user made it: the new mask goes into a new segmentation beside it, which is returned."""
+    heatmap = slicer.util.arrayFromVolume(heatmap_node)
+    matrix = ijk_to_ras(heatmap_node)
+    # No content mask needed: the heatmap is zero outside the content and thresholds are >= 0.
+    mask = make_mask(heatmap, threshold, None, min_component_voxels)
+    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+    if not segment_edited(segmentation_node, segment_id, matrix, heatmap.shape):
+        set_segment_mask(segmentation_node, segment_id, mask, matrix)
+        return segmentation_node
+    scene = heatmap_node.GetScene()
+    class_name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+    copy = add_segmentation_node(scene, {class_name: mask}, matrix, scene.GenerateUniqueName(segmentation_node.GetName()))
+    place_beside(scene, [copy], heatmap_node)
+    return copy
