@@ -12,7 +12,6 @@ from pathlib import Path
 import slicer
 
 from CDMSegmentLib import mrml
-from CDMSegmentLib.errors import CDMSegmentError
 
 try:  # the Slicer application; slicer-core (pytest) has MRML but no Qt and no scripted-module base classes
     import qt
@@ -110,22 +109,13 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         return load_model(path, expected_sha256=entry["sha256"])
 
     @staticmethod
-    def targetClasses(model, targetClass=None):
-        """[targetClass], or every class but 0 (normal) when None."""
-        last = len(model.class_names) - 1
-        classes = [targetClass] if targetClass is not None else list(range(1, last + 1))
-        if not classes or not all(0 < c <= last for c in classes):
-            raise CDMSegmentError(f"target class must be one of 1..{last} ({', '.join(model.class_names[1:])})")
-        return classes
-
-    @staticmethod
     def prepareInputs(inputVolumeNodes, model, hardenTransform=False):
-        """On the main thread: copies of the inputs as Volumes, and the world IJK-to-RAS of the first."""
-        if len(inputVolumeNodes) != len(model.modalities):
-            raise CDMSegmentError(f"model {model.metadata['name']} expects {len(model.modalities)} input volume(s) "
-                                  f"({', '.join(model.modalities)}), got {len(inputVolumeNodes)}")
-        volumes = [mrml.volume_from_node(node, hardenTransform, modality)
-                   for node, modality in zip(inputVolumeNodes, model.modalities)]
+        """On the main thread: checked copies of the inputs as Volumes, and the world IJK-to-RAS of the first."""
+        from CDMSegmentLib.volume import check_inputs
+
+        labels = model.modalities + [f"input {n + 1}" for n in range(len(model.modalities), len(inputVolumeNodes))]
+        volumes = [mrml.volume_from_node(node, hardenTransform, label) for node, label in zip(inputVolumeNodes, labels)]
+        check_inputs(model, volumes)
         return volumes, mrml.world_ijk_to_ras(inputVolumeNodes[0], hardenTransform)
 
     @staticmethod
@@ -167,7 +157,7 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
             self.loadModel(classifier)
         volumes, ijkToRAS = self.prepareInputs(nodes, model, hardenTransform)
         params = CDMParams.for_model(model, preset, noise_level=noiseLevel, steps=steps, tau=tau)
-        results = self.runModel(model, volumes, self.targetClasses(model, targetClass), progress, cancel,
+        results = self.runModel(model, volumes, model.target_classes(targetClass), progress, cancel,
                                 method=method, params=params, classifier=guide, device=device, axis=axis,
                                 batch_size=batchSize, threshold=threshold)
         logging.info("CDMSegment: " + "; ".join(

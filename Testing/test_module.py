@@ -101,7 +101,7 @@ def test_progress_counts_slices_exactly(scene, tiny_model):
 
 def test_input_errors_are_plain_sentences(scene, tiny_model):
     node = add_volume(scene, phantom(), GEOMETRIES["axial"])
-    with pytest.raises(CDMSegmentError, match=r"expects 1 input volume\(s\) \(FLAIR\), got 2"):
+    with pytest.raises(CDMSegmentError, match=r"expects 1 modality \(FLAIR\), got 2 inputs"):
         CDMSegmentLogic().process([node, node], model=tiny_model, device="cpu")
     with pytest.raises(CDMSegmentError, match="target class must be one of 1..1 \\(tumour\\)"):
         CDMSegmentLogic().process(node, model=tiny_model, targetClass=2, device="cpu")
