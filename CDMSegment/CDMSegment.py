@@ -65,7 +65,6 @@ class CDMSegmentParameterNode:
     """What the panel shows, saved with the scene. Input volumes per modality are set by the widget."""
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
-    modelName: str = ""
     method: str = "cdm"
     device: str = "auto"
     noiseLevel: float = 0.896
@@ -86,26 +85,41 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
     (prepareInputs and addResultNodes on the main thread, runModel on a worker thread).
     """
 
-    def __init__(self, cacheDir=None):
+    def __init__(self, cacheDir=None, registry=None):
+        """cacheDir: where downloaded models go; registry: a models.json other than the bundled one."""
         ScriptedLoadableModuleLogic.__init__(self)
         self.cacheDir = Path(cacheDir) if cacheDir else None
+        self.registry = Path(registry) if registry else None
 
     def getParameterNode(self):
         return CDMSegmentParameterNode(super().getParameterNode())
 
-    def loadModel(self, nameOrPath=None, progress=None, cancel=None):
-        """A registered model (bundled, or downloaded into the cache on first use) or a model file."""
-        from CDMSegmentLib.download import default_cache_dir, download_model, model_file
-        from CDMSegmentLib.modelfile import default_model_name, load_model, read_registry
+    def _registered(self, nameOrPath):
+        """(registry entry or None, where its file is or will be downloaded to)."""
+        from CDMSegmentLib.download import default_cache_dir, model_file
+        from CDMSegmentLib.modelfile import REGISTRY_FILE, read_registry
 
-        nameOrPath = nameOrPath or default_model_name()
-        entry = next((e for e in read_registry() if e["name"] == str(nameOrPath)), None)
+        registry = self.registry or REGISTRY_FILE
+        entry = next((e for e in read_registry(registry) if e["name"] == str(nameOrPath)), None)
+        return entry, entry and model_file(entry, self.cacheDir or default_cache_dir(), registry)
+
+    def downloadNeeded(self, nameOrPath):
+        """The registry entry of a model that must be downloaded before use, else None."""
+        entry, path = self._registered(nameOrPath)
+        return entry if entry is not None and not path.is_file() else None
+
+    def loadModel(self, nameOrPath=None, progress=None, cancel=None):
+        """A registered model (bundled, or downloaded into the cache on first use) or a model file.
+        progress(bytes done, bytes total) and cancel (threading.Event) apply to a download."""
+        from CDMSegmentLib.download import download_model
+        from CDMSegmentLib.modelfile import REGISTRY_FILE, default_model_name, load_model
+
+        nameOrPath = nameOrPath or default_model_name(registry=self.registry or REGISTRY_FILE)
+        entry, path = self._registered(nameOrPath)
         if entry is None:
             return load_model(nameOrPath)
-        cacheDir = self.cacheDir or default_cache_dir()
-        path = model_file(entry, cacheDir)
         if not path.is_file():
-            path = download_model(entry, cacheDir, progress=progress, cancel=cancel)
+            path = download_model(entry, path.parent, progress=progress, cancel=cancel)
         return load_model(path, expected_sha256=entry["sha256"])
 
     @staticmethod
@@ -184,7 +198,6 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
         self.logic = CDMSegmentLogic(Path(slicer.app.cachePath) / "CDMSegment")
         self.model = None
         self.job = None
-        self.pending = None  # (input nodes, IJK-to-RAS) of the running job
         self.extraInputSelectors = []
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
@@ -264,34 +277,42 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
             self.ui.modelSelector.currentIndex = self.ui.modelSelector.count - 1
 
     def onModelChanged(self, index):
-        """Load the chosen model (downloading it on first use) and show one input per modality it declares."""
+        """Load the chosen model, downloading it first (with consent, in the background) when not cached."""
         source = self.ui.modelSelector.itemData(index)
-        if not source:
+        if not source or self.job is not None:
             return
-        with slicer.util.tryWithErrorDisplay("Could not load the model.", waitCursor=True):
-            self.model = self.logic.loadModel(source)
-            metadata = self.model.metadata
-            self.parameterNode.modelName = str(source)
-            self.ui.modelInfoLabel.text = (f"{metadata['name']} {metadata['version']}: "
-                                           f"{', '.join(self.model.modalities)} -> {', '.join(self.model.class_names)}")
-            self.ui.targetClassSelector.clear()
-            self.ui.targetClassSelector.addItems(self.model.class_names[1:])
-            defaults = self.model.defaults
-            self.ui.noiseLevelSpinBox.value = defaults.get("noise_level", self.ui.noiseLevelSpinBox.value)
-            self.ui.stepsSpinBox.value = defaults.get("steps", self.ui.stepsSpinBox.value)
-            self.ui.tauSpinBox.value = defaults.get("tau", self.ui.tauSpinBox.value)
-            self.ui.firstInputLabel.text = f"{self.model.modalities[0]}:"
-            formLayout = self.ui.extraInputsWidget.layout()
-            for _, selector in self.extraInputSelectors:
-                formLayout.removeRow(selector)
-            self.extraInputSelectors = []
-            for modality in self.model.modalities[1:]:
-                selector = slicer.qMRMLNodeComboBox()
-                selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
-                selector.addEnabled = selector.removeEnabled = False
-                selector.setMRMLScene(slicer.mrmlScene)
-                formLayout.addRow(f"{modality}:", selector)
-                self.extraInputSelectors.append((modality, selector))
+        entry = self.logic.downloadNeeded(source)
+        if entry is None:
+            with slicer.util.tryWithErrorDisplay("Could not load the model.", waitCursor=True):
+                self.useModel(self.logic.loadModel(source))
+        elif slicer.util.confirmOkCancelDisplay(
+                f"Download model {entry['name']} ({entry.get('size_bytes', 0) / 1e6:.0f} MB) from {entry['url']}?"):
+            self.startJob(lambda progress, cancel: self.logic.loadModel(source, progress, cancel), "MB",
+                          self.useModel)
+
+    def useModel(self, model):
+        """Show the model's classes and defaults, and one input selector per modality it declares."""
+        self.model = model
+        self.ui.modelInfoLabel.text = (f"{model.metadata['name']} {model.metadata['version']}: "
+                                       f"{', '.join(model.modalities)} -> {', '.join(model.class_names)}")
+        self.ui.targetClassSelector.clear()
+        self.ui.targetClassSelector.addItems(model.class_names[1:])
+        defaults = model.defaults
+        self.parameterNode.noiseLevel = defaults.get("noise_level", self.parameterNode.noiseLevel)
+        self.parameterNode.steps = defaults.get("steps", self.parameterNode.steps)
+        self.parameterNode.tau = defaults.get("tau", self.parameterNode.tau)
+        self.ui.firstInputLabel.text = f"{model.modalities[0]}:"
+        formLayout = self.ui.extraInputsWidget.layout()
+        for selector in self.extraInputSelectors:
+            formLayout.removeRow(selector)
+        self.extraInputSelectors = []
+        for modality in model.modalities[1:]:
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.addEnabled = selector.removeEnabled = False
+            selector.setMRMLScene(slicer.mrmlScene)
+            formLayout.addRow(f"{modality}:", selector)
+            self.extraInputSelectors.append(selector)
 
     def onApplyButton(self):
         if self.job is not None:
@@ -304,57 +325,62 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
             self.populateModels()
             if self.model is None:
                 return
-        from CDMSegmentLib.background import BackgroundJob
         from CDMSegmentLib.methods import CDMParams
 
         with slicer.util.tryWithErrorDisplay("Could not start CDMSegment.", waitCursor=True):
             p = self.parameterNode
-            nodes = [p.inputVolume] + [selector.currentNode() for _, selector in self.extraInputSelectors]
+            nodes = [p.inputVolume] + [selector.currentNode() for selector in self.extraInputSelectors]
             volumes, ijkToRAS = self.logic.prepareInputs(nodes, self.model, p.hardenTransform)
-            classes = [self.ui.targetClassSelector.currentIndex + 1]
-            params = CDMParams.for_model(self.model, noise_level=p.noiseLevel, steps=p.steps, tau=p.tau)
-            model = self.model
-            self.lastMessage = ""
-            self.job = BackgroundJob(lambda progress, cancel: self.logic.runModel(
-                model, volumes, classes, progress, cancel, log=self.onWorkerLog, method=p.method, params=params,
-                device=p.device, axis=p.axis, batch_size=p.batchSize))
-            self.pending = (nodes, ijkToRAS)
-            self.ui.applyButton.text = "Cancel"
-            self.ui.progressBar.show()
-            self.ui.statusLabel.text = "Starting..."
-            self.timer.start()
+            model, classes = self.model, [self.ui.targetClassSelector.currentIndex + 1]
+            # Read on the main thread: the worker never touches MRML, the parameter node included.
+            options = dict(method=p.method, device=p.device, axis=p.axis, batch_size=p.batchSize,
+                           params=CDMParams.for_model(model, noise_level=p.noiseLevel, steps=p.steps, tau=p.tau))
+            self.startJob(lambda progress, cancel: self.logic.runModel(
+                model, volumes, classes, progress, cancel, log=self.workerMessages.append, **options), "slices",
+                lambda results: self.showResult(nodes, self.logic.addResultNodes(nodes[0], ijkToRAS, results), results))
 
-    def onWorkerLog(self, message):
-        """Worker thread: keep the message (device chosen, out of GPU memory retries) for the next poll."""
-        logging.info(f"CDMSegment: {message}")
-        self.lastMessage = message
+    def startJob(self, work, unit, onDone):
+        """Run ``work(progress, cancel)`` on a worker thread; Apply becomes Cancel; ``onDone(result)`` runs on the
+        main thread when it succeeds. unit: 'slices' or 'MB' (progress reported in bytes)."""
+        from CDMSegmentLib.background import BackgroundJob
+
+        self.workerMessages = []  # appended by the worker (atomic), logged and shown by onPoll
+        self.lastMessage = ""
+        self.job, self.jobUnit, self.onJobDone = BackgroundJob(work), unit, onDone
+        self.ui.applyButton.text = "Cancel"
+        self.ui.progressBar.show()
+        self.ui.statusLabel.text = "Starting..."
+        self.timer.start()
 
     def onPoll(self):
-        """Main thread: show progress; when the job ends, publish its result or its error."""
+        """Main thread: show progress; when the job ends, hand over its result or show its error."""
+        from CDMSegmentLib.errors import Cancelled
+
+        while self.workerMessages:
+            self.lastMessage = self.workerMessages.pop(0)
+            logging.info(f"CDMSegment: {self.lastMessage}")
         done, total = self.job.progress
         eta = self.job.eta_seconds()
-        self.ui.progressBar.maximum = max(total, 1)
-        self.ui.progressBar.value = done
+        self.ui.progressBar.maximum = 1000
+        self.ui.progressBar.value = int(1000 * done / total) if total else 0
         if total:
-            self.ui.statusLabel.text = (f"{done} of {total} slices" + (f", about {eta:.0f} s left" if eta else "")
-                                        + (f"\n{self.lastMessage}" if self.lastMessage else ""))
+            scale = 1e6 if self.jobUnit == "MB" else 1
+            self.ui.statusLabel.text = (f"{done / scale:.0f} of {total / scale:.0f} {self.jobUnit}"
+                                        + (f", about {eta:.0f} s left" if eta else "") + f"\n{self.lastMessage}")
         if not self.job.finished:
             return
         self.timer.stop()
-        job, (nodes, ijkToRAS) = self.job, self.pending
-        self.job = self.pending = None
+        job, self.job = self.job, None
         self.ui.applyButton.text = "Apply"
         self.ui.progressBar.hide()
-        from CDMSegmentLib.errors import Cancelled
-
         if isinstance(job.error, Cancelled):
             self.ui.statusLabel.text = "Cancelled; the scene is as it was."
-            return
-        if job.error is not None:
+        elif job.error is not None:
             self.ui.statusLabel.text = "Failed."
             slicer.util.errorDisplay(f"CDMSegment failed: {job.error}")
-            return
-        self.showResult(nodes, self.logic.addResultNodes(nodes[0], ijkToRAS, job.result), job.result)
+        else:
+            with slicer.util.tryWithErrorDisplay("Could not show the result."):
+                self.onJobDone(job.result)
 
     def showResult(self, inputNodes, outputNodes, results):
         heatmapNode, segmentationNode = outputNodes[0], outputNodes[-1]

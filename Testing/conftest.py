@@ -4,6 +4,11 @@ The scene gets the module logics the Slicer application creates at start-up (col
 subject hierarchy, segmentation converters); nothing is faked.
 """
 
+import http.server
+import threading
+from functools import partial
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import slicer
@@ -80,3 +85,17 @@ def phantom(shape=(10, 20, 24), seed: int = 0) -> np.ndarray:
     image = np.where(r < 1, 400 + 30 * rng.standard_normal(shape), 0)
     image[(r < 0.35) & (i > centre[2])] += 500
     return image.astype(np.int16)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A static HTTP server on loopback serving ``.directory``, at ``.url``."""
+    directory = tmp_path / "served"
+    directory.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield SimpleNamespace(directory=directory, url=f"http://127.0.0.1:{httpd.server_address[1]}")
+    httpd.shutdown()
+    httpd.server_close()

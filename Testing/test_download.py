@@ -1,9 +1,7 @@
 """Model downloads from a local HTTP server on loopback: verified, atomic, cancellable, plain errors."""
 
 import hashlib
-import http.server
 import threading
-from functools import partial
 
 import pytest
 
@@ -14,18 +12,9 @@ PAYLOAD = bytes(range(256)) * 8192  # 2 MiB: several chunks
 
 
 @pytest.fixture
-def server(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    (served / "model.pt").write_bytes(PAYLOAD)
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+def server(http_server):
+    (http_server.directory / "model.pt").write_bytes(PAYLOAD)
+    return http_server.url
 
 
 def _entry(url, **changes):

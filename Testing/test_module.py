@@ -1,5 +1,7 @@
 """CDMSegmentLogic (CDMSegment.py) end to end on a real slicer-core scene with a tiny model file."""
 
+import json
+import shutil
 import threading
 
 import numpy as np
@@ -8,7 +10,8 @@ import slicer
 
 from CDMSegment import CDMSegmentLogic
 from CDMSegmentLib import mrml
-from CDMSegmentLib.errors import Cancelled, CDMSegmentError
+from CDMSegmentLib.errors import Cancelled, CDMSegmentError, ModelFileError
+from CDMSegmentLib.modelfile import sha256_of
 from CDMSegmentLib.threshold import make_mask
 from conftest import add_volume, phantom
 from test_mrml import GEOMETRIES
@@ -111,3 +114,37 @@ def test_input_errors_are_plain_sentences(scene, tiny_model):
         CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
     outputs = CDMSegmentLogic().process(node, model=tiny_model, device="cpu", hardenTransform=True)
     assert outputs[0].GetParentTransformNode() is None and node.GetParentTransformNode() is transform
+
+
+def _registry_with_remote_model(tmp_path, url, sha256, size_bytes):
+    registry = tmp_path / "Models" / "models.json"
+    registry.parent.mkdir()
+    registry.write_text(json.dumps({"models": [{"name": "remote-tiny", "file": "remote-tiny.pt", "kind": "diffusion",
+                                                "url": url, "sha256": sha256, "size_bytes": size_bytes,
+                                                "default": True}]}))
+    return registry
+
+
+def test_a_registered_model_is_downloaded_once_then_used(scene, tiny_model_path, http_server, tmp_path):
+    shutil.copy(tiny_model_path, http_server.directory / "tiny.pt")
+    registry = _registry_with_remote_model(tmp_path, f"{http_server.url}/tiny.pt", sha256_of(tiny_model_path),
+                                           tiny_model_path.stat().st_size)
+    logic = CDMSegmentLogic(cacheDir=tmp_path / "cache", registry=registry)
+    assert logic.downloadNeeded("remote-tiny")["name"] == "remote-tiny"
+    reports = []
+    model = logic.loadModel(progress=lambda done, total: reports.append((done, total)))
+    assert model.sha256 == sha256_of(tiny_model_path) and reports[-1][0] == reports[-1][1]
+    assert logic.downloadNeeded("remote-tiny") is None
+    (http_server.directory / "tiny.pt").unlink()
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    assert len(logic.process(node, model="remote-tiny", device="cpu")) == 2
+
+
+def test_a_tampered_download_is_refused(tiny_model_path, http_server, tmp_path):
+    shutil.copy(tiny_model_path, http_server.directory / "tiny.pt")
+    registry = _registry_with_remote_model(tmp_path, f"{http_server.url}/tiny.pt", "0" * 64,
+                                           tiny_model_path.stat().st_size)
+    logic = CDMSegmentLogic(cacheDir=tmp_path / "cache", registry=registry)
+    with pytest.raises(ModelFileError, match="does not match its SHA256"):
+        logic.loadModel("remote-tiny")
+    assert logic.downloadNeeded("remote-tiny") is not None
