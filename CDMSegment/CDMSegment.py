@@ -1,8 +1,8 @@
 """CDMSegment: weakly supervised segmentation with a conditional diffusion model (Hu et al., MICCAI 2023).
 
 Thin Slicer layer over CDMSegmentLib: the Widget owns Qt, the Logic owns MRML through
-CDMSegmentLib.mrml, the core does the rest. Model, torch and scipy imports happen inside
-methods, after the dependency check, so the module loads in a Slicer without torch.
+CDMSegmentLib.mrml, the core does the rest. Model and torch imports happen inside methods,
+after the dependency check, so the module loads in a Slicer without torch.
 """
 
 import json
@@ -213,8 +213,9 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
         self.ui.segmentEditorButton.connect("clicked(bool)", self.openSegmentEditor)
         self.parameterNode = self.logic.getParameterNode()
         self.parameterNode.connectGui(self.ui)
-        if not self.parameterNode.inputVolume:
-            self.parameterNode.inputVolume = self.volumeInView()
+        if not self.parameterNode.inputVolume:  # default to the volume in view
+            layer = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetBackgroundLayer()
+            self.parameterNode.inputVolume = layer.GetVolumeNode()
         self.ui.progressBar.hide()
         if self.ensureDependencies(ask=False):
             self.populateModels()
@@ -224,14 +225,9 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
             self.job.cancel()
         self.timer.stop()
 
-    @staticmethod
-    def volumeInView():
-        layer = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetBackgroundLayer()
-        return layer.GetVolumeNode() or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-
     def ensureDependencies(self, ask=True):
-        """torch through the PyTorch extension and scipy through pip, after one explicit confirmation.
-        numpy, SimpleITK and requests come with Slicer and are never reinstalled."""
+        """torch through the PyTorch extension, after an explicit confirmation. numpy, scipy, SimpleITK and
+        requests come with Slicer and are never reinstalled (pip-installing them is what breaks Slicers)."""
         try:
             import PyTorchUtils
         except ImportError:
@@ -239,23 +235,17 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
                 slicer.util.errorDisplay("CDMSegment needs the PyTorch extension: install it from the Extensions "
                                          "Manager and restart Slicer.")
             return False
-        import importlib.util
-
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        missing = [name for name, present in (("PyTorch", torchLogic.torchInstalled()),
-                                              ("scipy", importlib.util.find_spec("scipy") is not None)) if not present]
-        if missing:
+        if not torchLogic.torchInstalled():
             if not ask or not slicer.util.confirmOkCancelDisplay(
-                    f"CDMSegment needs {' and '.join(missing)}, not installed yet. Install now? PyTorch comes through "
-                    "the PyTorch extension (about 1 GB, the CPU or CUDA build that suits this computer)."):
-                self.ui.deviceInfoLabel.text = f"{', '.join(missing)} not installed: Apply offers to install"
+                    "CDMSegment needs PyTorch, not installed yet. Install it now through the PyTorch extension? "
+                    "About 1 GB: the CPU or CUDA build that suits this computer."):
+                self.ui.deviceInfoLabel.text = "PyTorch is not installed: Apply offers to install it"
                 return False
-            with slicer.util.tryWithErrorDisplay("Could not install the dependencies.", waitCursor=True):
-                if "PyTorch" in missing and torchLogic.installTorch(
-                        askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}") is None:
-                    return False
-                if "scipy" in missing:
-                    slicer.util.pip_install("scipy")
+            with slicer.util.tryWithErrorDisplay("Could not install PyTorch.", waitCursor=True):
+                torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
+            if not torchLogic.torchInstalled():
+                return False
         import torch
 
         found = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU found: CPU"
