@@ -108,19 +108,19 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         entry, path = self._registered(nameOrPath)
         return entry if entry is not None and not path.is_file() else None
 
-    def loadModel(self, nameOrPath=None, progress=None, cancel=None):
-        """A registered model (bundled, or downloaded into the cache on first use) or a model file.
-        progress(bytes done, bytes total) and cancel (threading.Event) apply to a download."""
+    def loadModel(self, nameOrPath=None, progress=None, cancel=None, kind="diffusion"):
+        """A registered model (bundled, or downloaded into the cache on first use) or a model file; kind:
+        'diffusion' or 'classifier'. progress(bytes done, bytes total) and cancel (threading.Event): downloads."""
         from CDMSegmentLib.download import download_model
         from CDMSegmentLib.modelfile import REGISTRY_FILE, default_model_name, load_model
 
-        nameOrPath = nameOrPath or default_model_name(registry=self.registry or REGISTRY_FILE)
+        nameOrPath = nameOrPath or default_model_name(kind, self.registry or REGISTRY_FILE)
         entry, path = self._registered(nameOrPath)
         if entry is None:
-            return load_model(nameOrPath)
+            return load_model(nameOrPath, kind)
         if not path.is_file():
             path = download_model(entry, path.parent, progress=progress, cancel=cancel)
-        return load_model(path, expected_sha256=entry["sha256"])
+        return load_model(path, kind, expected_sha256=entry["sha256"])
 
     @staticmethod
     def prepareInputs(inputVolumeNodes, model, hardenTransform=False):
@@ -168,7 +168,7 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         nodes = list(inputVolumeNodes) if isinstance(inputVolumeNodes, (list, tuple)) else [inputVolumeNodes]
         model = model if isinstance(model, LoadedModel) else self.loadModel(model)
         guide = classifier if classifier is None or isinstance(classifier, LoadedModel) else \
-            self.loadModel(classifier)
+            self.loadModel(classifier, kind="classifier")
         volumes, ijkToRAS = self.prepareInputs(nodes, model, hardenTransform)
         params = CDMParams.for_model(model, preset, noise_level=noiseLevel, steps=steps, tau=tau)
         results = self.runModel(model, volumes, model.target_classes(targetClass), progress, cancel,

@@ -148,3 +148,10 @@ def test_a_tampered_download_is_refused(tiny_model_path, http_server, tmp_path):
     with pytest.raises(ModelFileError, match="does not match its SHA256"):
         logic.loadModel("remote-tiny")
     assert logic.downloadNeeded("remote-tiny") is not None
+
+
+def test_a_classifier_is_loaded_as_a_classifier(scene, tiny_model_path):
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    with pytest.raises(ModelFileError, match="is a diffusion model, but a classifier model is needed"):
+        CDMSegmentLogic().process(node, model=str(tiny_model_path), method="cg-cdm", classifier=str(tiny_model_path),
+                                  device="cpu")
