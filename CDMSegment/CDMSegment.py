@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import slicer
+from slicer.util import VTKObservationMixin
 
 from CDMSegmentLib import mrml
 
@@ -186,8 +187,13 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         return mrml.remake_segment(heatmapNode, segmentationNode, threshold, minComponentVoxels)
 
 
-class CDMSegmentWidget(ScriptedLoadableModuleWidget):
+class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):  # mixin first: under slicer-core the base is object, which must be last
     """The panel. Only this class touches Qt; a run happens on a worker thread polled by a timer."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.parameterNode = self.guiConnection = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -211,19 +217,34 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.segmentEditorButton.connect("clicked(bool)", self.openSegmentEditor)
-        self.parameterNode = self.logic.getParameterNode()
-        self.parameterNode.connectGui(self.ui)
-        if not self.parameterNode.inputVolume:  # default to the volume in view
-            layer = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetBackgroundLayer()
-            self.parameterNode.inputVolume = layer.GetVolumeNode()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
         self.ui.progressBar.hide()
         if self.ensureDependencies(ask=False):
             self.populateModels()
 
     def cleanup(self):
+        self.onSceneStartClose()
+        self.removeObservers()
+
+    def initializeParameterNode(self):
+        """(Re)bind the panel to this scene's parameter node, defaulting the input to the volume in view."""
+        if self.guiConnection is not None:
+            self.parameterNode.disconnectGui(self.guiConnection)
+        self.parameterNode = self.logic.getParameterNode()
+        self.guiConnection = self.parameterNode.connectGui(self.ui)
+        if not self.parameterNode.inputVolume:
+            layer = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetBackgroundLayer()
+            self.parameterNode.inputVolume = layer.GetVolumeNode()
+
+    def onSceneStartClose(self, caller=None, event=None):
+        """A run's result must not land in the next scene: cancel it (onPoll then tidies up)."""
         if self.job is not None:
             self.job.cancel()
-        self.timer.stop()
+
+    def onSceneEndClose(self, caller=None, event=None):
+        self.initializeParameterNode()
 
     def ensureDependencies(self, ask=True):
         """torch through the PyTorch extension, after an explicit confirmation. numpy, scipy, SimpleITK and
