@@ -80,10 +80,11 @@ class CDMSegmentParameterNode:
 
 
 class CDMSegmentLogic(ScriptedLoadableModuleLogic):
-    """Everything the panel does, callable from the Python console without it.
+    """Everything the panel does, callable from the Python console without it (CDMSegmentLib.mrml_run).
 
     ``process`` runs on the calling thread; the widget calls its three steps separately
     (prepareInputs and addResultNodes on the main thread, runModel on a worker thread).
+    The core is imported inside the methods: it needs torch, which may not be installed yet.
     """
 
     def __init__(self, cacheDir=None, registry=None):
@@ -95,65 +96,34 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return CDMSegmentParameterNode(super().getParameterNode())
 
-    def _registered(self, nameOrPath):
-        """(registry entry or None, where its file is or will be downloaded to)."""
-        from CDMSegmentLib.download import default_cache_dir, model_file
-        from CDMSegmentLib.modelfile import REGISTRY_FILE, read_registry
-
-        registry = self.registry or REGISTRY_FILE
-        entry = next((e for e in read_registry(registry) if e["name"] == str(nameOrPath)), None)
-        return entry, entry and model_file(entry, self.cacheDir or default_cache_dir(), registry)
-
     def downloadNeeded(self, nameOrPath):
         """The registry entry of a model that must be downloaded before use, else None."""
-        entry, path = self._registered(nameOrPath)
-        return entry if entry is not None and not path.is_file() else None
+        from CDMSegmentLib.download import download_needed
+        return download_needed(nameOrPath, self.cacheDir, self.registry)
 
     def loadModel(self, nameOrPath=None, progress=None, cancel=None, kind="diffusion"):
         """A registered model (bundled, or downloaded into the cache on first use) or a model file; kind:
         'diffusion' or 'classifier'. progress(bytes done, bytes total) and cancel (threading.Event): downloads."""
-        from CDMSegmentLib.download import download_model
-        from CDMSegmentLib.modelfile import REGISTRY_FILE, default_model_name, load_model
-
-        nameOrPath = nameOrPath or default_model_name(kind, self.registry or REGISTRY_FILE)
-        entry, path = self._registered(nameOrPath)
-        if entry is None:
-            return load_model(nameOrPath, kind)
-        if not path.is_file():
-            path = download_model(entry, path.parent, progress=progress, cancel=cancel)
-        return load_model(path, kind, expected_sha256=entry["sha256"])
+        from CDMSegmentLib.download import fetch_model
+        return fetch_model(nameOrPath, kind, self.cacheDir, self.registry, progress, cancel)
 
     @staticmethod
     def prepareInputs(inputVolumeNodes, model, hardenTransform=False):
-        """On the main thread: checked copies of the inputs as Volumes, and the world IJK-to-RAS of the first."""
-        from CDMSegmentLib.volume import check_inputs
-
-        labels = model.modalities + [f"input {n + 1}" for n in range(len(model.modalities), len(inputVolumeNodes))]
-        volumes = [mrml.volume_from_node(node, hardenTransform, label) for node, label in zip(inputVolumeNodes, labels)]
-        check_inputs(model, volumes)
-        return volumes, mrml.world_ijk_to_ras(inputVolumeNodes[0], hardenTransform)
+        """Main thread: checked copies of the inputs as Volumes, and the world IJK-to-RAS of the first."""
+        from CDMSegmentLib.mrml_run import prepare_inputs
+        return prepare_inputs(inputVolumeNodes, model, hardenTransform)
 
     @staticmethod
     def runModel(model, volumes, classes, progress=None, cancel=None, log=logging.info, **options):
         """Any thread, no MRML: {class name: SegmentationResult}; progress counts slices over all classes."""
-        from CDMSegmentLib.volume import segment_volume
-
-        results = {}
-        for n, c in enumerate(classes):
-            def classProgress(done, total, n=n):
-                progress(n * total + done, len(classes) * total)
-
-            results[model.class_names[c]] = segment_volume(
-                model, volumes, target_class=c, progress=classProgress if progress else None, cancel=cancel,
-                log=log, **options)
-        return results
+        from CDMSegmentLib.mrml_run import run_model
+        return run_model(model, volumes, classes, progress=progress, cancel=cancel, log=log, **options)
 
     @staticmethod
     def addResultNodes(referenceNode, ijkToRAS, results, name=None):
-        """On the main thread: new heatmap volume(s) and a segmentation beside the input; returns them."""
-        return mrml.add_result_nodes(referenceNode.GetScene(), referenceNode, ijkToRAS,
-                                     {c: r.heatmap for c, r in results.items()},
-                                     {c: r.mask for c, r in results.items()}, name or referenceNode.GetName())
+        """Main thread: new heatmap volume(s) and a segmentation beside the input; returns them."""
+        from CDMSegmentLib.mrml_run import add_results
+        return add_results(referenceNode, ijkToRAS, results, name)
 
     def process(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", preset="model",
                 noiseLevel=None, steps=None, tau=None, axis="auto", batchSize=16, threshold=None, classifier=None,
@@ -161,24 +131,20 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         """Segment and add result nodes to the inputs' scene: [heatmap volume(s)..., segmentation].
 
         inputVolumeNodes: one scalar volume node per model modality (or a single node);
-        model: a registered name, a file path or a loaded model. The inputs are never modified.
+        model / classifier: a registered name, a file path or a loaded model. The inputs are never modified.
         """
-        from CDMSegmentLib.methods import CDMParams
         from CDMSegmentLib.modelfile import LoadedModel
+        from CDMSegmentLib.mrml_run import segment_nodes
 
         nodes = list(inputVolumeNodes) if isinstance(inputVolumeNodes, (list, tuple)) else [inputVolumeNodes]
         model = model if isinstance(model, LoadedModel) else self.loadModel(model)
-        guide = classifier if classifier is None or isinstance(classifier, LoadedModel) else \
-            self.loadModel(classifier, kind="classifier")
-        volumes, ijkToRAS = self.prepareInputs(nodes, model, hardenTransform)
-        params = CDMParams.for_model(model, preset, noise_level=noiseLevel, steps=steps, tau=tau)
-        results = self.runModel(model, volumes, model.target_classes(targetClass), progress, cancel,
-                                method=method, params=params, classifier=guide, device=device, axis=axis,
-                                batch_size=batchSize, threshold=threshold)
-        logging.info("CDMSegment: " + "; ".join(
-            f"{c}: {r.slices_run} of {r.slices_total} slices, {int(r.mask.sum())} voxels, {r.seconds:.1f} s on "
-            f"{r.device}" for c, r in results.items()))
-        return self.addResultNodes(nodes[0], ijkToRAS, results)
+        if classifier is not None and not isinstance(classifier, LoadedModel):
+            classifier = self.loadModel(classifier, kind="classifier")
+        return segment_nodes(nodes, model, target_class=targetClass, preset=preset, noise_level=noiseLevel,
+                             steps=steps, tau=tau, harden=hardenTransform, progress=progress, cancel=cancel,
+                             log=lambda message: logging.info(f"CDMSegment: {message}"), method=method,
+                             classifier=classifier, device=device, axis=axis, batch_size=batchSize,
+                             threshold=threshold)
 
     @staticmethod
     def remakeSegment(heatmapNode, segmentationNode, threshold, minComponentVoxels=0):
@@ -187,7 +153,8 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         return mrml.remake_segment(heatmapNode, segmentationNode, threshold, minComponentVoxels)
 
 
-class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):  # mixin first: under slicer-core the base is object, which must be last
+# VTKObservationMixin first: under slicer-core the widget base is object, which must come last.
+class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
     """The panel. Only this class touches Qt; a run happens on a worker thread polled by a timer."""
 
     def __init__(self, parent=None):

@@ -10,12 +10,12 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import requests
 
 from .errors import Cancelled, ModelFileError
-from .modelfile import REGISTRY_FILE
+from .modelfile import REGISTRY_FILE, LoadedModel, default_model_name, load_model, read_registry
 
 CHUNK_BYTES = 1 << 20
 
@@ -77,3 +77,31 @@ def download_model(entry: dict, cache_dir: Path, *, progress: Optional[Callable[
         if partial.exists():
             partial.unlink()
     return target
+
+
+def _registered(name_or_path, cache_dir: Optional[Path], registry: Optional[Path]) -> Tuple[Optional[dict], Optional[Path]]:
+    """(registry entry or None, where its file is or will be downloaded to)."""
+    registry = registry or REGISTRY_FILE
+    entry = next((e for e in read_registry(registry) if e["name"] == str(name_or_path)), None)
+    return entry, entry and model_file(entry, cache_dir or default_cache_dir(), registry)
+
+
+def download_needed(name_or_path, cache_dir: Optional[Path] = None, registry: Optional[Path] = None) -> Optional[dict]:
+    """The registry entry of a model that must be downloaded before use, else None."""
+    entry, path = _registered(name_or_path, cache_dir, registry)
+    return entry if entry is not None and not path.is_file() else None
+
+
+def fetch_model(name_or_path=None, kind: str = "diffusion", cache_dir: Optional[Path] = None,
+                registry: Optional[Path] = None, progress=None, cancel=None) -> LoadedModel:
+    """Load a registered model (bundled, or downloaded into the cache on first use) or a model file;
+    None: the registry's default model of ``kind``. registry: models.json, the bundled one by default;
+    progress and cancel apply to a download."""
+    registry = registry or REGISTRY_FILE
+    name_or_path = name_or_path or default_model_name(kind, registry)
+    entry, path = _registered(name_or_path, cache_dir, registry)
+    if entry is None:
+        return load_model(name_or_path, kind, registry)
+    if not path.is_file():
+        path = download_model(entry, path.parent, progress=progress, cancel=cancel)
+    return load_model(path, kind, registry, expected_sha256=entry["sha256"])
