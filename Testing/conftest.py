@@ -1,11 +1,18 @@
-"""Shared tiny fixtures: synthetic slices (bright blobs on a dark disc), hand-made networks, tiny model files."""
+"""Shared tiny fixtures: synthetic slices (bright blobs on a dark disc), hand-made networks, tiny model files,
+and a real MRML scene from slicer-core with the module logics Slicer creates at start-up (nothing is faked)."""
 
+import http.server
 import sys
+import threading
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import slicer
 import torch
+import vtk
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
@@ -99,7 +106,7 @@ def tiny_models(tiny_model_files):
 TINY_UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), groups=4)
 
 
-def make_tiny_model_file(path: Path, *, image_size: int = 32, modalities=("flair",), defaults=None, seed: int = 0):
+def make_tiny_model_file(path: Path, *, image_size: int = 32, modalities=("FLAIR",), defaults=None, seed: int = 0):
     """An untrained but valid diffusion model file (weights random, output head non-zero)."""
     torch.manual_seed(seed)
     cfg = TrainConfig(unet=UNetConfig(**{**TINY_UNET.to_dict(), "in_channels": len(modalities)}))
@@ -116,3 +123,63 @@ def tiny_model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.pt"
     make_tiny_model_file(path)
     return path
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    logics = [slicer.vtkSlicerColorLogic(), slicer.vtkSlicerSubjectHierarchyModuleLogic(),
+              slicer.vtkSlicerSegmentationsModuleLogic()]
+    for logic in logics:
+        logic.SetMRMLScene(scene)
+    yield scene
+    for logic in logics:
+        logic.SetMRMLScene(None)
+    scene.Clear(True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path):
+    return load_model(tiny_model_path)
+
+
+def matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r, c]))
+    return m
+
+
+def add_volume(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name: str = "flair"):
+    """A scalar volume node holding ``array`` (K, J, I) with the given IJK-to-RAS."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(matrix(ijk_to_ras))
+    slicer.util.updateVolumeFromArray(node, array)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def phantom(shape=(10, 20, 24), seed: int = 0) -> np.ndarray:
+    """A head-like blob with a bright lesion: int16 (K, J, I), zero background."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.indices(shape)
+    centre = (np.array(shape) - 1) / 2
+    r = np.sqrt(sum(((g - c) / (s / 2.2)) ** 2 for g, c, s in zip((k, j, i), centre, shape)))
+    image = np.where(r < 1, 400 + 30 * rng.standard_normal(shape), 0)
+    image[(r < 0.35) & (i > centre[2])] += 500
+    return image.astype(np.int16)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A static HTTP server on loopback serving ``.directory``, at ``.url``."""
+    directory = tmp_path / "served"
+    directory.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield SimpleNamespace(directory=directory, url=f"http://127.0.0.1:{httpd.server_address[1]}")
+    httpd.shutdown()
+    httpd.server_close()

@@ -23,7 +23,7 @@ def registry_with(tmp_path, model_path, sha=None):
 def test_round_trip_keeps_metadata_and_outputs(tiny_model_path):
     m = load_model(tiny_model_path)
     assert m.metadata["name"] == "tiny-test" and m.kind == "diffusion"
-    assert m.modalities == ["flair"] and m.class_names == ["normal", "tumour"] and m.image_size == 32
+    assert m.modalities == ["FLAIR"] and m.class_names == ["normal", "tumour"] and m.image_size == 32
     x = torch.zeros(1, 1, 32, 32)
     out = m.network(x, torch.tensor([5]), m.network.class_embedding(torch.tensor([1])))
     assert out.shape == x.shape

@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 
-from .errors import ModelFileError
+from .errors import CDMSegmentError, ModelFileError
 from .schedule import NoiseSchedule
 
 FORMAT_VERSION = 1
@@ -58,6 +58,14 @@ class LoadedModel:
     @property
     def defaults(self) -> dict:
         return dict(self.metadata.get("defaults", {}))
+
+    def target_classes(self, target_class: Optional[int] = None) -> list:
+        """[target_class], or every class but 0 (normal) when None; a class the model lacks is an error."""
+        last = len(self.class_names) - 1
+        classes = [target_class] if target_class is not None else list(range(1, last + 1))
+        if not classes or not all(0 < c <= last for c in classes):
+            raise CDMSegmentError(f"target class must be one of 1..{last} ({', '.join(self.class_names[1:])})")
+        return classes
 
     def schedule(self) -> NoiseSchedule:
         return NoiseSchedule(self.metadata["schedule"], int(self.metadata["num_timesteps"]))

@@ -48,10 +48,7 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     volumes = [read_volume(p) for p in inputs]
     params = CDMParams.for_model(diffusion, preset, noise_level=noise_level, steps=steps, tau=tau,
                                  noise_draws=noise_draws, guidance_scale=guidance_scale)
-    classes = [target_class] if target_class is not None else list(range(1, len(diffusion.class_names)))
-    if not classes or not all(0 < c < len(diffusion.class_names) for c in classes):
-        raise CDMSegmentError(f"target class must be one of 1..{len(diffusion.class_names) - 1} "
-                              f"({', '.join(diffusion.class_names[1:])})")
+    classes = diffusion.target_classes(target_class)
     output_dir = Path(output_dir)
     stem = file_stem(inputs[0])
     names = [diffusion.class_names[c] for c in classes]

@@ -1,0 +1,419 @@
+"""CDMSegment: weakly supervised segmentation with a conditional diffusion model (Hu et al., MICCAI 2023).
+
+Thin Slicer layer over CDMSegmentLib: the Widget owns Qt, the Logic owns MRML through
+CDMSegmentLib.mrml, the core does the rest. Model and torch imports happen inside methods,
+after the dependency check, so the module loads in a Slicer without torch.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import slicer
+from slicer.util import VTKObservationMixin
+
+from CDMSegmentLib import mrml
+
+try:  # the Slicer application; slicer-core (pytest) has MRML but no Qt and no scripted-module base classes
+    import qt
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.parameterNodeWrapper import parameterNodeWrapper
+except ImportError:
+    ScriptedLoadableModule = ScriptedLoadableModuleWidget = ScriptedLoadableModuleTest = object
+    ScriptedLoadableModuleLogic = object
+
+    def parameterNodeWrapper(cls):
+        return cls
+
+MINIMUM_TORCH_VERSION = "2.1"
+RESOURCES = Path(__file__).resolve().parent / "Resources"
+# Written when the sample is published: {"url", "sha256", "file_name", "segmentation_url", "segmentation_file_name"}
+SAMPLE_DESCRIPTION = RESOURCES / "Sample" / "CDMSegmentSample.json"
+SAMPLE_DICE_FLOOR = 0.3
+
+
+class CDMSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "CDMSegment"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CDMSegment developers"]
+        self.parent.helpText = ("Segments a lesion class from image-level training labels only, with the conditional "
+                                "diffusion model of Hu et al. (MICCAI 2023): a heatmap and an editable segment. "
+                                "Research use only; not a medical device.")
+        self.parent.acknowledgementText = "Method: Hu, Chen, Ho, Shi, arXiv 2306.03878."
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Register the sample FLAIR volume with the SampleData module when its description is published."""
+    if not SAMPLE_DESCRIPTION.is_file():
+        logging.info(f"CDMSegment: no sample registered ({SAMPLE_DESCRIPTION.name} not found)")
+        return
+    import SampleData
+
+    sample = json.loads(SAMPLE_DESCRIPTION.read_text())
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="CDMSegment", sampleName="CDMSegmentSample", uris=sample["url"], fileNames=sample["file_name"],
+        checksums=f"SHA256:{sample['sha256']}", nodeNames=Path(sample["file_name"]).name.split(".")[0],
+        thumbnailFileName=str(RESOURCES / "Icons" / "CDMSegment.png"))
+
+
+@parameterNodeWrapper
+class CDMSegmentParameterNode:
+    """What the panel shows, saved with the scene. Input volumes per modality are set by the widget."""
+
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    method: str = "cdm"
+    device: str = "auto"
+    noiseLevel: float = 0.896
+    steps: int = 10
+    tau: float = 0.95
+    axis: str = "auto"
+    batchSize: int = 16
+    hardenTransform: bool = False
+    threshold: float = 0.0
+    heatmapVolume: slicer.vtkMRMLScalarVolumeNode
+    segmentation: slicer.vtkMRMLSegmentationNode
+
+
+class CDMSegmentLogic(ScriptedLoadableModuleLogic):
+    """Everything the panel does, callable from the Python console without it (CDMSegmentLib.mrml_run).
+
+    ``process`` runs on the calling thread; the widget calls its three steps separately
+    (prepareInputs and addResultNodes on the main thread, runModel on a worker thread).
+    The core is imported inside the methods: it needs torch, which may not be installed yet.
+    """
+
+    def __init__(self, cacheDir=None, registry=None):
+        """cacheDir: where downloaded models go; registry: a models.json other than the bundled one."""
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.cacheDir = Path(cacheDir) if cacheDir else None
+        self.registry = Path(registry) if registry else None
+
+    def getParameterNode(self):
+        return CDMSegmentParameterNode(super().getParameterNode())
+
+    def downloadNeeded(self, nameOrPath):
+        """The registry entry of a model that must be downloaded before use, else None."""
+        from CDMSegmentLib.download import download_needed
+        return download_needed(nameOrPath, self.cacheDir, self.registry)
+
+    def loadModel(self, nameOrPath=None, progress=None, cancel=None, kind="diffusion"):
+        """A registered model (bundled, or downloaded into the cache on first use) or a model file; kind:
+        'diffusion' or 'classifier'. progress(bytes done, bytes total) and cancel (threading.Event): downloads."""
+        from CDMSegmentLib.download import fetch_model
+        return fetch_model(nameOrPath, kind, self.cacheDir, self.registry, progress, cancel)
+
+    @staticmethod
+    def prepareInputs(inputVolumeNodes, model, hardenTransform=False):
+        """Main thread: checked copies of the inputs as Volumes, and the world IJK-to-RAS of the first."""
+        from CDMSegmentLib.mrml_run import prepare_inputs
+        return prepare_inputs(inputVolumeNodes, model, hardenTransform)
+
+    @staticmethod
+    def runModel(model, volumes, classes, progress=None, cancel=None, log=logging.info, **options):
+        """Any thread, no MRML: {class name: SegmentationResult}; progress counts slices over all classes."""
+        from CDMSegmentLib.mrml_run import run_model
+        return run_model(model, volumes, classes, progress=progress, cancel=cancel, log=log, **options)
+
+    @staticmethod
+    def addResultNodes(referenceNode, ijkToRAS, results, name=None):
+        """Main thread: new heatmap volume(s) and a segmentation beside the input; returns them."""
+        from CDMSegmentLib.mrml_run import add_results
+        return add_results(referenceNode, ijkToRAS, results, name)
+
+    def process(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", preset="model",
+                noiseLevel=None, steps=None, tau=None, axis="auto", batchSize=16, threshold=None, classifier=None,
+                hardenTransform=False, progress=None, cancel=None):
+        """Segment and add result nodes to the inputs' scene: [heatmap volume(s)..., segmentation].
+
+        inputVolumeNodes: one scalar volume node per model modality (or a single node);
+        model / classifier: a registered name, a file path or a loaded model. The inputs are never modified.
+        """
+        from CDMSegmentLib.modelfile import LoadedModel
+        from CDMSegmentLib.mrml_run import segment_nodes
+
+        nodes = list(inputVolumeNodes) if isinstance(inputVolumeNodes, (list, tuple)) else [inputVolumeNodes]
+        model = model if isinstance(model, LoadedModel) else self.loadModel(model)
+        if classifier is not None and not isinstance(classifier, LoadedModel):
+            classifier = self.loadModel(classifier, kind="classifier")
+        return segment_nodes(nodes, model, target_class=targetClass, preset=preset, noise_level=noiseLevel,
+                             steps=steps, tau=tau, harden=hardenTransform, progress=progress, cancel=cancel,
+                             log=lambda message: logging.info(f"CDMSegment: {message}"), method=method,
+                             classifier=classifier, device=device, axis=axis, batch_size=batchSize,
+                             threshold=threshold)
+
+    @staticmethod
+    def remakeSegment(heatmapNode, segmentationNode, threshold, minComponentVoxels=0):
+        """Re-make the segment from the kept heatmap at ``threshold`` without running the model; returns the
+        segmentation written: a new one when the user edited the segment, which is never overwritten."""
+        return mrml.remake_segment(heatmapNode, segmentationNode, threshold, minComponentVoxels)
+
+
+# VTKObservationMixin first: under slicer-core the widget base is object, which must come last.
+class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
+    """The panel. Only this class touches Qt; a run happens on a worker thread polled by a timer."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.parameterNode = self.guiConnection = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CDMSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CDMSegmentLogic(Path(slicer.app.cachePath) / "CDMSegment")
+        self.model = None
+        self.job = None
+        self.extraInputSelectors = []
+        self.timer = qt.QTimer()
+        self.timer.setInterval(200)
+        self.timer.connect("timeout()", self.onPoll)
+        # CG-CDM needs a classifier model; the panel offers it once one is bundled (console: classifier=).
+        self.ui.methodSelector.addItems(["cdm"])
+        self.ui.deviceSelector.addItems(["auto", "cuda", "cpu"])
+        self.ui.axisSelector.addItems(["auto", "axial", "coronal", "sagittal"])
+        self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelFile)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.segmentEditorButton.connect("clicked(bool)", self.openSegmentEditor)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self.ui.progressBar.hide()
+        if self.ensureDependencies(ask=False):
+            self.populateModels()
+
+    def cleanup(self):
+        self.onSceneStartClose()
+        self.removeObservers()
+
+    def initializeParameterNode(self):
+        """(Re)bind the panel to this scene's parameter node, defaulting the input to the volume in view."""
+        if self.guiConnection is not None:
+            self.parameterNode.disconnectGui(self.guiConnection)
+        self.parameterNode = self.logic.getParameterNode()
+        self.guiConnection = self.parameterNode.connectGui(self.ui)
+        if not self.parameterNode.inputVolume:
+            layer = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetBackgroundLayer()
+            self.parameterNode.inputVolume = layer.GetVolumeNode()
+
+    def onSceneStartClose(self, caller=None, event=None):
+        """A run's result must not land in the next scene: cancel it (onPoll then tidies up)."""
+        if self.job is not None:
+            self.job.cancel()
+
+    def onSceneEndClose(self, caller=None, event=None):
+        self.initializeParameterNode()
+
+    def ensureDependencies(self, ask=True):
+        """torch through the PyTorch extension, after an explicit confirmation. numpy, scipy, SimpleITK and
+        requests come with Slicer and are never reinstalled (pip-installing them is what breaks Slicers)."""
+        try:
+            import PyTorchUtils
+        except ImportError:
+            if ask:
+                slicer.util.errorDisplay("CDMSegment needs the PyTorch extension: install it from the Extensions "
+                                         "Manager and restart Slicer.")
+            return False
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            if not ask or not slicer.util.confirmOkCancelDisplay(
+                    "CDMSegment needs PyTorch, not installed yet. Install it now through the PyTorch extension? "
+                    "About 1 GB: the CPU or CUDA build that suits this computer."):
+                self.ui.deviceInfoLabel.text = "PyTorch is not installed: Apply offers to install it"
+                return False
+            with slicer.util.tryWithErrorDisplay("Could not install PyTorch.", waitCursor=True):
+                torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
+            if not torchLogic.torchInstalled():
+                return False
+        import torch
+
+        found = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU found: CPU"
+        self.ui.deviceInfoLabel.text = f"PyTorch {torch.__version__}; {found}"
+        return True
+
+    def populateModels(self):
+        from CDMSegmentLib.modelfile import read_registry
+
+        self.ui.modelSelector.clear()
+        for entry in read_registry():
+            self.ui.modelSelector.addItem(entry["name"], entry["name"])
+
+    def onLoadModelFile(self):
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Load a CDMSegment model", "",
+                                              "TorchScript model (*.pt *.pth *.ts);;All files (*)")
+        if path:
+            self.ui.modelSelector.addItem(Path(path).name, path)
+            self.ui.modelSelector.currentIndex = self.ui.modelSelector.count - 1
+
+    def onModelChanged(self, index):
+        """Load the chosen model, downloading it first (with consent, in the background) when not cached."""
+        source = self.ui.modelSelector.itemData(index)
+        if not source or self.job is not None:
+            return
+        entry = self.logic.downloadNeeded(source)
+        if entry is None:
+            with slicer.util.tryWithErrorDisplay("Could not load the model.", waitCursor=True):
+                self.useModel(self.logic.loadModel(source))
+        elif slicer.util.confirmOkCancelDisplay(
+                f"Download model {entry['name']} ({entry.get('size_bytes', 0) / 1e6:.0f} MB) from {entry['url']}?"):
+            self.startJob(lambda progress, cancel: self.logic.loadModel(source, progress, cancel), "MB",
+                          self.useModel)
+
+    def useModel(self, model):
+        """Show the model's classes and defaults, and one input selector per modality it declares."""
+        self.model = model
+        self.ui.modelInfoLabel.text = (f"{model.metadata['name']} {model.metadata['version']}: "
+                                       f"{', '.join(model.modalities)} -> {', '.join(model.class_names)}")
+        self.ui.targetClassSelector.clear()
+        self.ui.targetClassSelector.addItems(model.class_names[1:])
+        defaults = model.defaults
+        self.parameterNode.noiseLevel = defaults.get("noise_level", self.parameterNode.noiseLevel)
+        self.parameterNode.steps = defaults.get("steps", self.parameterNode.steps)
+        self.parameterNode.tau = defaults.get("tau", self.parameterNode.tau)
+        self.ui.firstInputLabel.text = f"{model.modalities[0]}:"
+        formLayout = self.ui.extraInputsWidget.layout()
+        for selector in self.extraInputSelectors:
+            formLayout.removeRow(selector)
+        self.extraInputSelectors = []
+        for modality in model.modalities[1:]:
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.addEnabled = selector.removeEnabled = False
+            selector.setMRMLScene(slicer.mrmlScene)
+            formLayout.addRow(f"{modality}:", selector)
+            self.extraInputSelectors.append(selector)
+
+    def onApplyButton(self):
+        if self.job is not None:
+            self.job.cancel()
+            self.ui.statusLabel.text = "Cancelling after the current batch..."
+            return
+        if not self.ensureDependencies():
+            return
+        if self.model is None:
+            self.populateModels()
+            if self.model is None:
+                return
+        from CDMSegmentLib.methods import CDMParams
+
+        with slicer.util.tryWithErrorDisplay("Could not start CDMSegment.", waitCursor=True):
+            p = self.parameterNode
+            nodes = [p.inputVolume] + [selector.currentNode() for selector in self.extraInputSelectors]
+            volumes, ijkToRAS = self.logic.prepareInputs(nodes, self.model, p.hardenTransform)
+            model, classes = self.model, [self.ui.targetClassSelector.currentIndex + 1]
+            # Read on the main thread: the worker never touches MRML, the parameter node included.
+            options = dict(method=p.method, device=p.device, axis=p.axis, batch_size=p.batchSize,
+                           params=CDMParams.for_model(model, noise_level=p.noiseLevel, steps=p.steps, tau=p.tau))
+            self.startJob(lambda progress, cancel: self.logic.runModel(
+                model, volumes, classes, progress, cancel, log=self.workerMessages.append, **options), "slices",
+                lambda results: self.showResult(nodes, self.logic.addResultNodes(nodes[0], ijkToRAS, results), results))
+
+    def startJob(self, work, unit, onDone):
+        """Run ``work(progress, cancel)`` on a worker thread; Apply becomes Cancel; ``onDone(result)`` runs on the
+        main thread when it succeeds. unit: 'slices' or 'MB' (progress reported in bytes)."""
+        from CDMSegmentLib.background import BackgroundJob
+
+        self.workerMessages = []  # appended by the worker (atomic), logged and shown by onPoll
+        self.lastMessage = ""
+        self.job, self.jobUnit, self.onJobDone = BackgroundJob(work), unit, onDone
+        self.ui.applyButton.text = "Cancel"
+        self.ui.progressBar.show()
+        self.ui.statusLabel.text = "Starting..."
+        self.timer.start()
+
+    def onPoll(self):
+        """Main thread: show progress; when the job ends, hand over its result or show its error."""
+        from CDMSegmentLib.errors import Cancelled
+
+        while self.workerMessages:
+            self.lastMessage = self.workerMessages.pop(0)
+            logging.info(f"CDMSegment: {self.lastMessage}")
+        done, total = self.job.progress
+        eta = self.job.eta_seconds()
+        self.ui.progressBar.maximum = 1000
+        self.ui.progressBar.value = int(1000 * done / total) if total else 0
+        if total:
+            scale = 1e6 if self.jobUnit == "MB" else 1
+            self.ui.statusLabel.text = (f"{done / scale:.0f} of {total / scale:.0f} {self.jobUnit}"
+                                        + (f", about {eta:.0f} s left" if eta else "") + f"\n{self.lastMessage}")
+        if not self.job.finished:
+            return
+        self.timer.stop()
+        job, self.job = self.job, None
+        self.ui.applyButton.text = "Apply"
+        self.ui.progressBar.hide()
+        if isinstance(job.error, Cancelled):
+            self.ui.statusLabel.text = "Cancelled; the scene is as it was."
+        elif job.error is not None:
+            self.ui.statusLabel.text = "Failed."
+            slicer.util.errorDisplay(f"CDMSegment failed: {job.error}")
+        else:
+            with slicer.util.tryWithErrorDisplay("Could not show the result."):
+                self.onJobDone(job.result)
+
+    def showResult(self, inputNodes, outputNodes, results):
+        heatmapNode, segmentationNode = outputNodes[0], outputNodes[-1]
+        result = next(iter(results.values()))
+        p = self.parameterNode
+        p.heatmapVolume = None  # the slider set-up below must not re-make the previous run's segment
+        self.ui.thresholdSlider.maximum = float(result.heatmap.max()) or 1.0
+        self.ui.thresholdSlider.singleStep = self.ui.thresholdSlider.maximum / 200
+        p.threshold = result.threshold
+        p.heatmapVolume, p.segmentation = heatmapNode, segmentationNode
+        slicer.util.setSliceViewerLayers(background=inputNodes[0], foreground=heatmapNode, foregroundOpacity=0.4)
+        self.ui.statusLabel.text = (f"{result.slices_run} of {result.slices_total} slices in {result.seconds:.0f} s "
+                                    f"on {result.device}; {int(result.mask.sum())} voxels segmented")
+        self.openSegmentEditor()
+
+    def onThresholdChanged(self, value):
+        p = self.parameterNode
+        if p.heatmapVolume is None or p.segmentation is None or self.job is not None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not re-make the segment."):
+            p.segmentation = self.logic.remakeSegment(p.heatmapVolume, p.segmentation, value,
+                                                      int(self.model.defaults.get("min_component_voxels", 0)))
+
+    def openSegmentEditor(self):
+        p = self.parameterNode
+        if p.segmentation is None:
+            return
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(p.segmentation)
+        editor.setSourceVolumeNode(p.inputVolume)
+
+
+class CDMSegmentTest(ScriptedLoadableModuleTest):
+    """Reload and Test / slicer_add_python_unittest: the sample volume end to end on the CPU, Dice floor."""
+
+    def runTest(self):
+        slicer.mrmlScene.Clear()
+        self.test_sampleEndToEnd()
+
+    def test_sampleEndToEnd(self):
+        if not SAMPLE_DESCRIPTION.is_file():
+            self.skipTest(f"{SAMPLE_DESCRIPTION.name} is not published yet")
+        import numpy as np
+        import SampleData
+
+        volume = SampleData.downloadSample("CDMSegmentSample")
+        sample = json.loads(SAMPLE_DESCRIPTION.read_text())
+        truthPath = SampleData.SampleDataLogic().downloadFileIntoCache(sample["segmentation_url"],
+                                                                       sample["segmentation_file_name"])
+        truth = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(truthPath)) > 0
+        nodes = CDMSegmentLogic().process(volume, device="cpu")
+        segmentation = nodes[-1]
+        mask = mrml.segment_mask(segmentation, segmentation.GetSegmentation().GetNthSegmentID(0),
+                                 mrml.ijk_to_ras(volume), truth.shape) > 0
+        dice = 2 * np.logical_and(mask, truth).sum() / max(mask.sum() + truth.sum(), 1)
+        self.delayDisplay(f"Dice {dice:.3f} (floor {SAMPLE_DICE_FLOOR})")
+        self.assertGreaterEqual(dice, SAMPLE_DICE_FLOOR)

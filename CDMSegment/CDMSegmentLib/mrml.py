@@ -1,0 +1,242 @@
+"""The MRML adapter: volume nodes in, result nodes out. The only core file importing slicer or vtk.
+
+Everything here uses classes that slicer-core (PyPI) provides too, never ``slicer.app``,
+``slicer.modules`` or the ``slicer.mrmlScene`` global, so it runs the same inside Slicer
+and in pytest on a real ``vtkMRMLScene``. Scenes are always passed explicitly.
+
+Slicer's physical space is RAS, the core's (like ITK's) LPS: the two differ by the sign
+of the first two rows of IJK-to-physical, nothing else.
+"""
+
+import hashlib
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from .errors import CDMSegmentError
+from .image import Volume
+from .terminology import segment_style
+from .threshold import make_mask
+
+RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Black-red-yellow-white, created by Slicer's Colors module in every scene.
+HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
+WRITTEN_ATTRIBUTE = "CDMSegment.written."  # + segment id: digest of the mask CDMSegment last wrote
+
+
+def _matrix_to_array(m: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _array_to_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r, c]))
+    return m
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    """The node's own 4x4 IJK-to-RAS matrix (its voxel grid, ignoring any parent transform)."""
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return _matrix_to_array(m)
+
+
+def world_ijk_to_ras(node, harden: bool = False) -> np.ndarray:
+    """IJK-to-RAS in world space, where the user sees the volume.
+
+    A parent transform is refused unless ``harden``: then a linear one is applied to the
+    geometry used for the run (the input node keeps its transform; outputs are created in
+    world space, without a transform, where they overlay the transformed input). A
+    non-linear transform is always refused: applying it needs a resampling the user should see.
+    """
+    matrix = ijk_to_ras(node)
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return matrix
+    name = f"{node.GetName()!r} is under the transform {transform.GetName()!r}"
+    if not transform.IsTransformToWorldLinear():
+        raise CDMSegmentError(f"{name}, which is not linear; harden it first (Data module: right-click the "
+                              "volume > Harden transform), which resamples the volume")
+    if not harden:
+        raise CDMSegmentError(f"{name}; harden it first (Data module: right-click the volume > Harden "
+                              "transform) or run with hardenTransform=True to segment it where it is shown")
+    to_world = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(to_world)
+    return _matrix_to_array(to_world) @ matrix
+
+
+def check_volume_node(node, label: str = "input") -> None:
+    """Refuse what the model cannot read, in words: no node, no voxels, labelmaps, RGB/vector/4D, 2D."""
+    if node is None:
+        raise CDMSegmentError(f"{label}: no volume selected; choose a volume")
+    name = f"{label} {node.GetName()!r}"
+    # Vector (RGB), diffusion and 4D multi-volume nodes derive from the scalar volume node: test them first.
+    if node.IsA("vtkMRMLVectorVolumeNode") or node.IsA("vtkMRMLTensorVolumeNode") \
+            or not node.IsA("vtkMRMLScalarVolumeNode"):
+        raise CDMSegmentError(f"{name} is a {node.GetClassName()[7:]} (vector, RGB, tensor or 4D); choose a scalar "
+                              "(grey-level) 3D volume, e.g. one time point")
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise CDMSegmentError(f"{name} is a labelmap; choose the image volume it was drawn on")
+    image = node.GetImageData()
+    if image is None or image.GetNumberOfPoints() == 0:
+        raise CDMSegmentError(f"{name} has no voxels; load the image again")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise CDMSegmentError(f"{name} has {image.GetNumberOfScalarComponents()} components per voxel (RGB or "
+                              "vector); convert it to a scalar volume first")
+    dims = image.GetDimensions()
+    if min(dims) < 2:
+        raise CDMSegmentError(f"{name} is 2D ({dims[0]} x {dims[1]} x {dims[2]} voxels); choose a 3D volume")
+
+
+def volume_from_node(node, harden: bool = False, label: str = "input") -> Volume:
+    """A copy of the node's voxels (K, J, I) with its world geometry in LPS.
+
+    The copy is taken on the calling (main) thread, so the run never reads a node the
+    user may change meanwhile, and never writes to it.
+    """
+    check_volume_node(node, label)
+    ijk_to_lps = RAS_FROM_LPS @ world_ijk_to_ras(node, harden)
+    spacing_mm = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    direction = ijk_to_lps[:3, :3] / spacing_mm
+    array = np.array(slicer.util.arrayFromVolume(node), copy=True)
+    return Volume(array, tuple(spacing_mm), tuple(ijk_to_lps[:3, 3]), direction)
+
+
+def _grid(shape, ijk_to_ras_matrix: np.ndarray):
+    """An empty vtkOrientedImageData describing a (K, J, I) voxel grid (geometry only, no voxels)."""
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
+    image.SetImageToWorldMatrix(_array_to_matrix(ijk_to_ras_matrix))
+    return image
+
+
+def _oriented_image(array: np.ndarray, ijk_to_ras_matrix: np.ndarray):
+    """A vtkOrientedImageData holding ``array`` (K, J, I) on the given grid (a segment's labelmap)."""
+    image = _grid(array.shape, ijk_to_ras_matrix)
+    image.AllocateScalars(numpy_support.get_vtk_array_type(array.dtype), 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(array.shape)[:] = array
+    return image
+
+
+def add_heatmap_node(scene, heatmap: np.ndarray, ijk_to_ras_matrix: np.ndarray, name: str):
+    """A float32 scalar volume on the input grid, shown with a heat colour table from 0 to its 99.9th percentile."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(_array_to_matrix(ijk_to_ras_matrix))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(heatmap, dtype=np.float32))
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if scene.GetNodeByID(HEAT_COLOR_NODE_ID) is not None:
+        display.SetAndObserveColorNodeID(HEAT_COLOR_NODE_ID)
+    top = float(np.percentile(heatmap[heatmap > 0], 99.9)) if (heatmap > 0).any() else 1.0
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, top)
+    return node
+
+
+def add_segmentation_node(scene, masks: Dict[str, np.ndarray], ijk_to_ras_matrix: np.ndarray, name: str):
+    """A segmentation with one segment per class (name, colour, terminology from terminology.py),
+    its reference geometry set to the input grid so the Segment Editor edits at input resolution."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.CreateDefaultDisplayNodes()
+    segmentation = node.GetSegmentation()
+    reference = _grid(next(iter(masks.values())).shape, ijk_to_ras_matrix)
+    segmentation.SetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+                                        slicer.vtkSegmentationConverter.SerializeImageGeometry(reference))
+    for class_name, mask in masks.items():
+        style = segment_style(class_name)
+        segment_id = segmentation.AddEmptySegment(style.name, style.name, list(style.color))
+        segmentation.GetSegment(segment_id).SetTerminology(style.terminology_string())
+        set_segment_mask(node, segment_id, mask, ijk_to_ras_matrix)
+    return node
+
+
+def set_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> None:
+    """Replace one segment's voxels with ``mask`` (K, J, I) on the given grid, remembering what was
+    written (a node attribute, saved with the scene) so a later edit by the user can be recognised."""
+    mask = mask.astype(np.uint8)
+    image = _oriented_image(mask, ijk_to_ras_matrix)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    segmentation_node.SetAttribute(WRITTEN_ATTRIBUTE + segment_id, _digest(mask))
+
+
+def _digest(mask: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(mask > 0).tobytes()).hexdigest()
+
+
+def segment_edited(segmentation_node, segment_id: str, ijk_to_ras_matrix: np.ndarray, shape) -> bool:
+    """True when the segment no longer holds what CDMSegment wrote (the user edited it, or it is not ours)."""
+    written = segmentation_node.GetAttribute(WRITTEN_ATTRIBUTE + segment_id)
+    return written != _digest(segment_mask(segmentation_node, segment_id, ijk_to_ras_matrix, shape))
+
+
+def segment_mask(segmentation_node, segment_id: str, ijk_to_ras_matrix: np.ndarray, shape) -> np.ndarray:
+    """One segment as a uint8 (K, J, I) mask on the given grid, whatever its stored extent or layer."""
+    stored = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, stored)
+    reference = _grid(shape, ijk_to_ras_matrix)
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(stored, reference, resampled)
+    array = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(tuple(shape))
+    return (array > 0).astype(np.uint8)
+
+
+def place_beside(scene, nodes: Sequence, reference_node) -> None:
+    """Put ``nodes`` in the subject-hierarchy folder (study) that holds ``reference_node``, when it has one."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None:
+        return
+    reference_item = hierarchy.GetItemByDataNode(reference_node)
+    if not reference_item:
+        return
+    parent = hierarchy.GetItemParent(reference_item)
+    for node in nodes:
+        item = hierarchy.GetItemByDataNode(node)
+        if item:
+            hierarchy.SetItemParent(item, parent)
+        else:
+            hierarchy.CreateItem(parent, node)
+
+
+def study_of(scene, node) -> Optional[int]:
+    """The subject-hierarchy parent item of ``node`` (its study), or None when it is not in the hierarchy."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = hierarchy.GetItemByDataNode(node) if hierarchy is not None else 0
+    return hierarchy.GetItemParent(item) if item else None
+
+
+def add_result_nodes(scene, reference_node, ijk_to_ras_matrix: np.ndarray, heatmaps: Dict[str, np.ndarray],
+                     masks: Dict[str, np.ndarray], name: str) -> List:
+    """Heatmap volume(s) and one segmentation for a run, placed beside the input; returns the new nodes
+    (heatmaps first, the segmentation last). New nodes every time: a re-run never overwrites an edit."""
+    several = len(heatmaps) > 1
+    nodes = [add_heatmap_node(scene, h, ijk_to_ras_matrix,
+                              scene.GenerateUniqueName(f"{name} {c} heatmap" if several else f"{name} heatmap"))
+             for c, h in heatmaps.items()]
+    nodes.append(add_segmentation_node(scene, masks, ijk_to_ras_matrix, scene.GenerateUniqueName(f"{name} segmentation")))
+    place_beside(scene, nodes, reference_node)
+    return nodes
+
+
+def remake_segment(heatmap_node, segmentation_node, threshold: float, min_component_voxels: int = 0):
+    """The first segment re-made from the heatmap node at ``threshold`` (no model run). An edited segment
+    is left as the user made it: the new mask goes into a new segmentation beside it, which is returned."""
+    heatmap = slicer.util.arrayFromVolume(heatmap_node)
+    matrix = ijk_to_ras(heatmap_node)
+    # No content mask needed: the heatmap is zero outside the content and thresholds are >= 0.
+    mask = make_mask(heatmap, threshold, None, min_component_voxels)
+    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+    if not segment_edited(segmentation_node, segment_id, matrix, heatmap.shape):
+        set_segment_mask(segmentation_node, segment_id, mask, matrix)
+        return segmentation_node
+    scene = heatmap_node.GetScene()
+    class_name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+    copy = add_segmentation_node(scene, {class_name: mask}, matrix, scene.GenerateUniqueName(segmentation_node.GetName()))
+    place_beside(scene, [copy], heatmap_node)
+    return copy

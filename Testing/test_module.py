@@ -1,0 +1,157 @@
+"""CDMSegmentLogic (CDMSegment.py) end to end on a real slicer-core scene with a tiny model file."""
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import slicer
+
+from CDMSegment import CDMSegmentLogic
+from CDMSegmentLib import mrml
+from CDMSegmentLib.errors import Cancelled, CDMSegmentError, ModelFileError
+from CDMSegmentLib.modelfile import sha256_of
+from CDMSegmentLib.threshold import make_mask
+from conftest import add_volume, phantom
+from test_mrml import GEOMETRIES
+
+
+def _nodes(scene):
+    return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_process_makes_a_heatmap_and_a_segmentation_on_the_input_grid(scene, tiny_model, name):
+    node = add_volume(scene, phantom(), GEOMETRIES[name])
+    before = slicer.util.arrayFromVolume(node).copy()
+    heatmap_node, segmentation_node = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+    np.testing.assert_array_equal(mrml.ijk_to_ras(heatmap_node), GEOMETRIES[name])
+    heatmap = slicer.util.arrayFromVolume(heatmap_node)
+    assert heatmap.shape == before.shape and heatmap.dtype == np.float32 and heatmap.max() > 0
+    assert (heatmap[before == 0] == 0).all()
+    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+    assert segmentation_node.GetSegmentation().GetSegment(segment_id).GetName() == "Tumour"
+    mask = mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES[name], before.shape)
+    assert 0 < mask.sum() < (before > 0).sum()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)
+    np.testing.assert_array_equal(mrml.ijk_to_ras(node), GEOMETRIES[name])
+
+
+def test_process_takes_a_model_file_path_and_a_list_of_inputs(scene, tiny_model_path):
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    outputs = CDMSegmentLogic().process([node], model=str(tiny_model_path), device="cpu", steps=1, batchSize=3)
+    assert [n.GetClassName() for n in outputs] == ["vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"]
+    assert outputs[0].GetName() == "flair heatmap" and outputs[1].GetName() == "flair segmentation"
+
+
+def test_a_re_run_makes_new_nodes_and_keeps_the_first(scene, tiny_model):
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    first = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+    second = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+    assert {n.GetID() for n in first}.isdisjoint(n.GetID() for n in second)
+    assert all(scene.GetNodeByID(n.GetID()) is n for n in first)
+    assert second[1].GetName() != first[1].GetName()
+
+
+def test_threshold_remakes_the_segment_from_the_kept_heatmap(scene, tiny_model):
+    node = add_volume(scene, phantom(), GEOMETRIES["coronal"])
+    heatmap_node, segmentation_node = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+    heatmap = slicer.util.arrayFromVolume(heatmap_node)
+    threshold = float(np.percentile(heatmap[heatmap > 0], 50))
+    written = CDMSegmentLogic.remakeSegment(heatmap_node, segmentation_node, threshold)
+    assert written is segmentation_node
+    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES["coronal"],
+                                                    heatmap.shape), make_mask(heatmap, threshold))
+
+
+def test_threshold_never_overwrites_a_segment_the_user_edited(scene, tiny_model):
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    heatmap_node, segmentation_node = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+    edited = np.zeros(phantom().shape, np.uint8)
+    edited[4, 5:9, 5:9] = 1
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        mrml._oriented_image(edited, GEOMETRIES["axial"]), segmentation_node, segment_id,
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    written = CDMSegmentLogic.remakeSegment(heatmap_node, segmentation_node, 0.0)
+    assert written is not segmentation_node
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES["axial"],
+                                                    edited.shape), edited)
+    assert mrml.study_of(scene, written) == mrml.study_of(scene, heatmap_node)
+
+
+def test_cancel_leaves_the_scene_as_it_was(scene, tiny_model):
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    before = _nodes(scene)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        CDMSegmentLogic().process(node, model=tiny_model, device="cpu", cancel=cancel)
+    assert _nodes(scene) == before
+
+
+def test_progress_counts_slices_exactly(scene, tiny_model):
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    reports = []
+    CDMSegmentLogic().process(node, model=tiny_model, device="cpu", batchSize=4,
+                              progress=lambda done, total: reports.append((done, total)))
+    total = reports[-1][1]
+    assert reports[0] == (0, total) and reports[-1] == (total, total)
+    assert [d for d, _ in reports] == sorted(d for d, _ in reports)
+
+
+def test_input_errors_are_plain_sentences(scene, tiny_model):
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    with pytest.raises(CDMSegmentError, match=r"expects 1 modality \(FLAIR\), got 2 inputs"):
+        CDMSegmentLogic().process([node, node], model=tiny_model, device="cpu")
+    with pytest.raises(CDMSegmentError, match="target class must be one of 1..1 \\(tumour\\)"):
+        CDMSegmentLogic().process(node, model=tiny_model, targetClass=2, device="cpu")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(CDMSegmentError, match="hardenTransform=True"):
+        CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+    outputs = CDMSegmentLogic().process(node, model=tiny_model, device="cpu", hardenTransform=True)
+    assert outputs[0].GetParentTransformNode() is None and node.GetParentTransformNode() is transform
+
+
+def _registry_with_remote_model(tmp_path, url, sha256, size_bytes):
+    registry = tmp_path / "Models" / "models.json"
+    registry.parent.mkdir()
+    registry.write_text(json.dumps({"models": [{"name": "remote-tiny", "file": "remote-tiny.pt", "kind": "diffusion",
+                                                "url": url, "sha256": sha256, "size_bytes": size_bytes,
+                                                "default": True}]}))
+    return registry
+
+
+def test_a_registered_model_is_downloaded_once_then_used(scene, tiny_model_path, http_server, tmp_path):
+    shutil.copy(tiny_model_path, http_server.directory / "tiny.pt")
+    registry = _registry_with_remote_model(tmp_path, f"{http_server.url}/tiny.pt", sha256_of(tiny_model_path),
+                                           tiny_model_path.stat().st_size)
+    logic = CDMSegmentLogic(cacheDir=tmp_path / "cache", registry=registry)
+    assert logic.downloadNeeded("remote-tiny")["name"] == "remote-tiny"
+    reports = []
+    model = logic.loadModel(progress=lambda done, total: reports.append((done, total)))
+    assert model.sha256 == sha256_of(tiny_model_path) and reports[-1][0] == reports[-1][1]
+    assert logic.downloadNeeded("remote-tiny") is None
+    (http_server.directory / "tiny.pt").unlink()
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    assert len(logic.process(node, model="remote-tiny", device="cpu")) == 2
+
+
+def test_a_tampered_download_is_refused(tiny_model_path, http_server, tmp_path):
+    shutil.copy(tiny_model_path, http_server.directory / "tiny.pt")
+    registry = _registry_with_remote_model(tmp_path, f"{http_server.url}/tiny.pt", "0" * 64,
+                                           tiny_model_path.stat().st_size)
+    logic = CDMSegmentLogic(cacheDir=tmp_path / "cache", registry=registry)
+    with pytest.raises(ModelFileError, match="does not match its SHA256"):
+        logic.loadModel("remote-tiny")
+    assert logic.downloadNeeded("remote-tiny") is not None
+
+
+def test_a_classifier_is_loaded_as_a_classifier(scene, tiny_model_path):
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    with pytest.raises(ModelFileError, match="is a diffusion model, but a classifier model is needed"):
+        CDMSegmentLogic().process(node, model=str(tiny_model_path), method="cg-cdm", classifier=str(tiny_model_path),
+                                  device="cpu")

@@ -1,0 +1,46 @@
+"""Packaging: the module's CMakeLists lists every file Slicer needs, and the extension descriptions agree."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE = ROOT / "CDMSegment"
+
+
+def _module_files():
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "."], cwd=MODULE,
+                            capture_output=True, text=True, check=True).stdout.split()
+    return {f for f in listed if f != "CMakeLists.txt" and (MODULE / f).is_file()}
+
+
+def test_module_cmakelists_lists_every_script_and_resource():
+    text = (MODULE / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "CDMSegment")
+    listed = set(re.findall(r"^\s+((?:CDMSegment|CDMSegmentLib|Resources)\S*\.\w+)\s*$", text, re.M))
+    assert listed == _module_files()
+    assert "slicer_add_python_unittest(SCRIPT CDMSegment.py)" in text
+
+
+def test_extension_metadata_agrees_across_cmake_s4ext_and_catalog_entry():
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    s4ext = dict(line.split(" ", 1) for line in (ROOT / "CDMSegment.s4ext").read_text().splitlines()
+                 if line and not line.startswith("#"))
+    entry = json.loads((ROOT / "CDMSegment.json").read_text())
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert set(entry) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision",
+                          "scm_type", "scm_url", "tier"}
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake and s4ext["depends"] == "PyTorch"
+    assert entry["build_dependencies"] == ["PyTorch"]
+    assert f'set(EXTENSION_CATEGORY "{entry["category"]}")' in cmake and s4ext["category"] == entry["category"]
+    assert s4ext["scmurl"] == entry["scm_url"]
+    assert "add_subdirectory(CDMSegment)" in cmake
+
+
+def test_icons_are_small_rgba_pngs():
+    for path in (MODULE / "Resources" / "Icons" / "CDMSegment.png", ROOT / "Resources" / "CDMSegment.png"):
+        image = sitk.ReadImage(str(path))
+        assert image.GetSize() == (128, 128) and image.GetNumberOfComponentsPerPixel() == 4
+        assert path.stat().st_size < 20_000
