@@ -16,9 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]" "$(TORCH_PIN)"
 	touch $@
 
+SAMPLE := CDMSegment/Resources/Sample/CDMSegmentSample_flair.nrrd
+
 demo: venv
-	$(VENV)/bin/cdmsegment segment Resources/Sample/CDMSegmentSample_flair.nrrd -o demo-output
-	@echo "Open in Slicer: File > Add Data > Resources/Sample/CDMSegmentSample_flair.nrrd and demo-output/*"
+	$(VENV)/bin/cdmsegment segment $(SAMPLE) -o demo-output --overwrite
+	@echo "Outputs: demo-output/CDMSegmentSample_flair_heatmap.nrrd (heatmap) and demo-output/CDMSegmentSample_flair.seg.nrrd (segmentation)."
+	@echo "Open them in 3D Slicer: drag $(SAMPLE) and both outputs onto the Slicer window (or File > Add Data);"
+	@echo "the .seg.nrrd loads as a segmentation node, ready for the Segment Editor."
 
 test: venv
 	$(PY) -m pytest -q Testing

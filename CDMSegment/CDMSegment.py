@@ -28,7 +28,7 @@ except ImportError:
 
 MINIMUM_TORCH_VERSION = "2.1"
 RESOURCES = Path(__file__).resolve().parent / "Resources"
-# Written when the sample is published: {"url", "sha256", "file_name", "segmentation_url", "segmentation_file_name"}
+# The sample ships with the module: {"file_name", "sha256", "segmentation_file_name", "segmentation_sha256"}
 SAMPLE_DESCRIPTION = RESOURCES / "Sample" / "CDMSegmentSample.json"
 SAMPLE_DICE_FLOOR = 0.3
 
@@ -56,9 +56,15 @@ def registerSampleData():
 
     sample = json.loads(SAMPLE_DESCRIPTION.read_text())
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="CDMSegment", sampleName="CDMSegmentSample", uris=sample["url"], fileNames=sample["file_name"],
+        category="CDMSegment", sampleName="CDMSegmentSample", uris=sampleUri(sample["file_name"]),
+        fileNames=sample["file_name"],
         checksums=f"SHA256:{sample['sha256']}", nodeNames=Path(sample["file_name"]).name.split(".")[0],
         thumbnailFileName=str(RESOURCES / "Icons" / "CDMSegment.png"))
+
+
+def sampleUri(fileName: str) -> str:
+    """A file:// URI of a file bundled in Resources/Sample: SampleData copies it like a download, offline."""
+    return (RESOURCES / "Sample" / fileName).as_uri()
 
 
 @parameterNodeWrapper
@@ -407,7 +413,7 @@ class CDMSegmentTest(ScriptedLoadableModuleTest):
 
         volume = SampleData.downloadSample("CDMSegmentSample")
         sample = json.loads(SAMPLE_DESCRIPTION.read_text())
-        truthPath = SampleData.SampleDataLogic().downloadFileIntoCache(sample["segmentation_url"],
+        truthPath = SampleData.SampleDataLogic().downloadFileIntoCache(sampleUri(sample["segmentation_file_name"]),
                                                                        sample["segmentation_file_name"])
         truth = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(truthPath)) > 0
         nodes = CDMSegmentLogic().process(volume, device="cpu")
