@@ -93,3 +93,27 @@ def run_train_classifier(args) -> None:
                             image_size=data.data.shape[-1], modalities=data.meta.get("modalities", ["image"]),
                             class_names=args.class_names, training={"slices": str(args.slices), "n": len(data)})
     print(f"{args.output} (SHA256 {sha})")
+
+
+def add_evaluate_volumes_parser(sub) -> None:
+    p = sub.add_parser("evaluate-volumes", help="3D quality of the tool on held-out cases with masks, "
+                       "against Otsu on intensity")
+    p.add_argument("data", type=Path, metavar="DATA", help="folder of cases in the BraTS layout (phantoms included)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
+    p.add_argument("--model", default=None, help="diffusion model (name or file; default: the bundled model)")
+    p.add_argument("--cases", type=int, default=None, help="only the first N cases")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=run_evaluate_volumes)
+
+
+def run_evaluate_volumes(args) -> None:
+    from .data import find_brats_cases
+    from .modelfile import load_model
+    from .quality import evaluate_volumes, summary_table, write_scores
+
+    cases = [c for c in find_brats_cases(args.data) if c.seg is not None][:args.cases]
+    scores = evaluate_volumes(cases, load_model(args.model), device=args.device, batch_size=args.batch_size,
+                              log=lambda m: print(m, file=sys.stderr))
+    write_scores(scores, args.output, " ".join(["cdmsegment"] + sys.argv[1:]))
+    print(summary_table(scores))
