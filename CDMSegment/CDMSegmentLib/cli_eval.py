@@ -17,7 +17,8 @@ def _list(kind):
 
 def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="every method on the same slices of a data set with masks: table, CSV, figures")
-    p.add_argument("data", type=Path, metavar="DATA", help="folder of cases in the BraTS layout (phantoms included)")
+    p.add_argument("data", type=Path, metavar="DATA", help="folder of cases in the BraTS layout (phantoms included), "
+                   "or a .npz slice set with masks")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
     p.add_argument("--model", default=None, help="diffusion model (name or file; default: the bundled model)")
     p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm, cg-diff and the CAMs")

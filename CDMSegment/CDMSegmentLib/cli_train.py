@@ -179,7 +179,7 @@ def run_calibrate(args) -> None:
         raise CDMSegmentError(f"{args.data} has no masks; make it with 'cdmsegment slices --with-masks'")
     grid = {"noise_level": args.noise_level, "tau": args.tau, "steps": list(args.steps),
             "noise_draws": list(args.noise_draws)}
-    rows = sweep(model, data._load(data.data), data.masks, data.case_ids, grid, choose_device(args.device),
+    rows = sweep(model, data.as_float(), data.masks, data.case_ids, grid, choose_device(args.device),
                  precision=args.precision)
     args.output.write_text(json.dumps(defaults_from(rows[0]), indent=1))
     args.output.with_suffix(".sweep.json").write_text(json.dumps(rows, indent=1))

@@ -26,7 +26,7 @@ import torch
 from .errors import CDMSegmentError
 from .image import check_same_grid, read_volume
 from .intensity import normalise_volume
-from .slicing import Orientation, extract_slices
+from .slicing import Orientation, extract_slices, pixel_size_mm
 from .sliceset import SliceDataset
 
 BRATS_KINDS = ("flair", "t1", "t1ce", "t2", "seg")
@@ -92,8 +92,8 @@ def read_label_table(path) -> Tuple[Dict[str, Dict[int, int]], List[str]]:
     return per_slice, normal
 
 
-def _axial_slice_count(path: Path) -> int:
-    """Number of axial slices, from the header alone."""
+def _header(path: Path) -> Tuple[Orientation, Tuple[int, int, int]]:
+    """(orientation, canonical (S, P, L) shape) from the image header alone."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -101,7 +101,19 @@ def _axial_slice_count(path: Path) -> int:
     except RuntimeError:
         raise CDMSegmentError(f"cannot read {path}: not an image SimpleITK can read")
     orientation = Orientation.from_direction(np.array(reader.GetDirection()).reshape(3, 3), reader.GetSpacing())
-    return int(reader.GetSize()[2 - orientation.perm[0]])
+    size_kji = tuple(reversed(reader.GetSize()))
+    return orientation, tuple(size_kji[p] for p in orientation.perm)
+
+
+def _axial_slice_count(path: Path) -> int:
+    """Number of axial slices, from the header alone."""
+    return int(_header(path)[1][0])
+
+
+def case_pixel_mm(case: Case, modality: str, image_size: int, axis: Union[str, int] = "axial") -> float:
+    """Edge of a model pixel in mm for this case's slices (for distances such as HD95 on model slices)."""
+    orientation, shape = _header(case.images[modality])
+    return pixel_size_mm(shape, orientation.spacing_mm, orientation.canonical_axis(axis), image_size)
 
 
 def find_brats_cases(root) -> List[Case]:
@@ -246,7 +258,8 @@ def build_slice_dataset(cases: Sequence[Case], modalities: Sequence[str], image_
     if not parts:
         raise CDMSegmentError("no cases given; nothing to build a slice set from")
     meta = {"modalities": list(modalities), "image_size": int(image_size), "axis": str(axis),
-            "normalisation": normalisation, "drop_empty": drop_empty}
+            "normalisation": normalisation, "drop_empty": drop_empty,
+            "pixel_mm": {c.case_id: case_pixel_mm(c, modalities[0], image_size, axis) for c in cases}}
     return SliceDataset(torch.cat(parts), torch.cat(labels), case_ids, torch.cat(index), storage=storage, meta=meta,
                         masks=torch.cat(masks) if with_masks else None)
 

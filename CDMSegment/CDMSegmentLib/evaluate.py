@@ -195,30 +195,43 @@ def evaluate_cases(cases: Sequence[EvalCase], variant_list: Sequence[Variant], *
     return runs
 
 
-def load_eval_cases(data_dir: Path, modalities: Sequence[str], image_size: int, max_cases: Optional[int] = None,
+def load_eval_cases(data: Path, modalities: Sequence[str], image_size: int, max_cases: Optional[int] = None,
                     normalisation: Optional[dict] = None) -> List[EvalCase]:
-    """Cases with masks from a BraTS-layout folder (phantoms included), axial, slices with content only.
+    """Cases with masks, axial, slices with content only: from a BraTS-layout folder (phantoms included)
+    through ``data.py`` exactly as for training, or from a ``.npz`` slice set made with
+    ``cdmsegment slices --with-masks`` (e.g. to evaluate on a machine without SimpleITK)."""
+    if data.suffix == ".npz":
+        return _npz_cases(data, modalities, image_size, max_cases)
+    from .data import case_pixel_mm, find_brats_cases, load_case_slices
 
-    The seam to ``data.py``: case discovery and slicing are its ``find_brats_cases`` and
-    ``load_case_slices(..., with_masks=True)``, exactly as for training.
-    """
-    from .data import find_brats_cases, load_case_slices
-    from .image import read_volume
-    from .slicing import Orientation
-
-    cases = [c for c in find_brats_cases(data_dir) if c.seg is not None][:max_cases]
+    cases = [c for c in find_brats_cases(data) if c.seg is not None][:max_cases]
     if not cases:
-        raise CDMSegmentError(f"no case under {data_dir} has a segmentation (_seg file); evaluation needs masks")
+        raise CDMSegmentError(f"no case under {data} has a segmentation (_seg file); evaluation needs masks")
     out = []
     for case in cases:
         slices, _, has_content, masks = load_case_slices(case, modalities, image_size, "axial", with_masks=True,
                                                          normalisation=normalisation)
-        ref = read_volume(case.images[modalities[0]])
-        o = Orientation.from_direction(ref.direction, ref.spacing_mm)
-        rows, cols = o.to_canonical(ref.array).shape[1:]
-        side_mm = max(rows * o.spacing_mm[1], cols * o.spacing_mm[2])  # slices are padded to a square in mm
         keep = has_content.numpy()
-        out.append(EvalCase(case.case_id, slices[keep], masks[keep].numpy(), (side_mm / image_size,) * 2))
+        pixel = case_pixel_mm(case, modalities[0], image_size)
+        out.append(EvalCase(case.case_id, slices[keep], masks[keep].numpy(), (pixel, pixel)))
+    return out
+
+
+def _npz_cases(path: Path, modalities: Sequence[str], image_size: int, max_cases: Optional[int]) -> List[EvalCase]:
+    from .sliceset import load_slices
+
+    data = load_slices(path)
+    if data.masks is None:
+        raise CDMSegmentError(f"{path} has no masks; make it with 'cdmsegment slices --with-masks'")
+    if (list(data.meta.get("modalities", [])), data.meta.get("image_size")) != (list(modalities), image_size):
+        raise CDMSegmentError(f"{path} holds {data.meta.get('image_size')} px {data.meta.get('modalities')} slices; "
+                              f"the models need {image_size} px {list(modalities)}")
+    ids = list(dict.fromkeys(data.case_ids))[:max_cases]
+    out = []
+    for case_id in ids:
+        sel = np.array([c == case_id for c in data.case_ids])
+        pixel = data.meta["pixel_mm"][case_id]
+        out.append(EvalCase(case_id, data.as_float(sel), data.masks[sel].numpy(), (pixel, pixel)))
     return out
 
 

@@ -58,6 +58,10 @@ class SliceDataset(torch.utils.data.Dataset):
     def _load(data: torch.Tensor) -> torch.Tensor:
         return dequantise(data) if data.dtype == torch.uint8 else data.to(torch.float32)
 
+    def as_float(self, index=slice(None)) -> torch.Tensor:
+        """Slices ``index`` (any tensor index) as float32 in [-1, 1]."""
+        return self._load(self.data[index])
+
     def __len__(self) -> int:
         return len(self.labels)
 

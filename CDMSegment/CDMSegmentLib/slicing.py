@@ -86,6 +86,13 @@ class SliceStack:
     size: int
 
 
+def pixel_size_mm(canonical_shape: Tuple[int, int, int], spacing_mm: Tuple[float, float, float], axis: int,
+                  size: int) -> float:
+    """Edge of one model pixel in mm: the slice's square field of view divided by the model size."""
+    plane = [a for a in range(3) if a != axis]
+    return max(canonical_shape[a] * spacing_mm[a] for a in plane) / size
+
+
 def _square_padding(rows: int, cols: int, row_mm: float, col_mm: float) -> Tuple[int, int, int, int]:
     """Voxels to add so the slice covers a square field of view in millimetres."""
     height, width = rows * row_mm, cols * col_mm
