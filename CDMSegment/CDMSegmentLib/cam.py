@@ -9,7 +9,9 @@ the image-level score could, and the paper's baselines do not use it either.
 """
 
 import contextlib
+import importlib.util
 import io
+from pathlib import Path
 from typing import Callable, Dict
 
 import torch
@@ -30,8 +32,18 @@ def _define_missing_torchvision_ops() -> None:
     Defining the two schemas it registers fakes for (copied from torchvision's csrc/ops/nms.cpp
     and quantized/cpu/qnms_kernel.cpp) lets the import finish. The ops get no kernel: calling
     them would still fail, but the CAM classes use only torchvision's pure-Python parts.
-    With a working torchvision the ops exist and this does nothing.
+    A torchvision whose ``_C`` loads defines the ops itself, and defining them here first
+    would abort the process, so the schemas are added only after that load has failed.
     """
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for library in sorted(Path(list(spec.submodule_search_locations)[0]).glob("_C*.so")):
+        try:
+            torch.ops.load_library(str(library))
+            return
+        except OSError:
+            break
     for op in ("nms", "qnms"):
         if not hasattr(torch.ops.torchvision, op):
             torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
