@@ -82,8 +82,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return x + self.out(a.transpose(-1, -2).reshape(b, c, h, w))
+        # written out rather than F.scaled_dot_product_attention: TorchScript records every argument
+        # of a call, and SDPA gained arguments in later torch releases, which older ones cannot load
+        weights = torch.softmax(torch.einsum("bhdi,bhdj->bhij", q, k) * (q.shape[2] ** -0.5), dim=-1)
+        a = torch.einsum("bhij,bhdj->bhdi", weights, v)
+        return x + self.out(a.reshape(b, c, h, w))
 
 
 class Level(nn.Module):
@@ -110,7 +113,9 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        # repeat_interleave, not F.interpolate: a scripted interpolate call carries arguments newer
+        # torch releases added, so a model file made with them would not load in older ones
+        return self.conv(x.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1))
 
 
 class ConditionalUNet(nn.Module):
