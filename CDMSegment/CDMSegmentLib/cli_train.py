@@ -41,7 +41,10 @@ def run_phantom(args) -> None:
 
 
 def _add_data_arguments(p) -> None:
-    p.add_argument("data", type=Path, help="a BraTS-layout folder (phantoms too) or a .npz slice set")
+    p.add_argument("data", type=Path, help="a BraTS-layout folder (phantoms too), a folder of volumes with "
+                   "--labels, or a .npz slice set")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="CSV of per-slice labels (case or file, slice, label) for a folder of single-modality volumes")
     p.add_argument("--modalities", type=_names, default=("flair",))
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--split", type=Path, default=None,
@@ -55,9 +58,13 @@ def load_training_slices(args, split_path: Path, with_masks: bool = False):
 
     if args.data.suffix == ".npz":
         return load_slices(args.data)
-    from .data import build_slice_dataset, find_brats_cases, read_split, select_cases, split_cases, write_split
+    from .data import (build_slice_dataset, find_brats_cases, find_labelled_volumes, read_split, select_cases,
+                       split_cases, write_split)
 
-    cases = find_brats_cases(args.data)
+    if args.labels is not None:
+        cases = find_labelled_volumes(args.data, args.labels, modality=args.modalities[0])
+    else:
+        cases = find_brats_cases(args.data)
     if args.subset != "all":
         if args.split is not None:
             split = read_split(args.split)
@@ -108,6 +115,7 @@ def run_train(args) -> None:
     from .train import TrainConfig, train_diffusion, write_run_info
     from .unet import UNetConfig
 
+    args.run_dir.mkdir(parents=True, exist_ok=True)
     dataset = load_training_slices(args, args.run_dir / "split.json")
     meta = dataset.meta
     unet = UNetConfig(in_channels=dataset.data.shape[1], num_classes=len(args.class_names),
