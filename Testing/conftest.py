@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import slicer
 import torch
-import vtk
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 
+from CDMSegmentLib import mrml  # noqa: E402
 from CDMSegmentLib.classifier import NoiseAwareClassifier  # noqa: E402
 from CDMSegmentLib.evaluate import EvalCase  # noqa: E402
 from CDMSegmentLib.export import classifier_metadata, diffusion_metadata  # noqa: E402
@@ -143,12 +143,7 @@ def tiny_model(tiny_model_path):
     return load_model(tiny_model_path)
 
 
-def matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(a[r, c]))
-    return m
+matrix = mrml.array_to_matrix
 
 
 def add_volume(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name: str = "flair"):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .train import TrainConfig, load_checkpoint, train_network
-from .unet import Level, UNetConfig, timestep_embedding
+from .unet import UNetConfig, encoder_levels, timestep_embedding
 
 
 class NoiseAwareClassifier(nn.Module):
@@ -36,13 +36,8 @@ class NoiseAwareClassifier(nn.Module):
         self.time_dim = cfg.base_channels
         self.time_mlp = nn.Sequential(nn.Linear(cfg.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.stem = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        self.downsample = nn.ModuleList()
-        c_prev = ch[0]
-        for i, c in enumerate(ch):
-            self.down.append(Level(c_prev, c, cfg.blocks_per_level, emb_dim, cfg, i in cfg.attention_levels))
-            self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(ch) - 1 else nn.Identity())
-            c_prev = c
+        self.down, self.downsample, _ = encoder_levels(cfg, emb_dim)
+        c_prev = ch[-1]
         self.norm = nn.GroupNorm(cfg.groups, c_prev)
         self.linear = nn.Linear(c_prev, cfg.num_classes)
 

@@ -31,7 +31,7 @@ def _matrix_to_array(m: vtk.vtkMatrix4x4) -> np.ndarray:
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
-def _array_to_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
+def array_to_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
     m = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
@@ -111,7 +111,7 @@ def _grid(shape, ijk_to_ras_matrix: np.ndarray):
     """An empty vtkOrientedImageData describing a (K, J, I) voxel grid (geometry only, no voxels)."""
     image = slicer.vtkOrientedImageData()
     image.SetExtent(0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
-    image.SetImageToWorldMatrix(_array_to_matrix(ijk_to_ras_matrix))
+    image.SetImageToWorldMatrix(array_to_matrix(ijk_to_ras_matrix))
     return image
 
 
@@ -126,7 +126,7 @@ def _oriented_image(array: np.ndarray, ijk_to_ras_matrix: np.ndarray):
 def add_heatmap_node(scene, heatmap: np.ndarray, ijk_to_ras_matrix: np.ndarray, name: str):
     """A float32 scalar volume on the input grid, shown with a heat colour table from 0 to its 99.9th percentile."""
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    node.SetIJKToRASMatrix(_array_to_matrix(ijk_to_ras_matrix))
+    node.SetIJKToRASMatrix(array_to_matrix(ijk_to_ras_matrix))
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(heatmap, dtype=np.float32))
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()

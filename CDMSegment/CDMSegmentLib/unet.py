@@ -105,6 +105,19 @@ class Level(nn.Module):
         return x
 
 
+def encoder_levels(cfg: UNetConfig, emb_dim: int) -> Tuple[nn.ModuleList, nn.ModuleList, List[int]]:
+    """The contracting path shared by the UNet and the noise-aware classifier: a Level per resolution
+    and a stride-2 conv after each but the last. Returns (levels, downsamples, channels per level)."""
+    ch = [cfg.base_channels * m for m in cfg.channel_mults]
+    down, downsample = nn.ModuleList(), nn.ModuleList()
+    c_prev = ch[0]
+    for i, c in enumerate(ch):
+        down.append(Level(c_prev, c, cfg.blocks_per_level, emb_dim, cfg, i in cfg.attention_levels))
+        downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(ch) - 1 else nn.Identity())
+        c_prev = c
+    return down, downsample, ch
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour x2 then a 3x3 conv (no checkerboard artefacts of transposed convs)."""
 
@@ -134,13 +147,8 @@ class ConditionalUNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(cfg.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(cfg.num_classes, emb_dim)
         self.stem = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        self.downsample = nn.ModuleList()
-        c_prev = ch[0]
-        for i, c in enumerate(ch):
-            self.down.append(Level(c_prev, c, cfg.blocks_per_level, emb_dim, cfg, i in cfg.attention_levels))
-            self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(ch) - 1 else nn.Identity())
-            c_prev = c
+        self.down, self.downsample, _ = encoder_levels(cfg, emb_dim)
+        c_prev = ch[-1]
         self.mid = Level(c_prev, c_prev, 2, emb_dim, cfg, True)
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
