@@ -51,23 +51,28 @@ def assert_one_error_line(err: str) -> None:
     assert "Traceback" not in err
 
 
+def segment_and_read_heatmap(inputs, out_dir, model, capsys, stem, size, direction):
+    """Run a segmentation that must succeed: -> (stdout, heatmap image), checked to lie on the input grid."""
+    code, out, err = run_cli(segment_args(inputs, out_dir, model), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == [f"{stem}.seg.nrrd", f"{stem}_heatmap.nrrd"]
+    heatmap = sitk.ReadImage(str(out_dir / f"{stem}_heatmap.nrrd"))
+    assert heatmap.GetPixelID() == sitk.sitkFloat32 and heatmap.GetSize() == size
+    np.testing.assert_allclose(heatmap.GetSpacing(), SPACING, atol=1e-3)
+    np.testing.assert_allclose(heatmap.GetOrigin(), ORIGIN, atol=1e-3)
+    np.testing.assert_allclose(heatmap.GetDirection(), direction, atol=1e-6)
+    return out, heatmap
+
+
 def test_a_good_run_writes_a_heatmap_and_a_segmentation_on_the_input_grid(tmp_path, tiny_model_path, capsys):
     array = phantom((6, 20, 24))
     case = write_case(tmp_path / "case_0.nii.gz", array)
     out_dir = tmp_path / "out"
-    code, out, err = run_cli(segment_args([case], out_dir, tiny_model_path), capsys)
-    assert code == 0, err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["case_0.seg.nrrd", "case_0_heatmap.nrrd"]
+    out, heatmap = segment_and_read_heatmap([case], out_dir, tiny_model_path, capsys, "case_0", (24, 20, 6),
+                                            DIRECTION)
     summary = out.splitlines()
     assert len(summary) == 1 and summary[0].startswith("6 of 6 slices run, ")
     assert str(out_dir / "case_0.seg.nrrd") in summary[0]
-
-    heatmap = sitk.ReadImage(str(out_dir / "case_0_heatmap.nrrd"))
-    assert heatmap.GetPixelID() == sitk.sitkFloat32
-    assert heatmap.GetSize() == (24, 20, 6)
-    np.testing.assert_allclose(heatmap.GetSpacing(), SPACING)
-    np.testing.assert_allclose(heatmap.GetOrigin(), ORIGIN)
-    np.testing.assert_allclose(heatmap.GetDirection(), DIRECTION)
     values = sitk.GetArrayFromImage(heatmap)
     assert values.min() >= 0 and values.max() > 0
     assert (values[array == 0] == 0).all()
@@ -113,14 +118,10 @@ def write_dicom_series(folder: Path, array: np.ndarray) -> Path:
 def test_a_dicom_series_folder_is_read_as_one_volume_and_named_after_the_folder(tmp_path, tiny_model_path, capsys):
     array = phantom((5, 20, 24))
     series = write_dicom_series(tmp_path / "flair_series", array)
-    out_dir = tmp_path / "out"
-    code, _, err = run_cli(segment_args([series], out_dir, tiny_model_path), capsys)
-    assert code == 0, err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["flair_series.seg.nrrd", "flair_series_heatmap.nrrd"]
-    heatmap = sitk.ReadImage(str(out_dir / "flair_series_heatmap.nrrd"))
-    assert heatmap.GetSize() == (24, 20, 5)
-    np.testing.assert_allclose(heatmap.GetSpacing(), SPACING, atol=1e-3)
-    np.testing.assert_allclose(heatmap.GetOrigin(), ORIGIN, atol=1e-3)
+    _, heatmap = segment_and_read_heatmap([series], tmp_path / "out", tiny_model_path, capsys, "flair_series",
+                                          (24, 20, 5), np.eye(3).ravel())
+    values = sitk.GetArrayFromImage(heatmap)
+    assert values.max() > 0 and (values[array == 0] == 0).all()
 
 
 def bad_2d(tmp):
