@@ -11,6 +11,13 @@ from .cli_eval import add_evaluate_parser, add_evaluate_volumes_parser, add_trai
 from .errors import CDMSegmentError
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _threshold(value: str):
     if value in ("otsu", "model"):
         return value
@@ -58,7 +65,8 @@ def run_segment(args) -> None:
 
     from .segment import segment_files
 
-    bar = tqdm(total=0, unit="slice", desc="segmenting", file=sys.stderr, leave=False)
+    # disable=None: no bar when stderr is not a terminal, so logs and pipes get only the messages
+    bar = tqdm(total=0, unit="slice", desc="segmenting", file=sys.stderr, leave=False, disable=None)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -94,7 +102,7 @@ def run_info(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cdmsegment", description=(
+    parser = _OneLineParser(prog="cdmsegment", description=(
         "Weakly supervised segmentation with conditional diffusion models (Hu et al., MICCAI 2023)."))
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:

@@ -41,6 +41,7 @@ STYLES = {
 
 def segment_style(class_name: str) -> SegmentStyle:
     """The style of a known class name (any spelling of tumour/tumor, lesion, oedema/edema), else a lesion."""
-    key = class_name.strip().lower().replace("tumor", "tumour").replace("edema", "oedema")
+    key = class_name.strip().lower()
+    key = {"tumor": "tumour", "edema": "oedema"}.get(key, key)
     style = STYLES.get(key, STYLES["lesion"])
     return style if key in STYLES else SegmentStyle(class_name, style.color, style.category, style.type)

@@ -1,0 +1,227 @@
+"""``cdmsegment`` end to end: the files a good run writes, and one line and no file for every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from CDMSegmentLib.cli import main
+from conftest import phantom
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "CDMSegment"
+SPACING = (1.0, 1.2, 2.5)
+ORIGIN = (3.0, -4.0, 5.0)
+DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # RAS-aligned axes, as many scanners write
+
+
+def write_case(path: Path, array: np.ndarray, is_vector: bool = False) -> Path:
+    image = sitk.GetImageFromArray(array, isVector=is_vector)
+    if image.GetDimension() == 3:
+        image.SetSpacing(SPACING)
+        image.SetOrigin(ORIGIN)
+        image.SetDirection(DIRECTION)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def run_cli(argv, capsys):
+    """-> (exit code, stdout, stderr) of the command run in this process."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def segment_args(inputs, out_dir, model, *extra):
+    return [str(a) for a in ["segment", *inputs, "-o", out_dir, "--model", model, "--device", "cpu", *extra]]
+
+
+def assert_one_error_line(err: str) -> None:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cdmsegment ") and "error:" in lines[0]
+    assert "Traceback" not in err
+
+
+def segment_and_read_heatmap(inputs, out_dir, model, capsys, stem, size, direction):
+    """Run a segmentation that must succeed: -> (stdout, heatmap image), checked to lie on the input grid."""
+    code, out, err = run_cli(segment_args(inputs, out_dir, model), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == [f"{stem}.seg.nrrd", f"{stem}_heatmap.nrrd"]
+    heatmap = sitk.ReadImage(str(out_dir / f"{stem}_heatmap.nrrd"))
+    assert heatmap.GetPixelID() == sitk.sitkFloat32 and heatmap.GetSize() == size
+    np.testing.assert_allclose(heatmap.GetSpacing(), SPACING, atol=1e-3)
+    np.testing.assert_allclose(heatmap.GetOrigin(), ORIGIN, atol=1e-3)
+    np.testing.assert_allclose(heatmap.GetDirection(), direction, atol=1e-6)
+    return out, heatmap
+
+
+def test_a_good_run_writes_a_heatmap_and_a_segmentation_on_the_input_grid(tmp_path, tiny_model_path, capsys):
+    array = phantom((6, 20, 24))
+    case = write_case(tmp_path / "case_0.nii.gz", array)
+    out_dir = tmp_path / "out"
+    out, heatmap = segment_and_read_heatmap([case], out_dir, tiny_model_path, capsys, "case_0", (24, 20, 6),
+                                            DIRECTION)
+    summary = out.splitlines()
+    assert len(summary) == 1 and summary[0].startswith("6 of 6 slices run, ")
+    assert str(out_dir / "case_0.seg.nrrd") in summary[0]
+    values = sitk.GetArrayFromImage(heatmap)
+    assert values.min() >= 0 and values.max() > 0
+    assert (values[array == 0] == 0).all()
+
+    seg = slicerio.read_segmentation(str(out_dir / "case_0.seg.nrrd"))
+    assert len(seg["segments"]) == 1
+    segment = seg["segments"][0]
+    assert segment["name"] == "Tumour" and segment["labelValue"] == 1
+    assert len(segment["color"]) == 3 and 0 < sum(segment["color"]) <= 3
+    assert segment["terminology"]["type"][2] == "Neoplasm"
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.array(DIRECTION).reshape(3, 3) @ np.diag(SPACING)
+    ijk_to_lps[:3, 3] = ORIGIN
+    np.testing.assert_allclose(seg["ijkToLPS"], ijk_to_lps, atol=1e-6)
+    labels = np.asarray(seg["voxels"])
+    # slicerio may crop the labelmap to its extent; the written one spans the whole grid.
+    assert labels.shape in ((24, 20, 6), (6, 20, 24))
+    assert set(np.unique(labels)) <= {0, 1} and labels.sum() > 0
+
+
+def write_dicom_series(folder: Path, array: np.ndarray) -> Path:
+    """One MR file per slice with position, orientation and spacing tags, as a scanner writes them."""
+    folder.mkdir()
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(SPACING)
+    image.SetOrigin(ORIGIN)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        s = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+                           "0020|000e": "1.2.826.0.1.3680043.2.1125.1.2", "0020|0013": str(k + 1),
+                           "0020|0032": "\\".join(f"{c:.4f}" for c in position),
+                           "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": f"{SPACING[2]}",
+                           "0008|0018": f"1.2.826.0.1.3680043.2.1125.1.2.{k + 1}"}.items():
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(s)
+    return folder
+
+
+def test_a_dicom_series_folder_is_read_as_one_volume_and_named_after_the_folder(tmp_path, tiny_model_path, capsys):
+    array = phantom((5, 20, 24))
+    series = write_dicom_series(tmp_path / "flair_series", array)
+    _, heatmap = segment_and_read_heatmap([series], tmp_path / "out", tiny_model_path, capsys, "flair_series",
+                                          (24, 20, 5), np.eye(3).ravel())
+    values = sitk.GetArrayFromImage(heatmap)
+    assert values.max() > 0 and (values[array == 0] == 0).all()
+
+
+def bad_2d(tmp):
+    return [write_case(tmp / "slice.nii.gz", phantom((1, 20, 24))[0])]
+
+
+def bad_rgb(tmp):
+    return [write_case(tmp / "rgb.nrrd", np.repeat(phantom((4, 20, 24))[..., None], 3, axis=-1), is_vector=True)]
+
+
+def bad_4d(tmp):
+    return [write_case(tmp / "series.nii.gz", np.stack([phantom((4, 20, 24))] * 2))]
+
+
+def bad_two_inputs(tmp):
+    return [write_case(tmp / "a.nii.gz", phantom((4, 20, 24))), write_case(tmp / "b.nii.gz", phantom((4, 20, 24)))]
+
+
+def bad_random_bytes(tmp):
+    path = tmp / "noise.nii.gz"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return [path]
+
+
+def bad_all_zero(tmp):
+    return [write_case(tmp / "zeros.nii.gz", np.zeros((4, 20, 24), np.int16))]
+
+
+def bad_nan(tmp):
+    array = phantom((4, 20, 24)).astype(np.float32)
+    array[2, 10, 12] = np.nan
+    return [write_case(tmp / "nan.nrrd", array)]  # ITK's NIfTI IO turns NaN into 0; NRRD keeps it
+
+
+BAD_INPUTS = {"2d": (bad_2d, "3D"), "rgb": (bad_rgb, "components"), "4d": (bad_4d, "3D"),
+              "two-inputs": (bad_two_inputs, "FLAIR"), "random-bytes": (bad_random_bytes, "cannot read"),
+              "all-zero": (bad_all_zero, "all zeros"), "nan": (bad_nan, "NaN")}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_a_bad_input_exits_with_one_line_and_writes_nothing(name, tmp_path, tiny_model_path, capsys):
+    make, expected = BAD_INPUTS[name]
+    inputs = make(tmp_path)
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(segment_args(inputs, out_dir, tiny_model_path), capsys)
+    assert code == 1
+    assert_one_error_line(err)
+    assert expected in err
+    assert out == ""
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_a_missing_model_exits_with_one_line_and_writes_nothing(tmp_path, capsys):
+    case = write_case(tmp_path / "case_0.nii.gz", phantom((4, 20, 24)))
+    code, _, err = run_cli(segment_args([case], tmp_path / "out", tmp_path / "missing.pt"), capsys)
+    assert code == 1
+    assert_one_error_line(err)
+    assert "missing.pt" in err and "not found" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_numeric_threshold_is_a_one_line_usage_error(tmp_path, tiny_model_path, capsys):
+    case = write_case(tmp_path / "case_0.nii.gz", phantom((4, 20, 24)))
+    code, _, err = run_cli(segment_args([case], tmp_path / "out", tiny_model_path, "--threshold", "banana"), capsys)
+    assert code == 2
+    assert_one_error_line(err)
+    assert "'banana'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_outputs_are_kept_without_overwrite(tmp_path, tiny_model_path, capsys):
+    case = write_case(tmp_path / "case_0.nii.gz", phantom((4, 20, 24)))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "case_0.seg.nrrd").write_bytes(b"the user's edited segmentation")
+    code, _, err = run_cli(segment_args([case], out_dir, tiny_model_path), capsys)
+    assert code == 1
+    assert_one_error_line(err)
+    assert "--overwrite" in err
+    assert [p.name for p in out_dir.iterdir()] == ["case_0.seg.nrrd"]
+    assert (out_dir / "case_0.seg.nrrd").read_bytes() == b"the user's edited segmentation"
+
+
+def test_info_prints_the_model_metadata_as_json(tiny_model_path, capsys):
+    code, out, _ = run_cli(["info", tiny_model_path], capsys)
+    assert code == 0
+    header, body = out.split("\n", 1)
+    assert header.startswith("# ") and "SHA256" in header
+    metadata = json.loads(body)
+    assert metadata["name"] == "tiny-test"
+    assert metadata["modalities"] == ["FLAIR"] and metadata["image_size"] == 32
+
+
+@pytest.mark.parametrize("extra, code", [((), 1), (("--threshold", "banana"), 2)])
+def test_as_a_process_an_error_is_one_stderr_line_without_traceback(extra, code, tmp_path, tiny_model_path):
+    case = write_case(tmp_path / "zeros.nii.gz", np.zeros((4, 20, 24), np.int16))
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_DIR), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "CDMSegmentLib.cli",
+                             *segment_args([case], tmp_path / "out", tiny_model_path, *extra)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == code
+    assert_one_error_line(result.stderr)
+    assert not (tmp_path / "out").exists()
