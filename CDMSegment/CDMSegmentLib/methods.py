@@ -3,7 +3,7 @@
 The volume runner and the evaluation harness see only this interface:
 ``method(x_0 (B, C, H, W), slice_ids (B,)) -> (B, H, W)``, larger where the target
 class is. Noise is drawn per slice from (seed, slice id) on the CPU, so a heatmap does
-not depend on the batch size or the device.
+not depend on the batch size or the device beyond float rounding (below 1e-6 on the CPU).
 """
 
 from dataclasses import dataclass, fields, replace
