@@ -88,7 +88,9 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     """Run ``method`` slice by slice over the volume and threshold the heatmap at volume level.
 
     volumes: one Volume per model modality, on one grid. threshold: 'model' (calibrated on held-out
-    data, the default when the model has one), 'otsu' (over the volume) or a number. progress(done, total)
+    data, the default when the model has one), 'otsu' (over the volume) or a number.
+    min_component_voxels: 3D components smaller than this are dropped (default: the model's
+    ``min_component_ml`` at this volume's spacing). progress(done, total)
     counts slices with content; cancel (callable or threading.Event) stops between batches with Cancelled.
     """
     start = time.perf_counter()
@@ -100,9 +102,9 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     params = params or CDMParams.for_model(model)
     defaults = model.defaults
     threshold = threshold if threshold is not None else ("model" if "threshold" in defaults else "otsu")
-    min_component_voxels = (min_component_voxels if min_component_voxels is not None
-                            else int(defaults.get("min_component_voxels", 0)))
     ref = volumes[0]
+    if min_component_voxels is None:  # the model's default is in ml, so it means the same at any spacing
+        min_component_voxels = int(round(defaults.get("min_component_ml", 0.0) * 1000 / np.prod(ref.spacing_mm)))
     orientation = Orientation.from_direction(ref.direction, ref.spacing_mm)
     canonical_axis = orientation.canonical_axis(axis)
     arrays = _normalised(model, volumes)
