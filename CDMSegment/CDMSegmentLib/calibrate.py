@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import CDMSegmentError
-from .methods import CDMParams, build_method, network_evaluations_per_slice
+from .methods import CDMParams, build_method, network_evaluations_per_slice, run_in_batches
 from .modelfile import LoadedModel
 
 
@@ -24,14 +24,7 @@ def run_heatmaps(model: LoadedModel, params: CDMParams, slices: torch.Tensor, de
     """(N, C, S, S) slices -> (N, S, S) heatmaps >= 0 on the CPU, as the volume runner makes them."""
     model.network.to(device)
     fn = build_method("cdm", model, params)
-    out = torch.empty(slices.shape[0], *slices.shape[2:])
-    amp = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-                         enabled=precision != "fp32")
-    for lo in range(0, slices.shape[0], batch_size):
-        ids = torch.arange(lo, min(lo + batch_size, slices.shape[0]))
-        with torch.no_grad(), amp:
-            out[ids] = fn(slices[ids].to(device), ids).float().cpu().clamp_min(0)
-    return out
+    return run_in_batches(fn, slices, device, batch_size=batch_size, precision=precision).clamp_min(0)
 
 
 def best_threshold(heatmaps: torch.Tensor, masks: torch.Tensor, case_ids: List[str], quantiles: int = 64) -> Dict:

@@ -1,10 +1,13 @@
-"""Choosing where the networks run: CUDA when there is one, else the CPU, always saying which."""
+"""Where and in what precision the networks run: CUDA when there is one, else the CPU, always saying which."""
 
+import contextlib
 from typing import Callable
 
 import torch
 
 from .errors import CDMSegmentError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def choose_device(device: str = "auto", log: Callable[[str], None] = print) -> torch.device:
@@ -19,3 +22,12 @@ def choose_device(device: str = "auto", log: Callable[[str], None] = print) -> t
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CDMSegmentError("CUDA was requested but no CUDA GPU is usable by this PyTorch; use --device cpu")
     return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str):
+    """fp32 on the CPU unless asked (the CDM subtracts two close outputs; see bench/), fp16 autocast on CUDA."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

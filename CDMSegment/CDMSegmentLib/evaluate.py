@@ -23,7 +23,7 @@ import torch
 from .cgdiff import CGDiffParams
 from .errors import CDMSegmentError
 from .methods import (CAM_METHODS, CDM_METHODS, METHODS, CDMParams, build_method, classifier_passes_per_slice,
-                      network_evaluations_per_slice)
+                      network_evaluations_per_slice, run_in_batches)
 from .metrics import dice, false_positive_pixels, hd95, iou, nan_mean, pixel_auroc
 from .modelfile import LoadedModel
 from .threshold import otsu_threshold
@@ -102,13 +102,9 @@ def run_variant(variant: Variant, cases: Sequence[EvalCase], model: Optional[Loa
                       seed=seed, cgdiff=variant.cgdiff)
     heatmaps, seconds, n = [], 0.0, 0
     for case in cases:
-        out = torch.zeros(case.slices.shape[0], *case.slices.shape[2:])
-        for lo in range(0, len(out), batch_size):
-            ids = torch.arange(lo, min(lo + batch_size, len(out)))
-            start = time.perf_counter()
-            with torch.no_grad():  # slice ids unique over the run: each slice gets its own noise
-                out[ids] = fn(case.slices[ids].to(device), ids + n).float().cpu()
-            seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        out = run_in_batches(fn, case.slices, device, batch_size=batch_size, first_id=n)
+        seconds += time.perf_counter() - start
         n += len(out)
         heatmaps.append(np.where(case.content(), np.maximum(out.numpy(), 0.0), 0.0).astype(np.float32))
     channels = _feature_channels(classifier)

@@ -13,6 +13,7 @@ import torch
 
 from .cam import CAM_METHODS, build_cam_method
 from .cdm import cdm_heatmap
+from .device import autocast
 from .cgdiff import CGDiffParams, build_cgdiff_method
 from .errors import CDMSegmentError
 from .modelfile import LoadedModel
@@ -122,3 +123,17 @@ def build_method(method: str, model: Optional[LoadedModel], params: CDMParams, *
         return sign * total / params.noise_draws
 
     return heatmap
+
+
+def run_in_batches(fn: MethodFn, slices: torch.Tensor, device: torch.device, *, batch_size: int = 16,
+                   precision: str = "fp32", first_id: int = 0) -> torch.Tensor:
+    """(N, C, S, S) slices -> (N, S, S) maps on the CPU, ``batch_size`` slices at a time on ``device``.
+
+    Slice ids run from ``first_id``, so that slices of several cases each get their own noise.
+    """
+    out = torch.zeros(slices.shape[0], *slices.shape[2:])
+    for lo in range(0, len(out), batch_size):
+        ids = torch.arange(lo, min(lo + batch_size, len(out)))
+        with torch.no_grad(), autocast(device, precision):
+            out[ids] = fn(slices[ids].to(device), ids + first_id).float().cpu()
+    return out

@@ -5,7 +5,6 @@ model-sized slices with content -> batches on the device -> heatmap per slice ->
 back onto the input grid -> one volume-level threshold -> mask.
 """
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .device import choose_device
+from .device import PRECISIONS, autocast, choose_device
 from .errors import Cancelled, CDMSegmentError
 from .image import Volume, check_same_grid
 from .intensity import normalise_volume
@@ -22,9 +21,6 @@ from .methods import CDMParams, build_method, network_evaluations_per_slice
 from .modelfile import LoadedModel
 from .slicing import Orientation, extract_slices, insert_slices
 from .threshold import make_mask, resolve_threshold
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 
 @dataclass
 class SegmentationResult:
@@ -36,15 +32,6 @@ class SegmentationResult:
     network_evaluations: int
     seconds: float
     device: str
-
-
-def _autocast(device: torch.device, precision: str):
-    """fp32 on the CPU unless asked (the CDM subtracts two close outputs; see bench/), fp16 autocast on CUDA."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _is_cancelled(cancel) -> bool:
@@ -127,7 +114,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                 if _is_cancelled(cancel):
                     raise Cancelled()
                 ids = torch.from_numpy(with_content[lo:lo + batch_size])
-                with torch.no_grad(), _autocast(dev, precision):
+                with torch.no_grad(), autocast(dev, precision):
                     maps[ids] = fn(slices[ids].to(dev), ids).float().cpu()
                 done = lo + len(ids)
                 if progress:

@@ -1,0 +1,41 @@
+"""Calibration: the threshold search and the sweep that writes a model's defaults."""
+
+import numpy as np
+import pytest
+import torch
+
+from CDMSegmentLib.calibrate import best_threshold, defaults_from, sweep
+from CDMSegmentLib.errors import CDMSegmentError
+from CDMSegmentLib.modelfile import load_model
+
+
+def test_best_threshold_separates_lesion_from_background():
+    rng = np.random.default_rng(0)
+    masks = torch.zeros(4, 16, 16, dtype=torch.bool)
+    masks[:2, 4:8, 4:8] = True  # case "a" has a lesion on two slices, case "b" is healthy
+    heatmaps = torch.from_numpy(rng.uniform(0.01, 0.1, (4, 16, 16)).astype(np.float32))
+    heatmaps[masks] += 1.0
+    row = best_threshold(heatmaps, masks, ["a", "a", "b", "b"])
+    # candidates are quantiles of the map, so the best one lies at the top of the background
+    assert 0.09 <= row["threshold"] < 1.01
+    assert row["pooled_dice"] > 0.95 and row["mean_case_dice"] > 0.95
+    assert row["healthy_fp_fraction"] < 0.01
+
+
+def test_all_zero_heatmaps_are_refused():
+    with pytest.raises(CDMSegmentError, match="ignores the label"):
+        best_threshold(torch.zeros(2, 8, 8), torch.zeros(2, 8, 8, dtype=torch.bool), ["a", "b"])
+
+
+def test_sweep_scores_every_setting_best_first(tiny_model_path):
+    model = load_model(tiny_model_path)
+    slices = torch.rand(6, 1, 32, 32) * 2 - 1
+    masks = torch.zeros(6, 32, 32, dtype=torch.bool)
+    masks[:3, 10:20, 10:20] = True
+    rows = sweep(model, slices, masks, ["a"] * 3 + ["b"] * 3, {"tau": [0.0, 0.5], "steps": [1]},
+                 torch.device("cpu"), log=lambda m: None, precision="fp32", batch_size=4)
+    assert [r["tau"] for r in rows] != [] and {r["tau"] for r in rows} == {0.0, 0.5}
+    assert rows[0]["pooled_dice"] >= rows[1]["pooled_dice"]
+    assert all(r["evaluations_per_slice"] == 2 for r in rows)
+    defaults = defaults_from(rows[0])
+    assert set(defaults) == {"noise_level", "steps", "tau", "noise_draws", "threshold", "calibration"}
