@@ -8,21 +8,23 @@ from CDMSegmentLib.schedule import NoiseSchedule
 from conftest import SquareClassifier, ZeroEps, blob_slices
 
 
-def test_scale_zero_equals_cdm_to_the_bit(tiny_models):
+def cdm_and_cg_cdm(tiny_models, guidance_scale: float):
+    """The CDM and CG-CDM maps of the same slices, noise and settings."""
     model, classifier = tiny_models
     x = blob_slices(3, [1])
-    params = CDMParams(noise_level=0.9, steps=2, tau=0.5, guidance_scale=0.0)
+    params = CDMParams(noise_level=0.9, steps=2, tau=0.5, guidance_scale=guidance_scale)
     cdm = build_method("cdm", model, params, seed=3)(x, torch.arange(3))
     cg = build_method("cg-cdm", model, params, classifier=classifier, seed=3)(x, torch.arange(3))
+    return cdm, cg
+
+
+def test_scale_zero_equals_cdm_to_the_bit(tiny_models):
+    cdm, cg = cdm_and_cg_cdm(tiny_models, 0.0)
     assert torch.equal(cdm, cg)
 
 
 def test_guidance_changes_the_map(tiny_models):
-    model, classifier = tiny_models
-    x = blob_slices(3, [1])
-    params = CDMParams(noise_level=0.9, steps=2, tau=0.5, guidance_scale=100.0)
-    cdm = build_method("cdm", model, params, seed=3)(x, torch.arange(3))
-    cg = build_method("cg-cdm", model, params, classifier=classifier, seed=3)(x, torch.arange(3))
+    cdm, cg = cdm_and_cg_cdm(tiny_models, 100.0)
     assert (cdm - cg).abs().max() > 1e-4
 
 
