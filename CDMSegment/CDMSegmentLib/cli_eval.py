@@ -1,18 +1,9 @@
 """Command-line front ends for evaluation: ``evaluate`` and ``train-classifier``."""
 
-import argparse
 import sys
 from pathlib import Path
 
-
-def _list(kind):
-    """A comma-separated list of ``kind`` values: 'cdm,cg-cdm' or '0.9,0.8'."""
-    def parse(value: str):
-        try:
-            return [kind(v) for v in value.split(",") if v]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}") from None
-    return parse
+from .cli_train import comma_list
 
 
 def add_evaluate_parser(sub) -> None:
@@ -22,16 +13,16 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
     p.add_argument("--model", default=None, help="diffusion model (name or file; default: the bundled model)")
     p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm, cg-diff and the CAMs")
-    p.add_argument("--methods", type=_list(str), default=["cdm"],
+    p.add_argument("--methods", type=comma_list(str), default=["cdm"],
                    help="comma-separated: cdm, cg-cdm, gradcam, gradcam++, scorecam, layercam, cg-diff")
-    p.add_argument("--threshold-rule", type=_list(str), default=["otsu-slice", "volume-otsu"],
+    p.add_argument("--threshold-rule", type=comma_list(str), default=["otsu-slice", "volume-otsu"],
                    help="comma-separated: otsu-slice (the paper's), volume-otsu (the tool's), model (calibrated, CDM only)")
     p.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
     p.add_argument("--preset", default="model", choices=("model", "paper"), help="base CDM settings")
-    p.add_argument("--noise-level", type=_list(float), default=[None], help="CDM alpha_bar at the start; a list sweeps")
-    p.add_argument("--steps", type=_list(int), default=[None], help="CDM DDIM steps R; a list sweeps")
-    p.add_argument("--tau", type=_list(float), default=[None], help="CDM tau; a list sweeps")
-    p.add_argument("--guidance-scale", type=_list(float), default=[None], help="CG-CDM scale s; a list sweeps")
+    p.add_argument("--noise-level", type=comma_list(float), default=[None], help="CDM alpha_bar at the start; a list sweeps")
+    p.add_argument("--steps", type=comma_list(int), default=[None], help="CDM DDIM steps R; a list sweeps")
+    p.add_argument("--tau", type=comma_list(float), default=[None], help="CDM tau; a list sweeps")
+    p.add_argument("--guidance-scale", type=comma_list(float), default=[None], help="CG-CDM scale s; a list sweeps")
     p.add_argument("--cgdiff-level", type=float, default=None, help="CG-Diff alpha_bar at L (Wolleb: 0.0786, L=500/1000)")
     p.add_argument("--cgdiff-steps", type=int, default=None,
                    help="CG-Diff DDIM steps each way (Wolleb: 500, 1500 network passes per slice; fewer are strided)")
@@ -68,8 +59,8 @@ def add_train_classifier_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--base-channels", type=int, default=32)
-    p.add_argument("--channel-mults", type=_list(int), default=[1, 2, 2, 4])
-    p.add_argument("--class-names", type=_list(str), default=["normal", "lesion"])
+    p.add_argument("--channel-mults", type=comma_list(int), default=[1, 2, 2, 4])
+    p.add_argument("--class-names", type=comma_list(str), default=["normal", "lesion"])
     p.add_argument("--name", default="cdmsegment-classifier")
     p.add_argument("--version", default="0.1.0")
     p.add_argument("--seed", type=int, default=0)
@@ -86,7 +77,7 @@ def run_train_classifier(args) -> None:
 
     data = load_slices(args.slices)
     unet = UNetConfig(in_channels=data.data.shape[1], num_classes=len(args.class_names),
-                      base_channels=args.base_channels, channel_mults=tuple(args.channel_mults), attention_levels=())
+                      base_channels=args.base_channels, channel_mults=args.channel_mults, attention_levels=())
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       precision=args.precision, unet=unet)
     checkpoint = train_classifier(data.data, data.labels, cfg, args.run_dir)

@@ -1,5 +1,6 @@
-"""Command-line front ends for data and training: ``phantom``, ``slices``, ``train``, ``export``."""
+"""Command-line front ends for data and training: ``phantom``, ``slices``, ``train``, ``export``, ``calibrate``."""
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -7,12 +8,14 @@ from pathlib import Path
 from .errors import CDMSegmentError
 
 
-def _ints(value: str) -> tuple:
-    return tuple(int(v) for v in value.split(",") if v.strip())
-
-
-def _names(value: str) -> tuple:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+def comma_list(kind):
+    """An argparse type: a comma-separated list of ``kind`` values ('flair,t1' or '0.9,0.8') -> list."""
+    def parse(value: str) -> list:
+        try:
+            return [kind(v.strip()) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}") from None
+    return parse
 
 
 def add_phantom_parser(sub) -> None:
@@ -20,7 +23,7 @@ def add_phantom_parser(sub) -> None:
     p.add_argument("output", type=Path, metavar="OUTDIR")
     p.add_argument("--cases", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--modalities", type=_names, default=("flair",), help="comma-separated: flair,t1,t1ce,t2")
+    p.add_argument("--modalities", type=comma_list(str), default=("flair",), help="comma-separated: flair,t1,t1ce,t2")
     p.add_argument("--lesion-free-fraction", type=float, default=0.25)
     p.add_argument("--in-plane-mm", type=float, default=None, help="fixed in-plane spacing (default: random 1-2 mm)")
     p.add_argument("--slice-mm", type=float, default=None, help="fixed slice thickness (default: random up to 5 mm)")
@@ -45,7 +48,7 @@ def _add_data_arguments(p) -> None:
                    "--labels, or a .npz slice set")
     p.add_argument("--labels", type=Path, default=None,
                    help="CSV of per-slice labels (case or file, slice, label) for a folder of single-modality volumes")
-    p.add_argument("--modalities", type=_names, default=("flair",))
+    p.add_argument("--modalities", type=comma_list(str), default=("flair",))
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--split", type=Path, default=None,
                    help="split JSON (train/val/test case ids); made and written beside the output when absent")
@@ -102,10 +105,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--schedule", default="linear", choices=("linear", "cosine"))
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--base-channels", type=int, default=32)
-    p.add_argument("--channel-mults", type=_ints, default=(1, 2, 2, 4))
-    p.add_argument("--attention-levels", type=_ints, default=(3,))
+    p.add_argument("--channel-mults", type=comma_list(int), default=(1, 2, 2, 4))
+    p.add_argument("--attention-levels", type=comma_list(int), default=(3,))
     p.add_argument("--blocks-per-level", type=int, default=1)
-    p.add_argument("--class-names", type=_names, default=("normal", "tumour"))
+    p.add_argument("--class-names", type=comma_list(str), default=("normal", "tumour"))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.set_defaults(func=run_train)
@@ -124,7 +127,7 @@ def run_train(args) -> None:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       schedule=args.schedule, num_timesteps=args.timesteps, precision=args.precision,
                       checkpoint_every=args.checkpoint_every, image_size=int(meta.get("image_size", args.image_size)),
-                      modalities=tuple(meta.get("modalities", args.modalities)), class_names=args.class_names,
+                      modalities=meta.get("modalities", args.modalities), class_names=args.class_names,
                       unet=unet)
     start = time.perf_counter()
     ckpt = train_diffusion(dataset.data, dataset.labels, cfg, args.run_dir)
@@ -157,19 +160,15 @@ def run_export(args) -> None:
     print(f"{args.output}: sha256 {sha}, {args.output.stat().st_size / 1e6:.1f} MB")
 
 
-def _floats(value: str) -> list:
-    return [float(v) for v in value.split(",") if v.strip()]
-
-
 def add_calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="measure CDM settings on held-out slices with masks; write the best as defaults")
     p.add_argument("model", help="model file or registered name")
     p.add_argument("data", type=Path, help=".npz slice set with masks (cdmsegment slices --with-masks)")
     p.add_argument("-o", "--output", type=Path, required=True, help="defaults JSON for cdmsegment export")
-    p.add_argument("--noise-level", type=_floats, default=[0.98, 0.95, 0.9, 0.8, 0.65, 0.5])
-    p.add_argument("--tau", type=_floats, default=[0.0, 0.5, 0.95])
-    p.add_argument("--steps", type=_ints, default=(2,))
-    p.add_argument("--noise-draws", type=_ints, default=(1,))
+    p.add_argument("--noise-level", type=comma_list(float), default=[0.98, 0.95, 0.9, 0.8, 0.65, 0.5])
+    p.add_argument("--tau", type=comma_list(float), default=[0.0, 0.5, 0.95])
+    p.add_argument("--steps", type=comma_list(int), default=(2,))
+    p.add_argument("--noise-draws", type=comma_list(int), default=(1,))
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp16", choices=("fp32", "bf16", "fp16"))
     p.set_defaults(func=run_calibrate)

@@ -51,14 +51,13 @@ class TrainConfig:
         d["unet"] = self.unet.to_dict()
         return d
 
+    def __post_init__(self):
+        self.modalities = tuple(self.modalities)
+        self.class_names = tuple(self.class_names)
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        d["unet"] = UNetConfig.from_dict(d.get("unet", {}))
-        for key in ("modalities", "class_names"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+        return cls(**{**d, "unet": UNetConfig.from_dict(d.get("unet", {}))})
 
 
 def distributed_context():

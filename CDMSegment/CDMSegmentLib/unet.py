@@ -31,12 +31,13 @@ class UNetConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __post_init__(self):
+        # tuples whatever the caller passed (a JSON list, a parsed argument), so configs compare equal
+        self.channel_mults = tuple(self.channel_mults)
+        self.attention_levels = tuple(self.attention_levels)
+
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        d = dict(d)
-        for key in ("channel_mults", "attention_levels"):
-            if key in d:
-                d[key] = tuple(d[key])
         return cls(**d)
 
 
