@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench screenshot clean
 
 venv: $(VENV)/.installed
 
@@ -30,5 +30,16 @@ test: venv
 bench: venv
 	$(PY) bench/bench_volume.py
 
+# Resources/screenshot.png: the demo's result rendered by Slicer's own views (slicer-core through
+# trame-slicer, offscreen), in a separate environment so the test environment stays as it is.
+VIEWS_VENV := .venv-views
+STEM := CDMSegmentSample_flair
+
+screenshot: demo
+	test -x $(VIEWS_VENV)/bin/python || $(PYTHON) -m venv $(VIEWS_VENV)
+	$(VIEWS_VENV)/bin/python -m pip install --quiet "trame-slicer[standalone]==2.0.0" "slicer-core>=5.11,<5.12" numpy pillow
+	$(VIEWS_VENV)/bin/python tools/render_screenshot.py $(SAMPLE) demo-output/$(STEM)_heatmap.nrrd \
+		demo-output/$(STEM).seg.nrrd Resources/screenshot.png
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(VIEWS_VENV) demo-output .pytest_cache

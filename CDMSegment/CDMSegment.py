@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import slicer
 from slicer.util import VTKObservationMixin
 
@@ -77,6 +78,8 @@ class CDMSegmentParameterNode:
     noiseLevel: float = 0.896
     steps: int = 10
     tau: float = 0.95
+    noiseDraws: int = 1
+    guidanceScale: float = 100.0
     axis: str = "auto"
     batchSize: int = 16
     hardenTransform: bool = False
@@ -107,6 +110,12 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         from CDMSegmentLib.download import download_needed
         return download_needed(nameOrPath, self.cacheDir, self.registry)
 
+    def classifierFor(self, modelName=None):
+        """The name of the classifier registered to guide a registered model (CG-CDM), or None."""
+        from CDMSegmentLib.modelfile import default_model_name
+        from CDMSegmentLib.panel import classifier_for
+        return classifier_for(modelName or default_model_name(), *([self.registry] if self.registry else []))
+
     def loadModel(self, nameOrPath=None, progress=None, cancel=None, kind="diffusion"):
         """A registered model (bundled, or downloaded into the cache on first use) or a model file; kind:
         'diffusion' or 'classifier'. progress(bytes done, bytes total) and cancel (threading.Event): downloads."""
@@ -132,22 +141,27 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         return add_results(referenceNode, ijkToRAS, results, name)
 
     def process(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", preset="model",
-                noiseLevel=None, steps=None, tau=None, axis="auto", batchSize=16, threshold=None, classifier=None,
-                hardenTransform=False, progress=None, cancel=None):
+                noiseLevel=None, steps=None, tau=None, noiseDraws=None, guidanceScale=None, axis="auto", batchSize=16,
+                threshold=None, classifier=None, hardenTransform=False, progress=None, cancel=None):
         """Segment and add result nodes to the inputs' scene: [heatmap volume(s)..., segmentation].
 
         inputVolumeNodes: one scalar volume node per model modality (or a single node);
-        model / classifier: a registered name, a file path or a loaded model. The inputs are never modified.
+        model / classifier: a registered name, a file path or a loaded model (method 'cg-cdm' needs the
+        classifier; by default the one registered with the model). None settings are the model's
+        measured defaults. The inputs are never modified.
         """
         from CDMSegmentLib.modelfile import LoadedModel
         from CDMSegmentLib.mrml_run import segment_nodes
 
         nodes = list(inputVolumeNodes) if isinstance(inputVolumeNodes, (list, tuple)) else [inputVolumeNodes]
+        if method == "cg-cdm" and classifier is None and not isinstance(model, LoadedModel):
+            classifier = self.classifierFor(model)
         model = model if isinstance(model, LoadedModel) else self.loadModel(model)
         if classifier is not None and not isinstance(classifier, LoadedModel):
             classifier = self.loadModel(classifier, kind="classifier")
         return segment_nodes(nodes, model, target_class=targetClass, preset=preset, noise_level=noiseLevel,
-                             steps=steps, tau=tau, harden=hardenTransform, progress=progress, cancel=cancel,
+                             steps=steps, tau=tau, noise_draws=noiseDraws, guidance_scale=guidanceScale,
+                             harden=hardenTransform, progress=progress, cancel=cancel,
                              log=lambda message: logging.info(f"CDMSegment: {message}"), method=method,
                              classifier=classifier, device=device, axis=axis, batch_size=batchSize,
                              threshold=threshold)
@@ -175,17 +189,16 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CDMSegmentLogic(Path(slicer.app.cachePath) / "CDMSegment")
-        self.model = None
+        self.model = self.classifier = self.classifierName = None
         self.job = None
         self.extraInputSelectors = []
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.connect("timeout()", self.onPoll)
-        # CG-CDM needs a classifier model; the panel offers it once one is bundled (console: classifier=).
-        self.ui.methodSelector.addItems(["cdm"])
         self.ui.deviceSelector.addItems(["auto", "cuda", "cpu"])
         self.ui.axisSelector.addItems(["auto", "axial", "coronal", "sagittal"])
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.methodSelector.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelFile)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
@@ -247,11 +260,11 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         return True
 
     def populateModels(self):
-        from CDMSegmentLib.modelfile import read_registry
+        from CDMSegmentLib.panel import model_choices
 
         self.ui.modelSelector.clear()
-        for entry in read_registry():
-            self.ui.modelSelector.addItem(entry["name"], entry["name"])
+        for name in model_choices():
+            self.ui.modelSelector.addItem(name, name)
 
     def onLoadModelFile(self):
         path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Load a CDMSegment model", "",
@@ -268,23 +281,28 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         entry = self.logic.downloadNeeded(source)
         if entry is None:
             with slicer.util.tryWithErrorDisplay("Could not load the model.", waitCursor=True):
-                self.useModel(self.logic.loadModel(source))
+                self.useModel(self.logic.loadModel(source), self.logic.classifierFor(source))
         elif slicer.util.confirmOkCancelDisplay(
                 f"Download model {entry['name']} ({entry.get('size_bytes', 0) / 1e6:.0f} MB) from {entry['url']}?"):
             self.startJob(lambda progress, cancel: self.logic.loadModel(source, progress, cancel), "MB",
-                          self.useModel)
+                          lambda model: self.useModel(model, self.logic.classifierFor(source)))
 
-    def useModel(self, model):
-        """Show the model's classes and defaults, and one input selector per modality it declares."""
-        self.model = model
-        self.ui.modelInfoLabel.text = (f"{model.metadata['name']} {model.metadata['version']}: "
-                                       f"{', '.join(model.modalities)} -> {', '.join(model.class_names)}")
+    def useModel(self, model, classifierName=None):
+        """Show the model's classes, methods and measured defaults, and one input selector per modality.
+        classifierName: the registered classifier that guides it; it makes CG-CDM available."""
+        from CDMSegmentLib.panel import advanced_defaults, methods_for, model_text
+
+        self.model, self.classifierName, self.classifier = model, classifierName, None
+        if classifierName and self.logic.downloadNeeded(classifierName) is None:
+            with slicer.util.tryWithErrorDisplay("Could not load the model's classifier.", waitCursor=True):
+                self.classifier = self.logic.loadModel(classifierName, kind="classifier")
+        self.ui.modelInfoLabel.text = model_text(model)
         self.ui.targetClassSelector.clear()
         self.ui.targetClassSelector.addItems(model.class_names[1:])
-        defaults = model.defaults
-        self.parameterNode.noiseLevel = defaults.get("noise_level", self.parameterNode.noiseLevel)
-        self.parameterNode.steps = defaults.get("steps", self.parameterNode.steps)
-        self.parameterNode.tau = defaults.get("tau", self.parameterNode.tau)
+        self.ui.methodSelector.clear()
+        self.ui.methodSelector.addItems(methods_for(classifierName if self.classifier else None))
+        for name, value in advanced_defaults(model, self.classifier).items():
+            setattr(self.parameterNode, name, value)
         self.ui.firstInputLabel.text = f"{model.modalities[0]}:"
         formLayout = self.ui.extraInputsWidget.layout()
         for selector in self.extraInputSelectors:
@@ -297,6 +315,9 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
             selector.setMRMLScene(slicer.mrmlScene)
             formLayout.addRow(f"{modality}:", selector)
             self.extraInputSelectors.append(selector)
+
+    def onMethodChanged(self, index):
+        self.ui.guidanceScaleSpinBox.enabled = self.ui.methodSelector.currentText == "cg-cdm"
 
     def onApplyButton(self):
         if self.job is not None:
@@ -316,9 +337,12 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
             nodes = [p.inputVolume] + [selector.currentNode() for selector in self.extraInputSelectors]
             volumes, ijkToRAS = self.logic.prepareInputs(nodes, self.model, p.hardenTransform)
             model, classes = self.model, [self.ui.targetClassSelector.currentIndex + 1]
+            classifier = self.classifier if p.method == "cg-cdm" else None
             # Read on the main thread: the worker never touches MRML, the parameter node included.
-            options = dict(method=p.method, device=p.device, axis=p.axis, batch_size=p.batchSize,
-                           params=CDMParams.for_model(model, noise_level=p.noiseLevel, steps=p.steps, tau=p.tau))
+            options = dict(method=p.method, device=p.device, axis=p.axis, batch_size=p.batchSize, classifier=classifier,
+                           params=CDMParams.for_model(model, classifier=classifier, noise_level=p.noiseLevel,
+                                                      steps=p.steps, tau=p.tau, noise_draws=p.noiseDraws,
+                                                      guidance_scale=p.guidanceScale))
             self.startJob(lambda progress, cancel: self.logic.runModel(
                 model, volumes, classes, progress, cancel, log=self.workerMessages.append, **options), "slices",
                 lambda results: self.showResult(nodes, self.logic.addResultNodes(nodes[0], ijkToRAS, results), results))
@@ -339,18 +363,15 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
     def onPoll(self):
         """Main thread: show progress; when the job ends, hand over its result or show its error."""
         from CDMSegmentLib.errors import Cancelled
+        from CDMSegmentLib.panel import progress_text
 
         while self.workerMessages:
             self.lastMessage = self.workerMessages.pop(0)
             logging.info(f"CDMSegment: {self.lastMessage}")
         done, total = self.job.progress
-        eta = self.job.eta_seconds()
         self.ui.progressBar.maximum = 1000
         self.ui.progressBar.value = int(1000 * done / total) if total else 0
-        if total:
-            scale = 1e6 if self.jobUnit == "MB" else 1
-            self.ui.statusLabel.text = (f"{done / scale:.0f} of {total / scale:.0f} {self.jobUnit}"
-                                        + (f", about {eta:.0f} s left" if eta else "") + f"\n{self.lastMessage}")
+        self.ui.statusLabel.text = progress_text(done, total, self.jobUnit, self.job.eta_seconds(), self.lastMessage)
         if not self.job.finished:
             return
         self.timer.stop()
@@ -367,17 +388,18 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
                 self.onJobDone(job.result)
 
     def showResult(self, inputNodes, outputNodes, results):
+        from CDMSegmentLib.panel import result_text, slider_range
+
         heatmapNode, segmentationNode = outputNodes[0], outputNodes[-1]
         result = next(iter(results.values()))
         p = self.parameterNode
         p.heatmapVolume = None  # the slider set-up below must not re-make the previous run's segment
-        self.ui.thresholdSlider.maximum = float(result.heatmap.max()) or 1.0
-        self.ui.thresholdSlider.singleStep = self.ui.thresholdSlider.maximum / 200
+        self.ui.thresholdSlider.maximum, self.ui.thresholdSlider.singleStep = slider_range(result.heatmap.max())
         p.threshold = result.threshold
         p.heatmapVolume, p.segmentation = heatmapNode, segmentationNode
         slicer.util.setSliceViewerLayers(background=inputNodes[0], foreground=heatmapNode, foregroundOpacity=0.4)
-        self.ui.statusLabel.text = (f"{result.slices_run} of {result.slices_total} slices in {result.seconds:.0f} s "
-                                    f"on {result.device}; {int(result.mask.sum())} voxels segmented")
+        voxelMl = float(np.prod(inputNodes[0].GetSpacing())) / 1000.0
+        self.ui.statusLabel.text = result_text(result, voxelMl)
         self.openSegmentEditor()
 
     def onThresholdChanged(self, value):
@@ -408,7 +430,6 @@ class CDMSegmentTest(ScriptedLoadableModuleTest):
     def test_sampleEndToEnd(self):
         if not SAMPLE_DESCRIPTION.is_file():
             self.skipTest(f"{SAMPLE_DESCRIPTION.name} is not published yet")
-        import numpy as np
         import SampleData
 
         volume = SampleData.downloadSample("CDMSegmentSample")

@@ -118,6 +118,17 @@ def make_tiny_model_file(path: Path, *, image_size: int = 32, modalities=("FLAIR
     return save_model(net, meta, path)
 
 
+def make_tiny_classifier_file(path: Path, *, defaults=None, seed: int = 1):
+    """An untrained classifier that can guide the model of make_tiny_model_file, with optional CG-CDM defaults."""
+    torch.manual_seed(seed)
+    cfg = TrainConfig(unet=TINY_UNET)
+    meta = classifier_metadata(cfg, name="tiny-classifier", version="0", image_size=32, modalities=("FLAIR",),
+                               class_names=["normal", "tumour"], training={"data": "none (test fixture)"})
+    if defaults:
+        meta["defaults"] = dict(defaults)
+    return save_model(NoiseAwareClassifier(TINY_UNET), meta, path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.pt"

@@ -6,7 +6,8 @@ import torch
 
 from CDMSegmentLib.calibrate import best_threshold, defaults_from, sweep
 from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.modelfile import load_model
+from CDMSegmentLib.methods import CDMParams, calibrated_threshold
+from CDMSegmentLib.modelfile import load_model, with_defaults
 
 
 def test_best_threshold_separates_lesion_from_background():
@@ -39,3 +40,37 @@ def test_sweep_scores_every_setting_best_first(tiny_model_path):
     assert all(r["evaluations_per_slice"] == 2 for r in rows)
     defaults = defaults_from(rows[0])
     assert set(defaults) == {"noise_level", "steps", "tau", "noise_draws", "threshold", "calibration"}
+
+
+def test_a_classifier_sweep_calibrates_cgcdm_and_its_defaults_go_into_the_classifier(tiny_models, tmp_path):
+    model, classifier = tiny_models
+    slices = torch.rand(6, 1, 16, 16) * 2 - 1
+    masks = torch.zeros(6, 16, 16, dtype=torch.bool)
+    masks[:3, 4:9, 4:9] = True
+    rows = sweep(model, slices, masks, ["a"] * 3 + ["b"] * 3, {"steps": [1], "tau": [0.0], "guidance_scale": [0.0, 5.0]},
+                 torch.device("cpu"), log=lambda m: None, classifier=classifier, precision="fp32", batch_size=4)
+    assert {r["method"] for r in rows} == {"cg-cdm"} and {r["guidance_scale"] for r in rows} == {0.0, 5.0}
+    assert rows[0]["threshold"] != rows[1]["threshold"]  # guidance changes the heatmap, so its threshold
+    defaults = defaults_from(rows[0])
+    assert set(defaults) == {"guidance_scale", "cg_cdm_threshold", "calibration"}
+    assert defaults["calibration"]["cdm_settings"]["steps"] == 1
+
+    path = tmp_path / "calibrated.pt"
+    with_defaults(classifier, defaults, path)
+    saved = load_model(path, kind="classifier")
+    assert saved.defaults["guidance_scale"] == rows[0]["guidance_scale"]
+    assert calibrated_threshold("cg-cdm", model, saved) == pytest.approx(rows[0]["threshold"])
+    assert CDMParams.for_model(model, classifier=saved).guidance_scale == rows[0]["guidance_scale"]
+    assert CDMParams.for_model(model, "paper", classifier=saved).guidance_scale == 100.0  # the paper's s
+    x, t = torch.rand(2, 1, 16, 16), torch.tensor([5, 50])
+    assert torch.equal(saved.network(x, t), classifier.network(x, t))  # same weights, new metadata
+
+
+def test_each_method_uses_only_its_own_calibrated_threshold(tiny_models, tmp_path):
+    model, classifier = tiny_models
+    assert calibrated_threshold("cg-cdm", model, classifier) is None  # nothing measured for this classifier yet
+    with_defaults(classifier, {"cg_cdm_threshold": 0.5}, tmp_path / "c.pt")
+    calibrated = load_model(tmp_path / "c.pt", kind="classifier")
+    assert calibrated_threshold("cg-cdm", model, calibrated) == 0.5
+    assert calibrated_threshold("cdm", model, calibrated) is None  # the tiny diffusion model stores none
+    assert calibrated_threshold("gradcam", model, calibrated) is None

@@ -225,3 +225,24 @@ def test_as_a_process_an_error_is_one_stderr_line_without_traceback(extra, code,
     assert result.returncode == code
     assert_one_error_line(result.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_set_defaults_writes_a_new_model_file_with_the_measured_defaults(tmp_path, tiny_model_path, capsys):
+    (tmp_path / "defaults.json").write_text(json.dumps({"steps": 3, "threshold": 0.25}))
+    code, out, _ = run_cli(["set-defaults", tiny_model_path, tmp_path / "defaults.json", "-o", tmp_path / "new.pt"],
+                           capsys)
+    assert code == 0 and "sha256" in out
+    code, out, _ = run_cli(["info", tmp_path / "new.pt"], capsys)
+    defaults = json.loads(out.split("\n", 1)[1])["defaults"]
+    assert defaults["steps"] == 3 and defaults["threshold"] == 0.25
+    assert defaults["noise_level"] == 0.9  # the defaults not given are kept
+
+
+@pytest.mark.parametrize("content", ["not json", "[1, 2]"])
+def test_set_defaults_refuses_bad_defaults_with_one_line_and_no_file(content, tmp_path, tiny_model_path, capsys):
+    (tmp_path / "defaults.json").write_text(content)
+    code, _, err = run_cli(["set-defaults", tiny_model_path, tmp_path / "defaults.json", "-o", tmp_path / "new.pt"],
+                           capsys)
+    assert code == 1
+    assert_one_error_line(err)
+    assert not (tmp_path / "new.pt").exists()

@@ -13,7 +13,7 @@ from CDMSegmentLib import mrml
 from CDMSegmentLib.errors import Cancelled, CDMSegmentError, ModelFileError
 from CDMSegmentLib.modelfile import sha256_of
 from CDMSegmentLib.threshold import make_mask
-from conftest import add_volume, phantom
+from conftest import add_volume, make_tiny_classifier_file, phantom
 from test_mrml import GEOMETRIES
 
 
@@ -155,3 +155,38 @@ def test_a_classifier_is_loaded_as_a_classifier(scene, tiny_model_path):
     with pytest.raises(ModelFileError, match="is a diffusion model, but a classifier model is needed"):
         CDMSegmentLogic().process(node, model=str(tiny_model_path), method="cg-cdm", classifier=str(tiny_model_path),
                                   device="cpu")
+
+
+@pytest.fixture
+def guided_registry(tmp_path, tiny_model_path):
+    """A registry with the tiny diffusion model and the classifier registered to guide it (CG-CDM),
+    the classifier carrying a measured scale and threshold."""
+    models = tmp_path / "Models"
+    models.mkdir()
+    shutil.copy(tiny_model_path, models / "tiny.pt")
+    classifier_sha = make_tiny_classifier_file(models / "tiny-classifier.pt",
+                                               defaults={"guidance_scale": 2.0, "cg_cdm_threshold": 1e-4})
+    registry = models / "models.json"
+    registry.write_text(json.dumps({"models": [
+        {"name": "tiny", "file": "tiny.pt", "kind": "diffusion", "default": True, "classifier": "tiny-classifier",
+         "sha256": sha256_of(tiny_model_path)},
+        {"name": "tiny-classifier", "file": "tiny-classifier.pt", "kind": "classifier", "sha256": classifier_sha}]}))
+    return registry
+
+
+def test_cgcdm_uses_the_registered_classifier_with_its_measured_scale_and_threshold(scene, guided_registry):
+    node = add_volume(scene, phantom(), np.diag([1.0, 1.0, 2.0, 1.0]))
+    logic = CDMSegmentLogic(registry=guided_registry)
+    assert logic.classifierFor("tiny") == "tiny-classifier"
+    run = dict(model="tiny", device="cpu", steps=1)
+    heatmap_node, segmentation_node = logic.process(node, method="cg-cdm", **run)
+    guided = slicer.util.arrayFromVolume(heatmap_node)
+    at_measured_scale = slicer.util.arrayFromVolume(logic.process(node, method="cg-cdm", guidanceScale=2.0, **run)[0])
+    unguided = slicer.util.arrayFromVolume(logic.process(node, method="cdm", **run)[0])
+    np.testing.assert_allclose(guided, at_measured_scale, atol=1e-6)
+    assert np.abs(guided - unguided).max() > 1e-3 * np.abs(unguided).max()  # the classifier did guide it
+    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+    mask = mrml.segment_mask(segmentation_node, segment_id, mrml.ijk_to_ras(node), guided.shape)
+    content = slicer.util.arrayFromVolume(node) != 0
+    np.testing.assert_array_equal(mask > 0, make_mask(guided, 1e-4, content, 0) > 0)  # the classifier's threshold
+    assert 0 < (mask > 0).sum() < content.sum()

@@ -39,6 +39,19 @@ def test_extension_metadata_agrees_across_cmake_s4ext_and_catalog_entry():
     assert "add_subdirectory(CDMSegment)" in cmake
 
 
+def test_the_screenshot_and_icon_urls_point_at_files_in_this_repository():
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    s4ext = dict(line.split(" ", 1) for line in (ROOT / "CDMSegment.s4ext").read_text().splitlines()
+                 if line and not line.startswith("#"))
+    prefix = s4ext["scmurl"].replace("https://github.com/", "https://raw.githubusercontent.com/").removesuffix(".git")
+    for key, variable in (("iconurl", "EXTENSION_ICONURL"), ("screenshoturls", "EXTENSION_SCREENSHOTURLS")):
+        url = s4ext[key]
+        assert f'set({variable} "{url}")' in cmake
+        assert url.startswith(f"{prefix}/{s4ext['scmrevision']}/")
+        path = ROOT / url.split(f"/{s4ext['scmrevision']}/", 1)[1]
+        assert path.is_file() and path.suffix == ".png" and path.stat().st_size < 500_000
+
+
 def test_icons_are_small_rgba_pngs():
     for path in (MODULE / "Resources" / "Icons" / "CDMSegment.png", ROOT / "Resources" / "CDMSegment.png"):
         image = sitk.ReadImage(str(path))

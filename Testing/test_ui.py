@@ -19,6 +19,7 @@ EXPECTED_CLASSES = {
     "batchSizeSpinBox": "QSpinBox", "progressBar": "QProgressBar", "thresholdSlider": "ctkSliderWidget",
     "extraInputsWidget": "QWidget", "inputVolumeSelector": "qMRMLNodeComboBox",
     "hardenTransformCheckBox": "QCheckBox", "advancedCollapsibleButton": "ctkCollapsibleButton",
+    "guidanceScaleSpinBox": "QDoubleSpinBox",
 }
 # Parameter type -> widget classes parameterNodeWrapper's connectGui can bind it to.
 BINDABLE = {"float": {"QDoubleSpinBox", "ctkSliderWidget"}, "int": {"QSpinBox"}, "str": {"QComboBox"},
@@ -59,8 +60,8 @@ def test_bound_widgets_name_parameters_of_a_matching_type():
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = widget
-    assert {"inputVolume", "noiseLevel", "steps", "tau", "axis", "batchSize", "device", "method",
-            "hardenTransform", "threshold"} <= set(bound)
+    assert {"inputVolume", "noiseLevel", "steps", "tau", "noiseDraws", "guidanceScale", "axis", "batchSize", "device",
+            "method", "hardenTransform", "threshold"} <= set(bound)
     for parameter, widget in bound.items():
         assert parameter in types, f"{widget.get('name')} is bound to unknown parameter {parameter}"
         assert widget.get("class") in BINDABLE[types[parameter]], (parameter, widget.get("class"))

@@ -4,12 +4,15 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
+from CDMSegmentLib import volume as volume_module
+from CDMSegmentLib.device import is_out_of_memory
 from CDMSegmentLib.errors import Cancelled, CDMSegmentError
 from CDMSegmentLib.image import Volume
 from CDMSegmentLib.modelfile import load_model
 from CDMSegmentLib.threshold import otsu_threshold
-from CDMSegmentLib.volume import segment_volume
+from CDMSegmentLib.volume import after_out_of_memory, segment_volume
 from conftest import make_tiny_model_file, phantom
 
 SHAPE = (5, 14, 18)
@@ -147,3 +150,55 @@ def test_an_axis_override_slices_along_it_and_keeps_the_input_grid(axis, slices,
     assert result.slices_total == slices  # identity direction: J is posterior (coronal), I is left (sagittal)
     assert result.heatmap.shape == (3, 6, 5) and result.mask.shape == (3, 6, 5)
     assert (result.heatmap[vol.array == 0] == 0).all() and result.heatmap.max() > 0
+
+
+OUT_OF_MEMORY = "CUDA out of memory. Tried to allocate 528.00 MiB."
+
+
+def memory_limited(monkeypatch, max_batch: int):
+    """Make every heatmap batch larger than ``max_batch`` fail the way a full GPU fails."""
+    real = volume_module.build_method
+
+    def build(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def limited(x, ids):
+            if len(ids) > max_batch:
+                raise torch.cuda.OutOfMemoryError(OUT_OF_MEMORY)
+            return fn(x, ids)
+        return limited
+
+    monkeypatch.setattr(volume_module, "build_method", build)
+
+
+def test_out_of_memory_halves_the_batch_and_the_heatmap_is_the_same(tiny_model, volume, baseline, monkeypatch):
+    memory_limited(monkeypatch, max_batch=2)
+    messages = []
+    result = segment_volume(tiny_model, [volume], device="cpu", batch_size=8, threshold=0.0, log=messages.append)
+    assert [m for m in messages if "memory" in m] == ["out of GPU memory: retrying with batch size 4",
+                                                      "out of GPU memory: retrying with batch size 2"]
+    np.testing.assert_allclose(result.heatmap, baseline[0].heatmap, atol=1e-6)
+    assert result.slices_run == baseline[0].slices_run
+
+
+def test_out_of_memory_at_batch_one_moves_to_the_cpu_then_gives_up_with_one_line(tiny_model, volume, monkeypatch):
+    moves = []
+    assert after_out_of_memory(1, torch.device("cuda"), moves.append) == (1, torch.device("cpu"))
+    assert moves == ["out of GPU memory even with batch size 1: continuing on the CPU"]
+    memory_limited(monkeypatch, max_batch=0)
+    with pytest.raises(CDMSegmentError, match="out of memory even on the CPU"):
+        segment_volume(tiny_model, [volume], device="cpu", batch_size=2, log=lambda m: None)
+
+
+def test_out_of_memory_is_recognised_as_eager_torch_and_as_torchscript_raise_it():
+    @torch.jit.script
+    def scripted_failure(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    with pytest.raises(Exception) as scripted:
+        scripted_failure(torch.zeros(1))
+    assert not isinstance(scripted.value, torch.cuda.OutOfMemoryError)  # why the type alone is not enough
+    assert is_out_of_memory(scripted.value)
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError(OUT_OF_MEMORY))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError(OUT_OF_MEMORY))

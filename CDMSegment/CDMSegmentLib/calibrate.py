@@ -2,14 +2,16 @@
 
 The paper's settings (Q ~ alpha_bar 0.90, R = 10, tau = 0.95) are one point of the grid;
 a model stores whichever setting measured best on its validation cases, and the
-threshold that setting needs, so the tool's default is a measured choice.
+threshold that setting needs, so the tool's default is a measured choice. With a
+classifier the sweep is CG-CDM's: the guidance scale s and its threshold, stored in the
+classifier (the scale multiplies that classifier's gradients).
 """
 
 import itertools
 import json
 import time
 from dataclasses import asdict
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -20,10 +22,14 @@ from .modelfile import LoadedModel
 
 
 def run_heatmaps(model: LoadedModel, params: CDMParams, slices: torch.Tensor, device: torch.device,
-                 batch_size: int = 256, precision: str = "fp16") -> torch.Tensor:
-    """(N, C, S, S) slices -> (N, S, S) heatmaps >= 0 on the CPU, as the volume runner makes them."""
-    model.network.to(device)
-    fn = build_method("cdm", model, params)
+                 batch_size: int = 256, precision: str = "fp16",
+                 classifier: Optional[LoadedModel] = None) -> torch.Tensor:
+    """(N, C, S, S) slices -> (N, S, S) heatmaps >= 0 on the CPU, as the volume runner makes them
+    (CDM, or CG-CDM guided by ``classifier``)."""
+    for m in (model, classifier):
+        if m is not None:
+            m.network.to(device)
+    fn = build_method("cg-cdm" if classifier is not None else "cdm", model, params, classifier=classifier)
     return run_in_batches(fn, slices, device, batch_size=batch_size, precision=precision).clamp_min(0)
 
 
@@ -60,25 +66,32 @@ def best_threshold(heatmaps: torch.Tensor, masks: torch.Tensor, case_ids: List[s
 
 
 def sweep(model: LoadedModel, slices: torch.Tensor, masks: torch.Tensor, case_ids: List[str], grid: Dict[str, list],
-          device: torch.device, log: Callable[[str], None] = print, **run_options) -> List[dict]:
-    """Every combination of ``grid`` (keys of CDMParams), each with its best threshold; best first."""
+          device: torch.device, log: Callable[[str], None] = print, classifier: Optional[LoadedModel] = None,
+          **run_options) -> List[dict]:
+    """Every combination of ``grid`` (keys of CDMParams; settings not in it are the paper's), each
+    with its best threshold; best first. With ``classifier``, the method is CG-CDM."""
+    method = "cg-cdm" if classifier is not None else "cdm"
     rows = []
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         params = CDMParams.for_model(model, "paper", **dict(zip(keys, values)))
         start = time.perf_counter()
-        heatmaps = run_heatmaps(model, params, slices, device, **run_options)
+        heatmaps = run_heatmaps(model, params, slices, device, classifier=classifier, **run_options)
         seconds = time.perf_counter() - start
-        row = {**asdict(params), **best_threshold(heatmaps, masks, case_ids),
+        row = {"method": method, **asdict(params), **best_threshold(heatmaps, masks, case_ids),
                "seconds_per_slice": seconds / len(slices),
-               "evaluations_per_slice": network_evaluations_per_slice("cdm", params)}
+               "evaluations_per_slice": network_evaluations_per_slice(method, params)}
         log(json.dumps(row))
         rows.append(row)
     return sorted(rows, key=lambda r: -r["pooled_dice"])
 
 
 def defaults_from(row: dict) -> dict:
-    """The metadata ``defaults`` entry for a sweep row."""
-    keys = ("noise_level", "steps", "tau", "noise_draws", "threshold")
-    return {**{k: row[k] for k in keys}, "calibration": {k: row[k] for k in ("pooled_dice", "mean_case_dice",
-                                                                            "healthy_fp_fraction")}}
+    """The metadata ``defaults`` entry for a sweep row: the diffusion model's for CDM; for CG-CDM the
+    classifier's (its guidance scale and threshold, with the CDM settings they were measured at)."""
+    cdm_keys = ("noise_level", "steps", "tau", "noise_draws")
+    calibration = {k: row[k] for k in ("pooled_dice", "mean_case_dice", "healthy_fp_fraction")}
+    if row.get("method") == "cg-cdm":
+        return {"guidance_scale": row["guidance_scale"], "cg_cdm_threshold": row["threshold"],
+                "calibration": {**calibration, "cdm_settings": {k: row[k] for k in cdm_keys}}}
+    return {**{k: row[k] for k in cdm_keys + ("threshold",)}, "calibration": calibration}

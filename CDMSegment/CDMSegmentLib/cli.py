@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .cli_train import add_calibrate_parser, add_export_parser, add_phantom_parser, add_slices_parser, add_train_parser
+from .cli_train import (add_calibrate_parser, add_export_parser, add_phantom_parser, add_set_defaults_parser,
+                        add_slices_parser, add_train_parser)
 from .cli_eval import add_evaluate_parser, add_evaluate_volumes_parser, add_train_classifier_parser
 from .errors import CDMSegmentError
 
@@ -111,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = [add_segment_parser, add_info_parser, add_phantom_parser, add_slices_parser, add_train_parser,
-            add_export_parser, add_calibrate_parser, add_train_classifier_parser, add_evaluate_parser,
-            add_evaluate_volumes_parser]
+            add_export_parser, add_calibrate_parser, add_set_defaults_parser, add_train_classifier_parser,
+            add_evaluate_parser, add_evaluate_volumes_parser]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

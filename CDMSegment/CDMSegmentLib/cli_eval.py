@@ -16,7 +16,8 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--methods", type=comma_list(str), default=["cdm"],
                    help="comma-separated: cdm, cg-cdm, gradcam, gradcam++, scorecam, layercam, cg-diff")
     p.add_argument("--threshold-rule", type=comma_list(str), default=["otsu-slice", "volume-otsu"],
-                   help="comma-separated: otsu-slice (the paper's), volume-otsu (the tool's), model (calibrated, CDM only)")
+                   help="comma-separated: otsu-slice (the paper's), volume-otsu (the tool's), "
+                        "model (calibrated: CDM's, and CG-CDM's when the classifier stores one)")
     p.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
     p.add_argument("--preset", default="model", choices=("model", "paper"), help="base CDM settings")
     p.add_argument("--noise-level", type=comma_list(float), default=[None], help="CDM alpha_bar at the start; a list sweeps")

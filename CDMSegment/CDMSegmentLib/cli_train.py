@@ -1,4 +1,5 @@
-"""Command-line front ends for data and training: ``phantom``, ``slices``, ``train``, ``export``, ``calibrate``."""
+"""Command-line front ends for data and training: ``phantom``, ``slices``, ``train``, ``export``, ``calibrate``,
+``set-defaults``."""
 
 import argparse
 import json
@@ -160,15 +161,27 @@ def run_export(args) -> None:
     print(f"{args.output}: sha256 {sha}, {args.output.stat().st_size / 1e6:.1f} MB")
 
 
+CALIBRATION_GRID = {"noise_level": [0.98, 0.95, 0.9, 0.8, 0.65, 0.5], "tau": [0.0, 0.5, 0.95], "steps": [2],
+                    "noise_draws": [1]}
+
+
 def add_calibrate_parser(sub) -> None:
-    p = sub.add_parser("calibrate", help="measure CDM settings on held-out slices with masks; write the best as defaults")
+    p = sub.add_parser("calibrate", help="measure CDM (or, with --classifier, CG-CDM) settings on held-out slices "
+                                         "with masks; write the best as defaults")
     p.add_argument("model", help="model file or registered name")
     p.add_argument("data", type=Path, help=".npz slice set with masks (cdmsegment slices --with-masks)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="defaults JSON for cdmsegment export")
-    p.add_argument("--noise-level", type=comma_list(float), default=[0.98, 0.95, 0.9, 0.8, 0.65, 0.5])
-    p.add_argument("--tau", type=comma_list(float), default=[0.0, 0.5, 0.95])
-    p.add_argument("--steps", type=comma_list(int), default=(2,))
-    p.add_argument("--noise-draws", type=comma_list(int), default=(1,))
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="defaults JSON for 'cdmsegment export' or 'cdmsegment set-defaults'")
+    grid = ("a list sweeps (default: " + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in CALIBRATION_GRID.items())
+            + "; with --classifier: the model's own)")
+    p.add_argument("--noise-level", type=comma_list(float), default=None, help=grid)
+    p.add_argument("--tau", type=comma_list(float), default=None)
+    p.add_argument("--steps", type=comma_list(int), default=None)
+    p.add_argument("--noise-draws", type=comma_list(int), default=None)
+    p.add_argument("--classifier", default=None,
+                   help="noise-aware classifier: calibrate CG-CDM's guidance scale and threshold for it")
+    p.add_argument("--guidance-scale", type=comma_list(float), default=[1.0, 3.0, 10.0, 30.0, 100.0],
+                   help="CG-CDM scales s to sweep (with --classifier)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp16", choices=("fp32", "bf16", "fp16"))
     p.set_defaults(func=run_calibrate)
@@ -181,13 +194,41 @@ def run_calibrate(args) -> None:
     from .device import choose_device
 
     model = load_model(args.model)
+    classifier = load_model(args.classifier, kind="classifier") if args.classifier else None
     data = load_slices(args.data)
     if data.masks is None:
         raise CDMSegmentError(f"{args.data} has no masks; make it with 'cdmsegment slices --with-masks'")
-    grid = {"noise_level": args.noise_level, "tau": args.tau, "steps": list(args.steps),
-            "noise_draws": list(args.noise_draws)}
+    given = {k: getattr(args, k) for k in CALIBRATION_GRID}
+    if classifier is None:
+        grid = {k: v if v is not None else CALIBRATION_GRID[k] for k, v in given.items()}
+    else:
+        grid = {k: v if v is not None else [model.defaults.get(k, CALIBRATION_GRID[k][0])] for k, v in given.items()}
+        grid["guidance_scale"] = list(args.guidance_scale)
     rows = sweep(model, data.as_float(), data.masks, data.case_ids, grid, choose_device(args.device),
-                 precision=args.precision)
+                 classifier=classifier, precision=args.precision)
     args.output.write_text(json.dumps(defaults_from(rows[0]), indent=1))
     args.output.with_suffix(".sweep.json").write_text(json.dumps(rows, indent=1))
     print(f"best: {json.dumps(rows[0])}\n-> {args.output}")
+
+
+def add_set_defaults_parser(sub) -> None:
+    p = sub.add_parser("set-defaults", help="write a model file with measured defaults (from calibrate) added, "
+                                            "without retraining")
+    p.add_argument("model", help="model file or registered name")
+    p.add_argument("defaults", type=Path, help="defaults JSON written by 'cdmsegment calibrate'")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the new model file")
+    p.add_argument("--kind", default="diffusion", choices=("diffusion", "classifier"))
+    p.set_defaults(func=run_set_defaults)
+
+
+def run_set_defaults(args) -> None:
+    from .modelfile import load_model, with_defaults
+
+    try:
+        defaults = json.loads(args.defaults.read_text())
+    except (OSError, ValueError) as e:
+        raise CDMSegmentError(f"cannot read defaults from {args.defaults}: {e}") from None
+    if not isinstance(defaults, dict):
+        raise CDMSegmentError(f"{args.defaults} must hold a JSON object of defaults")
+    sha = with_defaults(load_model(args.model, kind=args.kind), defaults, args.output)
+    print(f"{args.output}: sha256 {sha}, {args.output.stat().st_size / 1e6:.1f} MB")

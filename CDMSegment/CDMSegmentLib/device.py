@@ -31,3 +31,11 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error as eager torch raises it (torch.cuda.OutOfMemoryError), or as it
+    reaches us through a TorchScript model: rewrapped as a plain RuntimeError or a torch.jit.Error
+    (not a RuntimeError) that keeps only the message."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, (RuntimeError, torch.jit.Error)) and "CUDA out of memory" in str(error))

@@ -4,8 +4,8 @@ Slices are model-sized (as the networks see them) and metrics are computed there
 paper; HD95 uses the slices' pixel size in mm. Three threshold rules:
 - ``otsu-slice``: Otsu on each slice's heatmap (the paper's protocol; it always finds something);
 - ``volume-otsu``: one Otsu threshold over all slices of a case (what ``cdmsegment segment`` does);
-- ``model``: the diffusion model's calibrated threshold, for the CDM methods only (other methods
-  are in other units; their rows are left out).
+- ``model``: the threshold calibrated for the method on held-out data: CDM's in the diffusion
+  model, CG-CDM's in the classifier (other methods have none; their rows are left out).
 Dice, IoU and HD95 are means over slices with lesion; false positives are counted on healthy
 slices and healthy cases; 3D Dice is per case with lesion. Seconds per slice are wall time of
 the method alone, measured in the same run for every method.
@@ -22,8 +22,8 @@ import torch
 
 from .cgdiff import CGDiffParams
 from .errors import CDMSegmentError
-from .methods import (CAM_METHODS, CDM_METHODS, METHODS, CDMParams, build_method, classifier_passes_per_slice,
-                      network_evaluations_per_slice, run_in_batches)
+from .methods import (CAM_METHODS, CDM_METHODS, METHODS, CDMParams, build_method, calibrated_threshold,
+                      classifier_passes_per_slice, network_evaluations_per_slice, run_in_batches)
 from .metrics import dice, false_positive_pixels, hd95, iou, nan_mean, pixel_auroc
 from .modelfile import LoadedModel
 from .threshold import otsu_threshold
@@ -175,7 +175,6 @@ def evaluate_cases(cases: Sequence[EvalCase], variant_list: Sequence[Variant], *
         raise CDMSegmentError(f"unknown threshold rule {unknown[0]!r}; use {', '.join(THRESHOLD_RULES)}")
     if not cases:
         raise CDMSegmentError("no cases to evaluate")
-    calibrated = model.defaults.get("threshold") if model is not None else None
     dev = torch.device(device)
     for m in (model, classifier):
         if m is not None:
@@ -183,8 +182,9 @@ def evaluate_cases(cases: Sequence[EvalCase], variant_list: Sequence[Variant], *
     runs = []
     for variant in variant_list:
         run = run_variant(variant, cases, model, classifier, batch_size=batch_size, seed=seed, device=dev, log=log)
+        calibrated = calibrated_threshold(variant.method, model, classifier)
         for rule in rules:
-            if rule == "model" and (variant.method not in CDM_METHODS or calibrated is None):
+            if rule == "model" and calibrated is None:
                 continue
             run.rows.append(score(run, cases, rule, calibrated))
         runs.append(run)
@@ -255,7 +255,7 @@ def evaluate_files(data_dir, output_dir, *, model=None, classifier=None, methods
         raise CDMSegmentError(f"the classifier sees {guide.image_size} px {'+'.join(guide.modalities)} slices but the "
                               f"diffusion model {diffusion.image_size} px {'+'.join(diffusion.modalities)}; "
                               "train the classifier on the diffusion model's slice set")
-    base = CDMParams.for_model(diffusion, preset) if diffusion is not None else CDMParams()
+    base = CDMParams.for_model(diffusion, preset, guide) if diffusion is not None else CDMParams()
     variant_list = variants(methods, base, cgdiff or CGDiffParams(), noise_levels=noise_levels, steps=steps,
                             taus=taus, guidance_scales=guidance_scales)
     cases = load_eval_cases(Path(data_dir), reference.modalities, reference.image_size, max_cases,

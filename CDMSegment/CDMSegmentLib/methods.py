@@ -34,12 +34,16 @@ class CDMParams:
     guidance_scale: float = PAPER_DEFAULTS["guidance_scale"]
 
     @classmethod
-    def for_model(cls, model: LoadedModel, preset: str = "model", **overrides) -> "CDMParams":
-        """The model's own measured defaults ('model') or the paper's ('paper'); None overrides are ignored."""
+    def for_model(cls, model: LoadedModel, preset: str = "model", classifier: Optional[LoadedModel] = None,
+                  **overrides) -> "CDMParams":
+        """The model's own measured defaults ('model') or the paper's ('paper'); None overrides are ignored.
+        With the 'model' preset, a classifier's measured guidance scale replaces the paper's s."""
         if preset not in ("model", "paper"):
             raise CDMSegmentError(f"unknown preset {preset!r}; use 'model' or 'paper'")
         names = {f.name for f in fields(cls)}
         base = {k: v for k, v in (model.defaults if preset == "model" else PAPER_DEFAULTS).items() if k in names}
+        if preset == "model" and classifier is not None and "guidance_scale" in classifier.defaults:
+            base["guidance_scale"] = float(classifier.defaults["guidance_scale"])
         params = replace(cls(), **base)
         return replace(params, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -48,6 +52,15 @@ MethodFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CDM_METHODS = ("cdm", "cg-cdm")
 METHODS = CDM_METHODS + CAM_METHODS + ("cg-diff",)
 CLASSIFIER_METHODS = ("cg-cdm", "cg-diff") + CAM_METHODS  # the methods that need a noise-aware classifier
+
+
+def calibrated_threshold(method: str, model: Optional[LoadedModel],
+                         classifier: Optional[LoadedModel] = None) -> Optional[float]:
+    """The heatmap threshold measured on held-out data for ``method``, if any: CDM's is stored in the
+    diffusion model, CG-CDM's in the classifier that guides it (``cdmsegment calibrate --classifier``)."""
+    source, key = {"cdm": (model, "threshold"), "cg-cdm": (classifier, "cg_cdm_threshold")}.get(method, (None, ""))
+    value = source.defaults.get(key) if source is not None else None
+    return None if value is None else float(value)
 
 
 def slice_noise(slice_ids: torch.Tensor, shape, seed: int, draw: int) -> torch.Tensor:

@@ -107,6 +107,12 @@ def save_model(network: torch.nn.Module, metadata: dict, path: Union[str, Path])
     return sha256_of(path)
 
 
+
+def with_defaults(model: "LoadedModel", defaults: dict, path: Union[str, Path]) -> str:
+    """Write ``model`` again with ``defaults`` merged into its metadata (after a calibration); returns the SHA256."""
+    return save_model(model.network, {**model.metadata, "defaults": {**model.defaults, **defaults}}, path)
+
+
 def resolve_model_path(name_or_path: Union[str, Path, None], kind: str = "diffusion",
                        registry: Path = REGISTRY_FILE) -> tuple:
     """-> (path, expected sha256 or None). A registered name, or a path to a model file."""

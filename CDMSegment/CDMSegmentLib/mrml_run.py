@@ -55,13 +55,15 @@ def summary(results: Dict[str, SegmentationResult]) -> str:
 
 
 def segment_nodes(nodes: Sequence, model: LoadedModel, *, target_class: Optional[int] = None, preset: str = "model",
-                  noise_level=None, steps=None, tau=None, harden: bool = False, progress=None, cancel=None,
+                  noise_level=None, steps=None, tau=None, noise_draws=None, guidance_scale=None,
+                  classifier: Optional[LoadedModel] = None, harden: bool = False, progress=None, cancel=None,
                   log: Callable[[str], None] = print, **run_options) -> List:
     """prepare_inputs -> run_model -> add_results on the calling thread; returns the new nodes
     (heatmaps first, the segmentation last). Cancelled or failed runs add nothing to the scene."""
     volumes, ijk_to_ras = prepare_inputs(nodes, model, harden)
-    params = CDMParams.for_model(model, preset, noise_level=noise_level, steps=steps, tau=tau)
+    params = CDMParams.for_model(model, preset, classifier, noise_level=noise_level, steps=steps, tau=tau,
+                                 noise_draws=noise_draws, guidance_scale=guidance_scale)
     results = run_model(model, volumes, model.target_classes(target_class), progress=progress, cancel=cancel,
-                        log=log, params=params, **run_options)
+                        log=log, params=params, classifier=classifier, **run_options)
     log(summary(results))
     return add_results(nodes[0], ijk_to_ras, results)

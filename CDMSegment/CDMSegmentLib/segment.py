@@ -46,7 +46,7 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     diffusion = load_model(model)
     guide = load_model(classifier, kind="classifier") if classifier is not None else None
     volumes = [read_volume(p) for p in inputs]
-    params = CDMParams.for_model(diffusion, preset, noise_level=noise_level, steps=steps, tau=tau,
+    params = CDMParams.for_model(diffusion, preset, guide, noise_level=noise_level, steps=steps, tau=tau,
                                  noise_draws=noise_draws, guidance_scale=guidance_scale)
     classes = diffusion.target_classes(target_class)
     output_dir = Path(output_dir)

@@ -35,7 +35,8 @@ def resolve_threshold(heatmap: np.ndarray, rule: Union[str, float], content: Opt
             return otsu_threshold(values)
         if rule == "model":
             if calibrated is None:
-                raise CDMSegmentError("this model stores no calibrated threshold; use --threshold otsu or a number")
+                raise CDMSegmentError("no calibrated threshold is stored for this method and model; "
+                                  "use --threshold otsu or a number")
             return float(calibrated)
         try:
             rule = float(rule)

@@ -13,11 +13,11 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .device import PRECISIONS, autocast, choose_device
+from .device import PRECISIONS, autocast, choose_device, is_out_of_memory
 from .errors import Cancelled, CDMSegmentError
 from .image import Volume, check_same_grid
 from .intensity import normalise_volume
-from .methods import CDMParams, build_method, network_evaluations_per_slice
+from .methods import CDMParams, build_method, calibrated_threshold, network_evaluations_per_slice
 from .modelfile import LoadedModel
 from .slicing import Orientation, extract_slices, insert_slices
 from .threshold import make_mask, resolve_threshold
@@ -75,7 +75,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     """Run ``method`` slice by slice over the volume and threshold the heatmap at volume level.
 
     volumes: one Volume per model modality, on one grid. threshold: 'model' (calibrated on held-out
-    data, the default when the model has one), 'otsu' (over the volume) or a number.
+    data for this method, the default when there is one), 'otsu' (over the volume) or a number.
     min_component_voxels: 3D components smaller than this are dropped (default: the model's
     ``min_component_ml`` at this volume's spacing). progress(done, total)
     counts slices with content; cancel (callable or threading.Event) stops between batches with Cancelled.
@@ -86,9 +86,10 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
         raise CDMSegmentError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     if batch_size < 1:
         raise CDMSegmentError(f"batch size must be at least 1, got {batch_size}")
-    params = params or CDMParams.for_model(model)
+    params = params or CDMParams.for_model(model, classifier=classifier)
     defaults = model.defaults
-    threshold = threshold if threshold is not None else ("model" if "threshold" in defaults else "otsu")
+    calibrated = calibrated_threshold(method, model, classifier)
+    threshold = threshold if threshold is not None else ("model" if calibrated is not None else "otsu")
     ref = volumes[0]
     if min_component_voxels is None:  # the model's default is in ml, so it means the same at any spacing
         min_component_voxels = int(round(defaults.get("min_component_ml", 0.0) * 1000 / np.prod(ref.spacing_mm)))
@@ -119,21 +120,32 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                 done = lo + len(ids)
                 if progress:
                     progress(done, total)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if batch_size > 1:
-                batch_size //= 2
-                log(f"out of GPU memory: retrying with batch size {batch_size}")
-            else:
-                dev = torch.device("cpu")
-                log("out of GPU memory even with batch size 1: continuing on the CPU")
+            break
+        except (RuntimeError, torch.jit.Error) as e:  # how CUDA out of memory can arrive (device.py)
+            if not is_out_of_memory(e):
+                raise
+        # Here, after the except block, the error and the batch its frames held are freed.
+        torch.cuda.empty_cache()
+        batch_size, dev = after_out_of_memory(batch_size, dev, log)
     heatmap = np.maximum(insert_slices(maps, stack), 0.0)
     heatmap[~content_voxels] = 0.0
-    value = resolve_threshold(heatmap, threshold, content_voxels, defaults.get("threshold"))
+    value = resolve_threshold(heatmap, threshold, content_voxels, calibrated)
     mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
     return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), total,
                               total * network_evaluations_per_slice(method, params),
                               time.perf_counter() - start, str(dev))
+
+
+
+def after_out_of_memory(batch_size: int, device: torch.device, log: Callable[[str], None]):
+    """The next try after running out of GPU memory: half the batch, then batch 1 on the CPU; says which."""
+    if device.type == "cpu" and batch_size == 1:
+        raise CDMSegmentError("out of memory even on the CPU with one slice at a time; close other programs")
+    if batch_size > 1:
+        log(f"out of GPU memory: retrying with batch size {batch_size // 2}")
+        return batch_size // 2, device
+    log("out of GPU memory even with batch size 1: continuing on the CPU")
+    return 1, torch.device("cpu")
 
 
 def _on(model: Optional[LoadedModel], device: torch.device) -> Optional[LoadedModel]:

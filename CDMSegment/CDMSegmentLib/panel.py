@@ -1,0 +1,72 @@
+"""What the Slicer panel offers and says, as plain values: the widget only copies them into Qt.
+
+Kept here, without Qt, so that the choices (which models, which methods, which defaults) and the
+texts a user reads are tested by pytest like the rest of the core.
+"""
+
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from .methods import CDMParams
+from .modelfile import REGISTRY_FILE, LoadedModel, read_registry
+
+
+def model_choices(registry: Path = REGISTRY_FILE) -> List[str]:
+    """The registered names of every diffusion model, the default one first. Classifiers are not
+    offered: they guide a diffusion model and are chosen with it (``classifier_for``)."""
+    entries = [e for e in read_registry(registry) if e.get("kind", "diffusion") == "diffusion"]
+    entries.sort(key=lambda e: not e.get("default", False))
+    return [e["name"] for e in entries]
+
+
+def classifier_for(model_name: str, registry: Path = REGISTRY_FILE) -> Optional[str]:
+    """The registered classifier that guides a registered diffusion model (its entry's ``classifier``), if any."""
+    entries = {e["name"]: e for e in read_registry(registry)}
+    name = entries.get(str(model_name), {}).get("classifier")
+    return name if entries.get(name, {}).get("kind") == "classifier" else None
+
+
+def methods_for(classifier_name: Optional[str]) -> List[str]:
+    """CDM always; CG-CDM when a classifier to guide it is there."""
+    return ["cdm", "cg-cdm"] if classifier_name else ["cdm"]
+
+
+def advanced_defaults(model: LoadedModel, classifier: Optional[LoadedModel] = None) -> dict:
+    """The Advanced section's values for a model: its measured defaults (and the classifier's scale)."""
+    p = CDMParams.for_model(model, classifier=classifier)
+    return {"noiseLevel": p.noise_level, "steps": p.steps, "tau": p.tau, "noiseDraws": p.noise_draws,
+            "guidanceScale": p.guidance_scale}
+
+
+def model_text(model: LoadedModel) -> str:
+    m = model.metadata
+    return (f"{m['name']} {m['version']}: {', '.join(model.modalities)} -> {', '.join(model.class_names[1:])}, "
+            f"{model.image_size} px slices")
+
+
+def progress_text(done: float, total: float, unit: str, eta_seconds: Optional[float], message: str = "") -> str:
+    """'12 of 155 slices, about 40 s left' (a download counts bytes and reads in MB)."""
+    if not total:
+        return message or "Starting..."
+    scale = 1e6 if unit == "MB" else 1
+    text = f"{done / scale:.0f} of {total / scale:.0f} {unit}"
+    if eta_seconds is not None and done < total:
+        text += f", about {_duration(eta_seconds)} left"
+    return text + (f"\n{message}" if message else "")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def slider_range(heatmap_max: float) -> Tuple[float, float]:
+    """(maximum, single step) of the threshold slider for a heatmap: 200 steps over its range."""
+    top = float(heatmap_max) if heatmap_max > 0 else 1.0
+    return top, top / 200
+
+
+def result_text(result, voxel_ml: float) -> str:
+    """One status line for a finished run (a volume.SegmentationResult)."""
+    voxels = int(result.mask.sum())
+    return (f"{result.slices_run} of {result.slices_total} slices in {result.seconds:.0f} s on {result.device}; "
+            f"{voxels} voxels ({voxels * voxel_ml:.1f} ml) segmented at threshold {result.threshold:.3g}")

@@ -1,0 +1,86 @@
+"""What the panel offers and says (CDMSegmentLib.panel): models, methods, defaults and texts, without Qt."""
+
+import json
+import numpy as np
+import pytest
+
+from CDMSegmentLib.modelfile import load_model, read_registry
+from CDMSegmentLib.volume import SegmentationResult
+from CDMSegmentLib.panel import (advanced_defaults, classifier_for, methods_for, model_choices, model_text,
+                                 progress_text, result_text, slider_range)
+
+
+def write_registry(tmp_path, entries):
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": entries}))
+    return path
+
+
+def test_only_diffusion_models_are_offered_the_default_first(tmp_path):
+    registry = write_registry(tmp_path, [
+        {"name": "other", "file": "o.pt", "kind": "diffusion"},
+        {"name": "guide", "file": "g.pt", "kind": "classifier"},
+        {"name": "main", "file": "m.pt", "kind": "diffusion", "default": True}])
+    assert model_choices(registry) == ["main", "other"]
+
+
+def test_the_bundled_model_is_offered_with_cgcdm_through_its_registered_classifier():
+    bundled = [e for e in read_registry() if e["kind"] == "diffusion"]
+    assert model_choices()[0] == next(e["name"] for e in bundled if e.get("default"))
+    guide = classifier_for(model_choices()[0])
+    assert guide is not None and load_model(guide, kind="classifier").kind == "classifier"
+    assert methods_for(guide) == ["cdm", "cg-cdm"]
+    assert methods_for(None) == ["cdm"]
+
+
+def test_a_classifier_entry_that_is_missing_or_not_a_classifier_offers_no_cgcdm(tmp_path):
+    registry = write_registry(tmp_path, [
+        {"name": "a", "file": "a.pt", "kind": "diffusion", "classifier": "nowhere"},
+        {"name": "b", "file": "b.pt", "kind": "diffusion", "classifier": "a"},
+        {"name": "c", "file": "c.pt", "kind": "diffusion"}])
+    assert [classifier_for(n, registry) for n in ("a", "b", "c", "not registered")] == [None] * 4
+
+
+def test_the_advanced_section_starts_from_the_measured_defaults():
+    model = load_model()
+    guide = load_model(classifier_for(model.metadata["name"]), kind="classifier")
+    values = advanced_defaults(model, guide)
+    d = model.defaults
+    assert (values["noiseLevel"], values["steps"], values["tau"], values["noiseDraws"]) == (
+        d["noise_level"], d["steps"], d["tau"], d["noise_draws"])
+    assert values["guidanceScale"] == guide.defaults["guidance_scale"] != 100.0  # measured, not the paper's s
+    assert advanced_defaults(model)["guidanceScale"] == 100.0  # no classifier: the paper's s
+
+
+def test_progress_reads_slices_done_of_total_with_the_time_left():
+    assert progress_text(12, 155, "slices", 40.4, "on cuda") == "12 of 155 slices, about 40 s left\non cuda"
+    assert progress_text(12, 155, "slices", 600, "") == "12 of 155 slices, about 10 min left"
+    assert progress_text(155, 155, "slices", 0.0) == "155 of 155 slices"
+    assert progress_text(3e6, 10e6, "MB", None) == "3 of 10 MB"
+    assert progress_text(0, 0, "slices", None) == "Starting..."
+
+
+def test_the_threshold_slider_spans_the_heatmap_in_200_steps():
+    assert slider_range(2.0) == (2.0, 0.01)
+    assert slider_range(0.0) == (1.0, 0.005)  # an all-zero heatmap still gives a usable slider
+
+
+def test_the_status_texts_name_the_model_and_the_result():
+    model = load_model()
+    text = model_text(model)
+    assert model.metadata["name"] in text and f"{model.image_size} px" in text
+    assert all(c in text for c in model.class_names[1:]) and model.class_names[0] not in text
+    mask = np.zeros((4, 10, 10), np.uint8)
+    mask[1, 2:6, 2:6] = 1
+    result = SegmentationResult(mask.astype(np.float32), mask, 0.0002, slices_total=4, slices_run=3,
+                                network_evaluations=24, seconds=12.4, device="cpu")
+    assert result_text(result, voxel_ml=0.002) == ("3 of 4 slices in 12 s on cpu; 16 voxels (0.0 ml) segmented "
+                                                   "at threshold 0.0002")
+
+
+@pytest.mark.parametrize("voxel_ml, ml", [(0.5, "8.0"), (0.125, "2.0")])
+def test_the_segmented_volume_is_in_ml(voxel_ml, ml):
+    mask = np.ones((2, 2, 4), np.uint8)
+    result = SegmentationResult(mask.astype(np.float32), mask, 1.0, slices_total=2, slices_run=2,
+                                network_evaluations=16, seconds=1.0, device="cuda")
+    assert f"16 voxels ({ml} ml)" in result_text(result, voxel_ml)
