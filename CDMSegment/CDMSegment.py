@@ -418,6 +418,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
         editor.setSegmentationNode(p.segmentation)
         editor.setSourceVolumeNode(p.inputVolume)
+        editor.setCurrentSegmentID(p.segmentation.GetSegmentation().GetNthSegmentID(0))
 
 
 class CDMSegmentTest(ScriptedLoadableModuleTest):

@@ -7,6 +7,8 @@ import threading
 import numpy as np
 import pytest
 import slicer
+import vtk
+from vtkmodules.util import numpy_support
 
 from CDMSegment import CDMSegmentLogic
 from CDMSegmentLib import mrml
@@ -190,3 +192,50 @@ def test_cgcdm_uses_the_registered_classifier_with_its_measured_scale_and_thresh
     content = slicer.util.arrayFromVolume(node) != 0
     np.testing.assert_array_equal(mask > 0, make_mask(guided, 1e-4, content, 0) > 0)  # the classifier's threshold
     assert 0 < (mask > 0).sum() < content.sum()
+
+
+def segment_editor(scene, segmentation_node, source_node):
+    """Slicer's Segment Editor logic (the one behind the Segment Editor module) on a segmentation."""
+    editor = slicer.vtkSlicerSegmentEditorLogic()
+    editor.SetMRMLScene(scene)
+    editor.SetSegmentEditorNode(scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+    editor.SetSegmentationNode(segmentation_node)
+    editor.SetSourceVolumeNode(source_node)
+    editor.SetCurrentSegmentID(segmentation_node.GetSegmentation().GetNthSegmentID(0))
+    editor.UpdateReferenceGeometryImage()
+    return editor
+
+
+@pytest.mark.parametrize("name", ["sagittal", "oblique"])
+def test_the_segment_editor_edits_the_result_on_the_input_grid_and_the_slider_keeps_the_edit(scene, tiny_model, name):
+    node = add_volume(scene, phantom(), GEOMETRIES[name])
+    heatmap_node, segmentation_node = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+    shape = slicer.util.arrayFromVolume(node).shape
+    editor = segment_editor(scene, segmentation_node, node)
+    reference = editor.GetReferenceGeometryImage()
+    assert reference.GetDimensions() == node.GetImageData().GetDimensions()
+    image_to_world = vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(image_to_world)
+    np.testing.assert_allclose([[image_to_world.GetElement(r, c) for c in range(4)] for r in range(4)],
+                               GEOMETRIES[name], atol=1e-9)
+
+    # Paint a block with the editor where the model found nothing, as a user adds a missed part.
+    found = mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES[name], shape) > 0
+    block = np.zeros(shape, bool)
+    block[2:5, 3:7, 4:9] = True
+    block &= ~found
+    assert block.any()
+    editor.ResetModifierLabelmapToDefault()
+    modifier = editor.GetModifierLabelmap()
+    numpy_support.vtk_to_numpy(modifier.GetPointData().GetScalars()).reshape(shape)[:] = block
+    modifier.Modified()
+    editor.SaveStateForUndo()
+    editor.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, editor.ModificationModeAdd, False, True)
+    edited = mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES[name], shape) > 0
+    np.testing.assert_array_equal(edited, found | block)  # the edit landed on the voxels painted
+
+    remade = CDMSegmentLogic.remakeSegment(heatmap_node, segmentation_node, 0.0)
+    assert remade is not segmentation_node
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES[name], shape) > 0,
+                                  edited)
