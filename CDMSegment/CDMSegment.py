@@ -110,11 +110,10 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         from CDMSegmentLib.download import download_needed
         return download_needed(nameOrPath, self.cacheDir, self.registry)
 
-    def classifierFor(self, modelName=None):
-        """The name of the classifier registered to guide a registered model (CG-CDM), or None."""
-        from CDMSegmentLib.modelfile import default_model_name
-        from CDMSegmentLib.panel import classifier_for
-        return classifier_for(modelName or default_model_name(), *([self.registry] if self.registry else []))
+    def classifierFor(self, model):
+        """The name of the classifier registered to guide a loaded model (CG-CDM), or None."""
+        from CDMSegmentLib.modelfile import registered_classifier
+        return registered_classifier(model, *([self.registry] if self.registry else []))
 
     def loadModel(self, nameOrPath=None, progress=None, cancel=None, kind="diffusion"):
         """A registered model (bundled, or downloaded into the cache on first use) or a model file; kind:
@@ -154,9 +153,9 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         from CDMSegmentLib.mrml_run import segment_nodes
 
         nodes = list(inputVolumeNodes) if isinstance(inputVolumeNodes, (list, tuple)) else [inputVolumeNodes]
-        if method == "cg-cdm" and classifier is None and not isinstance(model, LoadedModel):
-            classifier = self.classifierFor(model)
         model = model if isinstance(model, LoadedModel) else self.loadModel(model)
+        if method == "cg-cdm" and classifier is None:
+            classifier = self.classifierFor(model)
         if classifier is not None and not isinstance(classifier, LoadedModel):
             classifier = self.loadModel(classifier, kind="classifier")
         return segment_nodes(nodes, model, target_class=targetClass, preset=preset, noise_level=noiseLevel,
@@ -189,7 +188,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CDMSegmentLogic(Path(slicer.app.cachePath) / "CDMSegment")
-        self.model = self.classifier = self.classifierName = None
+        self.model = self.classifier = None
         self.job = None
         self.extraInputSelectors = []
         self.timer = qt.QTimer()
@@ -255,6 +254,14 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
                 return False
         import torch
 
+        from CDMSegmentLib.panel import torch_version_problem
+
+        problem = torch_version_problem(torch.__version__, MINIMUM_TORCH_VERSION)
+        if problem:
+            self.ui.deviceInfoLabel.text = f"PyTorch {torch.__version__} is too old"
+            if ask:
+                slicer.util.errorDisplay(problem)
+            return False
         found = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU found: CPU"
         self.ui.deviceInfoLabel.text = f"PyTorch {torch.__version__}; {found}"
         return True
@@ -281,18 +288,19 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         entry = self.logic.downloadNeeded(source)
         if entry is None:
             with slicer.util.tryWithErrorDisplay("Could not load the model.", waitCursor=True):
-                self.useModel(self.logic.loadModel(source), self.logic.classifierFor(source))
+                self.useModel(self.logic.loadModel(source))
         elif slicer.util.confirmOkCancelDisplay(
                 f"Download model {entry['name']} ({entry.get('size_bytes', 0) / 1e6:.0f} MB) from {entry['url']}?"):
             self.startJob(lambda progress, cancel: self.logic.loadModel(source, progress, cancel), "MB",
-                          lambda model: self.useModel(model, self.logic.classifierFor(source)))
+                          self.useModel)
 
-    def useModel(self, model, classifierName=None):
+    def useModel(self, model):
         """Show the model's classes, methods and measured defaults, and one input selector per modality.
-        classifierName: the registered classifier that guides it; it makes CG-CDM available."""
+        A classifier registered with the model is loaded too: it makes CG-CDM available."""
         from CDMSegmentLib.panel import advanced_defaults, methods_for, model_text
 
-        self.model, self.classifierName, self.classifier = model, classifierName, None
+        classifierName = self.logic.classifierFor(model)
+        self.model, self.classifier = model, None
         if classifierName and self.logic.downloadNeeded(classifierName) is None:
             with slicer.util.tryWithErrorDisplay("Could not load the model's classifier.", waitCursor=True):
                 self.classifier = self.logic.loadModel(classifierName, kind="classifier")

@@ -246,3 +246,24 @@ def test_set_defaults_refuses_bad_defaults_with_one_line_and_no_file(content, tm
     assert code == 1
     assert_one_error_line(err)
     assert not (tmp_path / "new.pt").exists()
+
+
+def test_cgcdm_with_the_bundled_model_is_guided_by_its_registered_classifier(tmp_path, capsys):
+    case = write_case(tmp_path / "case_0.nii.gz", phantom((3, 40, 48)))
+    guided = tmp_path / "guided"
+    code, out, err = run_cli(["segment", case, "-o", guided, "--device", "cpu", "--method", "cg-cdm"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["segment", case, "-o", tmp_path / "plain", "--device", "cpu"], capsys)
+    assert code == 0, err
+    heatmaps = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / "case_0_heatmap.nrrd")))
+                for d in ("guided", "plain")]
+    assert heatmaps[0].shape == (3, 40, 48)
+    assert np.abs(heatmaps[0] - heatmaps[1]).max() > 1e-3 * heatmaps[1].max()  # the classifier guided it
+
+
+def test_cgcdm_without_a_registered_or_given_classifier_is_one_line(tmp_path, tiny_model_path, capsys):
+    case = write_case(tmp_path / "case_0.nii.gz", phantom((3, 20, 24)))
+    code, _, err = run_cli(segment_args([case], tmp_path / "out", tiny_model_path, "--method", "cg-cdm"), capsys)
+    assert code == 1 and "needs a noise-aware classifier" in err
+    assert_one_error_line(err)
+    assert not (tmp_path / "out").exists()

@@ -179,7 +179,7 @@ def guided_registry(tmp_path, tiny_model_path):
 def test_cgcdm_uses_the_registered_classifier_with_its_measured_scale_and_threshold(scene, guided_registry):
     node = add_volume(scene, phantom(), np.diag([1.0, 1.0, 2.0, 1.0]))
     logic = CDMSegmentLogic(registry=guided_registry)
-    assert logic.classifierFor("tiny") == "tiny-classifier"
+    assert logic.classifierFor(logic.loadModel("tiny")) == "tiny-classifier"
     run = dict(model="tiny", device="cpu", steps=1)
     heatmap_node, segmentation_node = logic.process(node, method="cg-cdm", **run)
     guided = slicer.util.arrayFromVolume(heatmap_node)

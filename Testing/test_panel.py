@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from CDMSegmentLib.modelfile import load_model, read_registry
+from CDMSegmentLib.modelfile import load_model, read_registry, registered_classifier, sha256_of
 from CDMSegmentLib.volume import SegmentationResult
-from CDMSegmentLib.panel import (advanced_defaults, classifier_for, methods_for, model_choices, model_text,
-                                 progress_text, result_text, slider_range)
+from CDMSegmentLib.panel import (advanced_defaults, methods_for, model_choices, model_text, progress_text, result_text,
+                                 slider_range, torch_version_problem)
 
 
 def write_registry(tmp_path, entries):
@@ -27,23 +27,27 @@ def test_only_diffusion_models_are_offered_the_default_first(tmp_path):
 def test_the_bundled_model_is_offered_with_cgcdm_through_its_registered_classifier():
     bundled = [e for e in read_registry() if e["kind"] == "diffusion"]
     assert model_choices()[0] == next(e["name"] for e in bundled if e.get("default"))
-    guide = classifier_for(model_choices()[0])
+    guide = registered_classifier(load_model(model_choices()[0]))
     assert guide is not None and load_model(guide, kind="classifier").kind == "classifier"
     assert methods_for(guide) == ["cdm", "cg-cdm"]
     assert methods_for(None) == ["cdm"]
 
 
-def test_a_classifier_entry_that_is_missing_or_not_a_classifier_offers_no_cgcdm(tmp_path):
-    registry = write_registry(tmp_path, [
-        {"name": "a", "file": "a.pt", "kind": "diffusion", "classifier": "nowhere"},
-        {"name": "b", "file": "b.pt", "kind": "diffusion", "classifier": "a"},
-        {"name": "c", "file": "c.pt", "kind": "diffusion"}])
-    assert [classifier_for(n, registry) for n in ("a", "b", "c", "not registered")] == [None] * 4
+def test_the_classifier_is_found_by_the_model_file_not_its_name(tmp_path, tiny_model_path, tiny_model):
+    sha = sha256_of(tiny_model_path)
+    entry = {"name": "tiny", "file": "tiny.pt", "kind": "diffusion", "sha256": sha}
+    guide = {"name": "guide", "file": "g.pt", "kind": "classifier", "sha256": "0" * 64}
+    assert registered_classifier(tiny_model, write_registry(tmp_path, [{**entry, "classifier": "guide"}, guide])) == "guide"
+    for entries in ([{**entry, "classifier": "nowhere"}, guide],  # names no registered classifier
+                    [{**entry, "classifier": "tiny"}],  # names a diffusion model
+                    [entry, guide],  # names none
+                    [{**entry, "sha256": "1" * 64, "classifier": "guide"}, guide]):  # another file
+        assert registered_classifier(tiny_model, write_registry(tmp_path, entries)) is None
 
 
 def test_the_advanced_section_starts_from_the_measured_defaults():
     model = load_model()
-    guide = load_model(classifier_for(model.metadata["name"]), kind="classifier")
+    guide = load_model(registered_classifier(model), kind="classifier")
     values = advanced_defaults(model, guide)
     d = model.defaults
     assert (values["noiseLevel"], values["steps"], values["tau"], values["noiseDraws"]) == (
@@ -84,3 +88,12 @@ def test_the_segmented_volume_is_in_ml(voxel_ml, ml):
     result = SegmentationResult(mask.astype(np.float32), mask, 1.0, slices_total=2, slices_run=2,
                                 network_evaluations=16, seconds=1.0, device="cuda")
     assert f"16 voxels ({ml} ml)" in result_text(result, voxel_ml)
+
+
+@pytest.mark.parametrize("installed, ok", [("2.1.0", True), ("2.13.0+cpu", True), ("2.0.1+cu118", False),
+                                           ("1.13.1", False), ("2.1.0a0+git1234", True), ("10.0", True)])
+def test_an_old_torch_is_named_with_what_to_do(installed, ok):
+    problem = torch_version_problem(installed, "2.1")
+    assert (problem is None) == ok
+    if not ok:
+        assert installed in problem and "2.1 or newer" in problem

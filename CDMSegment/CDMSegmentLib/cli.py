@@ -42,8 +42,8 @@ def add_segment_parser(sub) -> None:
                    help="'model' (calibrated, default when stored), 'otsu' over the volume, or a number")
     p.add_argument("--axis", type=_axis, default="auto",
                    help="slice axis: auto (axial), axial, coronal, sagittal, or voxel axis 0 (I), 1 (J), 2 (K)")
-    p.add_argument("--method", default="cdm", help="cdm, cg-cdm (needs --classifier), or a baseline: gradcam, "
-                   "gradcam++, scorecam, layercam, cg-diff (all need --classifier)")
+    p.add_argument("--method", default="cdm", help="cdm, cg-cdm (guided by the model's registered classifier or "
+                   "--classifier), or a baseline: gradcam, gradcam++, scorecam, layercam, cg-diff (need --classifier)")
     p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm and the baselines (name or file)")
     p.add_argument("--target-class", type=int, default=None,
                    help="class index to segment (default: every class except 0 = normal)")
@@ -53,7 +53,7 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="DDIM steps R (2R network evaluations per slice)")
     p.add_argument("--tau", type=float, default=None, help="condition interpolation tau in [0, 1)")
     p.add_argument("--noise-draws", type=int, default=None, help="average the heatmap over this many noise draws")
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier guidance scale s (cg-cdm)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier guidance scale s (cg-cdm; default: the scale measured for the classifier)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per network batch")
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), fp32, bf16 or fp16")
     p.add_argument("--seed", type=int, default=0)

@@ -108,6 +108,16 @@ def save_model(network: torch.nn.Module, metadata: dict, path: Union[str, Path])
 
 
 
+def registered_classifier(model: "LoadedModel", registry: Path = REGISTRY_FILE) -> Optional[str]:
+    """The name of the registered classifier that guides ``model`` (CG-CDM): the ``classifier`` of the
+    registry entry whose SHA256 is the model file's, when that names a registered classifier."""
+    entries = read_registry(registry)
+    entry = next((e for e in entries if e.get("sha256") == model.sha256 and e.get("kind", "diffusion") == "diffusion"),
+                 {})
+    name = entry.get("classifier")
+    return name if any(e["name"] == name and e.get("kind") == "classifier" for e in entries) else None
+
+
 def with_defaults(model: "LoadedModel", defaults: dict, path: Union[str, Path]) -> str:
     """Write ``model`` again with ``defaults`` merged into its metadata (after a calibration); returns the SHA256."""
     return save_model(model.network, {**model.metadata, "defaults": {**model.defaults, **defaults}}, path)

@@ -13,17 +13,10 @@ from .modelfile import REGISTRY_FILE, LoadedModel, read_registry
 
 def model_choices(registry: Path = REGISTRY_FILE) -> List[str]:
     """The registered names of every diffusion model, the default one first. Classifiers are not
-    offered: they guide a diffusion model and are chosen with it (``classifier_for``)."""
+    offered: they guide a diffusion model and come with it (``modelfile.registered_classifier``)."""
     entries = [e for e in read_registry(registry) if e.get("kind", "diffusion") == "diffusion"]
     entries.sort(key=lambda e: not e.get("default", False))
     return [e["name"] for e in entries]
-
-
-def classifier_for(model_name: str, registry: Path = REGISTRY_FILE) -> Optional[str]:
-    """The registered classifier that guides a registered diffusion model (its entry's ``classifier``), if any."""
-    entries = {e["name"]: e for e in read_registry(registry)}
-    name = entries.get(str(model_name), {}).get("classifier")
-    return name if entries.get(name, {}).get("kind") == "classifier" else None
 
 
 def methods_for(classifier_name: Optional[str]) -> List[str]:
@@ -70,3 +63,19 @@ def result_text(result, voxel_ml: float) -> str:
     voxels = int(result.mask.sum())
     return (f"{result.slices_run} of {result.slices_total} slices in {result.seconds:.0f} s on {result.device}; "
             f"{voxels} voxels ({voxels * voxel_ml:.1f} ml) segmented at threshold {result.threshold:.3g}")
+
+
+def torch_version_problem(installed: str, minimum: str) -> Optional[str]:
+    """A sentence for the user when the installed torch (e.g. '2.0.1+cu118') is older than ``minimum``, else None."""
+    def numbers(version: str) -> Tuple[int, ...]:
+        parts = []
+        for part in version.split("+")[0].split(".")[:3]:
+            digits = "".join(c for c in part if c.isdigit())
+            parts.append(int(digits) if digits else 0)
+        return tuple(parts)
+
+    if numbers(installed) >= numbers(minimum):
+        return None
+    return (f"CDMSegment needs PyTorch {minimum} or newer, but {installed} is installed. Update it in the PyTorch "
+            "module (Uninstall, restart Slicer, then Install), or from the Python console with "
+            f"PyTorchUtils.PyTorchUtilsLogic().installTorch(torchVersionRequirement='>={minimum}').")

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import CDMSegmentError
 from .image import read_volume
 from .methods import CDMParams
-from .modelfile import load_model
+from .modelfile import load_model, registered_classifier
 from .outputs import atomic_outputs, file_stem, write_heatmap, write_segmentation
 from .volume import segment_volume
 
@@ -44,6 +44,8 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     (``<stem>_<class>_heatmap.nrrd`` for several classes) and ``<stem>.seg.nrrd`` in ``output_dir``."""
     start = time.perf_counter()
     diffusion = load_model(model)
+    if classifier is None and run_options.get("method") == "cg-cdm":
+        classifier = registered_classifier(diffusion)  # None (then a clear error) when it has none
     guide = load_model(classifier, kind="classifier") if classifier is not None else None
     volumes = [read_volume(p) for p in inputs]
     params = CDMParams.for_model(diffusion, preset, guide, noise_level=noise_level, steps=steps, tau=tau,
