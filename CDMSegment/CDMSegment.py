@@ -31,7 +31,7 @@ MINIMUM_TORCH_VERSION = "2.1"
 RESOURCES = Path(__file__).resolve().parent / "Resources"
 # The sample ships with the module: {"file_name", "sha256", "segmentation_file_name", "segmentation_sha256"}
 SAMPLE_DESCRIPTION = RESOURCES / "Sample" / "CDMSegmentSample.json"
-SAMPLE_DICE_FLOOR = 0.3
+SAMPLE_DICE_FLOOR = 0.75  # the sample's Dice was 0.87 (make demo); pytest asserts the same floor
 
 
 class CDMSegment(ScriptedLoadableModule):
@@ -440,6 +440,7 @@ class CDMSegmentTest(ScriptedLoadableModuleTest):
         if not SAMPLE_DESCRIPTION.is_file():
             self.skipTest(f"{SAMPLE_DESCRIPTION.name} is not published yet")
         import SampleData
+        from CDMSegmentLib.metrics import dice
 
         volume = SampleData.downloadSample("CDMSegmentSample")
         sample = json.loads(SAMPLE_DESCRIPTION.read_text())
@@ -450,6 +451,6 @@ class CDMSegmentTest(ScriptedLoadableModuleTest):
         segmentation = nodes[-1]
         mask = mrml.segment_mask(segmentation, segmentation.GetSegmentation().GetNthSegmentID(0),
                                  mrml.ijk_to_ras(volume), truth.shape) > 0
-        dice = 2 * np.logical_and(mask, truth).sum() / max(mask.sum() + truth.sum(), 1)
-        self.delayDisplay(f"Dice {dice:.3f} (floor {SAMPLE_DICE_FLOOR})")
-        self.assertGreaterEqual(dice, SAMPLE_DICE_FLOOR)
+        score = dice(mask, truth)
+        self.delayDisplay(f"Dice {score:.3f} (floor {SAMPLE_DICE_FLOOR})")
+        self.assertGreaterEqual(score, SAMPLE_DICE_FLOOR)
