@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import CDMSegmentError
-from .methods import CDMParams, build_method, network_evaluations_per_slice, run_in_batches
+from .methods import CG_CDM_THRESHOLD, CDMParams, build_method, network_evaluations_per_slice, run_in_batches
 from .modelfile import LoadedModel
 
 
@@ -92,6 +92,6 @@ def defaults_from(row: dict) -> dict:
     cdm_keys = ("noise_level", "steps", "tau", "noise_draws")
     calibration = {k: row[k] for k in ("pooled_dice", "mean_case_dice", "healthy_fp_fraction")}
     if row.get("method") == "cg-cdm":
-        return {"guidance_scale": row["guidance_scale"], "cg_cdm_threshold": row["threshold"],
+        return {"guidance_scale": row["guidance_scale"], CG_CDM_THRESHOLD: row["threshold"],
                 "calibration": {**calibration, "cdm_settings": {k: row[k] for k in cdm_keys}}}
     return {**{k: row[k] for k in cdm_keys + ("threshold",)}, "calibration": calibration}

@@ -53,7 +53,8 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="DDIM steps R (2R network evaluations per slice)")
     p.add_argument("--tau", type=float, default=None, help="condition interpolation tau in [0, 1)")
     p.add_argument("--noise-draws", type=int, default=None, help="average the heatmap over this many noise draws")
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier guidance scale s (cg-cdm; default: the scale measured for the classifier)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier guidance scale s (cg-cdm; default: the scale measured for the classifier)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per network batch")
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), fp32, bf16 or fp16")
     p.add_argument("--seed", type=int, default=0)

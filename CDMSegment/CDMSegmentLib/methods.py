@@ -52,13 +52,14 @@ MethodFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CDM_METHODS = ("cdm", "cg-cdm")
 METHODS = CDM_METHODS + CAM_METHODS + ("cg-diff",)
 CLASSIFIER_METHODS = ("cg-cdm", "cg-diff") + CAM_METHODS  # the methods that need a noise-aware classifier
+CG_CDM_THRESHOLD = "cg_cdm_threshold"  # the key of CG-CDM's calibrated threshold in a classifier's defaults
 
 
 def calibrated_threshold(method: str, model: Optional[LoadedModel],
                          classifier: Optional[LoadedModel] = None) -> Optional[float]:
     """The heatmap threshold measured on held-out data for ``method``, if any: CDM's is stored in the
     diffusion model, CG-CDM's in the classifier that guides it (``cdmsegment calibrate --classifier``)."""
-    source, key = {"cdm": (model, "threshold"), "cg-cdm": (classifier, "cg_cdm_threshold")}.get(method, (None, ""))
+    source, key = {"cdm": (model, "threshold"), "cg-cdm": (classifier, CG_CDM_THRESHOLD)}.get(method, (None, ""))
     value = source.defaults.get(key) if source is not None else None
     return None if value is None else float(value)
 

@@ -107,7 +107,6 @@ def save_model(network: torch.nn.Module, metadata: dict, path: Union[str, Path])
     return sha256_of(path)
 
 
-
 def registered_classifier(model: "LoadedModel", registry: Path = REGISTRY_FILE) -> Optional[str]:
     """The name of the registered classifier that guides ``model`` (CG-CDM): the ``classifier`` of the
     registry entry whose SHA256 is the model file's, when that names a registered classifier."""

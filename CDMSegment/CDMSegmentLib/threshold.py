@@ -36,7 +36,7 @@ def resolve_threshold(heatmap: np.ndarray, rule: Union[str, float], content: Opt
         if rule == "model":
             if calibrated is None:
                 raise CDMSegmentError("no calibrated threshold is stored for this method and model; "
-                                  "use --threshold otsu or a number")
+                                      "use --threshold otsu or a number")
             return float(calibrated)
         try:
             rule = float(rule)

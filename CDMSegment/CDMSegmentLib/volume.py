@@ -136,7 +136,6 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                               time.perf_counter() - start, str(dev))
 
 
-
 def after_out_of_memory(batch_size: int, device: torch.device, log: Callable[[str], None]):
     """The next try after running out of GPU memory: half the batch, then batch 1 on the CPU; says which."""
     if device.type == "cpu" and batch_size == 1:
