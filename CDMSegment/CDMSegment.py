@@ -5,9 +5,14 @@ CDMSegmentLib.mrml, the core does the rest. Model and torch imports happen insid
 after the dependency check, so the module loads in a Slicer without torch.
 """
 
+# Annotations stay strings until Slicer's parameterNodeWrapper resolves them (typing.get_type_hints):
+# under slicer-core, which has no parameterNodeWrapper, the Logic is imported without them.
+from __future__ import annotations
+
 import json
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import slicer
@@ -19,7 +24,7 @@ try:  # the Slicer application; slicer-core (pytest) has MRML but no Qt and no s
     import qt
     from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                                ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-    from slicer.parameterNodeWrapper import parameterNodeWrapper
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 except ImportError:
     ScriptedLoadableModule = ScriptedLoadableModuleWidget = ScriptedLoadableModuleTest = object
     ScriptedLoadableModuleLogic = object
@@ -70,18 +75,23 @@ def sampleUri(fileName: str) -> str:
 
 @parameterNodeWrapper
 class CDMSegmentParameterNode:
-    """What the panel shows, saved with the scene. Input volumes per modality are set by the widget."""
+    """What the panel shows, saved with the scene. Input volumes per modality are set by the widget.
+
+    Slicer binds a combo box only to a parameter with a Choice (it fills the box with the choices)
+    and sets a spin box's range from WithinRange (unbounded, it would be -inf..inf); test_ui.py
+    checks both. The threshold slider is driven by the widget, whose range follows each heatmap.
+    """
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
-    method: str = "cdm"
-    device: str = "auto"
-    noiseLevel: float = 0.896
-    steps: int = 10
-    tau: float = 0.95
-    noiseDraws: int = 1
-    guidanceScale: float = 100.0
-    axis: str = "auto"
-    batchSize: int = 16
+    method: Annotated[str, Choice(["cdm", "cg-cdm"])] = "cdm"
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    noiseLevel: Annotated[float, WithinRange(0.01, 0.999)] = 0.896
+    steps: Annotated[int, WithinRange(1, 1000)] = 10
+    tau: Annotated[float, WithinRange(0.0, 0.999)] = 0.95
+    noiseDraws: Annotated[int, WithinRange(1, 64)] = 1
+    guidanceScale: Annotated[float, WithinRange(0.0, 10000.0)] = 100.0
+    axis: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
+    batchSize: Annotated[int, WithinRange(1, 1024)] = 16
     hardenTransform: bool = False
     threshold: float = 0.0
     heatmapVolume: slicer.vtkMRMLScalarVolumeNode
@@ -194,8 +204,6 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.connect("timeout()", self.onPoll)
-        self.ui.deviceSelector.addItems(["auto", "cuda", "cpu"])
-        self.ui.axisSelector.addItems(["auto", "axial", "coronal", "sagittal"])
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.methodSelector.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelFile)
@@ -297,7 +305,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
     def useModel(self, model):
         """Show the model's classes, methods and measured defaults, and one input selector per modality.
         A classifier registered with the model is loaded too: it makes CG-CDM available."""
-        from CDMSegmentLib.panel import advanced_defaults, methods_for, model_text
+        from CDMSegmentLib.panel import advanced_defaults, model_text
 
         classifierName = self.logic.classifierFor(model)
         self.model, self.classifier = model, None
@@ -307,8 +315,9 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         self.ui.modelInfoLabel.text = model_text(model)
         self.ui.targetClassSelector.clear()
         self.ui.targetClassSelector.addItems(model.class_names[1:])
-        self.ui.methodSelector.clear()
-        self.ui.methodSelector.addItems(methods_for(classifierName if self.classifier else None))
+        if self.classifier is None:
+            self.parameterNode.method = "cdm"
+        self.onMethodChanged()
         for name, value in advanced_defaults(model, self.classifier).items():
             setattr(self.parameterNode, name, value)
         self.ui.firstInputLabel.text = f"{model.modalities[0]}:"
@@ -324,8 +333,12 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
             formLayout.addRow(f"{modality}:", selector)
             self.extraInputSelectors.append(selector)
 
-    def onMethodChanged(self, index):
-        self.ui.guidanceScaleSpinBox.enabled = self.ui.methodSelector.currentText == "cg-cdm"
+    def onMethodChanged(self, index=None):
+        """CG-CDM needs a classifier registered with the model; its guidance scale means nothing to CDM."""
+        guided = self.ui.methodSelector.currentText == "cg-cdm"
+        self.ui.guidanceScaleSpinBox.enabled = guided
+        if guided and self.model is not None and self.classifier is None:
+            self.ui.statusLabel.text = "CG-CDM needs a classifier registered with this model; this one has none."
 
     def onApplyButton(self):
         if self.job is not None:
@@ -345,6 +358,9 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
             nodes = [p.inputVolume] + [selector.currentNode() for selector in self.extraInputSelectors]
             volumes, ijkToRAS = self.logic.prepareInputs(nodes, self.model, p.hardenTransform)
             model, classes = self.model, [self.ui.targetClassSelector.currentIndex + 1]
+            if p.method == "cg-cdm" and self.classifier is None:
+                raise ValueError("CG-CDM needs a classifier registered with this model, and this model has none. "
+                                 "Choose CDM, or run CG-CDM from the Python console with classifier=...")
             classifier = self.classifier if p.method == "cg-cdm" else None
             # Read on the main thread: the worker never touches MRML, the parameter node included.
             options = dict(method=p.method, device=p.device, axis=p.axis, batch_size=p.batchSize, classifier=classifier,
@@ -403,7 +419,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         p = self.parameterNode
         p.heatmapVolume = None  # the slider set-up below must not re-make the previous run's segment
         self.ui.thresholdSlider.maximum, self.ui.thresholdSlider.singleStep = slider_range(result.heatmap.max())
-        p.threshold = result.threshold
+        self.ui.thresholdSlider.value = p.threshold = result.threshold
         p.heatmapVolume, p.segmentation = heatmapNode, segmentationNode
         slicer.util.setSliceViewerLayers(background=inputNodes[0], foreground=heatmapNode, foregroundOpacity=0.4)
         voxelMl = float(np.prod(inputNodes[0].GetSpacing())) / 1000.0
@@ -414,6 +430,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         p = self.parameterNode
         if p.heatmapVolume is None or p.segmentation is None or self.job is not None:
             return
+        p.threshold = value
         with slicer.util.tryWithErrorDisplay("Could not re-make the segment."):
             p.segmentation = self.logic.remakeSegment(p.heatmapVolume, p.segmentation, value,
                                                       int(self.model.defaults.get("min_component_voxels", 0)))

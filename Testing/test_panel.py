@@ -1,13 +1,14 @@
-"""What the panel offers and says (CDMSegmentLib.panel): models, methods, defaults and texts, without Qt."""
+"""What the panel offers and says (CDMSegmentLib.panel): models, defaults and texts, without Qt."""
 
 import json
+
 import numpy as np
 import pytest
 
 from CDMSegmentLib.modelfile import load_model, read_registry, registered_classifier, sha256_of
-from CDMSegmentLib.volume import SegmentationResult
-from CDMSegmentLib.panel import (advanced_defaults, methods_for, model_choices, model_text, progress_text, result_text,
+from CDMSegmentLib.panel import (advanced_defaults, model_choices, model_text, progress_text, result_text,
                                  slider_range, torch_version_problem)
+from CDMSegmentLib.volume import SegmentationResult
 
 
 def write_registry(tmp_path, entries):
@@ -29,8 +30,6 @@ def test_the_bundled_model_is_offered_with_cgcdm_through_its_registered_classifi
     assert model_choices()[0] == next(e["name"] for e in bundled if e.get("default"))
     guide = registered_classifier(load_model(model_choices()[0]))
     assert guide is not None and load_model(guide, kind="classifier").kind == "classifier"
-    assert methods_for(guide) == ["cdm", "cg-cdm"]
-    assert methods_for(None) == ["cdm"]
 
 
 def test_the_classifier_is_found_by_the_model_file_not_its_name(tmp_path, tiny_model_path, tiny_model):

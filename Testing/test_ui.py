@@ -21,9 +21,11 @@ EXPECTED_CLASSES = {
     "hardenTransformCheckBox": "QCheckBox", "advancedCollapsibleButton": "ctkCollapsibleButton",
     "guidanceScaleSpinBox": "QDoubleSpinBox",
 }
-# Parameter type -> widget classes parameterNodeWrapper's connectGui can bind it to.
-BINDABLE = {"float": {"QDoubleSpinBox", "ctkSliderWidget"}, "int": {"QSpinBox"}, "str": {"QComboBox"},
-            "bool": {"QCheckBox"}, "slicer.vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}}
+# Widget class -> the parameter types Slicer's parameterNodeWrapper (guiConnection.py) binds it to.
+BINDABLE = {"QDoubleSpinBox": {"float"}, "ctkSliderWidget": {"float"}, "QSpinBox": {"int"},
+            "QComboBox": {"str", "int", "float", "bool"}, "QCheckBox": {"bool"},
+            "qMRMLNodeComboBox": {"slicer.vtkMRMLScalarVolumeNode"}}
+SPIN_BOXES = {"QSpinBox": "number", "QDoubleSpinBox": "double"}
 
 
 def _widgets():
@@ -37,10 +39,37 @@ def _used_names():
             and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
 
 
-def _parameter_types():
+def _parameters():
+    """{name: (type, {annotation: its arguments}, default)} of CDMSegmentParameterNode, read from the source:
+    'Annotated[float, WithinRange(0.0, 1.0)] = 0.5' -> ('float', {'WithinRange': [0.0, 1.0]}, 0.5)."""
     tree = ast.parse(SOURCE.read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CDMSegmentParameterNode")
-    return {s.target.id: ast.unparse(s.annotation) for s in cls.body if isinstance(s, ast.AnnAssign)}
+    parameters = {}
+    for statement in cls.body:
+        if not isinstance(statement, ast.AnnAssign):
+            continue
+        annotation, extras = statement.annotation, {}
+        if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+            annotation, *calls = annotation.slice.elts
+            extras = {ast.unparse(c.func): [ast.literal_eval(a) for a in c.args] for c in calls}
+        default = ast.literal_eval(statement.value) if statement.value is not None else None
+        parameters[statement.target.id] = (ast.unparse(annotation), extras, default)
+    return parameters
+
+
+def _bound_widgets():
+    """{parameter name: its widget element} for every widget with a SlicerParameterName."""
+    bound = {}
+    for widget in _widgets().values():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = widget
+    return bound
+
+
+def _ui_number(widget, name):
+    prop = next((p for p in widget.findall("property") if p.get("name") == name), None)
+    return None if prop is None else float(prop.find(SPIN_BOXES[widget.get("class")]).text)
 
 
 def test_every_widget_the_code_uses_exists_with_the_expected_class():
@@ -54,17 +83,42 @@ def test_every_widget_the_code_uses_exists_with_the_expected_class():
 
 
 def test_bound_widgets_name_parameters_of_a_matching_type():
-    types = _parameter_types()
-    bound = {}
-    for name, widget in _widgets().items():
-        for prop in widget.findall("property"):
-            if prop.get("name") == "SlicerParameterName":
-                bound[prop.find("string").text] = widget
+    parameters = _parameters()
+    bound = _bound_widgets()
     assert {"inputVolume", "noiseLevel", "steps", "tau", "noiseDraws", "guidanceScale", "axis", "batchSize", "device",
-            "method", "hardenTransform", "threshold"} <= set(bound)
+            "method", "hardenTransform"} <= set(bound)
     for parameter, widget in bound.items():
-        assert parameter in types, f"{widget.get('name')} is bound to unknown parameter {parameter}"
-        assert widget.get("class") in BINDABLE[types[parameter]], (parameter, widget.get("class"))
+        assert parameter in parameters, f"{widget.get('name')} is bound to unknown parameter {parameter}"
+        assert parameters[parameter][0] in BINDABLE[widget.get("class")], (parameter, widget.get("class"))
+
+
+def test_bindings_follow_slicers_connector_rules():
+    """connectGui raises for a combo box without a Choice and for a ctkSliderWidget without bounds, and
+    sets an unbounded spin box's range to -inf..inf: each bound parameter must say its choices or range."""
+    parameters = _parameters()
+    for parameter, widget in _bound_widgets().items():
+        kind, extras, default = parameters[parameter]
+        cls = widget.get("class")
+        if cls == "QComboBox":
+            assert "Choice" in extras, f"{parameter}: a combo box needs Annotated[..., Choice([...])]"
+            assert default in extras["Choice"][0], parameter
+        if cls in SPIN_BOXES or cls == "ctkSliderWidget":
+            assert "WithinRange" in extras, f"{parameter}: a {cls} needs Annotated[..., WithinRange(lo, hi)]"
+            low, high = extras["WithinRange"]
+            assert low <= default <= high, parameter
+        if cls in SPIN_BOXES:  # what Qt Designer shows is what Slicer will set
+            assert (_ui_number(widget, "minimum"), _ui_number(widget, "maximum")) == (low, high), parameter
+
+
+def test_the_code_leaves_choice_bound_combo_boxes_to_slicer():
+    """Slicer fills a Choice-bound combo box itself; items added, removed or cleared by the code would
+    no longer match the choices it reads back by index."""
+    source = SOURCE.read_text()
+    combo_boxes = [w.get("name") for w in _bound_widgets().values() if w.get("class") == "QComboBox"]
+    assert combo_boxes
+    for name in combo_boxes:
+        for call in ("addItem", "addItems", "clear()", "removeItem", "insertItem"):
+            assert f"self.ui.{name}.{call}" not in source, f"self.ui.{name}.{call}"
 
 
 def test_the_ui_declares_its_custom_widgets():

@@ -19,11 +19,6 @@ def model_choices(registry: Path = REGISTRY_FILE) -> List[str]:
     return [e["name"] for e in entries]
 
 
-def methods_for(classifier_name: Optional[str]) -> List[str]:
-    """CDM always; CG-CDM when a classifier to guide it is there."""
-    return ["cdm", "cg-cdm"] if classifier_name else ["cdm"]
-
-
 def advanced_defaults(model: LoadedModel, classifier: Optional[LoadedModel] = None) -> dict:
     """The Advanced section's values for a model: its measured defaults (and the classifier's scale)."""
     p = CDMParams.for_model(model, classifier=classifier)
