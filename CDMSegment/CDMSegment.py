@@ -418,8 +418,11 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         result = next(iter(results.values()))
         p = self.parameterNode
         p.heatmapVolume = None  # the slider set-up below must not re-make the previous run's segment
-        self.ui.thresholdSlider.maximum, self.ui.thresholdSlider.singleStep = slider_range(result.heatmap.max())
-        self.ui.thresholdSlider.value = p.threshold = result.threshold
+        slider = self.ui.thresholdSlider
+        top, step, decimals = slider_range(result.heatmap.max())
+        slider.decimals = decimals  # first: Qt rounds the range and the step to the decimals
+        slider.maximum, slider.singleStep = top, step
+        slider.value = p.threshold = result.threshold
         p.heatmapVolume, p.segmentation = heatmapNode, segmentationNode
         slicer.util.setSliceViewerLayers(background=inputNodes[0], foreground=heatmapNode, foregroundOpacity=0.4)
         voxelMl = float(np.prod(inputNodes[0].GetSpacing())) / 1000.0

@@ -63,9 +63,12 @@ def test_progress_reads_slices_done_of_total_with_the_time_left():
     assert progress_text(0, 0, "slices", None) == "Starting..."
 
 
-def test_the_threshold_slider_spans_the_heatmap_in_200_steps():
-    assert slider_range(2.0) == (2.0, 0.01)
-    assert slider_range(0.0) == (1.0, 0.005)  # an all-zero heatmap still gives a usable slider
+def test_the_threshold_slider_spans_the_heatmap_in_200_steps_it_can_show():
+    assert slider_range(2.0) == (2.0, 0.01, 3)
+    assert slider_range(0.0) == (1.0, 0.005, 4)  # an all-zero heatmap still gives a usable slider
+    top, step, decimals = slider_range(0.00178)  # the bundled model's heatmap on the sample
+    assert round(step, decimals) == pytest.approx(step, rel=0.1)  # Qt keeps a step within 10%
+    assert round(0.0001997, decimals) == pytest.approx(0.0001997, rel=0.01)  # and the calibrated threshold
 
 
 def test_the_status_texts_name_the_model_and_the_result():

@@ -4,6 +4,7 @@ Kept here, without Qt, so that the choices (which models, which methods, which d
 texts a user reads are tested by pytest like the rest of the core.
 """
 
+import math
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -47,10 +48,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def slider_range(heatmap_max: float) -> Tuple[float, float]:
-    """(maximum, single step) of the threshold slider for a heatmap: 200 steps over its range."""
+def slider_range(heatmap_max: float) -> Tuple[float, float, int]:
+    """(maximum, single step, decimals) of the threshold slider for a heatmap: 200 steps over its range,
+    with the decimals to show one step (a CDM heatmap can peak at 0.002, and Qt rounds to the decimals)."""
     top = float(heatmap_max) if heatmap_max > 0 else 1.0
-    return top, top / 200
+    step = top / 200
+    return top, step, min(10, max(2, math.ceil(-math.log10(step)) + 1))
 
 
 def result_text(result, voxel_ml: float) -> str:
