@@ -37,6 +37,12 @@ RESOURCES = Path(__file__).resolve().parent / "Resources"
 # The sample ships with the module: {"file_name", "sha256", "segmentation_file_name", "segmentation_sha256"}
 SAMPLE_DESCRIPTION = RESOURCES / "Sample" / "CDMSegmentSample.json"
 SAMPLE_DICE_FLOOR = 0.75  # the sample's Dice was 0.87 (make demo); pytest asserts the same floor
+# While a job runs, the panel polls it every POLL_MS and then waits up to YIELD_S for it. The worker's
+# torch calls run without the GIL, but between them its Python code needs the GIL, and an embedded
+# interpreter idling in the Qt event loop may keep holding it: the wait hands it over for most of each
+# period, whatever the embedding does, and leaves the event loop a gap that keeps the GUI responsive.
+POLL_MS = 40
+YIELD_S = 0.03
 
 
 class CDMSegment(ScriptedLoadableModule):
@@ -202,7 +208,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         self.job = None
         self.extraInputSelectors = []
         self.timer = qt.QTimer()
-        self.timer.setInterval(200)
+        self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.onPoll)
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.methodSelector.connect("currentIndexChanged(int)", self.onMethodChanged)
@@ -389,6 +395,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         from CDMSegmentLib.errors import Cancelled
         from CDMSegmentLib.panel import progress_text
 
+        finished = self.job.wait(YIELD_S)  # the worker's share of the GIL (see POLL_MS)
         while self.workerMessages:
             self.lastMessage = self.workerMessages.pop(0)
             logging.info(f"CDMSegment: {self.lastMessage}")
@@ -396,7 +403,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         self.ui.progressBar.maximum = 1000
         self.ui.progressBar.value = int(1000 * done / total) if total else 0
         self.ui.statusLabel.text = progress_text(done, total, self.jobUnit, self.job.eta_seconds(), self.lastMessage)
-        if not self.job.finished:
+        if not finished:
             return
         self.timer.stop()
         job, self.job = self.job, None
