@@ -469,6 +469,8 @@ class CDMSegmentTest(ScriptedLoadableModuleTest):
         import SampleData
         from CDMSegmentLib.metrics import dice
 
+        if SampleData.SampleDataLogic().sourceForSampleName("CDMSegmentSample") is None:
+            registerSampleData()  # "Reload and Test" after startup, or a test run that skipped startupCompleted
         volume = SampleData.downloadSample("CDMSegmentSample")
         sample = json.loads(SAMPLE_DESCRIPTION.read_text())
         truthPath = SampleData.SampleDataLogic().downloadFileIntoCache(sampleUri(sample["segmentation_file_name"]),
