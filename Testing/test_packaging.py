@@ -3,6 +3,7 @@
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -57,3 +58,13 @@ def test_icons_are_small_rgba_pngs():
         image = sitk.ReadImage(str(path))
         assert image.GetSize() == (128, 128) and image.GetNumberOfComponentsPerPixel() == 4
         assert path.stat().st_size < 20_000
+
+
+def test_the_module_loads_in_a_slicer_without_torch():
+    """Slicer imports CDMSegment.py at startup, before the PyTorch extension has installed torch: the module
+    must load (the panel then offers the install) instead of failing with an ImportError."""
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); import CDMSegment; "
+            "print(sorted(n for n in vars(CDMSegment) if n.startswith('CDMSegment')))")
+    result = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "'CDMSegmentLogic'" in result.stdout and "'CDMSegmentWidget'" in result.stdout
