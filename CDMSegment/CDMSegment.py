@@ -238,9 +238,13 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
             self.parameterNode.inputVolume = layer.GetVolumeNode()
 
     def onSceneStartClose(self, caller=None, event=None):
-        """A run's result must not land in the next scene: cancel it (onPoll then tidies up)."""
+        """A run's result must not land in the next scene: cancel it (onPoll then tidies up). The panel lets go
+        of the parameter node, which the scene is about to delete; onSceneEndClose binds the new one."""
         if self.job is not None:
             self.job.cancel()
+        if self.guiConnection is not None:
+            self.parameterNode.disconnectGui(self.guiConnection)
+            self.guiConnection = None
 
     def onSceneEndClose(self, caller=None, event=None):
         self.initializeParameterNode()
