@@ -20,7 +20,8 @@ def choose_device(device: str = "auto", log: Callable[[str], None] = print) -> t
             f"({'CUDA found' if chosen.type == 'cuda' else 'no CUDA GPU found'})")
         return chosen
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CDMSegmentError("CUDA was requested but no CUDA GPU is usable by this PyTorch; use --device cpu")
+        raise CDMSegmentError("CUDA was requested but this PyTorch finds no usable CUDA GPU; choose the CPU "
+                              "(device cpu) or auto, or install a CUDA build of PyTorch")
     return torch.device(device)
 
 
