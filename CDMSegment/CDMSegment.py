@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -72,6 +73,12 @@ def registerSampleData():
         fileNames=sample["file_name"],
         checksums=f"SHA256:{sample['sha256']}", nodeNames=Path(sample["file_name"]).name.split(".")[0],
         thumbnailFileName=str(RESOURCES / "Icons" / "CDMSegment.png"))
+
+
+def forgetLibraryModules():
+    """Drop CDMSegmentLib and its modules from sys.modules, so that the next import reads them from disk."""
+    for name in [n for n in sys.modules if n == "CDMSegmentLib" or n.startswith("CDMSegmentLib.")]:
+        del sys.modules[name]
 
 
 def sampleUri(fileName: str) -> str:
@@ -226,6 +233,12 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
     def cleanup(self):
         self.onSceneStartClose()
         self.removeObservers()
+
+    def onReload(self):
+        """Reload and Test: Slicer re-reads this file only; forgetting the core's modules makes it import the
+        edited ones too."""
+        forgetLibraryModules()
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def initializeParameterNode(self):
         """(Re)bind the panel to this scene's parameter node, defaulting the input to the volume in view."""

@@ -68,3 +68,13 @@ def test_the_module_loads_in_a_slicer_without_torch():
     result = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "'CDMSegmentLogic'" in result.stdout and "'CDMSegmentWidget'" in result.stdout
+
+
+def test_reload_makes_the_core_import_again_from_disk():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import CDMSegment, CDMSegmentLib.mrml as m; "
+            "CDMSegment.forgetLibraryModules(); "
+            "assert not [n for n in sys.modules if n.startswith('CDMSegmentLib')]; "
+            "import CDMSegmentLib.mrml as again; print(again is not m)")
+    result = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
