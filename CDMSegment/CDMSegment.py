@@ -39,9 +39,10 @@ RESOURCES = Path(__file__).resolve().parent / "Resources"
 SAMPLE_DESCRIPTION = RESOURCES / "Sample" / "CDMSegmentSample.json"
 SAMPLE_DICE_FLOOR = 0.75  # the sample's Dice was 0.87 (make demo); pytest asserts the same floor
 # While a job runs, the panel polls it every POLL_MS and then waits up to YIELD_S for it. The worker's
-# torch calls run without the GIL, but between them its Python code needs the GIL, and an embedded
-# interpreter idling in the Qt event loop may keep holding it: the wait hands it over for most of each
-# period, whatever the embedding does, and leaves the event loop a gap that keeps the GUI responsive.
+# torch calls run without the GIL, but between them its Python code needs it, and Slicer's main thread
+# keeps the GIL while it idles in the Qt event loop (its Python manager does not turn on PythonQt's
+# thread support). The wait hands the GIL over for most of each period and leaves the event loop a
+# gap that keeps the GUI responsive.
 POLL_MS = 40
 YIELD_S = 0.03
 
