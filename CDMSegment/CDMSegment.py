@@ -449,7 +449,8 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         slider.maximum, slider.singleStep = top, step
         slider.value = p.threshold = result.threshold
         p.heatmapVolume, p.segmentation = heatmapNode, segmentationNode
-        slicer.util.setSliceViewerLayers(background=inputNodes[0], foreground=heatmapNode, foregroundOpacity=0.4)
+        slicer.util.setSliceViewerLayers(background=inputNodes[0], foreground=heatmapNode,
+                                     foregroundOpacity=mrml.HEATMAP_OPACITY)
         voxelMl = float(np.prod(inputNodes[0].GetSpacing())) / 1000.0
         self.ui.statusLabel.text = result_text(result, voxelMl)
         self.openSegmentEditor()

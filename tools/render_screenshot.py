@@ -10,11 +10,14 @@ Slice views go through the centre of the first segment.
 Usage:
     python render_screenshot.py SAMPLE HEATMAP SEG OUT.png [--size 1600x900] [--verbose]
 
-Dependencies: trame-slicer, slicer-core, vtk, numpy, Pillow.
+Dependencies: trame-slicer, slicer-core, vtk, numpy, Pillow, and SimpleITK and scipy for CDMSegmentLib.mrml,
+whose display rules (heat colours, window, opacity) it applies.
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -25,9 +28,9 @@ from vtkmodules.util.numpy_support import vtk_to_numpy
 from vtkmodules.vtkCommonCore import vtkObject
 from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
 
-HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"  # what the CDMSegment module uses
-FALLBACK_COLOR_NODE_ID = "vtkMRMLColorTableNodeWarm1"  # another heat-like table of the default set
-HEATMAP_OPACITY = 0.4  # as the module's setSliceViewerLayers(foregroundOpacity=0.4)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
+from CDMSegmentLib import mrml  # noqa: E402  (the module's own display rules)
+
 SLICE_ZOOM = 1.15  # slice views: zoom in a little on the anatomy
 
 # (layout definition, tile label, label colour as in Slicer's view controllers)
@@ -49,17 +52,7 @@ def setup_scene(app, sample_path, heatmap_path, seg_path):
     if segmentation is None:
         raise SystemExit(f"cannot read segmentation {seg_path}")
 
-    # Heatmap: heat colours, window 0 .. 99.9th percentile of its positive values (the module's rule).
-    display = heatmap.GetDisplayNode()
-    color_id = HEAT_COLOR_NODE_ID
-    if app.scene.GetNodeByID(color_id) is None:
-        print(f"warning: colour node {HEAT_COLOR_NODE_ID} missing, using {FALLBACK_COLOR_NODE_ID}")
-        color_id = FALLBACK_COLOR_NODE_ID
-    display.SetAndObserveColorNodeID(color_id)
-    display.AutoWindowLevelOff()
-    values = vtk_to_numpy(heatmap.GetImageData().GetPointData().GetScalars())
-    top = float(np.percentile(values[values > 0], 99.9)) if (values > 0).any() else 1.0
-    display.SetWindowLevelMinMax(0.0, top)
+    mrml.show_as_heatmap(heatmap)
 
     # Segmentation: outline and light fill in 2D, closed surface in 3D.
     segmentation.CreateClosedSurfaceRepresentation()
@@ -164,7 +157,7 @@ def main():
     for view in slice_views:
         view.set_background_volume_id(volume.GetID())
         view.set_foreground_volume_id(heatmap.GetID())
-        view.set_foreground_opacity(HEATMAP_OPACITY)
+        view.set_foreground_opacity(mrml.HEATMAP_OPACITY)
         view.fit_view_to_content()
         view.zoom(1 - 1 / SLICE_ZOOM)
         view.get_view_node().JumpSliceByOffsetting(*center)

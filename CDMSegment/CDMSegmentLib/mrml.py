@@ -24,6 +24,7 @@ from .threshold import make_mask
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Black-red-yellow-white, created by Slicer's Colors module in every scene.
 HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
+HEATMAP_OPACITY = 0.4  # the heatmap as foreground over the input in the slice views
 WRITTEN_ATTRIBUTE = "CDMSegment.written."  # + segment id: digest of the mask CDMSegment last wrote
 
 
@@ -124,18 +125,24 @@ def _oriented_image(array: np.ndarray, ijk_to_ras_matrix: np.ndarray):
 
 
 def add_heatmap_node(scene, heatmap: np.ndarray, ijk_to_ras_matrix: np.ndarray, name: str):
-    """A float32 scalar volume on the input grid, shown with a heat colour table from 0 to its 99.9th percentile."""
+    """A float32 scalar volume on the input grid, shown as a heatmap (``show_as_heatmap``)."""
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     node.SetIJKToRASMatrix(array_to_matrix(ijk_to_ras_matrix))
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(heatmap, dtype=np.float32))
+    show_as_heatmap(node)
+    return node
+
+
+def show_as_heatmap(node) -> None:
+    """Heat colour table from 0 to the 99.9th percentile of the volume's positive values."""
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
-    if scene.GetNodeByID(HEAT_COLOR_NODE_ID) is not None:
+    if node.GetScene().GetNodeByID(HEAT_COLOR_NODE_ID) is not None:
         display.SetAndObserveColorNodeID(HEAT_COLOR_NODE_ID)
+    heatmap = slicer.util.arrayFromVolume(node)
     top = float(np.percentile(heatmap[heatmap > 0], 99.9)) if (heatmap > 0).any() else 1.0
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(0.0, top)
-    return node
 
 
 def add_segmentation_node(scene, masks: Dict[str, np.ndarray], ijk_to_ras_matrix: np.ndarray, name: str):
