@@ -38,7 +38,7 @@ STEM := CDMSegmentSample_flair
 screenshot: demo
 	test -x $(VIEWS_VENV)/bin/python || $(PYTHON) -m venv $(VIEWS_VENV)
 	$(VIEWS_VENV)/bin/python -m pip install --quiet "trame-slicer[standalone]==2.0.0" "slicer-core>=5.11,<5.12" numpy pillow \
-		simpleitk scipy  # what CDMSegmentLib.mrml imports
+		simpleitk scipy  # what CDMSegmentLib.slicer_adapters.mrml imports
 	$(VIEWS_VENV)/bin/python tools/render_screenshot.py $(SAMPLE) demo-output/$(STEM)_heatmap.nrrd \
 		demo-output/$(STEM).seg.nrrd Resources/screenshot.png
 

@@ -1,7 +1,7 @@
 """CDMSegment: weakly supervised segmentation with a conditional diffusion model (Hu et al., MICCAI 2023).
 
 Thin Slicer layer over CDMSegmentLib: the Widget owns Qt, the Logic owns MRML through
-CDMSegmentLib.mrml, the core does the rest. Model and torch imports happen inside methods,
+CDMSegmentLib.slicer_adapters.mrml, the core does the rest. Model and torch imports happen inside methods,
 after the dependency check, so the module loads in a Slicer without torch.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import slicer
 from slicer.util import VTKObservationMixin
 
-from CDMSegmentLib import mrml
+from CDMSegmentLib.slicer_adapters import mrml
 
 try:  # the Slicer application; slicer-core (pytest) has MRML but no Qt and no scripted-module base classes
     import qt
@@ -113,7 +113,7 @@ class CDMSegmentParameterNode:
 
 
 class CDMSegmentLogic(ScriptedLoadableModuleLogic):
-    """Everything the panel does, callable from the Python console without it (CDMSegmentLib.mrml_run).
+    """Everything the panel does, callable from the Python console without it (CDMSegmentLib.slicer_adapters.run_on_nodes).
 
     ``process`` runs on the calling thread; the widget calls its three steps separately
     (prepareInputs and addResultNodes on the main thread, runModel on a worker thread).
@@ -131,36 +131,36 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def downloadNeeded(self, nameOrPath):
         """The registry entry of a model that must be downloaded before use, else None."""
-        from CDMSegmentLib.download import download_needed
+        from CDMSegmentLib.core.download import download_needed
         return download_needed(nameOrPath, self.cacheDir, self.registry)
 
     def classifierFor(self, model):
         """The name of the classifier registered to guide a loaded model (CG-CDM), or None."""
-        from CDMSegmentLib.modelfile import registered_classifier
+        from CDMSegmentLib.core.modelfile import registered_classifier
         return registered_classifier(model, *([self.registry] if self.registry else []))
 
     def loadModel(self, nameOrPath=None, progress=None, cancel=None, kind="diffusion"):
         """A registered model (bundled, or downloaded into the cache on first use) or a model file; kind:
         'diffusion' or 'classifier'. progress(bytes done, bytes total) and cancel (threading.Event): downloads."""
-        from CDMSegmentLib.download import fetch_model
+        from CDMSegmentLib.core.download import fetch_model
         return fetch_model(nameOrPath, kind, self.cacheDir, self.registry, progress, cancel)
 
     @staticmethod
     def prepareInputs(inputVolumeNodes, model, hardenTransform=False):
         """Main thread: checked copies of the inputs as Volumes, and the world IJK-to-RAS of the first."""
-        from CDMSegmentLib.mrml_run import prepare_inputs
+        from CDMSegmentLib.slicer_adapters.run_on_nodes import prepare_inputs
         return prepare_inputs(inputVolumeNodes, model, hardenTransform)
 
     @staticmethod
     def runModel(model, volumes, classes, progress=None, cancel=None, log=logging.info, **options):
         """Any thread, no MRML: {class name: SegmentationResult}; progress counts slices over all classes."""
-        from CDMSegmentLib.mrml_run import run_model
+        from CDMSegmentLib.slicer_adapters.run_on_nodes import run_model
         return run_model(model, volumes, classes, progress=progress, cancel=cancel, log=log, **options)
 
     @staticmethod
     def addResultNodes(referenceNode, ijkToRAS, results, name=None):
         """Main thread: new heatmap volume(s) and a segmentation beside the input; returns them."""
-        from CDMSegmentLib.mrml_run import add_results
+        from CDMSegmentLib.slicer_adapters.run_on_nodes import add_results
         return add_results(referenceNode, ijkToRAS, results, name)
 
     def process(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", preset="model",
@@ -173,8 +173,8 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         classifier; by default the one registered with the model). None settings are the model's
         measured defaults. The inputs are never modified.
         """
-        from CDMSegmentLib.modelfile import LoadedModel
-        from CDMSegmentLib.mrml_run import segment_nodes
+        from CDMSegmentLib.core.modelfile import LoadedModel
+        from CDMSegmentLib.slicer_adapters.run_on_nodes import segment_nodes
 
         nodes = list(inputVolumeNodes) if isinstance(inputVolumeNodes, (list, tuple)) else [inputVolumeNodes]
         model = model if isinstance(model, LoadedModel) else self.loadModel(model)
@@ -286,7 +286,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
                 return False
         import torch
 
-        from CDMSegmentLib.panel import torch_version_problem
+        from CDMSegmentLib.slicer_adapters.panel_choices import torch_version_problem
 
         problem = torch_version_problem(torch.__version__, MINIMUM_TORCH_VERSION)
         if problem:
@@ -299,7 +299,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
         return True
 
     def populateModels(self):
-        from CDMSegmentLib.panel import model_choices
+        from CDMSegmentLib.slicer_adapters.panel_choices import model_choices
 
         self.ui.modelSelector.clear()
         for name in model_choices():
@@ -329,7 +329,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
     def useModel(self, model):
         """Show the model's classes, methods and measured defaults, and one input selector per modality.
         A classifier registered with the model is loaded too: it makes CG-CDM available."""
-        from CDMSegmentLib.panel import advanced_defaults, model_text
+        from CDMSegmentLib.slicer_adapters.panel_choices import advanced_defaults, model_text
 
         classifierName = self.logic.classifierFor(model)
         self.model, self.classifier = model, None
@@ -375,7 +375,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
             self.populateModels()
             if self.model is None:
                 return
-        from CDMSegmentLib.methods import CDMParams
+        from CDMSegmentLib.core.methods import CDMParams
 
         with slicer.util.tryWithErrorDisplay("Could not start CDMSegment.", waitCursor=True):
             p = self.parameterNode
@@ -398,7 +398,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
     def startJob(self, work, unit, onDone):
         """Run ``work(progress, cancel)`` on a worker thread; Apply becomes Cancel; ``onDone(result)`` runs on the
         main thread when it succeeds. unit: 'slices' or 'MB' (progress reported in bytes)."""
-        from CDMSegmentLib.background import BackgroundJob
+        from CDMSegmentLib.slicer_adapters.worker_thread import BackgroundJob
 
         self.workerMessages = []  # appended by the worker (atomic), logged and shown by onPoll
         self.lastMessage = ""
@@ -410,8 +410,8 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
 
     def onPoll(self):
         """Main thread: show progress; when the job ends, hand over its result or show its error."""
-        from CDMSegmentLib.errors import Cancelled
-        from CDMSegmentLib.panel import progress_text
+        from CDMSegmentLib.core.errors import Cancelled
+        from CDMSegmentLib.slicer_adapters.panel_choices import progress_text
 
         finished = self.job.wait(YIELD_S)  # the worker's share of the GIL (see POLL_MS)
         while self.workerMessages:
@@ -437,7 +437,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
                 self.onJobDone(job.result)
 
     def showResult(self, inputNodes, outputNodes, results):
-        from CDMSegmentLib.panel import result_text, slider_range
+        from CDMSegmentLib.slicer_adapters.panel_choices import result_text, slider_range
 
         heatmapNode, segmentationNode = outputNodes[0], outputNodes[-1]
         result = next(iter(results.values()))
@@ -486,7 +486,7 @@ class CDMSegmentTest(ScriptedLoadableModuleTest):
         if not SAMPLE_DESCRIPTION.is_file():
             self.skipTest(f"{SAMPLE_DESCRIPTION.name} is not published yet")
         import SampleData
-        from CDMSegmentLib.metrics import dice
+        from CDMSegmentLib.evaluation.metrics import dice
 
         if SampleData.SampleDataLogic().sourceForSampleName("CDMSegmentSample") is None:
             registerSampleData()  # "Reload and Test" after startup, or a test run that skipped startupCompleted

@@ -16,13 +16,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 
-from CDMSegmentLib import mrml  # noqa: E402
-from CDMSegmentLib.classifier import NoiseAwareClassifier  # noqa: E402
-from CDMSegmentLib.evaluate import EvalCase  # noqa: E402
-from CDMSegmentLib.export import classifier_metadata, diffusion_metadata  # noqa: E402
-from CDMSegmentLib.modelfile import load_model, save_model  # noqa: E402
-from CDMSegmentLib.train import TrainConfig  # noqa: E402
-from CDMSegmentLib.unet import ConditionalUNet, UNetConfig  # noqa: E402
+from CDMSegmentLib.slicer_adapters import mrml  # noqa: E402
+from CDMSegmentLib.training.classifier import NoiseAwareClassifier  # noqa: E402
+from CDMSegmentLib.evaluation.slices import EvalCase  # noqa: E402
+from CDMSegmentLib.training.export import classifier_metadata, diffusion_metadata  # noqa: E402
+from CDMSegmentLib.core.modelfile import load_model, save_model  # noqa: E402
+from CDMSegmentLib.training.train import TrainConfig  # noqa: E402
+from CDMSegmentLib.core.unet import ConditionalUNet, UNetConfig  # noqa: E402
 
 SIZE = 16
 SQUARE = (slice(2, 6), slice(2, 6))

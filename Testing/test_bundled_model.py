@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from CDMSegment import SAMPLE_DICE_FLOOR  # the Slicer self-test's floor too
-from CDMSegmentLib.image import read_volume
-from CDMSegmentLib.metrics import dice
-from CDMSegmentLib.modelfile import MODELS_DIR, load_model, read_registry, sha256_of
-from CDMSegmentLib.volume import segment_volume
+from CDMSegmentLib.core.image import read_volume
+from CDMSegmentLib.evaluation.metrics import dice
+from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model, read_registry, sha256_of
+from CDMSegmentLib.core.runner import segment_volume
 
 SAMPLE = MODELS_DIR.parent / "Sample"
 HEALTHY_FP_CEILING_ML = 9.0  # measured 0.9-5.8 ml (mean 2.3) on 6 lesion-free held-out phantoms
@@ -58,7 +58,7 @@ def test_sample_segmentation_clears_the_dice_floor():
 
 def test_a_lesion_free_volume_stays_nearly_empty(tmp_path):
     pytest.importorskip("nilearn")
-    from CDMSegmentLib.phantom import generate_case
+    from CDMSegmentLib.data.phantom import generate_case
 
     record = generate_case(tmp_path, seed=424242, index=0, lesion_free_fraction=1.0, in_plane_mm=1.5, slice_mm=3.0)
     assert record["lesion_voxels"] == 0

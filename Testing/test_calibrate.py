@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from CDMSegmentLib.calibrate import best_threshold, defaults_from, sweep
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.methods import CDMParams, calibrated_threshold
-from CDMSegmentLib.modelfile import load_model, with_defaults
+from CDMSegmentLib.training.calibrate import best_threshold, defaults_from, sweep
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.core.methods import CDMParams, calibrated_threshold
+from CDMSegmentLib.core.modelfile import load_model, with_defaults
 
 
 def test_best_threshold_separates_lesion_from_background():

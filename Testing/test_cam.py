@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from CDMSegmentLib.cam import CAM_METHODS, _define_missing_torchvision_ops, cam_classes, cam_heatmap
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.methods import build_method, CDMParams
+from CDMSegmentLib.baselines.cam import CAM_METHODS, _define_missing_torchvision_ops, cam_classes, cam_heatmap
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.core.methods import build_method, CDMParams
 from conftest import SIZE, SquareClassifier, blob_slices
 
 

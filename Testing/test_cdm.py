@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from CDMSegmentLib.cdm import cdm_heatmap
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.schedule import NoiseSchedule
+from CDMSegmentLib.core.cdm import cdm_heatmap
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.core.schedule import NoiseSchedule
 
 
 class RegionOracle(nn.Module):

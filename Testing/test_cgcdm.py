@@ -2,9 +2,9 @@
 
 import torch
 
-from CDMSegmentLib.cdm import cdm_heatmap
-from CDMSegmentLib.methods import METHODS, CDMParams, build_method, network_evaluations_per_slice
-from CDMSegmentLib.schedule import NoiseSchedule
+from CDMSegmentLib.core.cdm import cdm_heatmap
+from CDMSegmentLib.core.methods import METHODS, CDMParams, build_method, network_evaluations_per_slice
+from CDMSegmentLib.core.schedule import NoiseSchedule
 from conftest import SquareClassifier, ZeroEps, blob_slices
 
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from CDMSegmentLib.cgdiff import PAPER_LEVEL, CGDiffParams, cgdiff_heatmap, cgdiff_timesteps
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.methods import CDMParams, build_method, classifier_passes_per_slice, network_evaluations_per_slice
-from CDMSegmentLib.schedule import NoiseSchedule
+from CDMSegmentLib.baselines.cgdiff import PAPER_LEVEL, CGDiffParams, cgdiff_heatmap, cgdiff_timesteps
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.core.methods import CDMParams, build_method, classifier_passes_per_slice, network_evaluations_per_slice
+from CDMSegmentLib.core.schedule import NoiseSchedule
 from conftest import SIZE, SquareClassifier, ZeroEps, blob_slices
 
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from CDMSegmentLib.classifier import NoiseAwareClassifier, load_classifier_checkpoint, train_classifier
-from CDMSegmentLib.errors import CDMSegmentError, ModelFileError
-from CDMSegmentLib.export import export_checkpoint
-from CDMSegmentLib.modelfile import load_model
-from CDMSegmentLib.train import TrainConfig, load_checkpoint
+from CDMSegmentLib.training.classifier import NoiseAwareClassifier, load_classifier_checkpoint, train_classifier
+from CDMSegmentLib.core.errors import CDMSegmentError, ModelFileError
+from CDMSegmentLib.training.export import export_checkpoint
+from CDMSegmentLib.core.modelfile import load_model
+from CDMSegmentLib.training.train import TrainConfig, load_checkpoint
 from conftest import SIZE, TINY, blob_slices
 
 

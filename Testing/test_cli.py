@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from CDMSegmentLib.cli import main
+from CDMSegmentLib.cli.main import main
 from conftest import phantom
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "CDMSegment"
@@ -219,7 +219,7 @@ def test_info_prints_the_model_metadata_as_json(tiny_model_path, capsys):
 def test_as_a_process_an_error_is_one_stderr_line_without_traceback(extra, code, tmp_path, tiny_model_path):
     case = write_case(tmp_path / "zeros.nii.gz", np.zeros((4, 20, 24), np.int16))
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_DIR), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "CDMSegmentLib.cli",
+    result = subprocess.run([sys.executable, "-m", "CDMSegmentLib.cli.main",
                              *segment_args([case], tmp_path / "out", tiny_model_path, *extra)],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == code

@@ -8,10 +8,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from CDMSegmentLib.data import (Case, build_slice_dataset, find_brats_cases, find_labelled_volumes, load_case_slices,
+from CDMSegmentLib.data.cases import (Case, build_slice_dataset, find_brats_cases, find_labelled_volumes, load_case_slices,
                                 read_split, split_cases, write_split)
-from CDMSegmentLib.sliceset import SliceDataset, load_slices, save_slices
-from CDMSegmentLib.errors import CDMSegmentError
+from CDMSegmentLib.data.slicesets import SliceDataset, load_slices, save_slices
+from CDMSegmentLib.core.errors import CDMSegmentError
 
 SHAPE = (8, 10, 12)  # (K, J, I): 8 axial slices
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from CDMSegmentLib.device import autocast, choose_device
-from CDMSegmentLib.errors import CDMSegmentError
+from CDMSegmentLib.core.device import autocast, choose_device
+from CDMSegmentLib.core.errors import CDMSegmentError
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
 

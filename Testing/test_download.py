@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from CDMSegmentLib.download import download_model, model_file
-from CDMSegmentLib.errors import Cancelled, ModelFileError
+from CDMSegmentLib.core.download import download_model, model_file
+from CDMSegmentLib.core.errors import Cancelled, ModelFileError
 
 PAYLOAD = bytes(range(256)) * 8192  # 2 MiB: several chunks
 

@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from CDMSegmentLib.cgdiff import CGDiffParams
-from CDMSegmentLib.cli import build_parser
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.evaluate import MethodRun, Variant, evaluate_cases, masks_for_rule, score, variants
-from CDMSegmentLib.methods import CDMParams, METHODS
-from CDMSegmentLib.report import COLUMNS, write_report
+from CDMSegmentLib.baselines.cgdiff import CGDiffParams
+from CDMSegmentLib.cli.main import build_parser
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.evaluation.slices import MethodRun, Variant, evaluate_cases, masks_for_rule, score, variants
+from CDMSegmentLib.core.methods import CDMParams, METHODS
+from CDMSegmentLib.evaluation.report import COLUMNS, write_report
 
 FAST = CGDiffParams(noise_level=0.5, steps=2, guidance_scale=10.0)
 

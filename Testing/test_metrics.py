@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.metrics import dice, false_positive_pixels, hd95, iou, nan_mean, pixel_auroc
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.evaluation.metrics import dice, false_positive_pixels, hd95, iou, nan_mean, pixel_auroc
 
 
 def squares():

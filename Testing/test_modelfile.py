@@ -4,8 +4,8 @@ import shutil
 import pytest
 import torch
 
-from CDMSegmentLib.errors import ModelFileError
-from CDMSegmentLib.modelfile import load_model, read_registry, sha256_of
+from CDMSegmentLib.core.errors import ModelFileError
+from CDMSegmentLib.core.modelfile import load_model, read_registry, sha256_of
 
 from conftest import make_tiny_model_file
 
@@ -75,10 +75,10 @@ def test_wrong_kind_is_refused(tiny_model_path):
 
 
 def test_newer_format_and_incomplete_metadata_are_refused(tmp_path):
-    from CDMSegmentLib.export import diffusion_metadata
-    from CDMSegmentLib.modelfile import save_model
-    from CDMSegmentLib.train import TrainConfig
-    from CDMSegmentLib.unet import ConditionalUNet
+    from CDMSegmentLib.training.export import diffusion_metadata
+    from CDMSegmentLib.core.modelfile import save_model
+    from CDMSegmentLib.training.train import TrainConfig
+    from CDMSegmentLib.core.unet import ConditionalUNet
 
     from conftest import TINY_UNET
     cfg = TrainConfig(unet=TINY_UNET)

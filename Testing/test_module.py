@@ -11,10 +11,10 @@ import vtk
 from vtkmodules.util import numpy_support
 
 from CDMSegment import CDMSegmentLogic
-from CDMSegmentLib import mrml
-from CDMSegmentLib.errors import Cancelled, CDMSegmentError, ModelFileError
-from CDMSegmentLib.modelfile import sha256_of
-from CDMSegmentLib.threshold import make_mask
+from CDMSegmentLib.slicer_adapters import mrml
+from CDMSegmentLib.core.errors import Cancelled, CDMSegmentError, ModelFileError
+from CDMSegmentLib.core.modelfile import sha256_of
+from CDMSegmentLib.core.threshold import make_mask
 from conftest import add_volume, make_tiny_classifier_file, phantom
 from test_mrml import GEOMETRIES
 

@@ -7,10 +7,10 @@ import slicer
 import slicerio
 import vtk
 
-from CDMSegmentLib import mrml
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.image import Volume
-from CDMSegmentLib.terminology import segment_style
+from CDMSegmentLib.slicer_adapters import mrml
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.core.image import Volume
+from CDMSegmentLib.core.terminology import segment_style
 from conftest import add_volume, matrix, phantom
 
 

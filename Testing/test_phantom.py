@@ -7,9 +7,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.phantom import generate_case, generate_phantoms
-from CDMSegmentLib.slicing import Orientation
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.data.phantom import generate_case, generate_phantoms
+from CDMSegmentLib.core.slicing import Orientation
 
 SPACING = dict(in_plane_mm=2.0, slice_mm=3.0)  # coarse, so the suite stays fast
 

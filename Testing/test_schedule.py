@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.schedule import NoiseSchedule
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.core.schedule import NoiseSchedule
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])

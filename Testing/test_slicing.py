@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.slicing import Orientation, extract_slices, insert_slices
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.core.slicing import Orientation, extract_slices, insert_slices
 
 
 def rotation(axis_perm, signs):

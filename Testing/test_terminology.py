@@ -1,6 +1,6 @@
 import pytest
 
-from CDMSegmentLib.terminology import segment_style
+from CDMSegmentLib.core.terminology import segment_style
 
 
 @pytest.mark.parametrize("class_name, name, snomed_type", [

@@ -1,14 +1,14 @@
-"""From heatmap to mask (threshold.py) and from arrays to files (outputs.py)."""
+"""From heatmap to mask (threshold.py) and from arrays to files (cli/writers.py)."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
 
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.image import Volume
-from CDMSegmentLib.outputs import atomic_outputs, file_stem, write_heatmap, write_segmentation
-from CDMSegmentLib.threshold import make_mask, otsu_threshold, resolve_threshold
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.core.image import Volume
+from CDMSegmentLib.cli.writers import atomic_outputs, file_stem, write_heatmap, write_segmentation
+from CDMSegmentLib.core.threshold import make_mask, otsu_threshold, resolve_threshold
 
 
 def test_otsu_lands_between_the_modes_of_a_bimodal_sample():

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from CDMSegmentLib.errors import CDMSegmentError
-from CDMSegmentLib.train import TrainConfig, lr_at, sample_batch, train_diffusion
-from CDMSegmentLib.unet import ConditionalUNet, UNetConfig
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.training.train import TrainConfig, lr_at, sample_batch, train_diffusion
+from CDMSegmentLib.core.unet import ConditionalUNet, UNetConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "CDMSegment"
 UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_levels=())
@@ -117,8 +117,8 @@ import hashlib, os, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, {package!r})
-from CDMSegmentLib.train import TrainConfig, diffusion_loss, train_network
-from CDMSegmentLib.unet import ConditionalUNet, UNetConfig
+from CDMSegmentLib.training.train import TrainConfig, diffusion_loss, train_network
+from CDMSegmentLib.core.unet import ConditionalUNet, UNetConfig
 
 def digest(named):
     h = hashlib.sha256()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from CDMSegmentLib.unet import ConditionalUNet, UNetConfig, timestep_embedding
+from CDMSegmentLib.core.unet import ConditionalUNet, UNetConfig, timestep_embedding
 
 from conftest import TINY_UNET
 

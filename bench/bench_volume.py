@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 
-from CDMSegmentLib.image import Volume  # noqa: E402
-from CDMSegmentLib.methods import CDMParams, network_evaluations_per_slice  # noqa: E402
-from CDMSegmentLib.modelfile import load_model  # noqa: E402
-from CDMSegmentLib.volume import segment_volume  # noqa: E402
+from CDMSegmentLib.core.image import Volume  # noqa: E402
+from CDMSegmentLib.core.methods import CDMParams, network_evaluations_per_slice  # noqa: E402
+from CDMSegmentLib.core.modelfile import load_model  # noqa: E402
+from CDMSegmentLib.core.runner import segment_volume  # noqa: E402
 
 
 def brain_like_volume(slices: int, size: int, seed: int = 0) -> Volume:

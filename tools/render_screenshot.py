@@ -10,7 +10,7 @@ Slice views go through the centre of the first segment.
 Usage:
     python render_screenshot.py SAMPLE HEATMAP SEG OUT.png [--size 1600x900] [--verbose]
 
-Dependencies: trame-slicer, slicer-core, vtk, numpy, Pillow, and SimpleITK and scipy for CDMSegmentLib.mrml,
+Dependencies: trame-slicer, slicer-core, vtk, numpy, Pillow, and SimpleITK and scipy for CDMSegmentLib.slicer_adapters.mrml,
 whose display rules (heat colours, window, opacity) it applies.
 """
 
@@ -29,7 +29,7 @@ from vtkmodules.vtkCommonCore import vtkObject
 from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
-from CDMSegmentLib import mrml  # noqa: E402  (the module's own display rules)
+from CDMSegmentLib.slicer_adapters import mrml  # noqa: E402  (the module's own display rules)
 
 SLICE_ZOOM = 1.15  # slice views: zoom in a little on the anatomy
 

@@ -17,9 +17,8 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
-from .errors import CDMSegmentError
-
-CAM_METHODS = ("gradcam", "gradcam++", "scorecam", "layercam")
+from ..core.errors import CDMSegmentError
+from ..core.methods import CAM_METHODS
 
 
 def _define_missing_torchvision_ops() -> None:

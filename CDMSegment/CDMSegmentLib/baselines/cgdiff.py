@@ -19,9 +19,9 @@ from typing import Callable, List
 
 import torch
 
-from .cdm import classifier_log_prob_grad
-from .errors import CDMSegmentError
-from .schedule import NoiseSchedule
+from ..core.cdm import classifier_log_prob_grad
+from ..core.errors import CDMSegmentError
+from ..core.schedule import NoiseSchedule
 
 # alpha_bar at t = 499 of the linear T = 1000 schedule: Wolleb et al.'s L = 500.
 PAPER_LEVEL = 0.0786

@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from .cli_train import comma_list
+from .training_commands import comma_list
 
 
 def add_evaluate_parser(sub) -> None:
@@ -37,8 +37,8 @@ def add_evaluate_parser(sub) -> None:
 def run_evaluate(args) -> None:
     from dataclasses import replace
 
-    from .cgdiff import CGDiffParams
-    from .evaluate import evaluate_files
+    from ..baselines.cgdiff import CGDiffParams
+    from ..evaluation.slices import evaluate_files
 
     cgdiff = replace(CGDiffParams(), **{k: v for k, v in dict(
         noise_level=args.cgdiff_level, steps=args.cgdiff_steps, guidance_scale=args.cgdiff_scale).items() if v is not None})
@@ -70,11 +70,11 @@ def add_train_classifier_parser(sub) -> None:
 
 
 def run_train_classifier(args) -> None:
-    from .classifier import train_classifier
-    from .sliceset import load_slices
-    from .export import export_checkpoint
-    from .train import TrainConfig
-    from .unet import UNetConfig
+    from ..training.classifier import train_classifier
+    from ..data.slicesets import load_slices
+    from ..training.export import export_checkpoint
+    from ..training.train import TrainConfig
+    from ..core.unet import UNetConfig
 
     data = load_slices(args.slices)
     unet = UNetConfig(in_channels=data.data.shape[1], num_classes=len(args.class_names),
@@ -101,9 +101,9 @@ def add_evaluate_volumes_parser(sub) -> None:
 
 
 def run_evaluate_volumes(args) -> None:
-    from .data import find_brats_cases
-    from .modelfile import load_model
-    from .quality import evaluate_volumes, summary_table, write_scores
+    from ..data.cases import find_brats_cases
+    from ..core.modelfile import load_model
+    from ..evaluation.volumes import evaluate_volumes, summary_table, write_scores
 
     cases = [c for c in find_brats_cases(args.data) if c.seg is not None][:args.cases]
     scores = evaluate_volumes(cases, load_model(args.model), device=args.device, batch_size=args.batch_size,

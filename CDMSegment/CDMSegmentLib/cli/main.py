@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .cli_train import (add_calibrate_parser, add_export_parser, add_phantom_parser, add_set_defaults_parser,
+from .training_commands import (add_calibrate_parser, add_export_parser, add_phantom_parser, add_set_defaults_parser,
                         add_slices_parser, add_train_parser)
-from .cli_eval import add_evaluate_parser, add_evaluate_volumes_parser, add_train_classifier_parser
-from .errors import CDMSegmentError
+from .evaluation_commands import add_evaluate_parser, add_evaluate_volumes_parser, add_train_classifier_parser
+from ..core.errors import CDMSegmentError
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -65,7 +65,7 @@ def add_segment_parser(sub) -> None:
 def run_segment(args) -> None:
     from tqdm import tqdm
 
-    from .segment import segment_files
+    from .segment_files import segment_files
 
     # disable=None: no bar when stderr is not a terminal, so logs and pipes get only the messages
     bar = tqdm(total=0, unit="slice", desc="segmenting", file=sys.stderr, leave=False, disable=None)
@@ -96,7 +96,7 @@ def add_info_parser(sub) -> None:
 
 
 def run_info(args) -> None:
-    from .modelfile import load_model
+    from ..core.modelfile import load_model
 
     model = load_model(args.model, kind=args.kind)
     print(f"# {model.path} (SHA256 {model.sha256})")

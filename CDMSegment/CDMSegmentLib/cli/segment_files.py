@@ -11,12 +11,12 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import CDMSegmentError
-from .image import read_volume
-from .methods import CDMParams
-from .modelfile import load_model, registered_classifier
-from .outputs import atomic_outputs, file_stem, write_heatmap, write_segmentation
-from .volume import segment_volume
+from ..core.errors import CDMSegmentError
+from ..core.image import read_volume
+from ..core.methods import CDMParams
+from ..core.modelfile import load_model, registered_classifier
+from .writers import atomic_outputs, file_stem, write_heatmap, write_segmentation
+from ..core.runner import segment_volume
 
 
 @dataclass

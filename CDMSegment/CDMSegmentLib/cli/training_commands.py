@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from .errors import CDMSegmentError
+from ..core.errors import CDMSegmentError
 
 
 def comma_list(kind):
@@ -34,7 +34,7 @@ def add_phantom_parser(sub) -> None:
 def run_phantom(args) -> None:
     from tqdm import tqdm
 
-    from .phantom import generate_phantoms
+    from ..data.phantom import generate_phantoms
 
     with tqdm(total=args.cases, unit="case", desc="phantoms") as bar:
         records = generate_phantoms(args.output, args.cases, args.seed, modalities=args.modalities,
@@ -58,11 +58,11 @@ def _add_data_arguments(p) -> None:
 
 def load_training_slices(args, split_path: Path, with_masks: bool = False):
     """Slices for training: from a .npz as is, or from a case folder's ``subset`` of a patient-level split."""
-    from .sliceset import load_slices
+    from ..data.slicesets import load_slices
 
     if args.data.suffix == ".npz":
         return load_slices(args.data)
-    from .data import (build_slice_dataset, find_brats_cases, find_labelled_volumes, read_split, select_cases,
+    from ..data.cases import (build_slice_dataset, find_brats_cases, find_labelled_volumes, read_split, select_cases,
                        split_cases, write_split)
 
     if args.labels is not None:
@@ -88,7 +88,7 @@ def add_slices_parser(sub) -> None:
 
 
 def run_slices(args) -> None:
-    from .sliceset import save_slices
+    from ..data.slicesets import save_slices
 
     dataset = load_training_slices(args, args.output.with_suffix(".split.json"), with_masks=args.with_masks)
     save_slices(args.output, dataset)
@@ -116,8 +116,8 @@ def add_train_parser(sub) -> None:
 
 
 def run_train(args) -> None:
-    from .train import TrainConfig, train_diffusion, write_run_info
-    from .unet import UNetConfig
+    from ..training.train import TrainConfig, train_diffusion, write_run_info
+    from ..core.unet import UNetConfig
 
     args.run_dir.mkdir(parents=True, exist_ok=True)
     dataset = load_training_slices(args, args.run_dir / "split.json")
@@ -150,7 +150,7 @@ def add_export_parser(sub) -> None:
 
 
 def run_export(args) -> None:
-    from .export import export_checkpoint
+    from ..training.export import export_checkpoint
 
     defaults = json.loads(args.defaults.read_text()) if args.defaults else None
     run_info = args.checkpoint.parent / "run.json"
@@ -188,10 +188,10 @@ def add_calibrate_parser(sub) -> None:
 
 
 def run_calibrate(args) -> None:
-    from .calibrate import defaults_from, sweep
-    from .modelfile import load_model
-    from .sliceset import load_slices
-    from .device import choose_device
+    from ..training.calibrate import defaults_from, sweep
+    from ..core.modelfile import load_model
+    from ..data.slicesets import load_slices
+    from ..core.device import choose_device
 
     model = load_model(args.model)
     classifier = load_model(args.classifier, kind="classifier") if args.classifier else None
@@ -222,7 +222,7 @@ def add_set_defaults_parser(sub) -> None:
 
 
 def run_set_defaults(args) -> None:
-    from .modelfile import load_model, with_defaults
+    from ..core.modelfile import load_model, with_defaults
 
     try:
         defaults = json.loads(args.defaults.read_text())

@@ -13,8 +13,8 @@ import numpy as np
 import SimpleITK as sitk
 import slicerio
 
-from .image import Volume
-from .terminology import segment_style
+from ..core.image import Volume
+from ..core.terminology import segment_style
 
 
 def file_stem(path) -> str:

@@ -11,10 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .cam import CAM_METHODS, build_cam_method
 from .cdm import cdm_heatmap
 from .device import autocast
-from .cgdiff import CGDiffParams, build_cgdiff_method
 from .errors import CDMSegmentError
 from .modelfile import LoadedModel
 
@@ -50,6 +48,8 @@ class CDMParams:
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CDM_METHODS = ("cdm", "cg-cdm")
+# The baselines are imported only when one is built: the Slicer module ships the core without them.
+CAM_METHODS = ("gradcam", "gradcam++", "scorecam", "layercam")
 METHODS = CDM_METHODS + CAM_METHODS + ("cg-diff",)
 CLASSIFIER_METHODS = ("cg-cdm", "cg-diff") + CAM_METHODS  # the methods that need a noise-aware classifier
 CG_CDM_THRESHOLD = "cg_cdm_threshold"  # the key of CG-CDM's calibrated threshold in a classifier's defaults
@@ -73,22 +73,29 @@ def slice_noise(slice_ids: torch.Tensor, shape, seed: int, draw: int) -> torch.T
     return out
 
 
-def network_evaluations_per_slice(method: str, params: CDMParams, cgdiff: Optional[CGDiffParams] = None) -> int:
-    """Forward passes of the diffusion network per slice (classifier gradients not counted; CAMs use none)."""
+def network_evaluations_per_slice(method: str, params: CDMParams, cgdiff=None) -> int:
+    """Forward passes of the diffusion network per slice (classifier gradients not counted; CAMs use none).
+    cgdiff: CG-Diff's settings (``baselines.cgdiff.CGDiffParams``; default: Wolleb et al.'s)."""
     if method in CDM_METHODS:
         return 2 * params.steps * params.noise_draws
     if method == "cg-diff":
-        return 2 * (cgdiff or CGDiffParams()).steps
+        return 2 * _cgdiff_params(cgdiff).steps
     return 0
 
 
-def classifier_passes_per_slice(method: str, params: CDMParams, cgdiff: Optional[CGDiffParams] = None,
+def _cgdiff_params(cgdiff):
+    from ..baselines.cgdiff import CGDiffParams
+
+    return cgdiff or CGDiffParams()
+
+
+def classifier_passes_per_slice(method: str, params: CDMParams, cgdiff=None,
                                 feature_channels: int = 0) -> int:
     """Forward-and-backward passes of the classifier per slice (Score-CAM: one forward per feature channel, plus one)."""
     if method == "cg-cdm":
         return 2 * params.steps * params.noise_draws
     if method == "cg-diff":
-        return (cgdiff or CGDiffParams()).steps
+        return _cgdiff_params(cgdiff).steps
     if method == "scorecam":
         return 1 + feature_channels
     return 1 if method in CAM_METHODS else 0
@@ -102,7 +109,7 @@ def _check_class(c: int, class_names: list) -> None:
 
 def build_method(method: str, model: Optional[LoadedModel], params: CDMParams, *, target_class: int = 1,
                  normal_class: int = 0, classifier: Optional[LoadedModel] = None, seed: int = 0,
-                 cgdiff: Optional[CGDiffParams] = None) -> MethodFn:
+                 cgdiff=None) -> MethodFn:
     """The heatmap function for ``method`` with the networks already on their device.
 
     model: the diffusion model (not used by the CAM methods, which may pass None). classifier:
@@ -119,9 +126,13 @@ def build_method(method: str, model: Optional[LoadedModel], params: CDMParams, *
     for c in (target_class, normal_class):
         _check_class(c, (classifier if method in CAM_METHODS else model).class_names)
     if method in CAM_METHODS:
+        from ..baselines.cam import build_cam_method
+
         return build_cam_method(method, classifier, target_class)
     if method == "cg-diff":
-        return build_cgdiff_method(model, classifier, cgdiff or CGDiffParams(), normal_class)
+        from ..baselines.cgdiff import build_cgdiff_method
+
+        return build_cgdiff_method(model, classifier, _cgdiff_params(cgdiff), normal_class)
     schedule = model.schedule()
     t_start = schedule.timestep_for_alpha_bar(params.noise_level)
     guide = classifier.network if method == "cg-cdm" else None

@@ -20,7 +20,7 @@ from .schedule import NoiseSchedule
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
-MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
 REGISTRY_FILE = MODELS_DIR / "models.json"
 REQUIRED_KEYS = {
     "diffusion": ("format_version", "kind", "name", "version", "image_size", "in_channels", "modalities",

@@ -23,11 +23,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import CDMSegmentError
-from .image import check_same_grid, read_volume
-from .intensity import normalise_volume
-from .slicing import Orientation, extract_slices, pixel_size_mm
-from .sliceset import SliceDataset
+from ..core.errors import CDMSegmentError
+from ..core.image import check_same_grid, read_volume
+from ..core.intensity import normalise_volume
+from ..core.slicing import Orientation, extract_slices, pixel_size_mm
+from .slicesets import SliceDataset
 
 BRATS_KINDS = ("flair", "t1", "t1ce", "t2", "seg")
 BRATS_FILE = re.compile(r"^(?P<case>.+)_(?P<kind>flair|t1|t1ce|t2|seg)\.nii(\.gz)?$")

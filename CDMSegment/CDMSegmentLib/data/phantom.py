@@ -24,9 +24,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from .errors import CDMSegmentError
-from .image import Volume
-from .slicing import Orientation
+from ..core.errors import CDMSegmentError
+from ..core.image import Volume
+from ..core.slicing import Orientation
 
 TEMPLATE_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
 TEMPLATE_MARGIN_MM = 12  # room around the brain for the affine and elastic warp

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import CDMSegmentError
+from ..core.errors import CDMSegmentError
 
 
 def quantise(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .errors import CDMSegmentError
+from ..core.errors import CDMSegmentError
 
 
 def _pair(prediction: np.ndarray, truth: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

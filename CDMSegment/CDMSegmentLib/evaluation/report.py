@@ -1,6 +1,6 @@
 """The evaluation report: a Markdown table, a CSV of every number, and two PNG figures, with the command that made them.
 
-It reads ``evaluate.EvalCase`` and ``evaluate.MethodRun`` objects (not imported: evaluate.py calls this file).
+It reads ``slices.EvalCase`` and ``slices.MethodRun`` objects (not imported: slices.py calls this file).
 """
 
 import csv

@@ -20,13 +20,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .cgdiff import CGDiffParams
-from .errors import CDMSegmentError
-from .methods import (CAM_METHODS, CDM_METHODS, METHODS, CDMParams, build_method, calibrated_threshold,
+from ..baselines.cgdiff import CGDiffParams
+from ..core.errors import CDMSegmentError
+from ..core.methods import (CAM_METHODS, CDM_METHODS, METHODS, CDMParams, build_method, calibrated_threshold,
                       classifier_passes_per_slice, network_evaluations_per_slice, run_in_batches)
 from .metrics import dice, false_positive_pixels, hd95, iou, nan_mean, pixel_auroc
-from .modelfile import LoadedModel
-from .threshold import otsu_threshold
+from ..core.modelfile import LoadedModel
+from ..core.threshold import otsu_threshold
 
 THRESHOLD_RULES = ("otsu-slice", "volume-otsu", "model")
 CONTENT_LEVEL = -0.99  # normalised background is exactly -1; resampling blurs its edge a little
@@ -198,7 +198,7 @@ def load_eval_cases(data: Path, modalities: Sequence[str], image_size: int, max_
     ``cdmsegment slices --with-masks`` (e.g. to evaluate on a machine without SimpleITK)."""
     if data.suffix == ".npz":
         return _npz_cases(data, modalities, image_size, max_cases)
-    from .data import case_pixel_mm, find_brats_cases, load_case_slices
+    from ..data.cases import case_pixel_mm, find_brats_cases, load_case_slices
 
     cases = [c for c in find_brats_cases(data) if c.seg is not None][:max_cases]
     if not cases:
@@ -214,7 +214,7 @@ def load_eval_cases(data: Path, modalities: Sequence[str], image_size: int, max_
 
 
 def _npz_cases(path: Path, modalities: Sequence[str], image_size: int, max_cases: Optional[int]) -> List[EvalCase]:
-    from .sliceset import load_slices
+    from ..data.slicesets import load_slices
 
     data = load_slices(path)
     if data.masks is None:
@@ -241,7 +241,7 @@ def evaluate_files(data_dir, output_dir, *, model=None, classifier=None, methods
     model/classifier: registered names or files (the classifier is needed by cg-cdm, cg-diff and
     the CAMs; a CAM-only run needs no diffusion model). Returns the report's paths.
     """
-    from .modelfile import load_model
+    from ..core.modelfile import load_model
     from .report import summary_lines, write_report
 
     needs_model = any(m not in CAM_METHODS for m in methods)

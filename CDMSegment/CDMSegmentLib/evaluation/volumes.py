@@ -15,13 +15,13 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from .data import Case
-from .image import read_volume
+from ..data.cases import Case
+from ..core.image import read_volume
 from .metrics import dice, nan_mean
-from .modelfile import LoadedModel
-from .slicing import Orientation
-from .threshold import otsu_threshold
-from .volume import segment_volume
+from ..core.modelfile import LoadedModel
+from ..core.slicing import Orientation
+from ..core.threshold import otsu_threshold
+from ..core.runner import segment_volume
 
 
 @dataclass

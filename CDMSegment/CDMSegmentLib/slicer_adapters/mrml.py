@@ -16,10 +16,10 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .errors import CDMSegmentError
-from .image import Volume
-from .terminology import segment_style
-from .threshold import make_mask
+from ..core.errors import CDMSegmentError
+from ..core.image import Volume
+from ..core.terminology import segment_style
+from ..core.threshold import make_mask
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Black-red-yellow-white, created by Slicer's Colors module in every scene.

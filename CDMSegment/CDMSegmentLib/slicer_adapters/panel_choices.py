@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .methods import CDMParams
-from .modelfile import REGISTRY_FILE, LoadedModel, read_registry
+from ..core.methods import CDMParams
+from ..core.modelfile import REGISTRY_FILE, LoadedModel, read_registry
 
 
 def model_choices(registry: Path = REGISTRY_FILE) -> List[str]:

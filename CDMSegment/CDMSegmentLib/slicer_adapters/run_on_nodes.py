@@ -11,10 +11,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import mrml
-from .image import Volume
-from .methods import CDMParams
-from .modelfile import LoadedModel
-from .volume import SegmentationResult, check_inputs, segment_volume
+from ..core.image import Volume
+from ..core.methods import CDMParams
+from ..core.modelfile import LoadedModel
+from ..core.runner import SegmentationResult, check_inputs, segment_volume
 
 
 def prepare_inputs(nodes: Sequence, model: LoadedModel, harden: bool = False) -> Tuple[List[Volume], np.ndarray]:

@@ -16,9 +16,9 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .errors import CDMSegmentError
-from .methods import CG_CDM_THRESHOLD, CDMParams, build_method, network_evaluations_per_slice, run_in_batches
-from .modelfile import LoadedModel
+from ..core.errors import CDMSegmentError
+from ..core.methods import CG_CDM_THRESHOLD, CDMParams, build_method, network_evaluations_per_slice, run_in_batches
+from ..core.modelfile import LoadedModel
 
 
 def run_heatmaps(model: LoadedModel, params: CDMParams, slices: torch.Tensor, device: torch.device,

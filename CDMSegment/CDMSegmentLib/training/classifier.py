@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .train import TrainConfig, load_checkpoint, train_network
-from .unet import UNetConfig, encoder_levels, timestep_embedding
+from ..core.unet import UNetConfig, encoder_levels, timestep_embedding
 
 
 class NoiseAwareClassifier(nn.Module):

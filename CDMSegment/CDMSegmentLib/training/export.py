@@ -4,9 +4,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .classifier import load_classifier_checkpoint
-from .intensity import DEFAULT_NORMALISATION
-from .methods import PAPER_DEFAULTS
-from .modelfile import FORMAT_VERSION, save_model
+from ..core.intensity import DEFAULT_NORMALISATION
+from ..core.methods import PAPER_DEFAULTS
+from ..core.modelfile import FORMAT_VERSION, save_model
 from .train import load_checkpoint
 
 NOT_CLINICAL = "Research use only; not a medical device and not for clinical decisions."

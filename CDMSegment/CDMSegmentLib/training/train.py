@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .errors import CDMSegmentError
-from .schedule import NoiseSchedule
-from .unet import ConditionalUNet, UNetConfig
+from ..core.errors import CDMSegmentError
+from ..core.schedule import NoiseSchedule
+from ..core.unet import ConditionalUNet, UNetConfig
 
 
 @dataclass

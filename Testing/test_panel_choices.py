@@ -1,14 +1,14 @@
-"""What the panel offers and says (CDMSegmentLib.panel): models, defaults and texts, without Qt."""
+"""What the panel offers and says (CDMSegmentLib.slicer_adapters.panel_choices): models, defaults and texts, without Qt."""
 
 import json
 
 import numpy as np
 import pytest
 
-from CDMSegmentLib.modelfile import load_model, read_registry, registered_classifier, sha256_of
-from CDMSegmentLib.panel import (advanced_defaults, model_choices, model_text, progress_text, result_text,
+from CDMSegmentLib.core.modelfile import load_model, read_registry, registered_classifier, sha256_of
+from CDMSegmentLib.slicer_adapters.panel_choices import (advanced_defaults, model_choices, model_text, progress_text, result_text,
                                  slider_range, torch_version_problem)
-from CDMSegmentLib.volume import SegmentationResult
+from CDMSegmentLib.core.runner import SegmentationResult
 
 
 def write_registry(tmp_path, entries):

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from CDMSegmentLib.background import BackgroundJob
-from CDMSegmentLib.errors import Cancelled
+from CDMSegmentLib.slicer_adapters.worker_thread import BackgroundJob
+from CDMSegmentLib.core.errors import Cancelled
 
 
 def test_result_and_progress():

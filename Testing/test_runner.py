@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from CDMSegmentLib import volume as volume_module
-from CDMSegmentLib.device import is_out_of_memory
-from CDMSegmentLib.errors import Cancelled, CDMSegmentError
-from CDMSegmentLib.image import Volume
-from CDMSegmentLib.modelfile import load_model
-from CDMSegmentLib.threshold import otsu_threshold
-from CDMSegmentLib.volume import after_out_of_memory, segment_volume
+from CDMSegmentLib.core import runner as volume_module
+from CDMSegmentLib.core.device import is_out_of_memory
+from CDMSegmentLib.core.errors import Cancelled, CDMSegmentError
+from CDMSegmentLib.core.image import Volume
+from CDMSegmentLib.core.modelfile import load_model
+from CDMSegmentLib.core.threshold import otsu_threshold
+from CDMSegmentLib.core.runner import after_out_of_memory, segment_volume
 from conftest import make_tiny_model_file, phantom
 
 SHAPE = (5, 14, 18)

@@ -1,0 +1,1 @@
+"""The methods the paper compares against, run in the same harness: the CAM family (grad-cam) and CG-Diff."""

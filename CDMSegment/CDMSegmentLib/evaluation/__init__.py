@@ -1,0 +1,1 @@
+"""Scoring methods: the slice harness, whole-volume quality, metrics and the report."""
