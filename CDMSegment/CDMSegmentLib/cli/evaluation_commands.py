@@ -1,4 +1,4 @@
-"""Command-line front ends for evaluation: ``evaluate`` and ``train-classifier``."""
+"""Command-line front ends for evaluation: ``evaluate`` (slices, every method) and ``evaluate-volumes`` (3D)."""
 
 import sys
 from pathlib import Path
@@ -49,43 +49,6 @@ def run_evaluate(args) -> None:
         batch_size=args.batch_size, seed=args.seed, device=args.device,
         command=" ".join(["cdmsegment"] + sys.argv[1:]), log=lambda m: print(m, file=sys.stderr))
     print(" ".join(str(p) for p in paths.values()))
-
-
-def add_train_classifier_parser(sub) -> None:
-    p = sub.add_parser("train-classifier", help="train the noise-aware slice classifier and export it as a model file")
-    p.add_argument("slices", type=Path, metavar="SLICES.npz", help="slice set written by CDMSegment's data tools")
-    p.add_argument("--run-dir", required=True, type=Path, help="checkpoint folder (an interrupted run resumes)")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL.pt")
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--base-channels", type=int, default=32)
-    p.add_argument("--channel-mults", type=comma_list(int), default=[1, 2, 2, 4])
-    p.add_argument("--class-names", type=comma_list(str), default=["normal", "lesion"])
-    p.add_argument("--name", default="cdmsegment-classifier")
-    p.add_argument("--version", default="0.1.0")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    p.set_defaults(func=run_train_classifier)
-
-
-def run_train_classifier(args) -> None:
-    from ..training.classifier import train_classifier
-    from ..data.slicesets import load_slices
-    from ..training.export import export_checkpoint
-    from ..training.train import TrainConfig
-    from ..core.unet import UNetConfig
-
-    data = load_slices(args.slices)
-    unet = UNetConfig(in_channels=data.data.shape[1], num_classes=len(args.class_names),
-                      base_channels=args.base_channels, channel_mults=args.channel_mults, attention_levels=())
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      precision=args.precision, unet=unet)
-    checkpoint = train_classifier(data.data, data.labels, cfg, args.run_dir)
-    sha = export_checkpoint(checkpoint, args.output, kind="classifier", name=args.name, version=args.version,
-                            image_size=data.data.shape[-1], modalities=data.meta.get("modalities", ["image"]),
-                            class_names=args.class_names, training={"slices": str(args.slices), "n": len(data)})
-    print(f"{args.output} (SHA256 {sha})")
 
 
 def add_evaluate_volumes_parser(sub) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from .training_commands import (add_calibrate_parser, add_export_parser, add_phantom_parser, add_set_defaults_parser,
-                        add_slices_parser, add_train_parser)
-from .evaluation_commands import add_evaluate_parser, add_evaluate_volumes_parser, add_train_classifier_parser
+                                add_slices_parser, add_train_classifier_parser, add_train_parser)
+from .evaluation_commands import add_evaluate_parser, add_evaluate_volumes_parser
 from ..core.errors import CDMSegmentError
 
 
