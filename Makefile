@@ -1,11 +1,12 @@
 # `make demo`: the bundled model on the bundled sample; `make test`: the whole suite.
-# Both create .venv with everything they need (CPU torch pinned for reproducible tests).
+# Both create .venv with everything they need (CPU torch pinned for reproducible tests); `make test` also
+# creates .venv-slicer-newest, where the MRML tests run again on the newest slicer-core.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test bench screenshot clean
+.PHONY: venv demo test test-newest-slicer bench screenshot clean
 
 venv: $(VENV)/.installed
 
@@ -24,8 +25,24 @@ demo: venv
 	@echo "Open them in 3D Slicer: drag $(SAMPLE) and both outputs onto the Slicer window (or File > Add Data);"
 	@echo "the .seg.nrrd loads as a segmentation node, ready for the Segment Editor."
 
-test: venv
+test: venv test-newest-slicer
 	$(PY) -m pytest -q Testing
+
+# The MRML tests on the newest slicer-core too (.venv has the oldest on PyPI, 5.11). They need no torch:
+# slicer-core, numpy, SimpleITK, scipy, slicerio and pytest, with Testing/scene_fixtures.py as their only fixtures.
+NEWEST_VENV := .venv-slicer-newest
+NEWEST_SLICER := slicer-core==5.13.31053.0
+MRML_TESTS := Testing/test_mrml.py Testing/test_module_conventions.py Testing/test_terminology.py
+
+$(NEWEST_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(NEWEST_VENV)/bin/python -m pip install --quiet "$(NEWEST_SLICER)" numpy SimpleITK scipy slicerio pytest
+	touch $@
+
+test-newest-slicer: $(NEWEST_VENV)/.installed
+	PYTHONPATH=CDMSegment:Testing $(NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider --noconftest \
+		-p scene_fixtures $(MRML_TESTS)
 
 bench: venv
 	$(PY) bench/bench_volume.py
@@ -43,4 +60,4 @@ screenshot: demo
 		demo-output/$(STEM).seg.nrrd Resources/screenshot.png
 
 clean:
-	rm -rf $(VENV) $(VIEWS_VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(VIEWS_VENV) $(NEWEST_VENV) demo-output .pytest_cache

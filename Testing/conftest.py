@@ -1,5 +1,5 @@
 """Shared tiny fixtures: synthetic slices (bright blobs on a dark disc), hand-made networks, tiny model files,
-and a real MRML scene from slicer-core with the module logics Slicer creates at start-up (nothing is faked)."""
+and (from scene_fixtures.py) a real MRML scene from slicer-core with the module logics Slicer creates at start-up."""
 
 import http.server
 import sys
@@ -10,19 +10,18 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import slicer
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 
-from CDMSegmentLib.slicer_adapters import mrml  # noqa: E402
 from CDMSegmentLib.training.classifier import NoiseAwareClassifier  # noqa: E402
 from CDMSegmentLib.evaluation.slices import EvalCase  # noqa: E402
 from CDMSegmentLib.training.export import classifier_metadata, diffusion_metadata  # noqa: E402
 from CDMSegmentLib.core.modelfile import load_model, save_model  # noqa: E402
 from CDMSegmentLib.training.train import TrainConfig  # noqa: E402
 from CDMSegmentLib.core.unet import ConditionalUNet, UNetConfig  # noqa: E402
+from scene_fixtures import add_volume, matrix, phantom, scene  # noqa: E402,F401 (for every test file)
 
 SIZE = 16
 SQUARE = (slice(2, 6), slice(2, 6))
@@ -136,45 +135,9 @@ def tiny_model_path(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    logics = [slicer.vtkSlicerColorLogic(), slicer.vtkSlicerSubjectHierarchyModuleLogic(),
-              slicer.vtkSlicerSegmentationsModuleLogic()]
-    for logic in logics:
-        logic.SetMRMLScene(scene)
-    yield scene
-    for logic in logics:
-        logic.SetMRMLScene(None)
-    scene.Clear(True)
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_path):
     return load_model(tiny_model_path)
-
-
-matrix = mrml.array_to_matrix
-
-
-def add_volume(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name: str = "flair"):
-    """A scalar volume node holding ``array`` (K, J, I) with the given IJK-to-RAS."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    node.SetIJKToRASMatrix(matrix(ijk_to_ras))
-    slicer.util.updateVolumeFromArray(node, array)
-    node.CreateDefaultDisplayNodes()
-    return node
-
-
-def phantom(shape=(10, 20, 24), seed: int = 0) -> np.ndarray:
-    """A head-like blob with a bright lesion: int16 (K, J, I), zero background."""
-    rng = np.random.default_rng(seed)
-    k, j, i = np.indices(shape)
-    centre = (np.array(shape) - 1) / 2
-    r = np.sqrt(sum(((g - c) / (s / 2.2)) ** 2 for g, c, s in zip((k, j, i), centre, shape)))
-    image = np.where(r < 1, 400 + 30 * rng.standard_normal(shape), 0)
-    image[(r < 0.35) & (i > centre[2])] += 500
-    return image.astype(np.int16)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from CDMSegmentLib.slicer_adapters import mrml
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
 from CDMSegmentLib.core.terminology import segment_style
-from conftest import add_volume, matrix, phantom
+from scene_fixtures import add_volume, matrix, phantom
 
 
 def ijk_to_ras(direction_ras, spacing_mm, origin_ras):
@@ -151,7 +151,22 @@ def test_segments_have_names_colours_and_terminology(scene):
         segment, style = segmentation.GetNthSegment(n), segment_style(class_name)
         assert segment.GetName() == style.name
         np.testing.assert_allclose(segment.GetColor(), style.color)
-        assert segment.GetTerminology() == style.terminology_string()
+        tag = vtk.reference("")  # the tag API of every supported Slicer (GetTerminology is 5.10+)
+        assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
+        assert str(tag) == style.terminology_string()
+
+
+def test_the_default_input_is_the_volume_in_view_else_the_scenes_first_plain_scalar_volume(scene):
+    assert mrml.default_input_volume(scene) is None
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
+    scene.AddNewNodeByClass("vtkMRMLDiffusionWeightedVolumeNode", "dwi")
+    assert mrml.default_input_volume(scene, label) is None
+    first = add_volume(scene, phantom(), GEOMETRIES["axial"], "first")
+    second = add_volume(scene, phantom(), GEOMETRIES["axial"], "second")
+    assert mrml.default_input_volume(scene) is first  # Slicer --no-main-window: no view to ask
+    assert mrml.default_input_volume(scene, second) is second
+    assert mrml.default_input_volume(scene, label) is first
 
 
 def test_seg_nrrd_written_by_mrml_reads_back_through_mrml_and_slicerio(scene, tmp_path):

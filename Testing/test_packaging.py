@@ -42,6 +42,23 @@ def test_extension_metadata_agrees_across_cmake_s4ext_and_catalog_entry():
     assert "add_subdirectory(CDMSegment)" in cmake
 
 
+def test_the_catalog_entry_is_written_as_the_extensions_index_formatter_writes_it():
+    """The Extensions Index's pre-commit runs prettier 3.5.3 with prettier-plugin-multiline-arrays at wrap threshold
+    0 (its .prettierrc.js): two-space indent, every array one item per line, LF endings, a final newline. That is
+    json.dumps(indent=2)'s layout (checked against prettier's own output for this file and TotalSegmentator.json)."""
+    text = (ROOT / "CDMSegment.json").read_bytes().decode("utf-8")
+    assert text == json.dumps(json.loads(text), indent=2) + "\n"
+    assert "\r" not in text and "\t" not in text
+
+
+def test_the_license_is_the_bsd_3_clause_license_pyproject_names():
+    """The Extensions Index refuses a repository without a license file at its root (LICENSE is one it looks for)."""
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("BSD 3-Clause License\n\nCopyright (c) 2026, the CDMSegment authors\n")
+    assert "Neither the name of the copyright holder nor the names of its" in text
+    assert 'license = { text = "BSD-3-Clause" }' in (ROOT / "pyproject.toml").read_text()
+
+
 def test_the_screenshot_and_icon_urls_point_at_files_in_this_repository():
     cmake = (ROOT / "CMakeLists.txt").read_text()
     s4ext = dict(line.split(" ", 1) for line in (ROOT / "CDMSegment.s4ext").read_text().splitlines()

@@ -1,10 +1,20 @@
-"""Static checks of the panel: every widget the module's code uses exists in the .ui with the expected
-class, and every widget bound to the parameter node names a parameter of a matching type.
-A renamed widget fails here instead of in a user's Slicer."""
+"""The panel as Qt builds it: CDMSegment.ui loaded by Qt's own loader (PySide6's QUiLoader, the .ui parser
+of the Qt inside Slicer), every widget the module's code uses present with the class the module expects,
+and every widget bound to the parameter node naming a parameter Slicer's connectors accept.
+
+Slicer's and CTK's classes (qMRMLNodeComboBox, ctkSliderWidget...) are not in PySide6: the loader builds
+them as their declared base, QWidget, and keeps their properties as dynamic properties; the class the .ui
+asked for is recorded from the loader's own createWidget calls."""
 
 import ast
-import xml.etree.ElementTree as ET
+import os
 from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+QtWidgets = pytest.importorskip("PySide6.QtWidgets")
+QtUiTools = pytest.importorskip("PySide6.QtUiTools")
 
 MODULE_DIR = Path(__file__).resolve().parent.parent / "CDMSegment"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "CDMSegment.ui"
@@ -16,20 +26,56 @@ EXPECTED_CLASSES = {
     "deviceSelector": "QComboBox", "axisSelector": "QComboBox", "modelInfoLabel": "QLabel",
     "deviceInfoLabel": "QLabel", "firstInputLabel": "QLabel", "statusLabel": "QLabel",
     "noiseLevelSpinBox": "QDoubleSpinBox", "tauSpinBox": "QDoubleSpinBox", "stepsSpinBox": "QSpinBox",
-    "batchSizeSpinBox": "QSpinBox", "progressBar": "QProgressBar", "thresholdSlider": "ctkSliderWidget",
-    "extraInputsWidget": "QWidget", "inputVolumeSelector": "qMRMLNodeComboBox",
+    "noiseDrawsSpinBox": "QSpinBox", "batchSizeSpinBox": "QSpinBox", "progressBar": "QProgressBar",
+    "thresholdSlider": "ctkSliderWidget", "extraInputsWidget": "QWidget", "inputVolumeSelector": "qMRMLNodeComboBox",
     "hardenTransformCheckBox": "QCheckBox", "advancedCollapsibleButton": "ctkCollapsibleButton",
     "guidanceScaleSpinBox": "QDoubleSpinBox",
 }
-# Widget class -> the parameter types Slicer's parameterNodeWrapper (guiConnection.py) binds it to.
+# Widget class -> the parameter types Slicer's parameterNodeWrapper (guiConnectors.py) binds it to.
 BINDABLE = {"QDoubleSpinBox": {"float"}, "ctkSliderWidget": {"float"}, "QSpinBox": {"int"},
             "QComboBox": {"str", "int", "float", "bool"}, "QCheckBox": {"bool"},
             "qMRMLNodeComboBox": {"slicer.vtkMRMLScalarVolumeNode"}}
-SPIN_BOXES = {"QSpinBox": "number", "QDoubleSpinBox": "double"}
+SPIN_BOXES = ("QSpinBox", "QDoubleSpinBox")
 
 
-def _widgets():
-    return {w.get("name"): w for w in ET.parse(UI_FILE).getroot().iter("widget")}
+class RecordingLoader(QtUiTools.QUiLoader):
+    """QUiLoader that remembers the class the .ui asked for, per widget name, before any fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested = {}
+
+    def createWidget(self, className, parent=None, name=""):
+        self.requested.setdefault(name, className)
+        return super().createWidget(className, parent, name)
+
+
+def load_ui(path: Path):
+    """(top widget, {widget name: widget}, {widget name: class named in the .ui}); Qt's error on a bad file."""
+    QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    loader = RecordingLoader()
+    try:  # PySide6 raises where Qt returns no widget; Qt's own message is in errorString()
+        top = loader.load(str(path))
+    except RuntimeError:
+        top = None
+    if top is None:
+        raise ValueError(f"Qt could not load {path.name}: {loader.errorString()}")
+    widgets = {w.objectName(): w for w in top.findChildren(QtWidgets.QWidget) if w.objectName()}
+    widgets[top.objectName()] = top
+    return top, widgets, loader.requested
+
+
+@pytest.fixture(scope="module")
+def panel():
+    top, widgets, requested = load_ui(UI_FILE)
+    yield widgets, requested
+    top.deleteLater()
+
+
+def _class_of(name, widgets, requested):
+    """The class Slicer will build: Qt's own for Qt classes, the .ui's for Slicer/CTK ones (built as QWidget here)."""
+    built = widgets[name].metaObject().className()
+    return built if built == requested[name] else requested[name]
 
 
 def _used_names():
@@ -57,48 +103,52 @@ def _parameters():
     return parameters
 
 
-def _bound_widgets():
-    """{parameter name: its widget element} for every widget with a SlicerParameterName."""
-    bound = {}
-    for widget in _widgets().values():
-        for prop in widget.findall("property"):
-            if prop.get("name") == "SlicerParameterName":
-                bound[prop.find("string").text] = widget
-    return bound
+def _bound_widgets(widgets):
+    """{parameter name: widget name} for every widget with Slicer's SlicerParameterName dynamic property."""
+    return {w.property("SlicerParameterName"): name for name, w in widgets.items()
+            if w.property("SlicerParameterName")}
 
 
-def _ui_number(widget, name):
-    prop = next((p for p in widget.findall("property") if p.get("name") == name), None)
-    return None if prop is None else float(prop.find(SPIN_BOXES[widget.get("class")]).text)
+def test_qt_refuses_a_widget_inside_a_string(tmp_path):
+    """The defect this file guards against: Qt's loader stops at markup inside a <string>."""
+    broken = UI_FILE.read_text().replace(
+        "<string>Input volume:</string>", '<string><widget class="QLabel" name="inner"/></string>', 1)
+    assert broken != UI_FILE.read_text()
+    (tmp_path / "broken.ui").write_text(broken)
+    with pytest.raises(ValueError, match="Unexpected element widget"):
+        load_ui(tmp_path / "broken.ui")
 
 
-def test_every_widget_the_code_uses_exists_with_the_expected_class():
-    widgets = _widgets()
+def test_every_widget_the_code_uses_is_built_with_the_expected_class(panel):
+    widgets, requested = panel
     used = _used_names()
     assert used, "no self.ui.<name> found: the parser or the module changed"
     for name in sorted(used):
-        assert name in widgets, f"CDMSegment.py uses self.ui.{name}, which CDMSegment.ui lacks"
+        assert name in widgets, f"CDMSegment.py uses self.ui.{name}, which Qt did not build from CDMSegment.ui"
         assert name in EXPECTED_CLASSES, f"add self.ui.{name} to EXPECTED_CLASSES"
-        assert widgets[name].get("class") == EXPECTED_CLASSES[name], name
+        assert _class_of(name, widgets, requested) == EXPECTED_CLASSES[name], name
+    assert requested["CDMSegment"] == "qMRMLWidget"  # setMRMLScene is called on it
 
 
-def test_bound_widgets_name_parameters_of_a_matching_type():
+def test_bound_widgets_name_parameters_of_a_matching_type(panel):
+    widgets, requested = panel
     parameters = _parameters()
-    bound = _bound_widgets()
+    bound = _bound_widgets(widgets)
     assert {"inputVolume", "noiseLevel", "steps", "tau", "noiseDraws", "guidanceScale", "axis", "batchSize", "device",
             "method", "hardenTransform"} <= set(bound)
-    for parameter, widget in bound.items():
-        assert parameter in parameters, f"{widget.get('name')} is bound to unknown parameter {parameter}"
-        assert parameters[parameter][0] in BINDABLE[widget.get("class")], (parameter, widget.get("class"))
+    for parameter, name in bound.items():
+        assert parameter in parameters, f"{name} is bound to unknown parameter {parameter}"
+        assert parameters[parameter][0] in BINDABLE[_class_of(name, widgets, requested)], (parameter, name)
 
 
-def test_bindings_follow_slicers_connector_rules():
+def test_bindings_follow_slicers_connector_rules(panel):
     """connectGui raises for a combo box without a Choice and for a ctkSliderWidget without bounds, and
     sets an unbounded spin box's range to -inf..inf: each bound parameter must say its choices or range."""
+    widgets, requested = panel
     parameters = _parameters()
-    for parameter, widget in _bound_widgets().items():
+    for parameter, name in _bound_widgets(widgets).items():
         kind, extras, default = parameters[parameter]
-        cls = widget.get("class")
+        cls = _class_of(name, widgets, requested)
         if cls == "QComboBox":
             assert "Choice" in extras, f"{parameter}: a combo box needs Annotated[..., Choice([...])]"
             assert default in extras["Choice"][0], parameter
@@ -107,22 +157,30 @@ def test_bindings_follow_slicers_connector_rules():
             low, high = extras["WithinRange"]
             assert low <= default <= high, parameter
         if cls in SPIN_BOXES:  # what Qt Designer shows is what Slicer will set
-            assert (_ui_number(widget, "minimum"), _ui_number(widget, "maximum")) == (low, high), parameter
+            spin_box = widgets[name]
+            assert (spin_box.minimum(), spin_box.maximum()) == pytest.approx((low, high)), parameter
 
 
-def test_the_code_leaves_choice_bound_combo_boxes_to_slicer():
+def test_the_code_leaves_choice_bound_combo_boxes_to_slicer(panel):
     """Slicer fills a Choice-bound combo box itself; items added, removed or cleared by the code would
     no longer match the choices it reads back by index."""
+    widgets, requested = panel
     source = SOURCE.read_text()
-    combo_boxes = [w.get("name") for w in _bound_widgets().values() if w.get("class") == "QComboBox"]
+    combo_boxes = [n for n in _bound_widgets(widgets).values() if _class_of(n, widgets, requested) == "QComboBox"]
     assert combo_boxes
     for name in combo_boxes:
         for call in ("addItem", "addItems", "clear()", "removeItem", "insertItem"):
             assert f"self.ui.{name}.{call}" not in source, f"self.ui.{name}.{call}"
 
 
-def test_the_ui_declares_its_custom_widgets():
-    root = ET.parse(UI_FILE).getroot()
-    declared = {c.find("class").text for c in root.iter("customwidget")}
-    used = {w.get("class") for w in root.iter("widget")}
-    assert {c for c in used if not c.startswith("Q")} <= declared
+def test_volume_selectors_offer_scalar_volumes_only(panel):
+    """Labelmap, vector (RGB) and diffusion volumes derive from the scalar volume node: the selector hides
+    child classes, so they are never offered instead of being refused after Apply."""
+    widgets, requested = panel
+    selectors = [n for n in widgets if requested.get(n) == "qMRMLNodeComboBox"]
+    assert selectors == ["inputVolumeSelector"]
+    for name in selectors:
+        assert widgets[name].property("nodeTypes") == ["vtkMRMLScalarVolumeNode"]
+        assert widgets[name].property("showChildNodeTypes") is False
+    source = SOURCE.read_text()  # the extra selector made per further modality in CDMSegment.py
+    assert 'nodeTypes = ["vtkMRMLScalarVolumeNode"]' in source and "showChildNodeTypes = False" in source

@@ -16,12 +16,11 @@ from typing import Optional, Union
 import torch
 
 from .errors import CDMSegmentError, ModelFileError
+from .registry import MODELS_DIR, REGISTRY_FILE, default_model_name, read_registry  # noqa: F401 (also used from here)
 from .schedule import NoiseSchedule
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
-MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
-REGISTRY_FILE = MODELS_DIR / "models.json"
 REQUIRED_KEYS = {
     "diffusion": ("format_version", "kind", "name", "version", "image_size", "in_channels", "modalities",
                   "class_names", "schedule", "num_timesteps", "defaults", "normalisation", "training"),
@@ -77,23 +76,6 @@ def sha256_of(path: Union[str, Path]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def read_registry(registry: Path = REGISTRY_FILE) -> list:
-    """The entries of models.json: name, file, sha256, size_bytes, kind, optional url and default flag."""
-    if not registry.exists():
-        return []
-    try:
-        return json.loads(registry.read_text())["models"]
-    except (ValueError, KeyError) as e:
-        raise ModelFileError(f"{registry} is not a valid model registry ({e}); restore it from the extension")
-
-
-def default_model_name(kind: str = "diffusion", registry: Path = REGISTRY_FILE) -> str:
-    entries = [e for e in read_registry(registry) if e.get("kind", "diffusion") == kind]
-    if not entries:
-        raise ModelFileError(f"no bundled {kind} model is registered in {registry}; give a model file with --model")
-    return next((e for e in entries if e.get("default")), entries[0])["name"]
 
 
 def save_model(network: torch.nn.Module, metadata: dict, path: Union[str, Path]) -> str:

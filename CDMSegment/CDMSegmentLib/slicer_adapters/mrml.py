@@ -19,7 +19,7 @@ from vtk.util import numpy_support
 from ..core.errors import CDMSegmentError
 from ..core.image import Volume
 from ..core.terminology import segment_style
-from ..core.threshold import make_mask
+from ..core.threshold import make_mask, min_component_voxels_at
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Black-red-yellow-white, created by Slicer's Colors module in every scene.
@@ -94,6 +94,19 @@ def check_volume_node(node, label: str = "input") -> None:
         raise CDMSegmentError(f"{name} is 2D ({dims[0]} x {dims[1]} x {dims[2]} voxels); choose a 3D volume")
 
 
+def default_input_volume(scene, shown=None):
+    """The volume to offer as input: ``shown`` (the volume in view) when it is a plain scalar volume, else the
+    first plain scalar volume of the scene (never a labelmap, vector or diffusion volume), else None."""
+    def plain(node):
+        return node is not None and node.GetClassName() == "vtkMRMLScalarVolumeNode"
+
+    if plain(shown):
+        return shown
+    volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    return next((n for n in (volumes.GetItemAsObject(i) for i in range(volumes.GetNumberOfItems())) if plain(n)),
+                None)
+
+
 def volume_from_node(node, harden: bool = False, label: str = "input") -> Volume:
     """A copy of the node's voxels (K, J, I) with its world geometry in LPS.
 
@@ -157,7 +170,9 @@ def add_segmentation_node(scene, masks: Dict[str, np.ndarray], ijk_to_ras_matrix
     for class_name, mask in masks.items():
         style = segment_style(class_name)
         segment_id = segmentation.AddEmptySegment(style.name, style.name, list(style.color))
-        segmentation.GetSegment(segment_id).SetTerminology(style.terminology_string())
+        segment = segmentation.GetSegment(segment_id)
+        # The tag, not SetTerminology: that accessor exists only from Slicer 5.10 (test_slicer_versions.py).
+        segment.SetTag(segment.GetTerminologyEntryTagName(), style.terminology_string())
         set_segment_mask(node, segment_id, mask, ijk_to_ras_matrix)
     return node
 
@@ -231,13 +246,15 @@ def add_result_nodes(scene, reference_node, ijk_to_ras_matrix: np.ndarray, heatm
     return nodes
 
 
-def remake_segment(heatmap_node, segmentation_node, threshold: float, min_component_voxels: int = 0):
-    """The first segment re-made from the heatmap node at ``threshold`` (no model run). An edited segment
-    is left as the user made it: the new mask goes into a new segmentation beside it, which is returned."""
+def remake_segment(heatmap_node, segmentation_node, threshold: float, min_component_ml: float = 0.0):
+    """The first segment re-made from the heatmap node at ``threshold`` (no model run), without components
+    under ``min_component_ml`` (the model's rule, as the run applies it). An edited segment is left as the
+    user made it: the new mask goes into a new segmentation beside it, which is returned."""
     heatmap = slicer.util.arrayFromVolume(heatmap_node)
     matrix = ijk_to_ras(heatmap_node)
     # No content mask needed: the heatmap is zero outside the content and thresholds are >= 0.
-    mask = make_mask(heatmap, threshold, None, min_component_voxels)
+    mask = make_mask(heatmap, threshold, None,
+                     min_component_voxels_at(min_component_ml, np.linalg.norm(matrix[:3, :3], axis=0)))
     segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
     if not segment_edited(segmentation_node, segment_id, matrix, heatmap.shape):
         set_segment_mask(segmentation_node, segment_id, mask, matrix)

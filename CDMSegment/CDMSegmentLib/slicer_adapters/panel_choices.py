@@ -8,8 +8,7 @@ import math
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ..core.methods import CDMParams
-from ..core.modelfile import REGISTRY_FILE, LoadedModel, read_registry
+from ..core.registry import REGISTRY_FILE, read_registry
 
 
 def model_choices(registry: Path = REGISTRY_FILE) -> List[str]:
@@ -20,14 +19,22 @@ def model_choices(registry: Path = REGISTRY_FILE) -> List[str]:
     return [e["name"] for e in entries]
 
 
-def advanced_defaults(model: LoadedModel, classifier: Optional[LoadedModel] = None) -> dict:
-    """The Advanced section's values for a model: its measured defaults (and the classifier's scale)."""
+def registry_text(name: str, registry: Path = REGISTRY_FILE) -> str:
+    """A registered model's description, shown until the model is loaded (when the user picks it or runs)."""
+    entry = next((e for e in read_registry(registry) if e["name"] == name), {})
+    return f"{name}: {entry.get('description', 'registered model')} Loaded when chosen or at the first Apply."
+
+
+def advanced_defaults(model, classifier=None) -> dict:
+    """The Advanced section's values for a LoadedModel: its measured defaults (and the classifier's scale)."""
+    from ..core.methods import CDMParams  # torch: imported when a model is loaded, never when the panel opens
+
     p = CDMParams.for_model(model, classifier=classifier)
     return {"noiseLevel": p.noise_level, "steps": p.steps, "tau": p.tau, "noiseDraws": p.noise_draws,
             "guidanceScale": p.guidance_scale}
 
 
-def model_text(model: LoadedModel) -> str:
+def model_text(model) -> str:
     m = model.metadata
     return (f"{m['name']} {m['version']}: {', '.join(model.modalities)} -> {', '.join(model.class_names[1:])}, "
             f"{model.image_size} px slices")

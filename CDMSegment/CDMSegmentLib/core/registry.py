@@ -1,0 +1,30 @@
+"""The model registry, models.json: which models are bundled or downloadable, read without torch.
+
+The panel lists the registered models from here when it opens, without importing torch
+(which can initialise CUDA); loading a model (modelfile.py) needs torch.
+"""
+
+import json
+from pathlib import Path
+
+from .errors import ModelFileError
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+REGISTRY_FILE = MODELS_DIR / "models.json"
+
+
+def read_registry(registry: Path = REGISTRY_FILE) -> list:
+    """The entries of models.json: name, file, sha256, size_bytes, kind, optional url and default flag."""
+    if not registry.exists():
+        return []
+    try:
+        return json.loads(registry.read_text())["models"]
+    except (ValueError, KeyError) as e:
+        raise ModelFileError(f"{registry} is not a valid model registry ({e}); restore it from the extension")
+
+
+def default_model_name(kind: str = "diffusion", registry: Path = REGISTRY_FILE) -> str:
+    entries = [e for e in read_registry(registry) if e.get("kind", "diffusion") == kind]
+    if not entries:
+        raise ModelFileError(f"no bundled {kind} model is registered in {registry}; give a model file with --model")
+    return next((e for e in entries if e.get("default")), entries[0])["name"]

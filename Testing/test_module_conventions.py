@@ -1,0 +1,112 @@
+"""CDMSegment.py follows Slicer's scripted-module conventions, checked as far as slicer-core allows: the Widget's
+base-class order under Slicer's own VTKObservationMixin, a panel that opens without torch, a self-test that
+returns (never SkipTest) where torch is missing, and what only Slicer's GUI runs, read from the source."""
+
+import ast
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import slicer.util
+from slicer.util import VTKObservationMixin
+
+import CDMSegment
+from CDMSegment import CDMSegmentWidget, ScriptedLoadableModuleWidget
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = (ROOT / "CDMSegment" / "CDMSegment.py").read_text()
+
+
+def _method(class_name, name):
+    cls = next(n for n in ast.parse(SOURCE).body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    return next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def _self_calls(function):
+    return [n.func.attr for n in ast.walk(function) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == "self"]
+
+
+def test_the_widget_bases_are_in_slicers_template_order():
+    assert CDMSegmentWidget.__bases__ == (ScriptedLoadableModuleWidget, VTKObservationMixin)
+    mro = CDMSegmentWidget.__mro__
+    assert mro.index(ScriptedLoadableModuleWidget) < mro.index(VTKObservationMixin)
+
+
+def test_slicers_mixin_chains_its_init_so_the_order_decides_what_runs_twice():
+    """Slicer's VTKObservationMixin.__init__ calls super().__init__() before making its observation table: with
+    the mixin first, that super() is ScriptedLoadableModuleWidget.__init__ again, without the parent (in Slicer
+    it then builds a floating panel and runs setup() before the table exists)."""
+    assert "super().__init__()" in inspect.getsource(slicer.util.VTKObservationMixin.__init__)
+    panel = object()
+    widget = CDMSegmentWidget(panel)
+    assert widget.parent is panel and widget.Observations == []
+
+    class MixinFirst(VTKObservationMixin, ScriptedLoadableModuleWidget):
+        __init__ = CDMSegmentWidget.__init__
+
+    assert MixinFirst(panel).parent is None  # the second, parentless run of the widget's __init__
+
+
+OPEN_PANEL = """
+import sys
+import CDMSegment
+from CDMSegmentLib.slicer_adapters import mrml, panel_choices
+import slicer
+CDMSegment.CDMSegmentWidget(object())
+CDMSegment.CDMSegmentLogic()
+print(CDMSegment.torchStatusText())
+print(panel_choices.registry_text(panel_choices.model_choices()[0]))
+mrml.default_input_volume(slicer.vtkMRMLScene())
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+def _run(code, block_torch=False):
+    prelude = "import sys; sys.modules['torch'] = None\n" if block_torch else ""
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT / "CDMSegment", env={"PYTHONPATH": str(ROOT / "CDMSegment"), "PATH": "/usr/bin"})
+
+
+def test_opening_the_panel_imports_no_torch():
+    """What setup() and enter() reach under slicer-core (the Widget, the Logic, the model list, the PyTorch line,
+    the default input) in a fresh interpreter: torch stays unimported, so CUDA is never initialised."""
+    done = _run(OPEN_PANEL)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "[]"
+    assert lines[-2].startswith("brain-flair-phantom: ") and lines[-2].endswith("at the first Apply.")
+    setup_calls = set(_self_calls(_method("CDMSegmentWidget", "setup")))
+    setup_calls |= {c for name in ("initializeParameterNode", "populateModels", "enter") for c in
+                    _self_calls(_method("CDMSegmentWidget", name))}
+    assert not setup_calls & {"ensureDependencies", "useModel", "onModelChanged"}
+
+
+def test_the_self_test_returns_with_a_message_where_torch_is_missing():
+    done = _run("import CDMSegment\nprint(repr(CDMSegment.CDMSegmentTest().runTest()))", block_torch=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+    assert "CDMSegment self-test: PyTorch is not installed" in done.stderr and "nothing was tested" in done.stderr
+    assert "skipTest" not in SOURCE and "SkipTest" not in SOURCE.replace("never SkipTest", "")
+
+
+def test_the_category_is_translated_as_slicers_own_modules():
+    """Slicer 5.6's modules, e.g. SegmentEditor.py: translate("qSlicerAbstractCoreModule", "Segmentation")."""
+    init = ast.unparse(_method("CDMSegment", "__init__"))
+    assert "self.parent.categories = [translate('qSlicerAbstractCoreModule', 'Segmentation')]" in init
+    assert CDMSegment.translate("qSlicerAbstractCoreModule", "Segmentation") == "Segmentation"  # slicer-core
+
+
+def test_enter_exit_and_cleanup_follow_the_template():
+    assert "initializeParameterNode" in _self_calls(_method("CDMSegmentWidget", "enter"))
+    assert "disconnectGui" in ast.unparse(_method("CDMSegmentWidget", "exit"))
+    cleanup = _self_calls(_method("CDMSegmentWidget", "cleanup"))
+    assert {"cancelRun", "removeObservers"} <= set(cleanup) and "self.timer.stop()" in ast.unparse(
+        _method("CDMSegmentWidget", "cleanup"))
+
+
+def test_the_segment_editor_opens_from_its_button_only():
+    calls = [n for n in ast.walk(ast.parse(SOURCE)) if isinstance(n, ast.Call)]
+    assert not [c for c in calls if ast.unparse(c.func) == "self.openSegmentEditor"]
+    assert 'self.ui.segmentEditorButton.connect("clicked(bool)", self.openSegmentEditor)' in SOURCE
