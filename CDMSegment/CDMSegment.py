@@ -238,11 +238,10 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
                              threshold=threshold)
 
     @staticmethod
-    def remakeSegment(heatmapNode, segmentationNode, threshold, minComponentMl=0.0):
-        """Re-make the segment from the kept heatmap at ``threshold`` without running the model, dropping
-        components under the model's ``min_component_ml`` as the run does; returns the segmentation written:
-        a new one when the user edited the segment, which is never overwritten."""
-        return mrml.remake_segment(heatmapNode, segmentationNode, threshold, minComponentMl)
+    def remakeSegment(heatmapNode, segmentationNode, threshold, minComponentVoxels=0):
+        """Re-make the segment from the kept heatmap at ``threshold`` without running the model; returns the
+        segmentation written: a new one when the user edited the segment, which is never overwritten."""
+        return mrml.remake_segment(heatmapNode, segmentationNode, threshold, minComponentVoxels)
 
 
 # Slicer's template order: VTKObservationMixin.__init__ calls super().__init__(), so with the mixin first
@@ -541,7 +540,7 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.threshold = value
         with slicer.util.tryWithErrorDisplay("Could not re-make the segment."):
             p.segmentation = self.logic.remakeSegment(p.heatmapVolume, p.segmentation, value,
-                                                      float(self.model.defaults.get("min_component_ml", 0.0)))
+                                                      int(self.model.defaults.get("min_component_voxels", 0)))
 
     def openSegmentEditor(self):
         p = self.parameterNode

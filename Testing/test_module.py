@@ -13,9 +13,9 @@ from vtkmodules.util import numpy_support
 from CDMSegment import CDMSegmentLogic
 from CDMSegmentLib.slicer_adapters import mrml
 from CDMSegmentLib.core.errors import Cancelled, CDMSegmentError, ModelFileError
-from CDMSegmentLib.core.modelfile import load_model, sha256_of
+from CDMSegmentLib.core.modelfile import sha256_of
 from CDMSegmentLib.core.threshold import make_mask
-from conftest import add_volume, make_tiny_classifier_file, make_tiny_model_file, phantom
+from conftest import add_volume, make_tiny_classifier_file, phantom
 from test_mrml import GEOMETRIES
 
 
@@ -240,23 +240,3 @@ def test_the_segment_editor_edits_the_result_on_the_input_grid_and_the_slider_ke
     np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES[name], shape) > 0,
                                   edited)
 
-
-def test_the_slider_at_the_runs_threshold_gives_back_the_runs_segment(scene, tmp_path):
-    """One speck rule for the run and the threshold slider: the model's min_component_ml, in voxels of the grid."""
-    make_tiny_model_file(tmp_path / "specks.pt", defaults={"noise_level": 0.9, "steps": 2, "tau": 0.0, "noise_draws": 1,
-                                                           "min_component_ml": 0.02})
-    model = load_model(tmp_path / "specks.pt")
-    node = add_volume(scene, phantom(), GEOMETRIES["oblique"])  # 1.716 mm3 voxels: 0.02 ml = 12 voxels
-    first = slicer.util.arrayFromVolume(CDMSegmentLogic().process(node, model=model, device="cpu")[0])
-    threshold = float(np.percentile(first[first > 0], 70))
-    heatmap_node, segmentation_node = CDMSegmentLogic().process(node, model=model, device="cpu", threshold=threshold)
-    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
-    heatmap = slicer.util.arrayFromVolume(heatmap_node)
-    run = mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES["oblique"], heatmap.shape)
-    assert make_mask(heatmap, threshold).sum() > run.sum() > 0  # the run dropped specks
-
-    written = CDMSegmentLogic.remakeSegment(heatmap_node, segmentation_node, threshold,
-                                            model.defaults["min_component_ml"])
-    assert written is segmentation_node
-    np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES["oblique"],
-                                                    heatmap.shape), run)

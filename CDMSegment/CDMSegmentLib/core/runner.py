@@ -20,7 +20,7 @@ from .intensity import normalise_volume
 from .methods import CDMParams, build_method, calibrated_threshold, network_evaluations_per_slice
 from .modelfile import LoadedModel
 from .slicing import Orientation, extract_slices, insert_slices
-from .threshold import make_mask, min_component_voxels_at, resolve_threshold
+from .threshold import make_mask, resolve_threshold
 
 @dataclass
 class SegmentationResult:
@@ -91,8 +91,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     calibrated = calibrated_threshold(method, model, classifier)
     threshold = threshold if threshold is not None else ("model" if calibrated is not None else "otsu")
     ref = volumes[0]
-    if min_component_voxels is None:
-        min_component_voxels = min_component_voxels_at(defaults.get("min_component_ml", 0.0), ref.spacing_mm)
+    if min_component_voxels is None:  # the model's default is in ml, so it means the same at any spacing
+        min_component_voxels = int(round(defaults.get("min_component_ml", 0.0) * 1000 / np.prod(ref.spacing_mm)))
     orientation = Orientation.from_direction(ref.direction, ref.spacing_mm)
     canonical_axis = orientation.canonical_axis(axis)
     arrays = _normalised(model, volumes)

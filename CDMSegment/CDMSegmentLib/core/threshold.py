@@ -4,7 +4,7 @@ A per-slice Otsu (the paper's protocol) always finds "something" on a healthy sl
 a volume-level rule does not paint healthy slices with noise.
 """
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -45,12 +45,6 @@ def resolve_threshold(heatmap: np.ndarray, rule: Union[str, float], content: Opt
     if not np.isfinite(rule):
         raise CDMSegmentError(f"threshold must be a finite number, got {rule}")
     return float(rule)
-
-
-def min_component_voxels_at(min_component_ml: float, spacing_mm: Sequence[float]) -> int:
-    """A model's speck size, stored in ml so that it means the same at any spacing, in voxels of a grid
-    with ``spacing_mm`` (i, j, k): the one rule the run and the panel's threshold slider share."""
-    return int(round(float(min_component_ml) * 1000.0 / float(np.prod(spacing_mm))))
 
 
 def make_mask(heatmap: np.ndarray, threshold: float, content: Optional[np.ndarray] = None,

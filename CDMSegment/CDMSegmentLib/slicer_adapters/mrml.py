@@ -19,7 +19,7 @@ from vtk.util import numpy_support
 from ..core.errors import CDMSegmentError
 from ..core.image import Volume
 from ..core.terminology import segment_style
-from ..core.threshold import make_mask, min_component_voxels_at
+from ..core.threshold import make_mask
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Black-red-yellow-white, created by Slicer's Colors module in every scene.
@@ -246,15 +246,13 @@ def add_result_nodes(scene, reference_node, ijk_to_ras_matrix: np.ndarray, heatm
     return nodes
 
 
-def remake_segment(heatmap_node, segmentation_node, threshold: float, min_component_ml: float = 0.0):
-    """The first segment re-made from the heatmap node at ``threshold`` (no model run), without components
-    under ``min_component_ml`` (the model's rule, as the run applies it). An edited segment is left as the
-    user made it: the new mask goes into a new segmentation beside it, which is returned."""
+def remake_segment(heatmap_node, segmentation_node, threshold: float, min_component_voxels: int = 0):
+    """The first segment re-made from the heatmap node at ``threshold`` (no model run). An edited segment
+    is left as the user made it: the new mask goes into a new segmentation beside it, which is returned."""
     heatmap = slicer.util.arrayFromVolume(heatmap_node)
     matrix = ijk_to_ras(heatmap_node)
     # No content mask needed: the heatmap is zero outside the content and thresholds are >= 0.
-    mask = make_mask(heatmap, threshold, None,
-                     min_component_voxels_at(min_component_ml, np.linalg.norm(matrix[:3, :3], axis=0)))
+    mask = make_mask(heatmap, threshold, None, min_component_voxels)
     segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
     if not segment_edited(segmentation_node, segment_id, matrix, heatmap.shape):
         set_segment_mask(segmentation_node, segment_id, mask, matrix)
