@@ -21,7 +21,7 @@ from CDMSegmentLib.training.export import classifier_metadata, diffusion_metadat
 from CDMSegmentLib.core.modelfile import load_model, save_model  # noqa: E402
 from CDMSegmentLib.training.train import TrainConfig  # noqa: E402
 from CDMSegmentLib.core.unet import ConditionalUNet, UNetConfig  # noqa: E402
-from scene_fixtures import add_volume, matrix, phantom, scene  # noqa: E402,F401 (for every test file)
+from scene_fixtures import add_volume, matrix, mrml_scene, phantom, scene  # noqa: E402,F401 (for every test file)
 
 SIZE = 16
 SQUARE = (slice(2, 6), slice(2, 6))

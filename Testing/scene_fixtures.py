@@ -2,6 +2,7 @@
 and small volumes to put in it. No torch here: the MRML tests also run, with this file as their only
 fixture plugin, in the environment holding the newest slicer-core (``make test-newest-slicer``)."""
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -14,8 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 from CDMSegmentLib.slicer_adapters import mrml  # noqa: E402
 
 
-@pytest.fixture
-def scene():
+@contextlib.contextmanager
+def mrml_scene():
+    """A real MRML scene with the module logics Slicer sets on it at start-up (colours, subject hierarchy,
+    segmentations)."""
     scene = slicer.vtkMRMLScene()
     logics = [slicer.vtkSlicerColorLogic(), slicer.vtkSlicerSubjectHierarchyModuleLogic(),
               slicer.vtkSlicerSegmentationsModuleLogic()]
@@ -25,6 +28,12 @@ def scene():
     for logic in logics:
         logic.SetMRMLScene(None)
     scene.Clear(True)
+
+
+@pytest.fixture
+def scene():
+    with mrml_scene() as scene:
+        yield scene
 
 
 matrix = mrml.array_to_matrix
