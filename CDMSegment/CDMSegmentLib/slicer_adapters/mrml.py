@@ -183,7 +183,7 @@ def segment_edited(segmentation_node, segment_id: str, ijk_to_ras_matrix: np.nda
 
 
 def segment_mask(segmentation_node, segment_id: str, ijk_to_ras_matrix: np.ndarray, shape) -> np.ndarray:
-    """One segment as a uint8 (K, J, I) mask on the given grid, whatever its stored extent or layer."""
+    """One segment as a uint8 (K, J, I) mask on the given grid, whatever its stored extent, layer or label value."""
     stored = slicer.vtkOrientedImageData()
     slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
         segmentation_node, segment_id, stored)
@@ -191,7 +191,9 @@ def segment_mask(segmentation_node, segment_id: str, ijk_to_ras_matrix: np.ndarr
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(stored, reference, resampled)
     array = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(tuple(shape))
-    return (array > 0).astype(np.uint8)
+    # Segments can share one labelmap layer (a .seg.nrrd's do), each with its own label value.
+    label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    return (array == label).astype(np.uint8)
 
 
 def place_beside(scene, nodes: Sequence, reference_node) -> None:
