@@ -1,6 +1,7 @@
 """Shared tiny fixtures: synthetic slices (bright blobs on a dark disc), hand-made networks, tiny model files,
 and a real MRML scene from slicer-core with the module logics Slicer creates at start-up (nothing is faked)."""
 
+import contextlib
 import http.server
 import sys
 import threading
@@ -136,8 +137,10 @@ def tiny_model_path(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def scene():
+@contextlib.contextmanager
+def mrml_scene():
+    """A real MRML scene with the module logics Slicer sets on it at start-up (colours, subject hierarchy,
+    segmentations)."""
     scene = slicer.vtkMRMLScene()
     logics = [slicer.vtkSlicerColorLogic(), slicer.vtkSlicerSubjectHierarchyModuleLogic(),
               slicer.vtkSlicerSegmentationsModuleLogic()]
@@ -147,6 +150,12 @@ def scene():
     for logic in logics:
         logic.SetMRMLScene(None)
     scene.Clear(True)
+
+
+@pytest.fixture
+def scene():
+    with mrml_scene() as scene:
+        yield scene
 
 
 @pytest.fixture(scope="session")

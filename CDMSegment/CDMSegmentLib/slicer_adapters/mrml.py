@@ -26,6 +26,7 @@ RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
 HEATMAP_OPACITY = 0.4  # the heatmap as foreground over the input in the slice views
 WRITTEN_ATTRIBUTE = "CDMSegment.written."  # + segment id: digest of the mask CDMSegment last wrote
+MIN_COMPONENT_ATTRIBUTE = "CDMSegment.minComponentVoxels"  # a run's speck removal, which a new threshold keeps
 
 
 def _matrix_to_array(m: vtk.vtkMatrix4x4) -> np.ndarray:
@@ -103,6 +104,11 @@ def volume_from_node(node, harden: bool = False, label: str = "input") -> Volume
     check_volume_node(node, label)
     ijk_to_lps = RAS_FROM_LPS @ world_ijk_to_ras(node, harden)
     spacing_mm = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    if not np.isfinite(ijk_to_lps).all() or spacing_mm.min() <= 0 or \
+            abs(np.linalg.det(ijk_to_lps[:3, :3] / spacing_mm)) < 1e-6:
+        raise CDMSegmentError(f"{label} {node.GetName()!r} has a voxel spacing of "
+                              f"{' x '.join(f'{s:g}' for s in node.GetSpacing())} mm or axes that are not independent; "
+                              "set the spacing and directions in Volumes > Volume Information, or load the image again")
     direction = ijk_to_lps[:3, :3] / spacing_mm
     array = np.array(slicer.util.arrayFromVolume(node), copy=True)
     return Volume(array, tuple(spacing_mm), tuple(ijk_to_lps[:3, 3]), direction)
@@ -169,6 +175,11 @@ def set_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, ijk_t
     image = _oriented_image(mask, ijk_to_ras_matrix)
     slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
         image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    remember_written(segmentation_node, segment_id, mask)
+
+
+def remember_written(segmentation_node, segment_id: str, mask: np.ndarray) -> None:
+    """Note (in a node attribute, saved with the scene) that CDMSegment wrote ``mask`` into the segment."""
     segmentation_node.SetAttribute(WRITTEN_ATTRIBUTE + segment_id, _digest(mask))
 
 
@@ -233,13 +244,20 @@ def add_result_nodes(scene, reference_node, ijk_to_ras_matrix: np.ndarray, heatm
     return nodes
 
 
-def remake_segment(heatmap_node, segmentation_node, threshold: float, min_component_voxels: int = 0):
-    """The first segment re-made from the heatmap node at ``threshold`` (no model run). An edited segment
-    is left as the user made it: the new mask goes into a new segmentation beside it, which is returned."""
+def remake_segment(heatmap_node, segmentation_node, threshold: float):
+    """The first segment re-made from the heatmap node at ``threshold`` (no model run), with the speck removal
+    of the run that made it. An edited segment is left as the user made it: the new mask goes into a new
+    segmentation beside it, which is returned. A deleted heatmap, segmentation or segment is an error."""
+    for node, what in ((heatmap_node, "heatmap volume"), (segmentation_node, "segmentation")):
+        if node is None or node.GetScene() is None:
+            raise CDMSegmentError(f"the {what} of this result was deleted; press Apply to make a new result")
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        raise CDMSegmentError(f"{segmentation_node.GetName()!r} has no segment any more (it was deleted); "
+                              "press Apply to make a new result")
     heatmap = slicer.util.arrayFromVolume(heatmap_node)
     matrix = ijk_to_ras(heatmap_node)
     # No content mask needed: the heatmap is zero outside the content and thresholds are >= 0.
-    mask = make_mask(heatmap, threshold, None, min_component_voxels)
+    mask = make_mask(heatmap, threshold, None, int(segmentation_node.GetAttribute(MIN_COMPONENT_ATTRIBUTE) or 0))
     segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
     if not segment_edited(segmentation_node, segment_id, matrix, heatmap.shape):
         set_segment_mask(segmentation_node, segment_id, mask, matrix)
@@ -247,5 +265,6 @@ def remake_segment(heatmap_node, segmentation_node, threshold: float, min_compon
     scene = heatmap_node.GetScene()
     class_name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
     copy = add_segmentation_node(scene, {class_name: mask}, matrix, scene.GenerateUniqueName(segmentation_node.GetName()))
+    copy.SetAttribute(MIN_COMPONENT_ATTRIBUTE, segmentation_node.GetAttribute(MIN_COMPONENT_ATTRIBUTE) or "0")
     place_beside(scene, [copy], heatmap_node)
     return copy
