@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import slicer
 from slicer.util import VTKObservationMixin
 

@@ -2,8 +2,8 @@
 scene) and compared voxel for voxel and in geometry with what was meant.
 
 Volumes have more columns than slices (54 x 65 x 4), where a segment extent written in the wrong order crops
-the segment in Slicer, and one of them is oblique. The command line's files are checked here; the logic's,
-which it loads through the same readers, in test_child_process.py.
+the segment in Slicer, and one of them is oblique. The command line's files are checked here, and the nodes the logic
+makes of them (result_files.py); the logic's whole run in test_module.py.
 """
 
 import numpy as np
@@ -16,9 +16,12 @@ from CDMSegmentLib.cli.writers import write_heatmap, write_segmentation
 from CDMSegmentLib.core.image import Volume, read_volume
 from CDMSegmentLib.core.modelfile import load_model
 from CDMSegmentLib.core.runner import segment_volume
+from CDMSegmentLib.core.settings import CDMSettings
 from CDMSegmentLib.core.terminology import segment_style
+from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.slicer_adapters import mrml
-from conftest import phantom
+from CDMSegmentLib.slicer_adapters.result_files import add_result_files, node_ids
+from conftest import add_volume, phantom
 from test_mrml import GEOMETRIES
 
 WIDE = (4, 65, 54)  # (K, J, I): 54 columns, 65 rows, 4 slices
@@ -122,11 +125,54 @@ def test_the_command_line_files_load_in_slicer_as_the_run_made_them(scene, tmp_p
     assert main(["segment", str(case), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu",
                  "--steps", "1"]) == 0
     model = load_model(tiny_model_path)
-    from CDMSegmentLib.core.methods import CDMParams
-    run = segment_volume(model, [read_volume(case)], device="cpu",
-                         params=CDMParams.for_model(model, steps=1))
+    run = segment_volume(model, [read_volume(case)], device="cpu", params=CDMSettings(steps=1).params(model))
     assert run.mask.any() and run.mask[:, :, 8:].any()  # voxels beyond the slice count, where cropping bites
     heatmap_node = read_volume_file(scene, out / "case_heatmap.nrrd")
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(heatmap_node), run.heatmap)
     np.testing.assert_allclose(mrml.ijk_to_ras(heatmap_node), GEOMETRIES[name], atol=1e-5)
     assert_segments_read_as_written(scene, out / "case.seg.nrrd", {"tumour": run.mask}, GEOMETRIES[name], WIDE)
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_result_files_become_nodes_on_the_input_grid_in_its_study(scene, tmp_path, name):
+    """result_files reads the run's files with the same readers, and puts a grid Slicer's reader reversed
+    (a left-handed one: the sagittal and coronal cases here) back onto the input's."""
+    node = add_volume(scene, phantom(WIDE), GEOMETRIES[name])
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient 1"), "MR")
+    hierarchy.CreateItem(study, node)
+    reference = volume_on(GEOMETRIES[name], phantom(WIDE))
+    masks = wide_masks(WIDE)
+    heatmaps = np.random.default_rng(2).random((len(masks),) + WIDE).astype(np.float32)
+    paths = [tmp_path / f"{class_name}_heatmap.nrrd" for class_name in masks] + [tmp_path / "s.seg.nrrd"]
+    for path, heatmap in zip(paths, heatmaps):
+        write_heatmap(path, heatmap, reference)
+    write_segmentation(paths[-1], masks, reference)
+    *heatmap_nodes, segmentation_node = add_result_files(node, GEOMETRIES[name], paths, list(masks), 7, "flair")
+    for heatmap_node, heatmap in zip(heatmap_nodes, heatmaps):
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(heatmap_node), heatmap)
+        np.testing.assert_allclose(mrml.ijk_to_ras(heatmap_node), GEOMETRIES[name], atol=1e-9)
+        assert heatmap_node.GetDisplayNode().GetColorNodeID() == mrml.HEAT_COLOR_NODE_ID
+        assert heatmap_node.GetStorageNode() is None
+    for n, mask in enumerate(masks.values()):
+        segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(n)
+        np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES[name], WIDE), mask)
+        assert not mrml.segment_edited(segmentation_node, segment_id, GEOMETRIES[name], WIDE)
+    assert segmentation_node.GetAttribute(mrml.MIN_COMPONENT_ATTRIBUTE) == "7"
+    outputs = heatmap_nodes + [segmentation_node]
+    assert [hierarchy.GetItemParent(hierarchy.GetItemByDataNode(n)) for n in outputs] == [study] * 3
+    # The files are temporary: the nodes must not point at them, or Save would think them stored.
+    assert segmentation_node.GetStorageNode() is None
+    assert [n.GetName() for n in outputs] == ["flair tumour heatmap", "flair edema heatmap", "flair segmentation"]
+
+
+def test_a_file_slicer_cannot_read_adds_nothing(scene, tmp_path):
+    """(A missing file: a cut one aborts slicer-core's NRRD reader, which is why the child writes atomically.)"""
+    node = add_volume(scene, phantom(WIDE), GEOMETRIES["axial"])
+    write_heatmap(tmp_path / "h.nrrd", np.zeros(WIDE, np.float32), volume_on(GEOMETRIES["axial"], phantom(WIDE)))
+    before = node_ids(scene)
+    with pytest.raises(CDMSegmentError, match="^Slicer could not read s.seg.nrrd, which the CDMSegment process wrote; "
+                                              "nothing was added to the scene$"):
+        add_result_files(node, GEOMETRIES["axial"], [tmp_path / "h.nrrd", tmp_path / "s.seg.nrrd"], ["tumour"], 0,
+                         "flair")
+    assert node_ids(scene) == before

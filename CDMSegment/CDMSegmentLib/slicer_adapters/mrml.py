@@ -9,7 +9,7 @@ of the first two rows of IJK-to-physical, nothing else.
 """
 
 import hashlib
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import slicer
@@ -130,15 +130,6 @@ def _oriented_image(array: np.ndarray, ijk_to_ras_matrix: np.ndarray):
     return image
 
 
-def add_heatmap_node(scene, heatmap: np.ndarray, ijk_to_ras_matrix: np.ndarray, name: str):
-    """A float32 scalar volume on the input grid, shown as a heatmap (``show_as_heatmap``)."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    node.SetIJKToRASMatrix(array_to_matrix(ijk_to_ras_matrix))
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(heatmap, dtype=np.float32))
-    show_as_heatmap(node)
-    return node
-
-
 def show_as_heatmap(node) -> None:
     """Heat colour table from 0 to the 99.9th percentile of the volume's positive values."""
     node.CreateDefaultDisplayNodes()
@@ -229,19 +220,6 @@ def study_of(scene, node) -> Optional[int]:
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     item = hierarchy.GetItemByDataNode(node) if hierarchy is not None else 0
     return hierarchy.GetItemParent(item) if item else None
-
-
-def add_result_nodes(scene, reference_node, ijk_to_ras_matrix: np.ndarray, heatmaps: Dict[str, np.ndarray],
-                     masks: Dict[str, np.ndarray], name: str) -> List:
-    """Heatmap volume(s) and one segmentation for a run, placed beside the input; returns the new nodes
-    (heatmaps first, the segmentation last). New nodes every time: a re-run never overwrites an edit."""
-    several = len(heatmaps) > 1
-    nodes = [add_heatmap_node(scene, h, ijk_to_ras_matrix,
-                              scene.GenerateUniqueName(f"{name} {c} heatmap" if several else f"{name} heatmap"))
-             for c, h in heatmaps.items()]
-    nodes.append(add_segmentation_node(scene, masks, ijk_to_ras_matrix, scene.GenerateUniqueName(f"{name} segmentation")))
-    place_beside(scene, nodes, reference_node)
-    return nodes
 
 
 def remake_segment(heatmap_node, segmentation_node, threshold: float):
