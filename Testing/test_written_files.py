@@ -33,24 +33,22 @@ def volume_on(geometry_ras: np.ndarray, array: np.ndarray) -> Volume:
     return Volume(array, tuple(spacing), tuple(ijk_to_lps[:3, 3]), ijk_to_lps[:3, :3] / spacing)
 
 
-def read_volume_file(scene, path):
-    """A scalar volume node read by Slicer's volume reader."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "read")
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+def read_file(scene, path, node_class: str, storage_class):
+    """A node of ``node_class`` read from ``path`` by Slicer's reader (a storage node)."""
+    node = scene.AddNewNodeByClass(node_class, "read")
+    storage = storage_class()
     scene.AddNode(storage)
     storage.SetFileName(str(path))
     assert storage.ReadData(node)
     return node
+
+
+def read_volume_file(scene, path):
+    return read_file(scene, path, "vtkMRMLScalarVolumeNode", slicer.vtkMRMLVolumeArchetypeStorageNode)
 
 
 def read_segmentation_file(scene, path):
-    """A segmentation node read by Slicer's segmentation reader."""
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "read")
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node)
-    return node
+    return read_file(scene, path, "vtkMRMLSegmentationNode", slicer.vtkMRMLSegmentationStorageNode)
 
 
 def reference_grid(segmentation_node):

@@ -53,7 +53,10 @@ def _new_process_group() -> dict:
 def _signal_sentence(returncode: int) -> str:
     """What a child ended by a signal (negative return code on POSIX) means for the user, in one sentence."""
     number = -returncode
-    name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else f"signal {number}"
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
     if number == getattr(signal, "SIGKILL", None):
         return ("the CDMSegment process was killed (SIGKILL), most often by the system when memory runs out; "
                 "nothing was added to the scene; try a smaller batch size or close other programs")
