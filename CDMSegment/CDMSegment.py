@@ -18,7 +18,6 @@ import unittest
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import slicer
 from slicer.util import VTKObservationMixin
 
@@ -64,13 +63,9 @@ RESOURCES = Path(__file__).resolve().parent / "Resources"
 # The sample ships with the module: {"file_name", "sha256", "segmentation_file_name", "segmentation_sha256"}
 SAMPLE_DESCRIPTION = RESOURCES / "Sample" / "CDMSegmentSample.json"
 SAMPLE_DICE_FLOOR = 0.75  # the sample's Dice was 0.87 (make demo); pytest asserts the same floor
-# While a job runs, the panel polls it every POLL_MS and then waits up to YIELD_S for it. The worker's
-# torch calls run without the GIL, but between them its Python code needs it, and Slicer's main thread
-# keeps the GIL while it idles in the Qt event loop (its Python manager does not turn on PythonQt's
-# thread support). The wait hands the GIL over for most of each period and leaves the event loop a
-# gap that keeps the GUI responsive.
+# While a job runs (the model in its child process, or a model download on a worker thread, which waits
+# there for its share of the GIL: worker_thread.YIELD_S), the panel polls it every POLL_MS.
 POLL_MS = 40
-YIELD_S = 0.03
 
 
 class CDMSegment(ScriptedLoadableModule):
@@ -163,9 +158,9 @@ class CDMSegmentParameterNode:
 class CDMSegmentLogic(ScriptedLoadableModuleLogic):
     """Everything the panel does, callable from the Python console without it (CDMSegmentLib.slicer_adapters.run_on_nodes).
 
-    ``process`` runs on the calling thread; the widget calls its three steps separately
-    (prepareInputs and addResultNodes on the main thread, runModel on a worker thread).
-    The core is imported inside the methods: it needs torch, which may not be installed yet.
+    The model runs in a child process (``startRun``), which the panel polls from a timer and ``process`` waits
+    for; ``addResults`` then reads its files into the scene. The core is imported inside the methods: it needs
+    torch, which may not be installed yet.
     """
 
     def __init__(self, cacheDir=None, registry=None):
@@ -176,6 +171,12 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def getParameterNode(self):
         return CDMSegmentParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def settingsFrom(parameterNode):
+        """The CDM settings (CDMSegmentLib.core.settings.CDMSettings) the parameter node holds."""
+        from CDMSegmentLib.slicer_adapters.panel_choices import settings_from_parameters
+        return settings_from_parameters(parameterNode)
 
     def downloadNeeded(self, nameOrPath):
         """The registry entry of a model that must be downloaded before use, else None."""
@@ -193,55 +194,65 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         from CDMSegmentLib.core.download import fetch_model
         return fetch_model(nameOrPath, kind, self.cacheDir, self.registry, progress, cancel)
 
-    @staticmethod
-    def prepareInputs(inputVolumeNodes, model, hardenTransform=False):
-        """Main thread: checked copies of the inputs as Volumes, and the world IJK-to-RAS of the first."""
-        from CDMSegmentLib.slicer_adapters.run_on_nodes import prepare_inputs
-        return prepare_inputs(inputVolumeNodes, model, hardenTransform)
+    def startRun(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", settings=None,
+                 axis="auto", batchSize=16, classifier=None, hardenTransform=False):
+        """Check and copy the inputs and start the model on them in a child process; returns the run
+        (CDMSegmentLib.slicer_adapters.child_process.ChildRun: poll(), progress, eta_seconds(), cancel(), close()).
 
-    @staticmethod
-    def runModel(model, volumes, classes, progress=None, cancel=None, log=logging.info, **options):
-        """Any thread, no MRML: {class name: SegmentationResult}; progress counts slices over all classes."""
-        from CDMSegmentLib.slicer_adapters.run_on_nodes import run_model
-        return run_model(model, volumes, classes, progress=progress, cancel=cancel, log=log, **options)
-
-    @staticmethod
-    def addResultNodes(referenceNode, ijkToRAS, results, name=None):
-        """Main thread: new heatmap volume(s) and a segmentation beside the input; returns them."""
-        from CDMSegmentLib.slicer_adapters.run_on_nodes import add_results
-        return add_results(referenceNode, ijkToRAS, results, name)
-
-    def process(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", preset="model",
-                noiseLevel=None, steps=None, tau=None, noiseDraws=None, guidanceScale=None, axis="auto", batchSize=16,
-                threshold=None, classifier=None, hardenTransform=False, progress=None, cancel=None):
-        """Segment and add result nodes to the inputs' scene: [heatmap volume(s)..., segmentation].
-
-        inputVolumeNodes: one scalar volume node per model modality (or a single node);
-        model / classifier: a registered name, a file path or a loaded model (method 'cg-cdm' needs the
-        classifier; by default the one registered with the model). None settings are the model's
-        measured defaults. The inputs are never modified.
+        inputVolumeNodes: one scalar volume node per model modality (or a single node); model / classifier: a
+        registered name, a file path or a loaded model (method 'cg-cdm' needs the classifier; by default the one
+        registered with the model); settings: CDMSettings, None fields (or None) meaning the model's measured
+        defaults. The inputs are never modified.
         """
         from CDMSegmentLib.core.modelfile import LoadedModel
-        from CDMSegmentLib.slicer_adapters.run_on_nodes import segment_nodes
+        from CDMSegmentLib.core.settings import CDMSettings
+        from CDMSegmentLib.slicer_adapters.run_on_nodes import start_run
 
-        nodes = list(inputVolumeNodes) if isinstance(inputVolumeNodes, (list, tuple)) else [inputVolumeNodes]
+        nodes = self.inputList(inputVolumeNodes)
         model = model if isinstance(model, LoadedModel) else self.loadModel(model)
         if method == "cg-cdm" and classifier is None:
             classifier = self.classifierFor(model)
         if classifier is not None and not isinstance(classifier, LoadedModel):
             classifier = self.loadModel(classifier, kind="classifier")
-        return segment_nodes(nodes, model, target_class=targetClass, preset=preset, noise_level=noiseLevel,
-                             steps=steps, tau=tau, noise_draws=noiseDraws, guidance_scale=guidanceScale,
-                             harden=hardenTransform, progress=progress, cancel=cancel,
-                             log=lambda message: logging.info(f"CDMSegment: {message}"), method=method,
-                             classifier=classifier, device=device, axis=axis, batch_size=batchSize,
-                             threshold=threshold)
+        return start_run(nodes, model, harden=hardenTransform, classifier=classifier, method=method, device=device,
+                         axis=axis, batch_size=batchSize, target_class=targetClass, settings=settings or CDMSettings())
 
     @staticmethod
-    def remakeSegment(heatmapNode, segmentationNode, threshold, minComponentVoxels=0):
-        """Re-make the segment from the kept heatmap at ``threshold`` without running the model; returns the
-        segmentation written: a new one when the user edited the segment, which is never overwritten."""
-        return mrml.remake_segment(heatmapNode, segmentationNode, threshold, minComponentVoxels)
+    def inputList(inputVolumeNodes):
+        return list(inputVolumeNodes) if isinstance(inputVolumeNodes, (list, tuple)) else [inputVolumeNodes]
+
+    def addResults(self, run, inputVolumeNodes, name=None):
+        """A finished run's heatmap volume(s) and segmentation, read into the scene beside the first input
+        through Slicer's readers; returns them (heatmaps first). The run's files are removed afterwards."""
+        from CDMSegmentLib.slicer_adapters.run_on_nodes import add_results
+        try:
+            return add_results(run, self.inputList(inputVolumeNodes), name)
+        finally:
+            run.close()
+
+    def process(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", settings=None,
+                axis="auto", batchSize=16, classifier=None, hardenTransform=False, progress=None, cancel=None):
+        """Segment and add result nodes to the inputs' scene: [heatmap volume(s)..., segmentation]. Waits for the
+        child process; progress(slices done, slices in total); cancel: threading.Event or callable. Arguments as
+        ``startRun``. A cancelled or failed run leaves the scene as it was and removes its files."""
+        from CDMSegmentLib.slicer_adapters.panel_choices import result_text
+
+        run = self.startRun(inputVolumeNodes, model, targetClass, method, device, settings, axis, batchSize,
+                            classifier, hardenTransform)
+        try:
+            summary = run.wait(cancel, progress, log=lambda message: logging.info(f"CDMSegment: {message}"))
+        except BaseException:
+            run.close()
+            raise
+        logging.info(f"CDMSegment: {result_text(summary)}")
+        return self.addResults(run, inputVolumeNodes)
+
+    @staticmethod
+    def remakeSegment(heatmapNode, segmentationNode, threshold):
+        """Re-make the segment from the kept heatmap at ``threshold``, with the run's speck removal, without
+        running the model; returns the segmentation written: a new one when the user edited the segment,
+        which is never overwritten."""
+        return mrml.remake_segment(heatmapNode, segmentationNode, threshold)
 
 
 # Slicer's template order: VTKObservationMixin.__init__ calls super().__init__(), so with the mixin first
@@ -283,8 +294,11 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
-        """Slicer closes or reloads the module: end a run, stop its timer, stop observing the scene."""
+        """Slicer closes or reloads the module: end a run (a cancelled child ends at once, so one last poll
+        removes its files), stop its timer, stop observing the scene."""
         self.cancelRun()
+        if self.job is not None:
+            self.onPoll()
         self.timer.stop()
         self.removeObservers()
 
@@ -396,8 +410,10 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.useModel(self.logic.loadModel(source))
         elif slicer.util.confirmOkCancelDisplay(
                 f"Download model {entry['name']} ({entry.get('size_bytes', 0) / 1e6:.0f} MB) from {entry['url']}?"):
-            self.startJob(lambda progress, cancel: self.logic.loadModel(source, progress, cancel), "MB",
-                          self.useModel)
+            from CDMSegmentLib.slicer_adapters.worker_thread import BackgroundJob
+
+            self.startJob(BackgroundJob(lambda progress, cancel: self.logic.loadModel(source, progress, cancel)),
+                          "MB", lambda job: self.useModel(job.result))
 
     def useModel(self, model):
         """Show the model's classes, methods and measured defaults, and one input selector per modality.
@@ -441,7 +457,7 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApplyButton(self):
         if self.job is not None:
             self.job.cancel()
-            self.ui.statusLabel.text = "Cancelling after the current batch..."
+            self.ui.statusLabel.text = "Cancelling..."
             return
         if not self.ensureDependencies():
             return
@@ -449,39 +465,29 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.populateModels()
             if self.model is None:
                 return
-        from CDMSegmentLib.core.methods import CDMParams
-
         with slicer.util.tryWithErrorDisplay("Could not start CDMSegment.", waitCursor=True):
             p = self.parameterNode
             nodes = [p.inputVolume] + [selector.currentNode() for selector in self.extraInputSelectors]
-            volumes, ijkToRAS = self.logic.prepareInputs(nodes, self.model, p.hardenTransform)
-            model, classes = self.model, [self.ui.targetClassSelector.currentIndex + 1]
             if p.method == "cg-cdm" and self.classifier is None:
                 raise ValueError("CG-CDM needs a classifier registered with this model, and this model has none. "
                                  "Choose CDM, or run CG-CDM from the Python console with classifier=...")
-            classifier = self.classifier if p.method == "cg-cdm" else None
-            # Read on the main thread: the worker never touches MRML, the parameter node included.
-            options = dict(method=p.method, device=p.device, axis=p.axis, batch_size=p.batchSize, classifier=classifier,
-                           params=CDMParams.for_model(model, classifier=classifier, noise_level=p.noiseLevel,
-                                                      steps=p.steps, tau=p.tau, noise_draws=p.noiseDraws,
-                                                      guidance_scale=p.guidanceScale))
-            self.startJob(lambda progress, cancel: self.logic.runModel(
-                model, volumes, classes, progress, cancel, log=self.workerMessages.append, **options), "slices",
-                lambda results: self.showResult(nodes, self.logic.addResultNodes(nodes[0], ijkToRAS, results), results))
+            run = self.logic.startRun(nodes, self.model, self.ui.targetClassSelector.currentIndex + 1, p.method,
+                                      p.device, self.logic.settingsFrom(p), p.axis, p.batchSize,
+                                      self.classifier if p.method == "cg-cdm" else None, p.hardenTransform)
+            self.startJob(run, "slices", lambda run: self.showResult(nodes, self.logic.addResults(run, nodes),
+                                                                     run.summary), onEnd=run.close)
 
     def cancelRun(self):
-        """Ask a running job to stop (its timer stops when it ends); nothing when none runs."""
+        """Ask a running job to stop (its timer ends it and removes its files); nothing when none runs."""
         if self.job is not None:
             self.job.cancel()
 
-    def startJob(self, work, unit, onDone):
-        """Run ``work(progress, cancel)`` on a worker thread; Apply becomes Cancel; ``onDone(result)`` runs on the
-        main thread when it succeeds. unit: 'slices' or 'MB' (progress reported in bytes)."""
-        from CDMSegmentLib.slicer_adapters.worker_thread import BackgroundJob
-
-        self.workerMessages = []  # appended by the worker (atomic), logged and shown by onPoll
+    def startJob(self, job, unit, onDone, onEnd=lambda: None):
+        """Poll ``job`` (a child run, or a download's BackgroundJob) from the timer; Apply becomes Cancel.
+        ``onDone(job)`` runs on the main thread when it succeeds, ``onEnd()`` when it fails or is cancelled.
+        unit: 'slices' or 'MB' (progress reported in bytes)."""
         self.lastMessage = ""
-        self.job, self.jobUnit, self.onJobDone = BackgroundJob(work), unit, onDone
+        self.job, self.jobUnit, self.onJobDone, self.onJobEnd = job, unit, onDone, onEnd
         self.ui.applyButton.text = "Cancel"
         self.ui.progressBar.show()
         self.ui.statusLabel.text = "Starting..."
@@ -489,49 +495,47 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPoll(self):
         """Main thread: show progress; when the job ends, hand over its result or show its error."""
-        from CDMSegmentLib.core.errors import Cancelled
         from CDMSegmentLib.slicer_adapters.panel_choices import progress_text
 
-        finished = self.job.wait(YIELD_S)  # the worker's share of the GIL (see POLL_MS)
-        while self.workerMessages:
-            self.lastMessage = self.workerMessages.pop(0)
+        job = self.job
+        finished = job.poll()  # never blocks long: a child run is read without waiting
+        while job.messages:
+            self.lastMessage = job.messages.pop(0)
             logging.info(f"CDMSegment: {self.lastMessage}")
-        done, total = self.job.progress
+        done, total = job.progress
         self.ui.progressBar.maximum = 1000
         self.ui.progressBar.value = int(1000 * done / total) if total else 0
-        self.ui.statusLabel.text = progress_text(done, total, self.jobUnit, self.job.eta_seconds(), self.lastMessage)
+        self.ui.statusLabel.text = progress_text(done, total, self.jobUnit, job.eta_seconds(), self.lastMessage)
         if not finished:
             return
         self.timer.stop()
-        job, self.job = self.job, None
+        self.job = None
         self.ui.applyButton.text = "Apply"
         self.ui.progressBar.hide()
-        if isinstance(job.error, Cancelled):
-            self.ui.statusLabel.text = "Cancelled; the scene is as it was."
-        elif job.error is not None:
-            self.ui.statusLabel.text = "Failed."
-            slicer.util.errorDisplay(f"CDMSegment failed: {job.error}")
-        else:
-            with slicer.util.tryWithErrorDisplay("Could not show the result."):
-                self.onJobDone(job.result)
+        if job.cancelled or job.error is not None:
+            self.onJobEnd()
+            self.ui.statusLabel.text = "Cancelled; the scene is as it was." if job.cancelled else "Failed."
+            if not job.cancelled:
+                slicer.util.errorDisplay(f"CDMSegment failed: {job.error}")
+            return
+        with slicer.util.tryWithErrorDisplay("Could not show the result."):
+            self.onJobDone(job)
 
-    def showResult(self, inputNodes, outputNodes, results):
+    def showResult(self, inputNodes, outputNodes, summary):
         from CDMSegmentLib.slicer_adapters.panel_choices import result_text, slider_range
 
         heatmapNode, segmentationNode = outputNodes[0], outputNodes[-1]
-        result = next(iter(results.values()))
         p = self.parameterNode
         p.heatmapVolume = None  # the slider set-up below must not re-make the previous run's segment
         slider = self.ui.thresholdSlider
-        top, step, decimals = slider_range(result.heatmap.max())
+        top, step, decimals = slider_range(slicer.util.arrayFromVolume(heatmapNode).max())
         slider.decimals = decimals  # first: Qt rounds the range and the step to the decimals
         slider.maximum, slider.singleStep = top, step
-        slider.value = p.threshold = result.threshold
+        slider.value = p.threshold = summary["thresholds"][0]
         p.heatmapVolume, p.segmentation = heatmapNode, segmentationNode
         slicer.util.setSliceViewerLayers(background=inputNodes[0], foreground=heatmapNode,
                                      foregroundOpacity=mrml.HEATMAP_OPACITY)
-        voxelMl = float(np.prod(inputNodes[0].GetSpacing())) / 1000.0
-        self.ui.statusLabel.text = result_text(result, voxelMl)
+        self.ui.statusLabel.text = result_text(summary)
 
     def onThresholdChanged(self, value):
         p = self.parameterNode
@@ -539,8 +543,7 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p.threshold = value
         with slicer.util.tryWithErrorDisplay("Could not re-make the segment."):
-            p.segmentation = self.logic.remakeSegment(p.heatmapVolume, p.segmentation, value,
-                                                      int(self.model.defaults.get("min_component_voxels", 0)))
+            p.segmentation = self.logic.remakeSegment(p.heatmapVolume, p.segmentation, value)
 
     def openSegmentEditor(self):
         p = self.parameterNode

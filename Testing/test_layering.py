@@ -120,10 +120,20 @@ def test_the_layering_check_sees_imports_inside_functions(tmp_path, monkeypatch)
     assert found == [("core.runner", False), ("training.train", False)]
 
 
+def _child_entry() -> Path:
+    """The file of the module the Slicer adapters start in a child process (``python -m <SEGMENT_ENTRY>``):
+    it is reached by name, not by an import, so it is read from the launcher's constant."""
+    tree = ast.parse((LIB / "slicer_adapters" / "child_process.py").read_text())
+    name = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                and any(getattr(t, "id", None) == "SEGMENT_ENTRY" for t in node.targets))
+    return LIB.parent.joinpath(*name.split(".")).with_suffix(".py")
+
+
 def _runtime_closure():
-    """Every CDMSegmentLib module the Slicer module can reach from CDMSegment.py, through imports at
-    module level or inside functions, except the baselines the registry builds on request."""
-    seen, todo = set(), [MODULE / "CDMSegment.py"]
+    """Every CDMSegmentLib module the Slicer module can reach from CDMSegment.py and from the child process's
+    entry, through imports at module level or inside functions, except the baselines the registry builds on
+    request."""
+    seen, todo = set(), [MODULE / "CDMSegment.py", _child_entry()]
     while todo:
         path = todo.pop()
         name = _module_name(path) if path.is_relative_to(LIB) else ""
@@ -138,7 +148,7 @@ def _runtime_closure():
                     if candidate.is_file() and candidate not in seen:
                         seen.add(candidate)
                         todo.append(candidate)
-    return {str(p.relative_to(MODULE)) for p in seen} | {"CDMSegmentLib/__init__.py"}
+    return {str(p.relative_to(MODULE)) for p in seen} | {"CDMSegmentLib/__init__.py", str(_child_entry().relative_to(MODULE))}
 
 
 def _cmake_scripts():
@@ -153,6 +163,8 @@ def test_slicer_installs_exactly_what_the_module_runs():
     assert all((MODULE / s).is_file() for s in scripts)
     assert not any(s.startswith(("CDMSegmentLib/training/", "CDMSegmentLib/data/", "CDMSegmentLib/baselines/"))
                    for s in scripts), "the trainer, the phantom generator and the baselines stay out of Slicer"
+    assert "CDMSegmentLib/cli/segment_command.py" in scripts, "the child process's entry is installed"
+    assert not any(s.endswith(("training_commands.py", "evaluation_commands.py", "cli/main.py")) for s in scripts)
 
 
 def test_the_installed_set_imports_alone_without_the_optional_libraries(tmp_path):

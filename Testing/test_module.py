@@ -1,8 +1,8 @@
 """CDMSegmentLogic (CDMSegment.py) end to end on a real slicer-core scene with a tiny model file."""
 
+import contextlib
 import json
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -12,53 +12,71 @@ from vtkmodules.util import numpy_support
 
 from CDMSegment import CDMSegmentLogic
 from CDMSegmentLib.slicer_adapters import mrml
-from CDMSegmentLib.core.errors import Cancelled, CDMSegmentError, ModelFileError
+from CDMSegmentLib.core.errors import CDMSegmentError, ModelFileError
 from CDMSegmentLib.core.modelfile import sha256_of
+from CDMSegmentLib.core.settings import CDMSettings
 from CDMSegmentLib.core.threshold import make_mask
-from conftest import add_volume, make_tiny_classifier_file, phantom
+from CDMSegmentLib.core.runner import segment_volume
+from conftest import add_volume, make_tiny_classifier_file, mrml_scene, phantom
 from test_mrml import GEOMETRIES
 
 
-def _nodes(scene):
-    return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+@pytest.fixture(scope="module")
+def processed(tiny_model):
+    """One run per geometry, made on first use and shared by the tests (each run is a child process):
+    get(name) -> (scene, input node, heatmap node, segmentation node)."""
+    with contextlib.ExitStack() as stack:
+        runs = {}
+
+        def get(name):
+            if name not in runs:
+                scene = stack.enter_context(mrml_scene())
+                node = add_volume(scene, phantom(), GEOMETRIES[name])
+                runs[name] = (scene, node, *CDMSegmentLogic().process(node, model=tiny_model, device="cpu"))
+            return runs[name]
+
+        yield get
 
 
 @pytest.mark.parametrize("name", GEOMETRIES)
-def test_process_makes_a_heatmap_and_a_segmentation_on_the_input_grid(scene, tiny_model, name):
-    node = add_volume(scene, phantom(), GEOMETRIES[name])
-    before = slicer.util.arrayFromVolume(node).copy()
-    heatmap_node, segmentation_node = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
-    np.testing.assert_array_equal(mrml.ijk_to_ras(heatmap_node), GEOMETRIES[name])
+def test_process_makes_a_heatmap_and_a_segmentation_on_the_input_grid(processed, tiny_model, name):
+    scene, node, heatmap_node, segmentation_node = processed(name)
+    before = phantom()
+    np.testing.assert_allclose(mrml.ijk_to_ras(heatmap_node), GEOMETRIES[name], atol=1e-9)  # through a file
     heatmap = slicer.util.arrayFromVolume(heatmap_node)
     assert heatmap.shape == before.shape and heatmap.dtype == np.float32 and heatmap.max() > 0
     assert (heatmap[before == 0] == 0).all()
+    # What was meant: the same run in this process (a left-handed grid is read back reversed: put back on it).
+    expected = segment_volume(tiny_model, [mrml.volume_from_node(node)], device="cpu")
+    np.testing.assert_array_equal(heatmap, expected.heatmap)
     segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
     assert segmentation_node.GetSegmentation().GetSegment(segment_id).GetName() == "Tumour"
     mask = mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES[name], before.shape)
+    np.testing.assert_array_equal(mask, expected.mask)
     assert 0 < mask.sum() < (before > 0).sum()
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)
     np.testing.assert_array_equal(mrml.ijk_to_ras(node), GEOMETRIES[name])
+    assert mrml.study_of(scene, segmentation_node) == mrml.study_of(scene, node)
 
 
 def test_process_takes_a_model_file_path_and_a_list_of_inputs(scene, tiny_model_path):
     node = add_volume(scene, phantom(), GEOMETRIES["axial"])
-    outputs = CDMSegmentLogic().process([node], model=str(tiny_model_path), device="cpu", steps=1, batchSize=3)
+    outputs = CDMSegmentLogic().process([node], model=str(tiny_model_path), device="cpu", settings=CDMSettings(steps=1),
+                                        batchSize=3)
     assert [n.GetClassName() for n in outputs] == ["vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"]
     assert outputs[0].GetName() == "flair heatmap" and outputs[1].GetName() == "flair segmentation"
 
 
-def test_a_re_run_makes_new_nodes_and_keeps_the_first(scene, tiny_model):
-    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
-    first = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
-    second = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+def test_a_re_run_makes_new_nodes_and_keeps_the_first(processed, tiny_model):
+    scene, node, *first = processed("axial")
+    second = CDMSegmentLogic().process(node, model=tiny_model, device="cpu", settings=CDMSettings(steps=1))
     assert {n.GetID() for n in first}.isdisjoint(n.GetID() for n in second)
     assert all(scene.GetNodeByID(n.GetID()) is n for n in first)
     assert second[1].GetName() != first[1].GetName()
 
 
-def test_threshold_remakes_the_segment_from_the_kept_heatmap(scene, tiny_model):
-    node = add_volume(scene, phantom(), GEOMETRIES["coronal"])
-    heatmap_node, segmentation_node = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+def test_threshold_remakes_the_segment_from_the_kept_heatmap(processed):
+    scene, node, heatmap_node, segmentation_node = processed("coronal")
     heatmap = slicer.util.arrayFromVolume(heatmap_node)
     threshold = float(np.percentile(heatmap[heatmap > 0], 50))
     written = CDMSegmentLogic.remakeSegment(heatmap_node, segmentation_node, threshold)
@@ -68,9 +86,8 @@ def test_threshold_remakes_the_segment_from_the_kept_heatmap(scene, tiny_model):
                                                     heatmap.shape), make_mask(heatmap, threshold))
 
 
-def test_threshold_never_overwrites_a_segment_the_user_edited(scene, tiny_model):
-    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
-    heatmap_node, segmentation_node = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+def test_threshold_never_overwrites_a_segment_the_user_edited(processed):
+    scene, node, heatmap_node, segmentation_node = processed("axial")
     segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
     edited = np.zeros(phantom().shape, np.uint8)
     edited[4, 5:9, 5:9] = 1
@@ -82,26 +99,6 @@ def test_threshold_never_overwrites_a_segment_the_user_edited(scene, tiny_model)
     np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES["axial"],
                                                     edited.shape), edited)
     assert mrml.study_of(scene, written) == mrml.study_of(scene, heatmap_node)
-
-
-def test_cancel_leaves_the_scene_as_it_was(scene, tiny_model):
-    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
-    before = _nodes(scene)
-    cancel = threading.Event()
-    cancel.set()
-    with pytest.raises(Cancelled):
-        CDMSegmentLogic().process(node, model=tiny_model, device="cpu", cancel=cancel)
-    assert _nodes(scene) == before
-
-
-def test_progress_counts_slices_exactly(scene, tiny_model):
-    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
-    reports = []
-    CDMSegmentLogic().process(node, model=tiny_model, device="cpu", batchSize=4,
-                              progress=lambda done, total: reports.append((done, total)))
-    total = reports[-1][1]
-    assert reports[0] == (0, total) and reports[-1] == (total, total)
-    assert [d for d, _ in reports] == sorted(d for d, _ in reports)
 
 
 def test_input_errors_are_plain_sentences(scene, tiny_model):
@@ -180,11 +177,12 @@ def test_cgcdm_uses_the_registered_classifier_with_its_measured_scale_and_thresh
     node = add_volume(scene, phantom(), np.diag([1.0, 1.0, 2.0, 1.0]))
     logic = CDMSegmentLogic(registry=guided_registry)
     assert logic.classifierFor(logic.loadModel("tiny")) == "tiny-classifier"
-    run = dict(model="tiny", device="cpu", steps=1)
-    heatmap_node, segmentation_node = logic.process(node, method="cg-cdm", **run)
+    run = dict(model="tiny", device="cpu")
+    heatmap_node, segmentation_node = logic.process(node, method="cg-cdm", settings=CDMSettings(steps=1), **run)
     guided = slicer.util.arrayFromVolume(heatmap_node)
-    at_measured_scale = slicer.util.arrayFromVolume(logic.process(node, method="cg-cdm", guidanceScale=2.0, **run)[0])
-    unguided = slicer.util.arrayFromVolume(logic.process(node, method="cdm", **run)[0])
+    at_measured_scale = slicer.util.arrayFromVolume(logic.process(
+        node, method="cg-cdm", settings=CDMSettings(steps=1, guidance_scale=2.0), **run)[0])
+    unguided = slicer.util.arrayFromVolume(logic.process(node, method="cdm", settings=CDMSettings(steps=1), **run)[0])
     np.testing.assert_allclose(guided, at_measured_scale, atol=1e-6)
     assert np.abs(guided - unguided).max() > 1e-3 * np.abs(unguided).max()  # the classifier did guide it
     segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
@@ -207,9 +205,8 @@ def segment_editor(scene, segmentation_node, source_node):
 
 
 @pytest.mark.parametrize("name", ["sagittal", "oblique"])
-def test_the_segment_editor_edits_the_result_on_the_input_grid_and_the_slider_keeps_the_edit(scene, tiny_model, name):
-    node = add_volume(scene, phantom(), GEOMETRIES[name])
-    heatmap_node, segmentation_node = CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+def test_the_segment_editor_edits_the_result_on_the_input_grid_and_the_slider_keeps_the_edit(processed, name):
+    scene, node, heatmap_node, segmentation_node = processed(name)
     segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
     shape = slicer.util.arrayFromVolume(node).shape
     editor = segment_editor(scene, segmentation_node, node)

@@ -113,33 +113,6 @@ def test_non_linear_parent_transform_is_always_refused(scene):
         mrml.volume_from_node(node, harden=True)
 
 
-def _results(shape):
-    heatmap = np.random.default_rng(1).random(shape).astype(np.float32)
-    return {"tumour": heatmap}, {"tumour": (heatmap > 0.8).astype(np.uint8)}
-
-
-@pytest.mark.parametrize("name", GEOMETRIES)
-def test_result_nodes_sit_on_the_input_grid(scene, name):
-    node = add_volume(scene, phantom(), GEOMETRIES[name])
-    heatmaps, masks = _results(phantom().shape)
-    heatmap_node, segmentation_node = mrml.add_result_nodes(scene, node, mrml.ijk_to_ras(node), heatmaps, masks,
-                                                            "flair")
-    np.testing.assert_array_equal(mrml.ijk_to_ras(heatmap_node), GEOMETRIES[name])
-    np.testing.assert_array_equal(slicer.util.arrayFromVolume(heatmap_node), heatmaps["tumour"])
-    assert slicer.util.arrayFromVolume(heatmap_node).dtype == np.float32
-    assert heatmap_node.GetDisplayNode().GetColorNodeID() == mrml.HEAT_COLOR_NODE_ID
-    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
-    np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES[name],
-                                                    masks["tumour"].shape), masks["tumour"])
-    reference = slicer.vtkOrientedImageData()
-    slicer.vtkSegmentationConverter.DeserializeImageGeometry(segmentation_node.GetSegmentation().GetConversionParameter(
-        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()), reference, False)
-    reference_matrix = vtk.vtkMatrix4x4()
-    reference.GetImageToWorldMatrix(reference_matrix)
-    np.testing.assert_allclose(mrml._matrix_to_array(reference_matrix), GEOMETRIES[name], atol=1e-6)
-    assert reference.GetDimensions() == tuple(reversed(phantom().shape))
-
-
 def test_segments_have_names_colours_and_terminology(scene):
     node = add_volume(scene, phantom(), GEOMETRIES["axial"])
     heatmap = np.zeros(phantom().shape, np.float32)
@@ -195,18 +168,6 @@ def test_seg_nrrd_written_by_mrml_reads_back_through_mrml_and_slicerio(scene, tm
     np.testing.assert_allclose(seg["ijkToLPS"], mrml.RAS_FROM_LPS @ geometry, atol=1e-6)
     np.testing.assert_array_equal((seg["voxels"].transpose(2, 1, 0) == label).astype(np.uint8), mask)
     assert node.GetImageData() is not None
-
-
-def test_outputs_go_into_the_study_of_the_input(scene):
-    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
-    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient 1")
-    study = hierarchy.CreateStudyItem(patient, "MR brain")
-    hierarchy.CreateItem(study, node)
-    heatmaps, masks = _results(phantom().shape)
-    outputs = mrml.add_result_nodes(scene, node, mrml.ijk_to_ras(node), heatmaps, masks, "flair")
-    assert [hierarchy.GetItemParent(hierarchy.GetItemByDataNode(n)) for n in outputs] == [study, study]
-    assert mrml.study_of(scene, outputs[-1]) == study
 
 
 def test_an_edit_is_recognised(scene):

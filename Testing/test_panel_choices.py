@@ -1,14 +1,15 @@
 """What the panel offers and says (CDMSegmentLib.slicer_adapters.panel_choices): models, defaults and texts, without Qt."""
 
 import json
+from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from CDMSegmentLib.core.modelfile import load_model, read_registry, registered_classifier, sha256_of
-from CDMSegmentLib.slicer_adapters.panel_choices import (advanced_defaults, model_choices, model_text, progress_text, result_text,
-                                 slider_range, torch_version_problem)
-from CDMSegmentLib.core.runner import SegmentationResult
+from CDMSegmentLib.core.settings import CDMSettings
+from CDMSegmentLib.slicer_adapters.panel_choices import (advanced_defaults, model_choices, model_text, progress_text,
+                                                         result_text, settings_from_parameters, slider_range,
+                                                         torch_version_problem)
 
 
 def write_registry(tmp_path, entries):
@@ -76,20 +77,17 @@ def test_the_status_texts_name_the_model_and_the_result():
     text = model_text(model)
     assert model.metadata["name"] in text and f"{model.image_size} px" in text
     assert all(c in text for c in model.class_names[1:]) and model.class_names[0] not in text
-    mask = np.zeros((4, 10, 10), np.uint8)
-    mask[1, 2:6, 2:6] = 1
-    result = SegmentationResult(mask.astype(np.float32), mask, 0.0002, slices_total=4, slices_run=3,
-                                network_evaluations=24, seconds=12.4, device="cpu")
-    assert result_text(result, voxel_ml=0.002) == ("3 of 4 slices in 12 s on cpu; 16 voxels (0.0 ml) segmented "
-                                                   "at threshold 0.0002")
+    summary = {"slices_run": 3, "slices_total": 4, "seconds": 12.4, "device": "cpu", "voxels_segmented": 16,
+               "volume_ml": 0.032, "thresholds": [0.0002]}
+    assert result_text(summary) == "3 of 4 slices in 12 s on cpu; 16 voxels (0.0 ml) segmented at threshold 0.0002"
 
 
-@pytest.mark.parametrize("voxel_ml, ml", [(0.5, "8.0"), (0.125, "2.0")])
-def test_the_segmented_volume_is_in_ml(voxel_ml, ml):
-    mask = np.ones((2, 2, 4), np.uint8)
-    result = SegmentationResult(mask.astype(np.float32), mask, 1.0, slices_total=2, slices_run=2,
-                                network_evaluations=16, seconds=1.0, device="cuda")
-    assert f"16 voxels ({ml} ml)" in result_text(result, voxel_ml)
+def test_the_parameter_node_gives_one_settings_object_with_the_panel_values():
+    panel = SimpleNamespace(noiseLevel=0.8, steps=3, tau=0.5, noiseDraws=2, guidanceScale=7.0)
+    settings = settings_from_parameters(panel)
+    assert settings == CDMSettings(noise_level=0.8, steps=3, tau=0.5, noise_draws=2, guidance_scale=7.0)
+    assert settings.command_line() == ["--noise-level", "0.8", "--steps", "3", "--tau", "0.5", "--noise-draws", "2",
+                                       "--guidance-scale", "7.0"]
 
 
 @pytest.mark.parametrize("installed, ok", [("2.1.0", True), ("2.13.0+cpu", True), ("2.0.1+cu118", False),

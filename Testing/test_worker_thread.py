@@ -46,3 +46,15 @@ def test_cancel_ends_with_cancelled_kept_as_the_error():
     assert not job.finished
     job.cancel()
     assert job.wait(5) and isinstance(job.error, Cancelled) and job.result is None
+
+
+def test_a_gui_polls_it_like_a_child_run():
+    def work(progress, cancel):
+        progress(1, 2)
+        cancel.wait(5)
+        raise Cancelled()
+
+    job = BackgroundJob(work)
+    assert not job.poll() and not job.cancelled and job.messages == []
+    job.cancel()
+    assert job.wait(5) and job.poll() and job.cancelled and job.progress == (1, 2)

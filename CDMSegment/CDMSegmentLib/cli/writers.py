@@ -11,7 +11,6 @@ from typing import Dict, Iterator, List
 
 import numpy as np
 import SimpleITK as sitk
-import slicerio
 
 from ..core.image import Volume
 from ..core.terminology import segment_style
@@ -45,19 +44,53 @@ def write_heatmap(path: Path, heatmap: np.ndarray, reference: Volume) -> None:
     sitk.WriteImage(reference.with_array(heatmap.astype(np.float32)).to_sitk(), str(path), True)
 
 
-def segmentation_dict(masks: Dict[str, np.ndarray], reference: Volume) -> dict:
-    """slicerio's segmentation description: one labelmap, label k for the k-th class, LPS geometry."""
-    labels = np.zeros(reference.array.shape, dtype=np.uint8)
-    segments = []
-    for value, (class_name, mask) in enumerate(masks.items(), start=1):
-        labels[mask.astype(bool)] = value
+# Slicer's name for the conversion parameter holding the grid the Segment Editor edits on
+# (vtkSegmentationConverter::GetReferenceImageGeometryParameterName).
+REFERENCE_GEOMETRY = "Reference image geometry"
+RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def reference_geometry(reference: Volume) -> str:
+    """The reference grid as Slicer serialises it (vtkSegmentationConverter::SerializeImageGeometry): the 16
+    elements of IJK-to-RAS row by row, then the extent i0;i1;j0;j1;k0;k1, each followed by ';'."""
+    k, j, i = reference.array.shape
+    values = [repr(float(v)) for v in (RAS_FROM_LPS @ reference.ijk_to_lps()).ravel()] + \
+        [str(n) for n in (0, i - 1, 0, j - 1, 0, k - 1)]
+    return "".join(f"{v};" for v in values)
+
+
+def segmentation_fields(class_names: List[str], reference: Volume) -> Dict[str, str]:
+    """The fields Slicer's segmentation reader reads from a .seg.nrrd (``key:=value`` lines), as its writer
+    writes them: one segment per class in one labelmap layer, label k for the k-th class.
+
+    Each segment's extent is given in I J K order (Slicer crops the segment to it), over the whole grid,
+    and the reference grid is stored, so a result with no voxel still loads on the input's grid.
+    """
+    k, j, i = reference.array.shape
+    fields = {"Segmentation_MasterRepresentation": "Binary labelmap",
+              "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+              "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+              # Slicer's reader takes only the parameters that end with '&'.
+              "Segmentation_ConversionParameters": f"{REFERENCE_GEOMETRY}|{reference_geometry(reference)}|"
+                                                   "the grid of the image the segmentation was made on&"}
+    for n, class_name in enumerate(class_names):
         style = segment_style(class_name)
-        segments.append({"id": f"Segment_{value}", "labelValue": value, "layer": 0, "name": style.name,
-                         "color": list(style.color), "terminology": style.terminology(), "status": "inprogress"})
-    return {"voxels": labels, "ijkToLPS": reference.ijk_to_lps(), "segments": segments,
-            "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap"}
+        fields.update({f"Segment{n}_ID": f"Segment_{n + 1}", f"Segment{n}_Name": style.name,
+                       f"Segment{n}_Color": " ".join(str(c) for c in style.color),
+                       f"Segment{n}_LabelValue": str(n + 1), f"Segment{n}_Layer": "0",
+                       f"Segment{n}_Extent": f"0 {i - 1} 0 {j - 1} 0 {k - 1}",
+                       f"Segment{n}_Tags": f"TerminologyEntry:{style.terminology_string()}|"
+                                           "Segmentation.Status:inprogress|"})
+    return fields
 
 
 def write_segmentation(path: Path, masks: Dict[str, np.ndarray], reference: Volume) -> None:
-    """A .seg.nrrd that Slicer loads as a segmentation node, one named, coloured segment per class."""
-    slicerio.write_segmentation(str(path), segmentation_dict(masks, reference), index_order="C")
+    """A .seg.nrrd that Slicer loads as a segmentation node, one named, coloured segment per class
+    (written with SimpleITK, which Slicer's Python has, so the child process writes it inside Slicer too)."""
+    labels = np.zeros(reference.array.shape, dtype=np.uint8)
+    for value, mask in enumerate(masks.values(), start=1):
+        labels[mask.astype(bool)] = value
+    image = reference.with_array(labels).to_sitk()
+    for key, value in segmentation_fields(list(masks), reference).items():
+        image.SetMetaData(key, value)
+    sitk.WriteImage(image, str(path), True)

@@ -20,7 +20,7 @@ from .intensity import normalise_volume
 from .methods import CDMParams, build_method, calibrated_threshold, network_evaluations_per_slice
 from .modelfile import LoadedModel
 from .slicing import Orientation, extract_slices, insert_slices
-from .threshold import make_mask, resolve_threshold
+from .threshold import make_mask, resolve_threshold, voxels_for_ml
 
 @dataclass
 class SegmentationResult:
@@ -32,6 +32,7 @@ class SegmentationResult:
     network_evaluations: int
     seconds: float
     device: str
+    min_component_voxels: int = 0  # the speck removal the mask was made with (a later threshold keeps it)
 
 
 def _is_cancelled(cancel) -> bool:
@@ -92,7 +93,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     threshold = threshold if threshold is not None else ("model" if calibrated is not None else "otsu")
     ref = volumes[0]
     if min_component_voxels is None:  # the model's default is in ml, so it means the same at any spacing
-        min_component_voxels = int(round(defaults.get("min_component_ml", 0.0) * 1000 / np.prod(ref.spacing_mm)))
+        min_component_voxels = voxels_for_ml(defaults.get("min_component_ml", 0.0), ref.spacing_mm)
     orientation = Orientation.from_direction(ref.direction, ref.spacing_mm)
     canonical_axis = orientation.canonical_axis(axis)
     arrays = _normalised(model, volumes)
@@ -133,7 +134,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
     return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), total,
                               total * network_evaluations_per_slice(method, params),
-                              time.perf_counter() - start, str(dev))
+                              time.perf_counter() - start, str(dev), min_component_voxels)
 
 
 def after_out_of_memory(batch_size: int, device: torch.device, log: Callable[[str], None]):

@@ -4,7 +4,7 @@ A per-slice Otsu (the paper's protocol) always finds "something" on a healthy sl
 a volume-level rule does not paint healthy slices with noise.
 """
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -45,6 +45,11 @@ def resolve_threshold(heatmap: np.ndarray, rule: Union[str, float], content: Opt
     if not np.isfinite(rule):
         raise CDMSegmentError(f"threshold must be a finite number, got {rule}")
     return float(rule)
+
+
+def voxels_for_ml(ml: float, spacing_mm: Sequence[float]) -> int:
+    """A minimum component size in ml as voxels of this spacing: the rule means the same at any resolution."""
+    return int(round(ml * 1000 / float(np.prod(spacing_mm))))
 
 
 def make_mask(heatmap: np.ndarray, threshold: float, content: Optional[np.ndarray] = None,

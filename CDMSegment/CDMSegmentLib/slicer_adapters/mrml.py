@@ -9,7 +9,7 @@ of the first two rows of IJK-to-physical, nothing else.
 """
 
 import hashlib
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import slicer
@@ -26,6 +26,7 @@ RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
 HEATMAP_OPACITY = 0.4  # the heatmap as foreground over the input in the slice views
 WRITTEN_ATTRIBUTE = "CDMSegment.written."  # + segment id: digest of the mask CDMSegment last wrote
+MIN_COMPONENT_ATTRIBUTE = "CDMSegment.minComponentVoxels"  # a run's speck removal, which a new threshold keeps
 
 
 def _matrix_to_array(m: vtk.vtkMatrix4x4) -> np.ndarray:
@@ -116,6 +117,11 @@ def volume_from_node(node, harden: bool = False, label: str = "input") -> Volume
     check_volume_node(node, label)
     ijk_to_lps = RAS_FROM_LPS @ world_ijk_to_ras(node, harden)
     spacing_mm = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    if not np.isfinite(ijk_to_lps).all() or spacing_mm.min() <= 0 or \
+            abs(np.linalg.det(ijk_to_lps[:3, :3] / spacing_mm)) < 1e-6:
+        raise CDMSegmentError(f"{label} {node.GetName()!r} has a voxel spacing of "
+                              f"{' x '.join(f'{s:g}' for s in node.GetSpacing())} mm or axes that are not independent; "
+                              "set the spacing and directions in Volumes > Volume Information, or load the image again")
     direction = ijk_to_lps[:3, :3] / spacing_mm
     array = np.array(slicer.util.arrayFromVolume(node), copy=True)
     return Volume(array, tuple(spacing_mm), tuple(ijk_to_lps[:3, 3]), direction)
@@ -135,15 +141,6 @@ def _oriented_image(array: np.ndarray, ijk_to_ras_matrix: np.ndarray):
     image.AllocateScalars(numpy_support.get_vtk_array_type(array.dtype), 1)
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(array.shape)[:] = array
     return image
-
-
-def add_heatmap_node(scene, heatmap: np.ndarray, ijk_to_ras_matrix: np.ndarray, name: str):
-    """A float32 scalar volume on the input grid, shown as a heatmap (``show_as_heatmap``)."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    node.SetIJKToRASMatrix(array_to_matrix(ijk_to_ras_matrix))
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(heatmap, dtype=np.float32))
-    show_as_heatmap(node)
-    return node
 
 
 def show_as_heatmap(node) -> None:
@@ -184,6 +181,11 @@ def set_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, ijk_t
     image = _oriented_image(mask, ijk_to_ras_matrix)
     slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
         image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    remember_written(segmentation_node, segment_id, mask)
+
+
+def remember_written(segmentation_node, segment_id: str, mask: np.ndarray) -> None:
+    """Note (in a node attribute, saved with the scene) that CDMSegment wrote ``mask`` into the segment."""
     segmentation_node.SetAttribute(WRITTEN_ATTRIBUTE + segment_id, _digest(mask))
 
 
@@ -198,7 +200,7 @@ def segment_edited(segmentation_node, segment_id: str, ijk_to_ras_matrix: np.nda
 
 
 def segment_mask(segmentation_node, segment_id: str, ijk_to_ras_matrix: np.ndarray, shape) -> np.ndarray:
-    """One segment as a uint8 (K, J, I) mask on the given grid, whatever its stored extent or layer."""
+    """One segment as a uint8 (K, J, I) mask on the given grid, whatever its stored extent, layer or label value."""
     stored = slicer.vtkOrientedImageData()
     slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
         segmentation_node, segment_id, stored)
@@ -206,7 +208,9 @@ def segment_mask(segmentation_node, segment_id: str, ijk_to_ras_matrix: np.ndarr
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(stored, reference, resampled)
     array = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(tuple(shape))
-    return (array > 0).astype(np.uint8)
+    # Segments can share one labelmap layer (a .seg.nrrd's do), each with its own label value.
+    label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    return (array == label).astype(np.uint8)
 
 
 def place_beside(scene, nodes: Sequence, reference_node) -> None:
@@ -233,26 +237,20 @@ def study_of(scene, node) -> Optional[int]:
     return hierarchy.GetItemParent(item) if item else None
 
 
-def add_result_nodes(scene, reference_node, ijk_to_ras_matrix: np.ndarray, heatmaps: Dict[str, np.ndarray],
-                     masks: Dict[str, np.ndarray], name: str) -> List:
-    """Heatmap volume(s) and one segmentation for a run, placed beside the input; returns the new nodes
-    (heatmaps first, the segmentation last). New nodes every time: a re-run never overwrites an edit."""
-    several = len(heatmaps) > 1
-    nodes = [add_heatmap_node(scene, h, ijk_to_ras_matrix,
-                              scene.GenerateUniqueName(f"{name} {c} heatmap" if several else f"{name} heatmap"))
-             for c, h in heatmaps.items()]
-    nodes.append(add_segmentation_node(scene, masks, ijk_to_ras_matrix, scene.GenerateUniqueName(f"{name} segmentation")))
-    place_beside(scene, nodes, reference_node)
-    return nodes
-
-
-def remake_segment(heatmap_node, segmentation_node, threshold: float, min_component_voxels: int = 0):
-    """The first segment re-made from the heatmap node at ``threshold`` (no model run). An edited segment
-    is left as the user made it: the new mask goes into a new segmentation beside it, which is returned."""
+def remake_segment(heatmap_node, segmentation_node, threshold: float):
+    """The first segment re-made from the heatmap node at ``threshold`` (no model run), with the speck removal
+    of the run that made it. An edited segment is left as the user made it: the new mask goes into a new
+    segmentation beside it, which is returned. A deleted heatmap, segmentation or segment is an error."""
+    for node, what in ((heatmap_node, "heatmap volume"), (segmentation_node, "segmentation")):
+        if node is None or node.GetScene() is None:
+            raise CDMSegmentError(f"the {what} of this result was deleted; press Apply to make a new result")
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        raise CDMSegmentError(f"{segmentation_node.GetName()!r} has no segment any more (it was deleted); "
+                              "press Apply to make a new result")
     heatmap = slicer.util.arrayFromVolume(heatmap_node)
     matrix = ijk_to_ras(heatmap_node)
     # No content mask needed: the heatmap is zero outside the content and thresholds are >= 0.
-    mask = make_mask(heatmap, threshold, None, min_component_voxels)
+    mask = make_mask(heatmap, threshold, None, int(segmentation_node.GetAttribute(MIN_COMPONENT_ATTRIBUTE) or 0))
     segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
     if not segment_edited(segmentation_node, segment_id, matrix, heatmap.shape):
         set_segment_mask(segmentation_node, segment_id, mask, matrix)
@@ -260,5 +258,6 @@ def remake_segment(heatmap_node, segmentation_node, threshold: float, min_compon
     scene = heatmap_node.GetScene()
     class_name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
     copy = add_segmentation_node(scene, {class_name: mask}, matrix, scene.GenerateUniqueName(segmentation_node.GetName()))
+    copy.SetAttribute(MIN_COMPONENT_ATTRIBUTE, segmentation_node.GetAttribute(MIN_COMPONENT_ATTRIBUTE) or "0")
     place_beside(scene, [copy], heatmap_node)
     return copy

@@ -25,13 +25,24 @@ def registry_text(name: str, registry: Path = REGISTRY_FILE) -> str:
     return f"{name}: {entry.get('description', 'registered model')} Loaded when chosen or at the first Apply."
 
 
+# The parameter node's names (Slicer's camelCase) of the CDM settings the panel's Advanced section shows.
+PANEL_SETTINGS = {"noiseLevel": "noise_level", "steps": "steps", "tau": "tau", "noiseDraws": "noise_draws",
+                  "guidanceScale": "guidance_scale"}
+
+
 def advanced_defaults(model, classifier=None) -> dict:
     """The Advanced section's values for a LoadedModel: its measured defaults (and the classifier's scale)."""
-    from ..core.methods import CDMParams  # torch: imported when a model is loaded, never when the panel opens
+    from ..core.settings import CDMSettings  # torch: imported when a model is loaded, never when the panel opens
 
-    p = CDMParams.for_model(model, classifier=classifier)
-    return {"noiseLevel": p.noise_level, "steps": p.steps, "tau": p.tau, "noiseDraws": p.noise_draws,
-            "guidanceScale": p.guidance_scale}
+    p = CDMSettings().params(model, classifier)
+    return {name: getattr(p, field) for name, field in PANEL_SETTINGS.items()}
+
+
+def settings_from_parameters(parameters):
+    """The ``core.settings.CDMSettings`` a parameter node (or any object with the PANEL_SETTINGS attributes) holds."""
+    from ..core.settings import CDMSettings
+
+    return CDMSettings(**{field: getattr(parameters, name) for name, field in PANEL_SETTINGS.items()})
 
 
 def model_text(model) -> str:
@@ -63,11 +74,12 @@ def slider_range(heatmap_max: float) -> Tuple[float, float, int]:
     return top, step, min(10, max(2, math.ceil(-math.log10(step)) + 1))
 
 
-def result_text(result, voxel_ml: float) -> str:
-    """One status line for a finished run (a volume.SegmentationResult)."""
-    voxels = int(result.mask.sum())
-    return (f"{result.slices_run} of {result.slices_total} slices in {result.seconds:.0f} s on {result.device}; "
-            f"{voxels} voxels ({voxels * voxel_ml:.1f} ml) segmented at threshold {result.threshold:.3g}")
+def result_text(summary: dict) -> str:
+    """One status line for a finished run, from its summary (``cdmsegment segment --progress-lines``)."""
+    thresholds = ", ".join(f"{t:.3g}" for t in summary["thresholds"])
+    return (f"{summary['slices_run']} of {summary['slices_total']} slices in {summary['seconds']:.0f} s on "
+            f"{summary['device']}; {summary['voxels_segmented']} voxels ({summary['volume_ml']:.1f} ml) segmented "
+            f"at threshold {thresholds}")
 
 
 def torch_version_problem(installed: str, minimum: str) -> Optional[str]:

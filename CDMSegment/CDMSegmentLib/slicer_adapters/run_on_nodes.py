@@ -1,69 +1,64 @@
-"""The volume runner on MRML nodes: what the Slicer module's logic does, usable without Qt.
+"""The volume runner on MRML nodes, in a child process: what the Slicer module's logic and panel do, usable
+without Qt.
 
-Three steps, so that a panel can keep the scene on the main thread and the model off it:
-``prepare_inputs`` (main thread: checked copies of the input nodes), ``run_model`` (any
-thread, never touches MRML) and ``add_results`` (main thread: new nodes beside the input).
-``segment_nodes`` chains them for the console. Nodes are read and made only through mrml.py.
+``start_run`` takes checked copies of the input nodes and starts the command line's ``segment`` on them
+in a child process (child_process.ChildRun); once it has finished, ``add_results`` re-checks that the
+inputs are still in the scene and reads the run's files into it through Slicer's readers
+(result_files.py). The module's logic chains them (``CDMSegmentLogic.process``).
 """
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
-
-import numpy as np
+from typing import List, Optional, Sequence, Union
 
 from . import mrml
+from .child_process import ChildRun
+from .result_files import add_result_files
+from ..core.errors import CDMSegmentError
 from ..core.image import Volume
-from ..core.methods import CDMParams
 from ..core.modelfile import LoadedModel
-from ..core.runner import SegmentationResult, check_inputs, segment_volume
+from ..core.runner import check_inputs
+from ..core.settings import CDMSettings
 
 
-def prepare_inputs(nodes: Sequence, model: LoadedModel, harden: bool = False) -> Tuple[List[Volume], np.ndarray]:
-    """Copies of the input nodes as Volumes, checked against the model, and the first one's world IJK-to-RAS."""
+def prepare_inputs(nodes: Sequence, model: LoadedModel, harden: bool = False) -> List[Volume]:
+    """Copies of the input nodes as Volumes (world geometry), checked against the model."""
     labels = model.modalities + [f"input {n + 1}" for n in range(len(model.modalities), len(nodes))]
     volumes = [mrml.volume_from_node(node, harden, label) for node, label in zip(nodes, labels)]
     check_inputs(model, volumes)
-    return volumes, mrml.world_ijk_to_ras(nodes[0], harden)
+    return volumes
 
 
-def run_model(model: LoadedModel, volumes: Sequence[Volume], classes: Sequence[int], *,
-              progress: Optional[Callable[[int, int], None]] = None, cancel=None, log: Callable[[str], None] = print,
-              **options) -> Dict[str, SegmentationResult]:
-    """{class name: result} for each class; progress(done, total) counts slices over all classes."""
-    results = {}
-    for n, c in enumerate(classes):
-        def class_progress(done: int, total: int, n: int = n) -> None:
-            progress(n * total + done, len(classes) * total)
-
-        results[model.class_names[c]] = segment_volume(
-            model, volumes, target_class=c, progress=class_progress if progress else None, cancel=cancel, log=log,
-            **options)
-    return results
+def segment_arguments(model: LoadedModel, *, classifier: Optional[LoadedModel] = None, method: str = "cdm",
+                      device: str = "auto", axis: Union[str, int] = "auto", batch_size: int = 16,
+                      target_class: Optional[int] = None, settings: CDMSettings = CDMSettings()) -> List[str]:
+    """The ``cdmsegment segment`` options for a run with these loaded models and settings."""
+    arguments = ["--model", str(model.path), "--method", method, "--device", device, "--axis", str(axis),
+                 "--batch-size", str(batch_size)]
+    if classifier is not None:
+        arguments += ["--classifier", str(classifier.path)]
+    if target_class is not None:
+        arguments += ["--target-class", str(target_class)]
+    return arguments + settings.command_line()
 
 
-def add_results(reference_node, ijk_to_ras: np.ndarray, results: Dict[str, SegmentationResult],
-                name: Optional[str] = None) -> List:
-    """New heatmap volume(s) and a segmentation in the reference node's scene and study; returns them."""
-    return mrml.add_result_nodes(reference_node.GetScene(), reference_node, ijk_to_ras,
-                                 {c: r.heatmap for c, r in results.items()}, {c: r.mask for c, r in results.items()},
-                                 name or reference_node.GetName())
+def start_run(nodes: Sequence, model: LoadedModel, *, harden: bool = False, python: Optional[str] = None,
+              **options) -> ChildRun:
+    """Check and copy the inputs, then start the run in a child process (options: see segment_arguments)."""
+    return ChildRun(prepare_inputs(nodes, model, harden), segment_arguments(model, **options), python)
 
 
-def summary(results: Dict[str, SegmentationResult]) -> str:
-    """One log line for a run."""
-    return "; ".join(f"{c}: {r.slices_run} of {r.slices_total} slices, {int(r.mask.sum())} voxels, "
-                     f"{r.seconds:.1f} s on {r.device}" for c, r in results.items())
+def _in_scene(node) -> bool:
+    scene = node.GetScene()
+    return scene is not None and scene.GetNodeByID(node.GetID()) is node
 
 
-def segment_nodes(nodes: Sequence, model: LoadedModel, *, target_class: Optional[int] = None, preset: str = "model",
-                  noise_level=None, steps=None, tau=None, noise_draws=None, guidance_scale=None,
-                  classifier: Optional[LoadedModel] = None, harden: bool = False, progress=None, cancel=None,
-                  log: Callable[[str], None] = print, **run_options) -> List:
-    """prepare_inputs -> run_model -> add_results on the calling thread; returns the new nodes
-    (heatmaps first, the segmentation last). Cancelled or failed runs add nothing to the scene."""
-    volumes, ijk_to_ras = prepare_inputs(nodes, model, harden)
-    params = CDMParams.for_model(model, preset, classifier, noise_level=noise_level, steps=steps, tau=tau,
-                                 noise_draws=noise_draws, guidance_scale=guidance_scale)
-    results = run_model(model, volumes, model.target_classes(target_class), progress=progress, cancel=cancel,
-                        log=log, params=params, classifier=classifier, **run_options)
-    log(summary(results))
-    return add_results(nodes[0], ijk_to_ras, results)
+def add_results(run: ChildRun, nodes: Sequence, name: Optional[str] = None) -> List:
+    """A finished run's heatmap volume(s) and segmentation as new nodes in the first input's study;
+    returns them (heatmaps first). An input deleted during the run is an error and adds nothing."""
+    for node in nodes:
+        if not _in_scene(node):
+            raise CDMSegmentError(f"the input volume {node.GetName()!r} was deleted while CDMSegment ran; "
+                                  "nothing was added to the scene")
+    summary = run.summary
+    return add_result_files(nodes[0], mrml.RAS_FROM_LPS @ run.ijk_to_lps, run.output_paths(), summary["class_names"],
+                            summary["min_component_voxels"], name or nodes[0].GetName())
+

@@ -1,15 +1,21 @@
 """A job on a worker thread that a GUI polls: exact progress, an ETA, Cancel, the result or the error.
 
-The worker never touches the scene or Qt; the GUI reads ``progress`` / ``eta_seconds``
-from a timer on the main thread and publishes the result there. Reading a tuple that
-the worker replaces whole is safe under the GIL, so no lock is needed.
+The panel downloads a model this way (the model itself runs in a child process, child_process.py,
+which a GUI polls through the same ``poll`` / ``progress`` / ``eta_seconds`` / ``cancel``). The
+worker never touches the scene or Qt; the GUI reads ``progress`` / ``eta_seconds`` from a timer on
+the main thread and publishes the result there. Reading a tuple that the worker replaces whole is
+safe under the GIL, so no lock is needed.
 """
 
 import threading
 import time
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 Work = Callable[[Callable[[int, int], None], threading.Event], Any]
+# The worker's Python code needs the GIL, and Slicer's main thread keeps it while it idles in the Qt event
+# loop (its Python manager does not turn on PythonQt's thread support): each poll waits this long for the
+# worker, which hands the GIL over and leaves the event loop a gap that keeps the GUI responsive.
+YIELD_S = 0.03
 
 
 class BackgroundJob:
@@ -19,6 +25,7 @@ class BackgroundJob:
         self.cancel_event = threading.Event()
         self.result: Any = None
         self.error: Optional[BaseException] = None
+        self.messages: List[str] = []  # lines for the user's log, as a child run has (a download writes none)
         self._progress: Tuple[int, int] = (0, 0)
         self._first: Optional[Tuple[float, int]] = None  # (time, done) of the first report with a total
         self._last_seconds = 0.0
@@ -58,6 +65,14 @@ class BackgroundJob:
     def cancel(self) -> None:
         """Ask the work to stop at its next check; it raises Cancelled, kept in ``error``."""
         self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def poll(self) -> bool:
+        """For a GUI timer: wait up to YIELD_S for the worker (its share of the GIL); True once it has ended."""
+        return self.wait(YIELD_S)
 
     def wait(self, timeout_s: Optional[float] = None) -> bool:
         self._thread.join(timeout_s)

@@ -1,0 +1,135 @@
+"""``cdmsegment segment`` and ``cdmsegment info``, and an entry point that has only these two: the one the
+Slicer module runs in a child process (``python -m CDMSegmentLib.cli.segment_command segment ...``).
+
+It imports neither the trainer nor the evaluation harness, so Slicer installs the command without them.
+With ``--progress-lines`` a run reports on stdout in JSON lines (``core.run_events``) instead of a
+progress bar and a summary line: what the program that started it reads.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from ..core.errors import CDMSegmentError
+from ..core.run_events import ERROR, SUMMARY, EventWriter
+from ..core.settings import CDMSettings
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _axis(value: str):
+    return int(value) if value.isdigit() else value
+
+
+def add_segment_parser(sub) -> None:
+    p = sub.add_parser("segment", help="heatmap and segmentation of one case (one input per model modality)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file or DICOM folder, one per modality")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
+    p.add_argument("--model", default=None, help="registered model name or model file (default: the bundled model)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--axis", type=_axis, default="auto",
+                   help="slice axis: auto (axial), axial, coronal, sagittal, or voxel axis 0 (I), 1 (J), 2 (K)")
+    p.add_argument("--method", default="cdm", help="cdm, cg-cdm (guided by the model's registered classifier or "
+                   "--classifier), or a baseline: gradcam, gradcam++, scorecam, layercam, cg-diff (need --classifier)")
+    p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm and the baselines (name or file)")
+    p.add_argument("--target-class", type=int, default=None,
+                   help="class index to segment (default: every class except 0 = normal)")
+    CDMSettings.add_arguments(p)
+    p.add_argument("--batch-size", type=int, default=16, help="slices per network batch")
+    p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), fp32, bf16 or fp16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--progress-lines", action="store_true",
+                   help="report on stdout in JSON lines (phase, slices done of N and time left, summary or error) "
+                        "for a program that runs this command")
+    p.set_defaults(func=run_segment)
+
+
+def run_segment(args) -> None:
+    from .segment_files import segment_files
+
+    def run(progress: Callable[[int, int], None], log: Callable[[str], None], phase=lambda name: None):
+        return segment_files(
+            args.inputs, args.output, model=args.model, device=args.device, axis=args.axis, method=args.method,
+            classifier=args.classifier, target_class=args.target_class, settings=CDMSettings.from_arguments(args),
+            batch_size=args.batch_size, precision=args.precision, seed=args.seed, overwrite=args.overwrite,
+            progress=progress, log=log, phase=phase)
+
+    if args.progress_lines:
+        events = EventWriter(sys.stdout)
+        events.emit(SUMMARY, **run(events.progress, events.log, events.phase).to_json())
+        return
+    from tqdm import tqdm
+
+    # disable=None: no bar when stderr is not a terminal, so logs and pipes get only the messages
+    bar = tqdm(total=0, unit="slice", desc="segmenting", file=sys.stderr, leave=False, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        summary = run(progress, lambda m: tqdm.write(m, file=sys.stderr))
+    finally:
+        bar.close()
+    print(summary.line())
+
+
+def add_info_parser(sub) -> None:
+    p = sub.add_parser("info", help="print a model's metadata")
+    p.add_argument("model", nargs="?", default=None, help="registered model name or model file")
+    p.add_argument("--kind", default="diffusion", choices=("diffusion", "classifier"))
+    p.set_defaults(func=run_info)
+
+
+def run_info(args) -> None:
+    from ..core.modelfile import load_model
+
+    model = load_model(args.model, kind=args.kind)
+    print(f"# {model.path} (SHA256 {model.sha256})")
+    print(json.dumps(model.metadata, indent=2, sort_keys=True))
+
+
+def make_parser(commands) -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="cdmsegment", description=(
+        "Weakly supervised segmentation with conditional diffusion models (Hu et al., MICCAI 2023)."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in commands:
+        add(sub)
+    return parser
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> int:
+    """Parse and run one command: an error a user can act on is one line on stderr (and, with
+    --progress-lines, one error event on stdout, the reason alone) and a non-zero exit, never a traceback."""
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+        return 0
+    except CDMSegmentError as e:
+        reason, prefix, code = str(e), "error: ", 1
+    except KeyboardInterrupt:
+        reason, prefix, code = "interrupted; no partial output was kept", "", 130
+    if getattr(args, "progress_lines", False):
+        EventWriter(sys.stdout).emit(ERROR, message=reason)
+    print(f"cdmsegment {args.command}: {prefix}{reason}", file=sys.stderr)
+    return code
+
+
+SEGMENT_COMMANDS = [add_segment_parser, add_info_parser]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_command(make_parser(SEGMENT_COMMANDS), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The model in its own process (slicer_adapters/child_process.py) against the real command line, and the scene
+changing under a run: progress, Cancel, a killed child, failures, and what the scene holds afterwards.
+
+Each run is a real child Python running ``cdmsegment segment --progress-lines`` with a tiny model on a small
+volume. The run's temporary folders are made under this test's own folder, so "no file left" is checked
+exactly.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+import slicer
+
+from CDMSegment import CDMSegmentLogic
+from CDMSegmentLib.core.errors import Cancelled, CDMSegmentError
+from CDMSegmentLib.core.settings import CDMSettings
+from CDMSegmentLib.slicer_adapters import mrml
+from CDMSegmentLib.slicer_adapters.child_process import CANCEL_WAIT_S, LIBRARY_PARENT, SEGMENT_ENTRY
+from CDMSegmentLib.slicer_adapters.result_files import node_ids
+from conftest import add_volume, phantom
+from test_mrml import GEOMETRIES
+
+SHAPE = (10, 20, 24)
+LONG = (60, 20, 24)  # one slice per batch: a run that is still going when it is cancelled or killed
+
+
+@pytest.fixture
+def run_folders(tmp_path, monkeypatch):
+    """The folder the runs' temporary folders go in (tempfile's default, for this test only)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def slices_with_content(array: np.ndarray) -> int:
+    return int((array.reshape(array.shape[0], -1) != 0).any(axis=1).sum())
+
+
+def running(logic, node, model):
+    """A run of the long volume, returned once the child reports its first slices (it is segmenting)."""
+    run = logic.startRun(node, model=model, device="cpu", batchSize=1, settings=CDMSettings(steps=1))
+    while run.progress[0] < 2:
+        assert not run.poll(), run.error
+        time.sleep(0.05)
+    return run
+
+
+def test_progress_counts_every_slice_exactly_and_in_order(scene, tiny_model, run_folders):
+    node = add_volume(scene, phantom(SHAPE), GEOMETRIES["axial"])
+    reports = []
+    CDMSegmentLogic().process(node, model=tiny_model, device="cpu", batchSize=3, settings=CDMSettings(steps=1),
+                              progress=lambda done, total: reports.append((done, total)))
+    total = slices_with_content(phantom(SHAPE))
+    assert reports == [(done, total) for done in [0, 3, 6, 9, 10]]
+    assert list(run_folders.iterdir()) == []
+
+
+def test_the_command_reports_phases_progress_and_a_summary_in_json_lines(tmp_path, tiny_model_path):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(phantom(SHAPE)), str(tmp_path / "case.nrrd"))
+    env = dict(os.environ, PYTHONPATH=str(LIBRARY_PARENT))
+    result = subprocess.run([sys.executable, "-m", SEGMENT_ENTRY, "segment", str(tmp_path / "case.nrrd"), "-o",
+                             str(tmp_path / "out"), "--model", str(tiny_model_path), "--device", "cpu", "--steps",
+                             "1", "--batch-size", "4", "--progress-lines"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["phase"] for e in events if e["event"] == "phase"] == [
+        "loading the model", "reading the input", "segmenting", "writing the results"]
+    assert [(e["done"], e["total"]) for e in events if e["event"] == "progress"] == [(0, 10), (4, 10), (8, 10),
+                                                                                      (10, 10)]
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["slices_run"] == 10 and summary["class_names"] == ["tumour"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["case.seg.nrrd", "case_heatmap.nrrd"]
+
+
+def test_cancel_ends_the_child_within_a_second_and_leaves_no_file_and_the_scene_as_it_was(scene, tiny_model,
+                                                                                          run_folders):
+    node = add_volume(scene, phantom(LONG), GEOMETRIES["axial"])
+    before = node_ids(scene)
+    run = running(CDMSegmentLogic(), node, tiny_model)
+    run.cancel()  # waits at most CANCEL_WAIT_S for the child to end
+    assert run.process.poll() is not None, f"the child still runs {CANCEL_WAIT_S} s after Cancel"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(run.process.pid, 0)  # nothing it started is left either
+    assert run.poll() and run.cancelled and run.summary is None
+    run.close()
+    assert list(run_folders.iterdir()) == [] and node_ids(scene) == before
+
+
+def test_process_cancelled_from_its_progress_adds_nothing(scene, tiny_model, run_folders):
+    node = add_volume(scene, phantom(LONG), GEOMETRIES["axial"])
+    before = node_ids(scene)
+    cancel = threading.Event()
+    with pytest.raises(Cancelled, match="^cancelled by the user; nothing was written$"):
+        CDMSegmentLogic().process(node, model=tiny_model, device="cpu", batchSize=1, settings=CDMSettings(steps=1),
+                                  cancel=cancel, progress=lambda done, total: done >= 2 and cancel.set())
+    assert node_ids(scene) == before and list(run_folders.iterdir()) == []
+
+
+def test_a_child_killed_by_the_system_is_one_clear_sentence_and_changes_nothing(scene, tiny_model, run_folders):
+    node = add_volume(scene, phantom(LONG), GEOMETRIES["axial"])
+    before = node_ids(scene)
+    run = running(CDMSegmentLogic(), node, tiny_model)
+    os.kill(run.process.pid, signal.SIGKILL)  # as the out-of-memory killer does
+    with pytest.raises(CDMSegmentError) as raised:
+        run.wait()
+    run.close()
+    message = str(raised.value)
+    assert message == ("the CDMSegment process was killed (SIGKILL), most often by the system when memory runs out; "
+                       "nothing was added to the scene; try a smaller batch size or close other programs")
+    assert node_ids(scene) == before and list(run_folders.iterdir()) == []
+
+
+def test_a_failing_child_reports_its_own_one_line_error_and_changes_nothing(scene, tiny_model, run_folders):
+    node = add_volume(scene, phantom(SHAPE), GEOMETRIES["axial"])
+    before = node_ids(scene)
+    with pytest.raises(CDMSegmentError) as raised:
+        CDMSegmentLogic().process(node, model=tiny_model, device="cpu", method="gradcam")
+    assert str(raised.value) == ("gradcam needs a noise-aware classifier; give one with --classifier "
+                                 "(train one with 'cdmsegment train-classifier')")
+    assert node_ids(scene) == before and list(run_folders.iterdir()) == []
+
+
+def test_an_input_deleted_during_the_run_is_a_clear_error_and_adds_nothing(scene, tiny_model, run_folders):
+    node = add_volume(scene, phantom(SHAPE), GEOMETRIES["axial"])
+    logic = CDMSegmentLogic()
+    run = logic.startRun(node, model=tiny_model, device="cpu", settings=CDMSettings(steps=1))
+    scene.RemoveNode(node)
+    after_deletion = node_ids(scene)
+    run.wait()
+    with pytest.raises(CDMSegmentError, match="^the input volume 'flair' was deleted while CDMSegment ran; "
+                                              "nothing was added to the scene$"):
+        logic.addResults(run, node)
+    assert node_ids(scene) == after_deletion and list(run_folders.iterdir()) == []
+
+
+@pytest.mark.parametrize("column, spacing", [(0, "0 x 1.1 x 3"), (2, "0.9 x 1.1 x 0")])
+def test_a_zero_spacing_volume_is_refused_before_anything_starts(scene, tiny_model, run_folders, column, spacing):
+    geometry = GEOMETRIES["axial"].copy()
+    geometry[:3, column] = 0
+    node = add_volume(scene, phantom(SHAPE), geometry)
+    before = node_ids(scene)
+    with pytest.raises(CDMSegmentError, match=f"^FLAIR 'flair' has a voxel spacing of {spacing} mm or axes that are "
+                                              "not independent; set the spacing"):
+        CDMSegmentLogic().process(node, model=tiny_model, device="cpu")
+    assert node_ids(scene) == before and list(run_folders.iterdir()) == []
+
+
+def test_a_new_threshold_after_the_segment_was_deleted_is_a_clear_error(scene, tiny_model, run_folders):
+    node = add_volume(scene, phantom(SHAPE), GEOMETRIES["axial"])
+    heatmap_node, segmentation_node = CDMSegmentLogic().process(node, model=tiny_model, device="cpu",
+                                                                settings=CDMSettings(steps=1))
+    segmentation_node.GetSegmentation().RemoveSegment(segmentation_node.GetSegmentation().GetNthSegmentID(0))
+    before = node_ids(scene)
+    with pytest.raises(CDMSegmentError, match="^'flair segmentation' has no segment any more \\(it was deleted\\); "
+                                              "press Apply to make a new result$"):
+        CDMSegmentLogic.remakeSegment(heatmap_node, segmentation_node, 0.0)
+    scene.RemoveNode(segmentation_node)
+    with pytest.raises(CDMSegmentError, match="^the segmentation of this result was deleted"):
+        CDMSegmentLogic.remakeSegment(heatmap_node, segmentation_node, 0.0)
+    assert node_ids(scene) == [i for i in before if i != segmentation_node.GetID()]
+
+
+def test_the_runs_threshold_gives_back_the_runs_segment_speck_removal_included(scene, tiny_model, run_folders):
+    node = add_volume(scene, phantom(SHAPE), GEOMETRIES["oblique"])
+    logic = CDMSegmentLogic()
+    run = logic.startRun(node, model=tiny_model, device="cpu",
+                         settings=CDMSettings(steps=1, threshold="otsu", min_component_ml=0.02))
+    summary = run.wait()
+    heatmap_node, segmentation_node = logic.addResults(run, node)
+    assert summary["min_component_voxels"] == round(0.02 * 1000 / (0.6 * 1.3 * 2.2)) > 1
+    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+    shape = slicer.util.arrayFromVolume(node).shape
+    made = mrml.segment_mask(segmentation_node, segment_id, mrml.ijk_to_ras(node), shape)
+    heatmap = slicer.util.arrayFromVolume(heatmap_node)
+    assert (heatmap > summary["thresholds"][0]).sum() > made.sum() > 0  # specks were removed
+    assert logic.remakeSegment(heatmap_node, segmentation_node, summary["thresholds"][0]) is segmentation_node
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, mrml.ijk_to_ras(node), shape), made)
