@@ -139,8 +139,9 @@ class ChildRun:
                 self.progress = (int(event["done"]), int(event["total"]))
                 self.reports.append(self.progress)
                 self._eta = None if event.get("eta_s") is None else (float(event["eta_s"]), time.monotonic())
-            elif kind == PHASE:
+            elif kind == PHASE:  # also a message: the panel shows the phase until the slices are counted
                 self.phase = event["phase"]
+                self.messages.append(f"{self.phase}...")
             elif kind == LOG:
                 self.messages.append(event["message"])
             elif kind == SUMMARY:
