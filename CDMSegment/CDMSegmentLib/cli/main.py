@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -34,7 +36,14 @@ def _axis(value: str):
 
 def add_segment_parser(sub) -> None:
     p = sub.add_parser("segment", help="heatmap and segmentation of one case (one input per model modality)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file or DICOM folder, one per modality")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image file or DICOM folder, one per modality, of the kind the model takes: the bundled "
+                        "model takes skull-stripped brain MRI (FLAIR); 'cdmsegment info MODEL' says what another takes")
+    p.add_argument("--series", action="append", default=[], metavar="UID",
+                   help="SeriesInstanceUID of the series to read from a DICOM folder holding several (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="run even on an image that does not look like what the model takes (a CT, a head "
+                        "with its skull, another MRI sequence)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
     p.add_argument("--model", default=None, help="registered model name or model file (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
@@ -81,7 +90,8 @@ def run_segment(args) -> None:
             axis=args.axis, method=args.method, classifier=args.classifier, target_class=args.target_class,
             preset=args.preset, noise_level=args.noise_level, steps=args.steps, tau=args.tau,
             noise_draws=args.noise_draws, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-            precision=args.precision, seed=args.seed, overwrite=args.overwrite, progress=progress,
+            precision=args.precision, seed=args.seed, overwrite=args.overwrite, series=args.series,
+            force=args.force, progress=progress,
             log=lambda m: tqdm.write(m, file=sys.stderr))
     finally:
         bar.close()
@@ -97,9 +107,10 @@ def add_info_parser(sub) -> None:
 
 def run_info(args) -> None:
     from ..core.modelfile import load_model
+    from ..core.plausibility import takes
 
     model = load_model(args.model, kind=args.kind)
-    print(f"# {model.path} (SHA256 {model.sha256})")
+    print(f"# {model.path} (SHA256 {model.sha256}); takes {takes(model.metadata)}")
     print(json.dumps(model.metadata, indent=2, sort_keys=True))
 
 
@@ -117,8 +128,18 @@ COMMANDS = [add_segment_parser, add_info_parser, add_phantom_parser, add_slices_
             add_evaluate_parser, add_evaluate_volumes_parser]
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every clean-up (temporary outputs) runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         args.func(args)
     except CDMSegmentError as e:
@@ -127,6 +148,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"cdmsegment {args.command}: interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"cdmsegment {args.command}: terminated; no partial output was kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -12,10 +12,10 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..core.errors import CDMSegmentError
-from ..core.image import read_volume
+from ..core.reading import read_volume
 from ..core.methods import CDMParams
 from ..core.modelfile import load_model, registered_classifier
-from .writers import atomic_outputs, file_stem, write_heatmap, write_segmentation
+from .writers import atomic_outputs, check_output_folder, file_stem, write_heatmap, write_segmentation
 from ..core.runner import segment_volume
 
 
@@ -29,29 +29,39 @@ class SegmentSummary:
     volume_ml: float
     seconds: float
     device: str
+    model: str  # name and version
+    model_sha256: str
+    warnings: list
 
     def line(self) -> str:
         files = ", ".join(str(p) for p in self.heatmap_paths + [self.segmentation_path])
+        warned = "".join(f"; warning: {w}" for w in self.warnings)
         return (f"{self.slices_run} of {self.slices_total} slices run, {self.voxels_segmented} voxels segmented "
-                f"({self.volume_ml:.1f} ml), {self.seconds:.1f} s on {self.device}: {files}")
+                f"({self.volume_ml:.1f} ml), {self.seconds:.1f} s on {self.device} with model {self.model} "
+                f"(SHA256 {self.model_sha256}): {files}{warned}")
 
 
 def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path], *, model=None,
                   classifier=None, target_class: Optional[int] = None, preset: str = "model",
                   noise_level=None, steps=None, tau=None, noise_draws=None, guidance_scale=None,
-                  overwrite: bool = False, log: Callable[[str], None] = print, **run_options) -> SegmentSummary:
+                  overwrite: bool = False, series: Sequence[str] = (), log: Callable[[str], None] = print,
+                  **run_options) -> SegmentSummary:
     """Read one case (one input per model modality), segment each class, write ``<stem>_heatmap.nrrd``
-    (``<stem>_<class>_heatmap.nrrd`` for several classes) and ``<stem>.seg.nrrd`` in ``output_dir``."""
+    (``<stem>_<class>_heatmap.nrrd`` for several classes) and ``<stem>.seg.nrrd`` in ``output_dir``.
+
+    series: SeriesInstanceUIDs choosing among the series of a DICOM folder. The output folder is checked
+    before the model loads; run_options go to segment_volume (``force`` among them)."""
     start = time.perf_counter()
+    output_dir = Path(output_dir)
+    volumes = [read_volume(p, series) for p in inputs]
+    check_output_folder(output_dir, volumes[0].array.size * 5)  # float32 heatmap + uint8 labels, uncompressed
     diffusion = load_model(model)
     if classifier is None and run_options.get("method") == "cg-cdm":
         classifier = registered_classifier(diffusion)  # None (then a clear error) when it has none
     guide = load_model(classifier, kind="classifier") if classifier is not None else None
-    volumes = [read_volume(p) for p in inputs]
     params = CDMParams.for_model(diffusion, preset, guide, noise_level=noise_level, steps=steps, tau=tau,
                                  noise_draws=noise_draws, guidance_scale=guidance_scale)
     classes = diffusion.target_classes(target_class)
-    output_dir = Path(output_dir)
     stem = file_stem(inputs[0])
     names = [diffusion.class_names[c] for c in classes]
     heatmap_paths = [output_dir / (f"{stem}_heatmap.nrrd" if len(classes) == 1 else f"{stem}_{n}_heatmap.nrrd")
@@ -62,12 +72,13 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
         raise CDMSegmentError(f"{existing[0]} already exists; choose another output folder or pass --overwrite")
     results = [segment_volume(diffusion, volumes, target_class=c, params=params, classifier=guide, log=log,
                               **run_options) for c in classes]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_outputs(heatmap_paths + [seg_path]) as tmp:
+    with atomic_outputs(heatmap_paths + [seg_path], overwrite) as tmp:
         for path, result in zip(tmp, results):
             write_heatmap(path, result.heatmap, volumes[0])
         write_segmentation(tmp[-1], {n: r.mask for n, r in zip(names, results)}, volumes[0])
     voxels = int(sum(int(r.mask.sum()) for r in results))
     voxel_ml = float(np.prod(volumes[0].spacing_mm)) / 1000.0
     return SegmentSummary(heatmap_paths, seg_path, results[0].slices_total, results[0].slices_run, voxels,
-                          voxels * voxel_ml, time.perf_counter() - start, results[0].device)
+                          voxels * voxel_ml, time.perf_counter() - start, results[0].device,
+                          f"{diffusion.metadata['name']} {diffusion.metadata['version']}", diffusion.sha256,
+                          results[0].warnings)

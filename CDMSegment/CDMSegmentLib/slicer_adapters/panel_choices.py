@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 
 from ..core.methods import CDMParams
 from ..core.modelfile import REGISTRY_FILE, LoadedModel, read_registry
+from ..core.plausibility import takes
 
 
 def model_choices(registry: Path = REGISTRY_FILE) -> List[str]:
@@ -30,7 +31,7 @@ def advanced_defaults(model: LoadedModel, classifier: Optional[LoadedModel] = No
 def model_text(model: LoadedModel) -> str:
     m = model.metadata
     return (f"{m['name']} {m['version']}: {', '.join(model.modalities)} -> {', '.join(model.class_names[1:])}, "
-            f"{model.image_size} px slices")
+            f"{model.image_size} px slices\nTakes: {takes(m)}")
 
 
 def progress_text(done: float, total: float, unit: str, eta_seconds: Optional[float], message: str = "") -> str:
@@ -60,7 +61,8 @@ def result_text(result, voxel_ml: float) -> str:
     """One status line for a finished run (a volume.SegmentationResult)."""
     voxels = int(result.mask.sum())
     return (f"{result.slices_run} of {result.slices_total} slices in {result.seconds:.0f} s on {result.device}; "
-            f"{voxels} voxels ({voxels * voxel_ml:.1f} ml) segmented at threshold {result.threshold:.3g}")
+            f"{voxels} voxels ({voxels * voxel_ml:.1f} ml) segmented at threshold {result.threshold:.3g}"
+            + "".join(f"\nWarning: {w}" for w in result.warnings))
 
 
 def torch_version_problem(installed: str, minimum: str) -> Optional[str]:
