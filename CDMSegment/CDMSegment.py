@@ -107,6 +107,7 @@ class CDMSegmentParameterNode:
     axis: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
     batchSize: Annotated[int, WithinRange(1, 1024)] = 16
     hardenTransform: bool = False
+    force: bool = False
     threshold: float = 0.0
     heatmapVolume: slicer.vtkMRMLScalarVolumeNode
     segmentation: slicer.vtkMRMLSegmentationNode
@@ -165,13 +166,14 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def process(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", preset="model",
                 noiseLevel=None, steps=None, tau=None, noiseDraws=None, guidanceScale=None, axis="auto", batchSize=16,
-                threshold=None, classifier=None, hardenTransform=False, progress=None, cancel=None):
+                threshold=None, classifier=None, hardenTransform=False, force=False, progress=None, cancel=None):
         """Segment and add result nodes to the inputs' scene: [heatmap volume(s)..., segmentation].
 
         inputVolumeNodes: one scalar volume node per model modality (or a single node);
         model / classifier: a registered name, a file path or a loaded model (method 'cg-cdm' needs the
         classifier; by default the one registered with the model). None settings are the model's
-        measured defaults. The inputs are never modified.
+        measured defaults. force: run on an image that does not look like what the model takes (a mismatch
+        is otherwise refused). The inputs are never modified.
         """
         from CDMSegmentLib.core.modelfile import LoadedModel
         from CDMSegmentLib.slicer_adapters.run_on_nodes import segment_nodes
@@ -187,7 +189,7 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
                              harden=hardenTransform, progress=progress, cancel=cancel,
                              log=lambda message: logging.info(f"CDMSegment: {message}"), method=method,
                              classifier=classifier, device=device, axis=axis, batch_size=batchSize,
-                             threshold=threshold)
+                             threshold=threshold, force=force)
 
     @staticmethod
     def remakeSegment(heatmapNode, segmentationNode, threshold, minComponentVoxels=0):
@@ -388,6 +390,7 @@ class CDMSegmentWidget(VTKObservationMixin, ScriptedLoadableModuleWidget):
             classifier = self.classifier if p.method == "cg-cdm" else None
             # Read on the main thread: the worker never touches MRML, the parameter node included.
             options = dict(method=p.method, device=p.device, axis=p.axis, batch_size=p.batchSize, classifier=classifier,
+                           force=p.force,
                            params=CDMParams.for_model(model, classifier=classifier, noise_level=p.noiseLevel,
                                                       steps=p.steps, tau=p.tau, noise_draws=p.noiseDraws,
                                                       guidance_scale=p.guidanceScale))

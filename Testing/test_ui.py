@@ -86,7 +86,7 @@ def test_bound_widgets_name_parameters_of_a_matching_type():
     parameters = _parameters()
     bound = _bound_widgets()
     assert {"inputVolume", "noiseLevel", "steps", "tau", "noiseDraws", "guidanceScale", "axis", "batchSize", "device",
-            "method", "hardenTransform"} <= set(bound)
+            "method", "hardenTransform", "force"} <= set(bound)
     for parameter, widget in bound.items():
         assert parameter in parameters, f"{widget.get('name')} is bound to unknown parameter {parameter}"
         assert parameters[parameter][0] in BINDABLE[widget.get("class")], (parameter, widget.get("class"))

@@ -56,7 +56,7 @@ def _reason(e: OSError) -> str:
 
 
 def _advice(e: OSError) -> str:
-    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO):
         return "free some disk space or choose another output folder"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "choose a folder you can write to"
@@ -83,7 +83,8 @@ def atomic_outputs(paths: List[Path], overwrite: bool = False) -> Iterator[List[
         raise CDMSegmentError(f"{e.filename2 or e.filename} appeared while this run was writing and was kept; "
                               "choose another output folder or pass --overwrite") from None
     except OSError as e:
-        where = e.filename or (paths[0].parent if paths else "")
+        finals = {str(tmp): final for tmp, final in zip(tmps, paths)}
+        where = finals.get(str(e.filename), e.filename or (paths[0].parent if paths else ""))
         raise CDMSegmentError(f"could not write {where}: {_reason(e)}; {_advice(e)}") from None
     finally:
         for tmp in tmps:
@@ -120,7 +121,7 @@ def write_heatmap(path: Path, heatmap: np.ndarray, reference: Volume) -> None:
     except RuntimeError as e:  # ITK says why only in words; a full disk is the usual cause
         full = shutil.disk_usage(path.parent).free < heatmap.size * 4
         raise OSError(errno.ENOSPC if full else errno.EIO, "the disk is full" if full else
-                      f"the image writer failed ({str(e).strip().splitlines()[-1]})", str(path)) from None
+                      "the image writer failed (a full disk or a file size limit?)", str(path)) from None
 
 
 def segmentation_dict(masks: Dict[str, np.ndarray], reference: Volume) -> dict:
