@@ -332,3 +332,10 @@ def test_sigterm_during_a_run_cleans_up_like_sigint(tmp_path, model_path):
     assert run.returncode == 128 + signal.SIGTERM, first + err
     assert err.strip().splitlines() == ["cdmsegment segment: terminated; no partial output was kept"]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_help_and_info_say_what_the_model_takes(model_path, capsys):
+    code, out, _ = run_cli(["segment", "--help"], capsys)
+    assert code == 0 and "skull-stripped brain MRI (FLAIR)" in " ".join(out.split()).replace("- ", "-")  # wrapped
+    code, out, _ = run_cli(["info", model_path], capsys)
+    assert code == 0 and out.splitlines()[0].endswith("; takes skull-stripped brain MRI (FLAIR)")

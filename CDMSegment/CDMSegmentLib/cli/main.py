@@ -38,7 +38,8 @@ def add_segment_parser(sub) -> None:
     p = sub.add_parser("segment", help="heatmap and segmentation of one case (one input per model modality)")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image file or DICOM folder, one per modality, of the kind the model takes: the bundled "
-                        "model takes skull-stripped brain MRI (FLAIR); 'cdmsegment info MODEL' says what another takes")
+                        "model takes skull-stripped brain MRI (FLAIR); 'cdmsegment info MODEL' says what another "
+                        "takes")
     p.add_argument("--series", action="append", default=[], metavar="UID",
                    help="SeriesInstanceUID of the series to read from a DICOM folder holding several (repeatable)")
     p.add_argument("--force", action="store_true",
