@@ -80,8 +80,10 @@ def head_ct() -> np.ndarray:
     return np.where(inside, 35.0, np.where(skull, 1000.0, -1000.0)).astype(np.int16)
 
 
-def dicom_series(folder: Path, array: np.ndarray, uid: str, description: str, drop=(), tags=None) -> Path:
-    """One MR file per slice of ``array`` at 2.5 mm, as a scanner writes them; slices in ``drop`` left out."""
+def dicom_series(folder: Path, array: np.ndarray, uid: str, description: str, drop=(), tags=None, only=None,
+                 sop_suffix: str = "") -> Path:
+    """One MR file per slice of ``array`` at 2.5 mm, as a scanner writes them; slices in ``drop`` left out;
+    ``tags`` override the scanner's on every slice, or on the slices in ``only``."""
     folder.mkdir(exist_ok=True)
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((1.0, 1.0, 2.5))
@@ -95,9 +97,10 @@ def dicom_series(folder: Path, array: np.ndarray, uid: str, description: str, dr
         for tag, value in {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.9", "0020|000e": uid,
                            "0008|103e": description, "0020|0013": str(k + 1),
                            "0020|0032": "\\".join(f"{c:.4f}" for c in position), "0020|0037": "1\\0\\0\\0\\1\\0",
-                           "0018|0050": "2.5", "0008|0018": f"{uid}.{k + 1}", **(tags or {})}.items():
+                           "0018|0050": "2.5", "0008|0018": f"{uid}.{k + 1}{sop_suffix}",
+                           **((tags or {}) if only is None or k in only else {})}.items():
             s.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{uid[-3:]}_{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{uid[-3:]}{sop_suffix}_{k:03d}.dcm"))
         writer.Execute(s)
     return folder
 
@@ -181,6 +184,15 @@ FAULTS = {
         lambda t, m: [dicom_series(t / "gap", phantom((8, 20, 24)), "1.2.826.0.1.3680043.2.1125.9.301", "AX FLAIR",
                                    drop=(4,)), "--model", m], 1,
         "not evenly spaced (usually 2.50 mm apart, but 7.50 -> 12.50 mm)"),
+    "DICOM series with two echoes at each position": (
+        lambda t, m: [dicom_series(dicom_series(t / "echoes", phantom((4, 20, 24)), "1.2.826.0.1.3680043.2.1125.9.401",
+                                                "AX FLAIR"), phantom((4, 20, 24), seed=2),
+                                   "1.2.826.0.1.3680043.2.1125.9.401", "AX FLAIR", tags={"0020|0013": "9"},
+                                   sop_suffix=".2"), "--model", m], 1, "several slices share one position"),
+    "DICOM series mixing orientations": (
+        lambda t, m: [dicom_series(t / "mixed", phantom((4, 20, 24)), "1.2.826.0.1.3680043.2.1125.9.501", "MIXED",
+                                   tags={"0020|0037": "1\\0\\0\\0\\0\\-1"}, only=(2,)), "--model", m], 1,
+        "different orientations"),
     "zero spacing": (lambda t, m: [nrrd_with(t, b"(0,0,2.5)", b"(0,0,0)"), "--model", m], 1, "voxel size of zero"),
     "singular direction": (lambda t, m: [nrrd_with(t, b"(0,0,2.5)", b"(1,0,0)"), "--model", m], 1, "degenerate"),
     "NIfTI pixdim against sform": (lambda t, m: [nifti_zero_pixdim(t), "--model", m], 1, "contradicts itself"),
@@ -211,7 +223,8 @@ def digests(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("name", FAULTS)
-def test_a_fault_is_one_line_no_file_and_inputs_unchanged(name, tmp_path, model_path, capsys):
+def test_a_fault_is_one_line_no_file_and_inputs_unchanged(name, tmp_path, model_path, capfd):
+    """capfd: what ITK writes straight to file descriptor 2 counts too."""
     make, code, words = FAULTS[name]
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -219,7 +232,7 @@ def test_a_fault_is_one_line_no_file_and_inputs_unchanged(name, tmp_path, model_
     if "-o" not in argv:
         argv += ["-o", str(tmp_path / "out")]
     before = digests(inputs)
-    got, out, err = run_cli(["segment", *argv, "--device", "cpu"], capsys)
+    got, out, err = run_cli(["segment", *argv, "--device", "cpu"], capfd)
     assert got == code, err
     assert_one_error_line(err)
     assert words in err, err

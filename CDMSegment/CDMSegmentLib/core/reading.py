@@ -200,11 +200,11 @@ def _check_slice_positions(headers: Sequence[sitk.ImageFileReader], where: str) 
         return
     cosines = np.array([float(c) for c in _tag(headers[0], "0020|0037").split("\\")])
     normal = np.cross(cosines[:3], cosines[3:6])
-    positions = np.array([np.dot(normal, [float(c) for c in _tag(h, "0020|0032").split("\\")]) for h in headers])
+    positions = np.sort([np.dot(normal, [float(c) for c in _tag(h, "0020|0032").split("\\")]) for h in headers])
     gaps = np.diff(positions)
     usual = float(np.median(gaps))
     bad = np.flatnonzero(np.abs(gaps - usual) > SLICE_GAP_TOLERANCE * abs(usual) + 1e-3)
-    if abs(usual) < 1e-3:
+    if (np.abs(gaps) < 1e-3).any():
         raise CDMSegmentError(f"cannot use {where}: several slices share one position (two acquisitions or echoes "
                               "in one series); export the one you want alone")
     if bad.size:
