@@ -126,8 +126,8 @@ def _check_complete(path: Path) -> None:
     try:
         with opener(path, "rb") as f:
             header = f.read(540)
-            size = len(header)
-            for block in iter(lambda: f.read(1 << 22), b""):
+            size = len(header) if compressed else path.stat().st_size  # only a gzip stream must be read through
+            for block in iter(lambda: f.read(1 << 22), b"") if compressed else ():
                 size += len(block)
     except (EOFError, OSError, zlib.error):  # gzip.BadGzipFile is an OSError
         raise CDMSegmentError(truncated) from None
