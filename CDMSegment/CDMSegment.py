@@ -150,6 +150,7 @@ class CDMSegmentParameterNode:
     axis: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
     batchSize: Annotated[int, WithinRange(1, 1024)] = 16
     hardenTransform: bool = False
+    force: bool = False
     threshold: float = 0.0
     heatmapVolume: slicer.vtkMRMLScalarVolumeNode
     segmentation: slicer.vtkMRMLSegmentationNode
@@ -195,14 +196,15 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         return fetch_model(nameOrPath, kind, self.cacheDir, self.registry, progress, cancel)
 
     def startRun(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", settings=None,
-                 axis="auto", batchSize=16, classifier=None, hardenTransform=False):
+                 axis="auto", batchSize=16, classifier=None, hardenTransform=False, force=False):
         """Check and copy the inputs and start the model on them in a child process; returns the run
         (CDMSegmentLib.slicer_adapters.child_process.ChildRun: poll(), progress, eta_seconds(), cancel(), close()).
 
         inputVolumeNodes: one scalar volume node per model modality (or a single node); model / classifier: a
         registered name, a file path or a loaded model (method 'cg-cdm' needs the classifier; by default the one
         registered with the model); settings: CDMSettings, None fields (or None) meaning the model's measured
-        defaults. The inputs are never modified.
+        defaults; force: run on an image that does not look like what the model takes (otherwise refused in one
+        line). The inputs are never modified.
         """
         from CDMSegmentLib.core.modelfile import LoadedModel
         from CDMSegmentLib.core.settings import CDMSettings
@@ -215,7 +217,8 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         if classifier is not None and not isinstance(classifier, LoadedModel):
             classifier = self.loadModel(classifier, kind="classifier")
         return start_run(nodes, model, harden=hardenTransform, classifier=classifier, method=method, device=device,
-                         axis=axis, batch_size=batchSize, target_class=targetClass, settings=settings or CDMSettings())
+                         axis=axis, batch_size=batchSize, target_class=targetClass, settings=settings or CDMSettings(),
+                         force=force)
 
     @staticmethod
     def inputList(inputVolumeNodes):
@@ -231,14 +234,15 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
             run.close()
 
     def process(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", settings=None,
-                axis="auto", batchSize=16, classifier=None, hardenTransform=False, progress=None, cancel=None):
+                axis="auto", batchSize=16, classifier=None, hardenTransform=False, force=False, progress=None,
+                cancel=None):
         """Segment and add result nodes to the inputs' scene: [heatmap volume(s)..., segmentation]. Waits for the
         child process; progress(slices done, slices in total); cancel: threading.Event or callable. Arguments as
         ``startRun``. A cancelled or failed run leaves the scene as it was and removes its files."""
         from CDMSegmentLib.slicer_adapters.panel_choices import result_text
 
         run = self.startRun(inputVolumeNodes, model, targetClass, method, device, settings, axis, batchSize,
-                            classifier, hardenTransform)
+                            classifier, hardenTransform, force)
         try:
             summary = run.wait(cancel, progress, log=lambda message: logging.info(f"CDMSegment: {message}"))
         except BaseException:
@@ -473,7 +477,8 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                  "Choose CDM, or run CG-CDM from the Python console with classifier=...")
             run = self.logic.startRun(nodes, self.model, self.ui.targetClassSelector.currentIndex + 1, p.method,
                                       p.device, self.logic.settingsFrom(p), p.axis, p.batchSize,
-                                      self.classifier if p.method == "cg-cdm" else None, p.hardenTransform)
+                                      self.classifier if p.method == "cg-cdm" else None, p.hardenTransform,
+                                      p.force)
             self.startJob(run, "slices", lambda run: self.showResult(nodes, self.logic.addResults(run, nodes),
                                                                      run.summary), onEnd=run.close)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from CDMSegment import SAMPLE_DICE_FLOOR  # the Slicer self-test's floor too
-from CDMSegmentLib.core.image import read_volume
+from CDMSegmentLib.core.reading import read_volume
 from CDMSegmentLib.evaluation.metrics import dice
 from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model, read_registry, sha256_of
 from CDMSegmentLib.core.runner import segment_volume

@@ -135,7 +135,7 @@ def test_bound_widgets_name_parameters_of_a_matching_type(panel):
     parameters = _parameters()
     bound = _bound_widgets(widgets)
     assert {"inputVolume", "noiseLevel", "steps", "tau", "noiseDraws", "guidanceScale", "axis", "batchSize", "device",
-            "method", "hardenTransform"} <= set(bound)
+            "method", "hardenTransform", "force"} <= set(bound)
     for parameter, name in bound.items():
         assert parameter in parameters, f"{name} is bound to unknown parameter {parameter}"
         assert parameters[parameter][0] in BINDABLE[_class_of(name, widgets, requested)], (parameter, name)

@@ -13,7 +13,8 @@ import SimpleITK as sitk
 
 from CDMSegmentLib.cli.main import main
 from CDMSegmentLib.cli.writers import write_heatmap, write_segmentation
-from CDMSegmentLib.core.image import Volume, read_volume
+from CDMSegmentLib.core.image import Volume
+from CDMSegmentLib.core.reading import read_volume
 from CDMSegmentLib.core.modelfile import load_model
 from CDMSegmentLib.core.runner import segment_volume
 from CDMSegmentLib.core.settings import CDMSettings

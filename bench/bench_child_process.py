@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "CDMSegment"))
 sys.path.insert(0, str(ROOT / "Testing"))
 
 from CDMSegment import CDMSegmentLogic  # noqa: E402
-from CDMSegmentLib.core.image import read_volume  # noqa: E402
+from CDMSegmentLib.core.reading import read_volume  # noqa: E402
 from CDMSegmentLib.core.modelfile import load_model  # noqa: E402
 from CDMSegmentLib.core.runner import segment_volume  # noqa: E402
 from CDMSegmentLib.slicer_adapters import mrml  # noqa: E402

@@ -8,7 +8,9 @@ progress bar and a summary line: what the program that started it reads.
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -30,7 +32,15 @@ def _axis(value: str):
 
 def add_segment_parser(sub) -> None:
     p = sub.add_parser("segment", help="heatmap and segmentation of one case (one input per model modality)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file or DICOM folder, one per modality")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image file or DICOM folder, one per modality, of the kind the model takes: the bundled "
+                        "model takes skull-stripped brain MRI (FLAIR); 'cdmsegment info MODEL' says what another "
+                        "takes")
+    p.add_argument("--series", action="append", default=[], metavar="UID",
+                   help="SeriesInstanceUID of the series to read from a DICOM folder holding several (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="run even on an image that does not look like what the model takes (a CT, a head "
+                        "with its skull, another MRI sequence)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
     p.add_argument("--model", default=None, help="registered model name or model file (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
@@ -60,7 +70,7 @@ def run_segment(args) -> None:
             args.inputs, args.output, model=args.model, device=args.device, axis=args.axis, method=args.method,
             classifier=args.classifier, target_class=args.target_class, settings=CDMSettings.from_arguments(args),
             batch_size=args.batch_size, precision=args.precision, seed=args.seed, overwrite=args.overwrite,
-            progress=progress, log=log, phase=phase)
+            series=args.series, force=args.force, progress=progress, log=log, phase=phase)
 
     if args.progress_lines:
         events = EventWriter(sys.stdout)
@@ -92,9 +102,10 @@ def add_info_parser(sub) -> None:
 
 def run_info(args) -> None:
     from ..core.modelfile import load_model
+    from ..core.plausibility import takes
 
     model = load_model(args.model, kind=args.kind)
-    print(f"# {model.path} (SHA256 {model.sha256})")
+    print(f"# {model.path} (SHA256 {model.sha256}); takes {takes(model.metadata)}")
     print(json.dumps(model.metadata, indent=2, sort_keys=True))
 
 
@@ -107,10 +118,21 @@ def make_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every clean-up (temporary outputs) runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run_command(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> int:
     """Parse and run one command: an error a user can act on is one line on stderr (and, with
-    --progress-lines, one error event on stdout, the reason alone) and a non-zero exit, never a traceback."""
+    --progress-lines, one error event on stdout, the reason alone) and a non-zero exit, never a traceback.
+    SIGTERM cleans up as SIGINT does."""
     args = parser.parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         args.func(args)
         return 0
@@ -118,6 +140,11 @@ def run_command(parser: argparse.ArgumentParser, argv: Optional[List[str]] = Non
         reason, prefix, code = str(e), "error: ", 1
     except KeyboardInterrupt:
         reason, prefix, code = "interrupted; no partial output was kept", "", 130
+    except Terminated:
+        reason, prefix, code = "terminated; no partial output was kept", "", 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if getattr(args, "progress_lines", False):
         EventWriter(sys.stdout).emit(ERROR, message=reason)
     print(f"cdmsegment {args.command}: {prefix}{reason}", file=sys.stderr)

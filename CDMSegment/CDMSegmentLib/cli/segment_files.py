@@ -12,11 +12,11 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..core.errors import CDMSegmentError
-from ..core.image import read_volume
 from ..core.modelfile import load_model, registered_classifier
-from ..core.settings import CDMSettings
-from .writers import atomic_outputs, file_stem, write_heatmap, write_segmentation
+from ..core.reading import read_volume
 from ..core.runner import segment_volume
+from ..core.settings import CDMSettings
+from .writers import atomic_outputs, check_output_folder, file_stem, write_heatmap, write_segmentation
 
 
 @dataclass
@@ -32,11 +32,16 @@ class SegmentSummary:
     volume_ml: float
     seconds: float
     device: str
+    model: str  # name and version
+    model_sha256: str
+    warnings: list  # the input's borderline plausibility findings, shown beside the result
 
     def line(self) -> str:
         files = ", ".join(str(p) for p in self.heatmap_paths + [self.segmentation_path])
+        warned = "".join(f"; warning: {w}" for w in self.warnings)
         return (f"{self.slices_run} of {self.slices_total} slices run, {self.voxels_segmented} voxels segmented "
-                f"({self.volume_ml:.1f} ml), {self.seconds:.1f} s on {self.device}: {files}")
+                f"({self.volume_ml:.1f} ml), {self.seconds:.1f} s on {self.device} with model {self.model} "
+                f"(SHA256 {self.model_sha256}): {files}{warned}")
 
     def to_json(self) -> dict:
         """The summary as plain JSON values (paths as strings), as the --progress-lines summary carries it."""
@@ -46,26 +51,29 @@ class SegmentSummary:
 
 def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path], *, model=None,
                   classifier=None, target_class: Optional[int] = None, settings: CDMSettings = CDMSettings(),
-                  overwrite: bool = False, log: Callable[[str], None] = print,
+                  overwrite: bool = False, series: Sequence[str] = (), log: Callable[[str], None] = print,
                   phase: Callable[[str], None] = lambda name: None,
                   progress: Optional[Callable[[int, int], None]] = None, **run_options) -> SegmentSummary:
     """Read one case (one input per model modality), segment each class, write ``<stem>_heatmap.nrrd``
     (``<stem>_<class>_heatmap.nrrd`` for several classes) and ``<stem>.seg.nrrd`` in ``output_dir``.
 
-    phase(name) says what the run does now; progress(done, total) counts slices over all classes.
+    series: SeriesInstanceUIDs choosing among the series of a DICOM folder. The output folder is checked
+    before the model loads; run_options go to segment_volume (``force`` among them). phase(name) says
+    what the run does now; progress(done, total) counts slices over all classes.
     """
     start = time.perf_counter()
+    phase("reading the input")
+    output_dir = Path(output_dir)
+    volumes = [read_volume(p, series) for p in inputs]
+    check_output_folder(output_dir, volumes[0].array.size * 5)  # float32 heatmap + uint8 labels, uncompressed
     phase("loading the model")
     diffusion = load_model(model)
     if classifier is None and run_options.get("method") == "cg-cdm":
         classifier = registered_classifier(diffusion)  # None (then a clear error) when it has none
     guide = load_model(classifier, kind="classifier") if classifier is not None else None
-    phase("reading the input")
-    volumes = [read_volume(p) for p in inputs]
     params = settings.params(diffusion, guide)
     min_voxels = settings.min_component_voxels(diffusion, volumes[0].spacing_mm)
     classes = diffusion.target_classes(target_class)
-    output_dir = Path(output_dir)
     stem = file_stem(inputs[0])
     names = [diffusion.class_names[c] for c in classes]
     heatmap_paths = [output_dir / (f"{stem}_heatmap.nrrd" if len(classes) == 1 else f"{stem}_{n}_heatmap.nrrd")
@@ -84,8 +92,7 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
                                       threshold=settings.threshold, min_component_voxels=min_voxels,
                                       progress=class_progress if progress else None, **run_options))
     phase("writing the results")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_outputs(heatmap_paths + [seg_path]) as tmp:
+    with atomic_outputs(heatmap_paths + [seg_path], overwrite) as tmp:
         for path, result in zip(tmp, results):
             write_heatmap(path, result.heatmap, volumes[0])
         write_segmentation(tmp[-1], {n: r.mask for n, r in zip(names, results)}, volumes[0])
@@ -93,4 +100,6 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     voxel_ml = float(np.prod(volumes[0].spacing_mm)) / 1000.0
     return SegmentSummary(heatmap_paths, seg_path, names, [r.threshold for r in results], min_voxels,
                           results[0].slices_total, results[0].slices_run, voxels, voxels * voxel_ml,
-                          time.perf_counter() - start, results[0].device)
+                          time.perf_counter() - start, results[0].device,
+                          f"{diffusion.metadata['name']} {diffusion.metadata['version']}", diffusion.sha256,
+                          results[0].warnings)

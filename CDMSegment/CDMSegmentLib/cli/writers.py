@@ -1,17 +1,22 @@
 """Writing results next to the input: a float heatmap volume and a Slicer segmentation file.
 
-Files are written under a temporary name and renamed only when complete, so an error
-or an interruption never leaves a half-written output behind.
+Files are written under a temporary name unique to the run and given their name only when all are
+complete, so an error or an interruption never leaves a half-written output behind, and a file that
+appeared meanwhile is never replaced.
 """
 
 import contextlib
+import errno
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List
 
 import numpy as np
 import SimpleITK as sitk
 
+from ..core.errors import CDMSegmentError
 from ..core.image import Volume
 from ..core.terminology import segment_style
 
@@ -25,23 +30,102 @@ def file_stem(path) -> str:
     return name
 
 
-@contextlib.contextmanager
-def atomic_outputs(paths: List[Path]) -> Iterator[List[Path]]:
-    """Yield temporary paths; on success rename each onto its target, on failure delete them all."""
-    tmps = [p.with_name(".partial-" + p.name) for p in paths]
+def check_output_folder(folder: Path, needed_bytes: int = 0) -> None:
+    """Before any work: ``folder`` is a folder (or can be made in one) where a file can be created, with
+    ``needed_bytes`` free. Nothing is left behind by the check."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CDMSegmentError(f"cannot write outputs to {folder}: {existing} is a file, not a folder; "
+                              "choose another output folder")
     try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise CDMSegmentError(f"cannot write outputs to {folder}: {_reason(e)}; {_advice(e)}") from None
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise CDMSegmentError(f"not enough disk space for the outputs in {existing}: {free / 1e6:.0f} MB free, "
+                              f"up to {needed_bytes / 1e6:.0f} MB needed; free some space or choose another folder")
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def _advice(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO):
+        return "free some disk space or choose another output folder"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "choose a folder you can write to"
+    return "check the output folder or choose another one"
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: List[Path], overwrite: bool = False) -> Iterator[List[Path]]:
+    """Yield temporary paths, unique to this run, beside the targets; on success move each onto its target,
+    on any failure or interruption delete them all. Every OSError becomes one CDMSegmentError line.
+
+    Without ``overwrite`` a target that appeared during the run is never replaced: the file is hard-linked to
+    its name (which fails when the name exists) and the temporary name removed; all-or-nothing."""
+    tmps: List[Path] = []
+    try:
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=".partial-", suffix="-" + p.name, dir=p.parent)
+            os.close(fd)
+            tmps.append(Path(name))
         yield tmps
-        for tmp, final in zip(tmps, paths):
-            os.replace(tmp, final)
+        _publish(tmps, paths, overwrite)
+    except FileExistsError as e:
+        raise CDMSegmentError(f"{e.filename2 or e.filename} appeared while this run was writing and was kept; "
+                              "choose another output folder or pass --overwrite") from None
+    except OSError as e:
+        finals = {str(tmp): final for tmp, final in zip(tmps, paths)}
+        where = finals.get(str(e.filename), e.filename or (paths[0].parent if paths else ""))
+        raise CDMSegmentError(f"could not write {where}: {_reason(e)}; {_advice(e)}") from None
     finally:
         for tmp in tmps:
             if tmp.exists():
                 tmp.unlink()
 
 
+def _publish(tmps: List[Path], paths: List[Path], overwrite: bool) -> None:
+    placed = []
+    try:
+        for tmp, final in zip(tmps, paths):
+            if overwrite:
+                os.replace(tmp, final)
+                continue
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links (FAT, some network shares): check, then rename; a tiny race remains
+                if final.exists():
+                    raise FileExistsError(errno.EEXIST, "exists", str(final)) from None
+                os.replace(tmp, final)
+            placed.append(final)
+    except BaseException:
+        for final in placed:
+            final.unlink()
+        raise
+
+
+def _write_image(image: sitk.Image, path: Path, size_bytes: int) -> None:
+    """Compressed; ITK's failure (said only in words) becomes the OSError atomic_outputs turns into one line."""
+    try:
+        sitk.WriteImage(image, str(path), True)
+    except RuntimeError:  # a full disk is the usual cause
+        full = shutil.disk_usage(path.parent).free < size_bytes
+        raise OSError(errno.ENOSPC if full else errno.EIO, "the disk is full" if full else
+                      "the image writer failed (a full disk or a file size limit?)", str(path)) from None
+
+
 def write_heatmap(path: Path, heatmap: np.ndarray, reference: Volume) -> None:
     """float32 heatmap on the reference grid, compressed NRRD (or any format SimpleITK writes)."""
-    sitk.WriteImage(reference.with_array(heatmap.astype(np.float32)).to_sitk(), str(path), True)
+    _write_image(reference.with_array(heatmap.astype(np.float32)).to_sitk(), path, heatmap.size * 4)
 
 
 # Slicer's name for the conversion parameter holding the grid the Segment Editor edits on
@@ -93,4 +177,4 @@ def write_segmentation(path: Path, masks: Dict[str, np.ndarray], reference: Volu
     image = reference.with_array(labels).to_sitk()
     for key, value in segmentation_fields(list(masks), reference).items():
         image.SetMetaData(key, value)
-    sitk.WriteImage(image, str(path), True)
+    _write_image(image, path, labels.size)

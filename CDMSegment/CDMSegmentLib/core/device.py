@@ -40,3 +40,16 @@ def is_out_of_memory(error: BaseException) -> bool:
     (not a RuntimeError) that keeps only the message."""
     return isinstance(error, torch.cuda.OutOfMemoryError) or (
         isinstance(error, (RuntimeError, torch.jit.Error)) and "CUDA out of memory" in str(error))
+
+
+def check_finite(maps: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """``maps`` unchanged when every value is finite; else stop the run, naming the likely cause."""
+    if bool(torch.isfinite(maps).all()):
+        return maps
+    half = precision in ("fp16", "bf16") or (precision == "auto" and device.type == "cuda")
+    if half:
+        raise CDMSegmentError("the network's output overflowed in half precision (NaN or infinite values); "
+                              "run again in full precision (precision fp32)")
+    raise CDMSegmentError("the network's output holds NaN or infinite values: the model file is probably damaged "
+                          "(compare its SHA256 with its source, or download it again) or the image holds extreme "
+                          "intensities; nothing was written")

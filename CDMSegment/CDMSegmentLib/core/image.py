@@ -5,7 +5,6 @@ Arrays are indexed ``[k, j, i]`` (slowest axis first, like ``sitk.GetArrayFromIm
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -22,6 +21,7 @@ class Volume:
     spacing_mm: Tuple[float, float, float] = (1.0, 1.0, 1.0)
     origin_mm: Tuple[float, float, float] = (0.0, 0.0, 0.0)
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    tags: dict = field(default_factory=dict)  # DICOM acquisition tags by name, when read from a series (reading.py)
 
     def __post_init__(self):
         self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
@@ -67,29 +67,17 @@ class Volume:
         return image
 
 
-def read_volume(path) -> Volume:
-    """Read anything SimpleITK reads: a file (NIfTI, NRRD, MHA, ...) or a DICOM series folder."""
-    path = Path(path)
-    if not path.exists():
-        raise CDMSegmentError(f"input not found: {path}")
-    try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            names = reader.GetGDCMSeriesFileNames(str(path))
-            if not names:
-                raise CDMSegmentError(f"no DICOM series in folder {path}; give a file or a DICOM series folder")
-            reader.SetFileNames(names)
-            image = reader.Execute()
-        else:
-            image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise CDMSegmentError(f"cannot read {path}: not an image SimpleITK can read ({str(e).strip().splitlines()[-1]})")
-    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
-        image = image[:, :, :, 0]
-    try:
-        return Volume.from_sitk(image)
-    except CDMSegmentError as e:
-        raise CDMSegmentError(f"{path}: {e}")
+def check_geometry(volume: Volume, where: str) -> None:
+    """Voxel sizes finite and positive, the direction matrix invertible: else one sentence for a radiologist."""
+    spacing = np.asarray(volume.spacing_mm)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise CDMSegmentError(f"cannot use {where}: its voxel size is {' x '.join(f'{s:g}' for s in spacing)} mm; "
+                              "a voxel size of zero, negative or undefined means distances and volumes cannot be "
+                              "measured: fix the header or export the image again from the scanner's DICOM")
+    if not np.isfinite(volume.direction).all() or abs(np.linalg.det(volume.direction)) < 1e-3:
+        raise CDMSegmentError(f"cannot use {where}: its orientation matrix is degenerate (two image axes point the "
+                              "same way), so the image cannot be placed in the patient; export it again from the "
+                              "scanner's DICOM")
 
 
 def check_same_grid(volumes: Sequence[Volume], names: Sequence[str]) -> None:

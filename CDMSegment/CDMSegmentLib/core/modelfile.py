@@ -9,6 +9,8 @@ otherwise - never a traceback.
 import hashlib
 import io
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -130,8 +132,10 @@ def load_model(name_or_path: Union[str, Path, None] = None, kind: str = "diffusi
         raise ModelFileError(f"model file missing: {path}; reinstall the extension or load the model from a file")
     digest = sha256_of(path)
     if expected_sha256 and digest != expected_sha256:
-        raise ModelFileError(f"model file {path.name} is corrupt or was replaced (SHA256 {digest[:12]}... "
+        raise ModelFileError(f"model file {path} is corrupt or was replaced (SHA256 {digest[:12]}... "
                              f"expected {expected_sha256[:12]}...); delete it and reinstall or re-download it")
+    if not expected_sha256:
+        check_archive(path)
     extra = {METADATA_FILE: ""}
     try:
         data = path.read_bytes()
@@ -150,6 +154,24 @@ def load_model(name_or_path: Union[str, Path, None] = None, kind: str = "diffusi
     if metadata["kind"] != kind:
         raise ModelFileError(f"{path.name} is a {metadata['kind']} model, but a {kind} model is needed here")
     return LoadedModel(network.eval(), metadata, path, digest)
+
+
+def check_archive(path: Path) -> None:
+    """A model file without a known SHA256 is checked against the CRC32 of every member of its TorchScript
+    (zip) archive: a flipped bit in the weights otherwise loads and gives NaN heatmaps."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            has_metadata = any(n.endswith(f"/extra/{METADATA_FILE}") for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error):
+        raise ModelFileError(f"{path.name} is not a readable CDMSegment model (truncated or not a TorchScript "
+                             "archive); use a model exported by 'cdmsegment export'") from None
+    if bad is not None:
+        raise ModelFileError(f"model file {path} is damaged ({bad.split('/')[-1]} fails its CRC check); "
+                             "copy or download it again from its source")
+    if not has_metadata:
+        raise ModelFileError(f"{path.name} is a TorchScript file without CDMSegment metadata; "
+                             "use a model exported by 'cdmsegment export'")
 
 
 def _check_metadata(metadata: dict, where: str) -> None:

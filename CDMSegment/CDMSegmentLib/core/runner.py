@@ -7,20 +7,22 @@ back onto the input grid -> one volume-level threshold -> mask.
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .device import PRECISIONS, autocast, choose_device, is_out_of_memory
+from .device import PRECISIONS, autocast, check_finite, choose_device, is_out_of_memory
 from .errors import Cancelled, CDMSegmentError
-from .image import Volume, check_same_grid
+from .image import Volume, check_geometry, check_same_grid
 from .intensity import normalise_volume
 from .methods import CDMParams, build_method, calibrated_threshold, network_evaluations_per_slice
 from .modelfile import LoadedModel
+from .plausibility import check_plausible
 from .slicing import Orientation, extract_slices, insert_slices
 from .threshold import make_mask, resolve_threshold, voxels_for_ml
+from .tissue import slices_with_content, tissue_mask
 
 @dataclass
 class SegmentationResult:
@@ -33,6 +35,7 @@ class SegmentationResult:
     seconds: float
     device: str
     min_component_voxels: int = 0  # the speck removal the mask was made with (a later threshold keeps it)
+    warnings: list = field(default_factory=list)  # borderline plausibility findings, shown beside the result
 
 
 def _is_cancelled(cancel) -> bool:
@@ -53,6 +56,7 @@ def check_inputs(model: LoadedModel, volumes: Sequence[Volume]) -> None:
             raise CDMSegmentError(f"{n}: expected a 3D volume, got an array of shape {v.array.shape}")
         if min(v.array.shape) < 2:
             raise CDMSegmentError(f"{n}: the volume has a single slice ({v.array.shape}); give a 3D volume")
+        check_geometry(v, n)
     check_same_grid(volumes, names)
 
 
@@ -70,7 +74,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                    params: Optional[CDMParams] = None, classifier: Optional[LoadedModel] = None,
                    device: str = "auto", axis: Union[str, int] = "auto", batch_size: int = 16,
                    threshold: Union[str, float, None] = None, min_component_voxels: Optional[int] = None,
-                   precision: str = "auto", seed: int = 0,
+                   precision: str = "auto", seed: int = 0, force: bool = False,
                    progress: Optional[Callable[[int, int], None]] = None, cancel=None,
                    log: Callable[[str], None] = print) -> SegmentationResult:
     """Run ``method`` slice by slice over the volume and threshold the heatmap at volume level.
@@ -79,10 +83,14 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     data for this method, the default when there is one), 'otsu' (over the volume) or a number.
     min_component_voxels: 3D components smaller than this are dropped (default: the model's
     ``min_component_ml`` at this volume's spacing). progress(done, total)
-    counts slices with content; cancel (callable or threading.Event) stops between batches with Cancelled.
+    counts slices with content (tissue: core/tissue.py); cancel (callable or threading.Event) stops between
+    batches with Cancelled. force: run on an image the model was not made for (core/plausibility.py).
     """
     start = time.perf_counter()
     check_inputs(model, volumes)
+    warnings = check_plausible(model.metadata, volumes, model.modalities, force)
+    for warning in warnings:
+        log(f"warning: {warning}")
     if precision not in PRECISIONS:
         raise CDMSegmentError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     if batch_size < 1:
@@ -98,10 +106,10 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     canonical_axis = orientation.canonical_axis(axis)
     arrays = _normalised(model, volumes)
     raw = np.stack([np.asarray(v.array) for v in volumes])
-    content_voxels = (raw != 0).any(axis=0)
+    content_voxels = tissue_mask(raw)
     slices, stack = extract_slices(arrays, orientation, canonical_axis, model.image_size)
     content_c = np.moveaxis(orientation.to_canonical(content_voxels), canonical_axis, 0)
-    with_content = np.flatnonzero(content_c.reshape(content_c.shape[0], -1).any(axis=1))
+    with_content = slices_with_content(content_c)
     total = len(with_content)
     dev = choose_device(device, log)
     maps = torch.zeros(slices.shape[0], model.image_size, model.image_size)
@@ -117,7 +125,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                     raise Cancelled()
                 ids = torch.from_numpy(with_content[lo:lo + batch_size])
                 with torch.no_grad(), autocast(dev, precision):
-                    maps[ids] = fn(slices[ids].to(dev), ids).float().cpu()
+                    maps[ids] = check_finite(fn(slices[ids].to(dev), ids).float().cpu(), dev, precision)
                 done = lo + len(ids)
                 if progress:
                     progress(done, total)
@@ -134,7 +142,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
     return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), total,
                               total * network_evaluations_per_slice(method, params),
-                              time.perf_counter() - start, str(dev), min_component_voxels)
+                              time.perf_counter() - start, str(dev), min_component_voxels, warnings)
 
 
 def after_out_of_memory(batch_size: int, device: torch.device, log: Callable[[str], None]):

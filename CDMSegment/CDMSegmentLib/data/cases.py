@@ -24,7 +24,8 @@ import SimpleITK as sitk
 import torch
 
 from ..core.errors import CDMSegmentError
-from ..core.image import check_same_grid, read_volume
+from ..core.image import check_same_grid
+from ..core.reading import read_volume
 from ..core.intensity import normalise_volume
 from ..core.slicing import Orientation, extract_slices, pixel_size_mm
 from .slicesets import SliceDataset

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from ..data.cases import Case
-from ..core.image import read_volume
+from ..core.reading import read_volume
 from .metrics import dice, nan_mean
 from ..core.modelfile import LoadedModel
 from ..core.slicing import Orientation

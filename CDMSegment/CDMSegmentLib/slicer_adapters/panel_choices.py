@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from ..core.plausibility import takes
 from ..core.registry import REGISTRY_FILE, read_registry
 
 
@@ -48,7 +49,7 @@ def settings_from_parameters(parameters):
 def model_text(model) -> str:
     m = model.metadata
     return (f"{m['name']} {m['version']}: {', '.join(model.modalities)} -> {', '.join(model.class_names[1:])}, "
-            f"{model.image_size} px slices")
+            f"{model.image_size} px slices\nTakes: {takes(m)}")
 
 
 def progress_text(done: float, total: float, unit: str, eta_seconds: Optional[float], message: str = "") -> str:
@@ -79,7 +80,8 @@ def result_text(summary: dict) -> str:
     thresholds = ", ".join(f"{t:.3g}" for t in summary["thresholds"])
     return (f"{summary['slices_run']} of {summary['slices_total']} slices in {summary['seconds']:.0f} s on "
             f"{summary['device']}; {summary['voxels_segmented']} voxels ({summary['volume_ml']:.1f} ml) segmented "
-            f"at threshold {thresholds}")
+            f"at threshold {thresholds}"
+            + "".join(f"\nWarning: {w}" for w in summary.get("warnings", [])))
 
 
 def torch_version_problem(installed: str, minimum: str) -> Optional[str]:

@@ -1,0 +1,124 @@
+"""Is this the kind of image the model was made for? Checked before running, from the model's ``expects``.
+
+A model's metadata may say what it takes::
+
+    "expects": {"modality": "FLAIR", "skull_stripped": true, "description": "skull-stripped brain MRI (FLAIR)"}
+
+A model without ``expects`` makes no claim and nothing is checked. Each check returns a Finding: a clear
+mismatch (a head CT, a head with its skull, a T1 series given to a FLAIR model) is refused unless the user
+insists (``force``: ``--force``, or the panel's Advanced checkbox); a borderline one becomes a warning shown
+beside the result.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import CDMSegmentError
+from .image import Volume
+from .tissue import has_zero_background
+
+# Air is about -1000 HU; no MRI magnitude image has values this low.
+CT_AIR_HU = -500.0
+CT_CLEAR_FRACTION = 0.02
+CT_BORDERLINE_FRACTION = 0.002
+# Non-zero volume of a skull-stripped brain: adult intracranial volumes stay under ~2000 ml (MNI152's
+# brain mask: 1887 ml); a head with its skull and scalp is 3500-5000 ml.
+STRIPPED_BRAIN_MAX_ML = 2300.0
+SKULL_ON_MIN_ML = 3000.0
+# FLAIR is an inversion-recovery sequence with a long inversion time that nulls the CSF (1500-2800 ms);
+# an MPRAGE T1 has about 900-1100 ms.
+FLAIR_MIN_INVERSION_MS = 1500.0
+FORCE_HINT = ("if you are sure, run again with --force (in Slicer: Advanced > Run on images the model "
+              "was not made for)")
+
+
+@dataclass
+class Finding:
+    clear: bool  # True: refused unless forced; False: a warning beside the result
+    sentence: str
+
+
+def _ct_intensities(expects: dict, volume: Volume, name: str) -> Optional[Finding]:
+    if str(expects.get("modality", "")).upper() == "CT":
+        return None
+    if volume.tags.get("Modality", "MR") not in ("MR", ""):
+        return Finding(True, f"{name} is a {volume.tags['Modality']} series (DICOM Modality), not an MRI")
+    air = float(np.count_nonzero(volume.array <= CT_AIR_HU)) / volume.array.size
+    if air < CT_BORDERLINE_FRACTION:
+        return None
+    return Finding(air >= CT_CLEAR_FRACTION, f"{name} looks like a CT, not an MRI: {100 * air:.1f}% of its voxels "
+                                             f"are below {CT_AIR_HU:.0f} (air in Hounsfield units)")
+
+
+def _skull_stripped(expects: dict, volume: Volume, name: str) -> Optional[Finding]:
+    if not expects.get("skull_stripped"):
+        return None
+    if not has_zero_background(volume.array):
+        return Finding(True, f"{name} is not skull-stripped: its background is not zero (only "
+                             f"{100 * np.mean(volume.array == 0):.1f}% of the voxels are 0)")
+    ml = float(np.count_nonzero(volume.array)) * float(np.prod(volume.spacing_mm)) / 1000.0
+    if ml <= STRIPPED_BRAIN_MAX_ML:
+        return None
+    return Finding(ml >= SKULL_ON_MIN_ML, f"{name} does not look skull-stripped: its non-zero part is {ml:.0f} ml, "
+                                          f"more than a brain (under about {STRIPPED_BRAIN_MAX_ML:.0f} ml), so the "
+                                          "skull and scalp seem to be still on")
+
+
+def weighting(tags: dict) -> Optional[str]:
+    """FLAIR, T1, T2 or PD from a DICOM series' TR, TE and TI (ms) and description; None when they are absent."""
+    if "flair" in tags.get("SeriesDescription", "").lower():
+        return "FLAIR"
+    try:
+        tr, te = float(tags["RepetitionTime"]), float(tags["EchoTime"])
+    except (KeyError, ValueError):
+        return None
+    ti = float(tags.get("InversionTime") or 0)
+    if ti >= FLAIR_MIN_INVERSION_MS:
+        return "FLAIR"
+    if ti > 0 or tr < 1000:
+        return "T1"
+    return "PD" if te < 40 else "T2"
+
+
+def _acquisition(expects: dict, volume: Volume, name: str) -> Optional[Finding]:
+    wanted = str(expects.get("modality", "")).upper()
+    found = weighting(volume.tags)
+    if wanted not in ("FLAIR", "T1", "T2", "PD") or found in (None, wanted):
+        return None
+    times = ", ".join(f"{k} {volume.tags[k]} ms" for k in ("RepetitionTime", "EchoTime", "InversionTime")
+                      if volume.tags.get(k))
+    return Finding(True, f"{name}'s DICOM header describes a {found}-weighted series ({times}), not {wanted}")
+
+
+# Each check: (the model's expects, one input volume, its modality name) -> a Finding or None.
+# Hook: core/ood.py's ood_score(...) joins here as one more check that turns the model's own
+# out-of-distribution score into a Finding (clear above its refusal level, borderline above its warning level).
+CHECKS: List[Callable[[dict, Volume, str], Optional[Finding]]] = [_ct_intensities, _skull_stripped, _acquisition]
+
+
+def findings(metadata: dict, volumes: Sequence[Volume], names: Sequence[str]) -> List[Finding]:
+    """Every finding for one case (one volume per modality name); none when the model declares no ``expects``."""
+    expects = metadata.get("expects")
+    if not expects:
+        return []
+    found = (check(expects, v, n) for v, n in zip(volumes, names) for check in CHECKS)
+    return [f for f in found if f is not None]
+
+
+def takes(metadata: dict) -> str:
+    """What a model takes, in words: its ``expects`` description, else its modality names."""
+    expects = metadata.get("expects") or {}
+    return expects.get("description") or (f"{', '.join(metadata['modalities'])} images (the model file does not "
+                                          "say more)")
+
+
+def check_plausible(metadata: dict, volumes: Sequence[Volume], names: Sequence[str], force: bool = False) -> List[str]:
+    """Raise CDMSegmentError on a clear mismatch unless ``force``; return the warnings to show beside the result."""
+    found = findings(metadata, volumes, names)
+    clear = [f for f in found if f.clear]
+    if clear and not force:
+        raise CDMSegmentError(f"{clear[0].sentence}; this model takes {takes(metadata)}; {FORCE_HINT}")
+    return [f"{f.sentence}{' (run anyway, as asked)' if f.clear else ''}; this model takes {takes(metadata)}"
+            for f in found]
