@@ -75,7 +75,7 @@ def test_the_command_reports_phases_progress_and_a_summary_in_json_lines(tmp_pat
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["phase"] for e in events if e["event"] == "phase"] == [
-        "loading the model", "reading the input", "segmenting", "writing the results"]
+        "reading the input", "loading the model", "segmenting", "writing the results"]
     assert [(e["done"], e["total"]) for e in events if e["event"] == "progress"] == [(0, 10), (4, 10), (8, 10),
                                                                                       (10, 10)]
     summary = events[-1]
