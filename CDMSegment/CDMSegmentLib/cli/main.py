@@ -9,6 +9,7 @@ from typing import List, Optional
 from .training_commands import (add_calibrate_parser, add_export_parser, add_phantom_parser, add_set_defaults_parser,
                                 add_slices_parser, add_train_classifier_parser, add_train_parser)
 from .evaluation_commands import add_evaluate_parser, add_evaluate_volumes_parser
+from .ood_commands import add_calibrate_ood_parser, add_ood_parser
 from ..core.errors import CDMSegmentError
 
 
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = [add_segment_parser, add_info_parser, add_phantom_parser, add_slices_parser, add_train_parser,
             add_export_parser, add_calibrate_parser, add_set_defaults_parser, add_train_classifier_parser,
-            add_evaluate_parser, add_evaluate_volumes_parser]
+            add_evaluate_parser, add_evaluate_volumes_parser, add_ood_parser, add_calibrate_ood_parser]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
