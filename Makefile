@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test bench screenshot clean
+.PHONY: venv demo test bench screenshot clean retrain
 
 venv: $(VENV)/.installed
 
@@ -41,6 +41,54 @@ screenshot: demo
 		simpleitk scipy  # what CDMSegmentLib.slicer_adapters.mrml imports
 	$(VIEWS_VENV)/bin/python tools/render_screenshot.py $(SAMPLE) demo-output/$(STEM)_heatmap.nrrd \
 		demo-output/$(STEM).seg.nrrd Resources/screenshot.png
+
+# `make retrain`: the bundled model's recipe, end to end (README, "Train your own model"). Domain-randomised
+# phantoms; whole lesion families (ms, cortical) and the subtlest lesion contrast (1.1-1.3 x grey matter) are held
+# out of training and used only for evaluation. Trains on CUDA when there is a GPU (the run resumes from its
+# checkpoint when interrupted); the toy scale runs on a CPU: bench/retrain_toy.sh.
+RETRAIN_DIR ?= work/retrain
+CDM ?= $(VENV)/bin/cdmsegment
+TRAIN_CASES ?= 600
+VAL_CASES ?= 48
+OOD_CASES ?= 60
+TEST_CASES ?= 36
+STEPS ?= 20000
+BATCH ?= 128
+NETWORK ?= --base-channels 32 --channel-mults 1,2,2,4 --attention-levels 3
+DEVICE ?= auto
+IMAGE_SIZE ?= 128
+PHANTOM_OPTS ?=
+CALIBRATE_OPTS ?=
+EVAL_OPTS ?=
+MODEL_NAME ?= brain-flair-phantom
+TRAIN_FAMILIES := core-oedema,infiltrative,multifocal,healthy
+TRAIN_CONTRAST := 1.3,2.5
+HELD_OUT_FAMILIES := ms,cortical,healthy
+HELD_OUT_CONTRAST := 1.1,1.3
+EXPECTS := {"modality": "FLAIR", "skull_stripped": true, "description": "skull-stripped brain MRI (FLAIR)"}
+
+retrain:
+	mkdir -p $(RETRAIN_DIR)
+	$(CDM) phantom $(RETRAIN_DIR)/train --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(TRAIN_CASES) --seed 1000 $(PHANTOM_OPTS)
+	$(CDM) phantom $(RETRAIN_DIR)/val --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(VAL_CASES) --seed 9000 $(PHANTOM_OPTS)
+	$(CDM) phantom $(RETRAIN_DIR)/ood --families all --cases $(OOD_CASES) --seed 9100 $(PHANTOM_OPTS)
+	$(CDM) phantom $(RETRAIN_DIR)/test_families --families $(HELD_OUT_FAMILIES) --cases $(TEST_CASES) --seed 7000 $(PHANTOM_OPTS)
+	$(CDM) phantom $(RETRAIN_DIR)/test_contrast --families $(TRAIN_FAMILIES) --lesion-contrast $(HELD_OUT_CONTRAST) --cases $(TEST_CASES) --seed 7100 $(PHANTOM_OPTS)
+	$(CDM) slices $(RETRAIN_DIR)/train --subset all --image-size $(IMAGE_SIZE) -o $(RETRAIN_DIR)/train.npz
+	$(CDM) slices $(RETRAIN_DIR)/val --subset all --with-masks --image-size $(IMAGE_SIZE) -o $(RETRAIN_DIR)/val.npz
+	$(CDM) train $(RETRAIN_DIR)/train.npz -o $(RETRAIN_DIR)/run --steps $(STEPS) --batch-size $(BATCH) $(NETWORK)
+	$(CDM) export $(RETRAIN_DIR)/run/checkpoint.pt -o $(RETRAIN_DIR)/trained.pt --name $(MODEL_NAME) \
+		--training-data "$(TRAIN_CASES) domain-randomised phantom cases ($(TRAIN_FAMILIES), lesion contrast $(TRAIN_CONTRAST)); a phantom-trained demonstration model, not for clinical use"
+	$(CDM) calibrate $(RETRAIN_DIR)/trained.pt $(RETRAIN_DIR)/val.npz -o $(RETRAIN_DIR)/defaults.json --device $(DEVICE) $(CALIBRATE_OPTS)
+	$(CDM) calibrate-ood $(RETRAIN_DIR)/trained.pt $(RETRAIN_DIR)/ood -o $(RETRAIN_DIR)/ood.json --device $(DEVICE)
+	echo '$(EXPECTS)' > $(RETRAIN_DIR)/expects.json
+	$(CDM) set-defaults $(RETRAIN_DIR)/trained.pt $(RETRAIN_DIR)/defaults.json --ood $(RETRAIN_DIR)/ood.json \
+		--expects $(RETRAIN_DIR)/expects.json -o $(RETRAIN_DIR)/$(MODEL_NAME).pt
+	$(CDM) evaluate-volumes $(RETRAIN_DIR)/test_families -o $(RETRAIN_DIR)/results/families --model $(RETRAIN_DIR)/$(MODEL_NAME).pt \
+		--fit-threshold-on $(RETRAIN_DIR)/val --device $(DEVICE) $(EVAL_OPTS)
+	$(CDM) evaluate-volumes $(RETRAIN_DIR)/test_contrast -o $(RETRAIN_DIR)/results/contrast --model $(RETRAIN_DIR)/$(MODEL_NAME).pt \
+		--fit-threshold-on $(RETRAIN_DIR)/val --device $(DEVICE) $(EVAL_OPTS)
+	@echo "Model: $(RETRAIN_DIR)/$(MODEL_NAME).pt; tables: $(RETRAIN_DIR)/results/*/volumes.md"
 
 clean:
 	rm -rf $(VENV) $(VIEWS_VENV) demo-output .pytest_cache

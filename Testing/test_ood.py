@@ -48,20 +48,23 @@ def test_the_bundled_model_errs_more_the_more_the_noise_departs_from_its_data():
     assert errors[0] < errors[1] < errors[2]
 
 
-def test_reference_centres_the_held_out_errors_and_bounds_their_false_alarms():
-    errors = np.random.default_rng(0).normal([-3.0, -3.5, -4.0], [0.1, 0.05, 0.02], (40, 3))
+def test_reference_learns_how_the_levels_move_together_and_bounds_false_alarms():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.3, (40, 1))  # the image's own noise moves every level together
+    errors = np.array([-2.0, -3.0, -3.8]) + noise * [1.0, 0.8, 0.5] + rng.normal(0, 0.03, (40, 3))
     reference = ood_reference(errors, noise_levels=(0.95, 0.8, 0.5), slices=8, seed=0, false_alarm=0.05)
-    assert reference["median"] == pytest.approx([-3.0, -3.5, -4.0], abs=0.05)
-    assert reference["scale"] == pytest.approx([0.128, 0.064, 0.026], rel=0.35)  # half the 10-90 % range of N(0, s)
+    assert reference["mean"] == pytest.approx([-2.0, -3.0, -3.8], abs=0.15)
+    assert np.array(reference["covariance"]).shape == (3, 3)
     scores = np.array([score_from_errors(e, reference) for e in errors])
     assert (scores > reference["threshold"]).mean() <= 0.05
-    assert score_from_errors([-2.0, -3.5, -4.0], reference) > reference["threshold"]  # far above on one level
-    assert score_from_errors([-3.0, -3.5, -4.5], reference) > reference["threshold"]  # and far below
+    along = [-2.0 + 0.6, -3.0 + 0.48, -3.8 + 0.3]  # twice the usual noise: unusual, but the way valid inputs vary
+    across = [-2.0, -3.0 + 0.3, -3.8 + 0.3]  # the error falls less from level to level: another kind of image
+    assert score_from_errors(along, reference) < reference["threshold"] < score_from_errors(across, reference)
     assert OODResult(3.0, 2.0, np.zeros(3)).flagged and not OODResult(1.0, 2.0, np.zeros(3)).flagged
 
 
 @pytest.mark.parametrize("errors, kwargs, message", [
-    (np.zeros((3, 3)), {}, "at least 5 volumes"),
+    (np.zeros((3, 3)), {}, "at least 9 volumes"),
     (np.zeros((10, 2)), {}, "at 3 noise levels"),
     (np.zeros((10, 3)), {"false_alarm": 0.7}, "false-alarm rate"),
 ])
@@ -83,13 +86,13 @@ def test_calibrate_then_set_defaults_writes_the_reference_and_the_score_uses_it(
     tiny_model_path = tmp_path / "tiny_flair.pt"
     make_tiny_model_file(tiny_model_path, modalities=("flair",))  # the BraTS layout's modality name
     data = tmp_path / "held_out"
-    for n in range(6):
+    for n in range(9):
         case = data / f"Case{n}"
         case.mkdir(parents=True)
         write_volume(volume(seed=n), case / f"Case{n}_flair.nii.gz")
     assert main(["calibrate-ood", str(tiny_model_path), str(data), "-o", str(tmp_path / "ood.json")]) == 0
     reference = json.loads((tmp_path / "ood.json").read_text())
-    assert reference["reference_volumes"] == 6 and len(reference["median"]) == 3
+    assert reference["reference_volumes"] == 9 and len(reference["mean"]) == 3
     (tmp_path / "expects.json").write_text(json.dumps({"modality": "FLAIR", "skull_stripped": True}))
     assert main(["set-defaults", str(tiny_model_path), "--ood", str(tmp_path / "ood.json"), "--expects",
                  str(tmp_path / "expects.json"), "-o", str(tmp_path / "with_ood.pt")]) == 0

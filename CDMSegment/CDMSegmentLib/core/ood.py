@@ -2,12 +2,15 @@
 
 A diffusion model is a denoiser: on images like its training data it predicts the noise
 added at level alpha_bar well, on others (another contrast, a skull, a CT) its error
-departs from the usual, up or down. We measure, on a few axial slices of the volume and
-at a few noise levels, the mean squared error of the predicted noise inside the content,
+departs from the usual. We measure, on a few axial slices of the volume and at a few noise
+levels, the mean squared error of the predicted noise inside the content,
 ``e_l = log mean (eps_theta(x_t, t, f(y0)) - eps)^2`` per level l (median over slices).
-The model's metadata (``metadata["ood"]``) holds the same measure's median and spread per
-level on held-out data, and a threshold on the score ``max_l |e_l - median_l| / scale_l``
-chosen there to give few false alarms. Deterministic by seed (fixed slices, seeded eps).
+The model's metadata (``metadata["ood"]``) holds the mean and covariance of ``e`` on
+held-out data and a threshold on the Mahalanobis distance of a volume's ``e`` from them,
+chosen there to give few false alarms. The covariance matters: on valid inputs the levels'
+errors rise and fall together (with the image's own noise), while a T1 or a CT changes how
+the error falls from level to level (measured: README, "The bundled model").
+Deterministic by seed (fixed slices, seeded eps).
 """
 
 from dataclasses import dataclass
@@ -29,7 +32,7 @@ MIN_CONTENT = 0.05  # a slice counts when this fraction of it is content (not ba
 
 @dataclass
 class OODResult:
-    score: float  # max over levels of |e_l - median_l| / scale_l; larger = further from the training data
+    score: float  # Mahalanobis distance of the errors from the reference's; larger = further from the training data
     threshold: float  # the model's; flagged when score > threshold
     errors: np.ndarray  # (L,) log mean squared noise-prediction error per noise level
 
@@ -88,9 +91,9 @@ def denoising_errors(model: LoadedModel, volumes: Sequence[Volume], *, noise_lev
 
 
 def score_from_errors(errors: np.ndarray, reference: dict) -> float:
-    """max_l |e_l - median_l| / scale_l: how many reference spreads the volume lies from the reference median."""
-    median, scale = np.asarray(reference["median"]), np.asarray(reference["scale"])
-    return float(np.max(np.abs(np.asarray(errors) - median) / scale))
+    """Mahalanobis distance sqrt((e - mean)^T C^-1 (e - mean)) of a volume's errors from the reference's."""
+    difference = np.asarray(errors, dtype=float) - np.asarray(reference["mean"])
+    return float(np.sqrt(difference @ np.linalg.solve(np.asarray(reference["covariance"]), difference)))
 
 
 def ood_score(model: LoadedModel, volumes: Sequence[Volume], *, device: str = "cpu") -> Optional[OODResult]:
@@ -104,22 +107,22 @@ def ood_score(model: LoadedModel, volumes: Sequence[Volume], *, device: str = "c
 
 def ood_reference(errors: np.ndarray, *, noise_levels: Sequence[float], slices: int, seed: int,
                   false_alarm: float = 0.05) -> dict:
-    """metadata["ood"] from held-out volumes' errors (N, L): per-level median and spread, and a threshold.
+    """metadata["ood"] from held-out volumes' errors (N, L): their mean and covariance, and a threshold.
 
-    scale is half the 10-90 % inter-quantile range (robust to a few odd volumes). The threshold
-    is the (1 - false_alarm) quantile of the held-out scores, raised by 10 % so a new set of
-    the same kind stays under ``false_alarm``.
+    The covariance gets a small ridge (1e-4) so that it stays invertible. The threshold is the
+    (1 - false_alarm) quantile of the held-out distances, raised by 10 % because distances
+    measured on the volumes that set the covariance run a little short.
     """
     errors = np.asarray(errors, dtype=float)
-    if errors.ndim != 2 or errors.shape[0] < 5 or errors.shape[1] != len(noise_levels):
-        raise CDMSegmentError(f"the OOD reference needs errors of at least 5 volumes at {len(noise_levels)} "
-                              f"noise levels, got an array of shape {errors.shape}")
+    if errors.ndim != 2 or errors.shape[1] != len(noise_levels) or errors.shape[0] < 3 * len(noise_levels):
+        raise CDMSegmentError(f"the OOD reference needs errors of at least {3 * len(noise_levels)} volumes at "
+                              f"{len(noise_levels)} noise levels, got an array of shape {errors.shape}")
     if not 0 < false_alarm < 0.5:
         raise CDMSegmentError(f"false-alarm rate must be between 0 and 0.5, got {false_alarm}")
-    q10, median, q90 = np.quantile(errors, [0.1, 0.5, 0.9], axis=0)
+    covariance = np.cov(errors, rowvar=False) + 1e-4 * np.eye(errors.shape[1])
     reference = {"noise_levels": [float(a) for a in noise_levels], "slices": int(slices), "seed": int(seed),
-                 "median": median.tolist(), "scale": np.maximum((q90 - q10) / 2, 1e-3).tolist()}
-    scores = np.array([score_from_errors(e, reference) for e in errors])
-    reference["threshold"] = float(np.quantile(scores, 1 - false_alarm) * 1.1)
+                 "mean": errors.mean(axis=0).tolist(), "covariance": covariance.tolist()}
+    distances = np.array([score_from_errors(e, reference) for e in errors])
+    reference["threshold"] = float(np.quantile(distances, 1 - false_alarm) * 1.1)
     reference["reference_volumes"] = int(errors.shape[0])
     return reference
