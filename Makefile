@@ -67,28 +67,40 @@ HELD_OUT_FAMILIES := ms,cortical,healthy
 HELD_OUT_CONTRAST := 1.1,1.3
 EXPECTS := {"modality": "FLAIR", "skull_stripped": true, "description": "skull-stripped brain MRI (FLAIR)"}
 
-retrain:
-	mkdir -p $(RETRAIN_DIR)
-	$(CDM) phantom $(RETRAIN_DIR)/train --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(TRAIN_CASES) --seed 1000 $(PHANTOM_OPTS)
-	$(CDM) phantom $(RETRAIN_DIR)/val --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(VAL_CASES) --seed 9000 $(PHANTOM_OPTS)
-	$(CDM) phantom $(RETRAIN_DIR)/ood --families all --cases $(OOD_CASES) --seed 9100 $(PHANTOM_OPTS)
-	$(CDM) phantom $(RETRAIN_DIR)/test_families --families $(HELD_OUT_FAMILIES) --cases $(TEST_CASES) --seed 7000 $(PHANTOM_OPTS)
-	$(CDM) phantom $(RETRAIN_DIR)/test_contrast --families $(TRAIN_FAMILIES) --lesion-contrast $(HELD_OUT_CONTRAST) --cases $(TEST_CASES) --seed 7100 $(PHANTOM_OPTS)
-	$(CDM) slices $(RETRAIN_DIR)/train --subset all --image-size $(IMAGE_SIZE) -o $(RETRAIN_DIR)/train.npz
-	$(CDM) slices $(RETRAIN_DIR)/val --subset all --with-masks --image-size $(IMAGE_SIZE) -o $(RETRAIN_DIR)/val.npz
-	$(CDM) train $(RETRAIN_DIR)/train.npz -o $(RETRAIN_DIR)/run --steps $(STEPS) --batch-size $(BATCH) $(NETWORK)
-	$(CDM) export $(RETRAIN_DIR)/run/checkpoint.pt -o $(RETRAIN_DIR)/trained.pt --name $(MODEL_NAME) \
-		--training-data "$(TRAIN_CASES) domain-randomised phantom cases ($(TRAIN_FAMILIES), lesion contrast $(TRAIN_CONTRAST)); a phantom-trained demonstration model, not for clinical use"
-	$(CDM) calibrate $(RETRAIN_DIR)/trained.pt $(RETRAIN_DIR)/val.npz -o $(RETRAIN_DIR)/defaults.json --device $(DEVICE) $(CALIBRATE_OPTS)
-	$(CDM) calibrate-ood $(RETRAIN_DIR)/trained.pt $(RETRAIN_DIR)/ood -o $(RETRAIN_DIR)/ood.json --device $(DEVICE)
-	echo '$(EXPECTS)' > $(RETRAIN_DIR)/expects.json
-	$(CDM) set-defaults $(RETRAIN_DIR)/trained.pt $(RETRAIN_DIR)/defaults.json --ood $(RETRAIN_DIR)/ood.json \
-		--expects $(RETRAIN_DIR)/expects.json -o $(RETRAIN_DIR)/$(MODEL_NAME).pt
-	$(CDM) evaluate-volumes $(RETRAIN_DIR)/test_families -o $(RETRAIN_DIR)/results/families --model $(RETRAIN_DIR)/$(MODEL_NAME).pt \
-		--fit-threshold-on $(RETRAIN_DIR)/val --device $(DEVICE) $(EVAL_OPTS)
-	$(CDM) evaluate-volumes $(RETRAIN_DIR)/test_contrast -o $(RETRAIN_DIR)/results/contrast --model $(RETRAIN_DIR)/$(MODEL_NAME).pt \
-		--fit-threshold-on $(RETRAIN_DIR)/val --device $(DEVICE) $(EVAL_OPTS)
-	@echo "Model: $(RETRAIN_DIR)/$(MODEL_NAME).pt; tables: $(RETRAIN_DIR)/results/*/volumes.md"
+R := $(RETRAIN_DIR)
+TRAINING_DATA := $(TRAIN_CASES) domain-randomised phantom cases ($(TRAIN_FAMILIES), lesion contrast $(TRAIN_CONTRAST)); a phantom-trained demonstration model, not for clinical use
+
+# Each step is a file, so a rerun (after an interruption, or with a later step changed) redoes only what is missing.
+retrain: $(R)/$(MODEL_NAME).pt $(R)/test_families/cases.csv $(R)/test_contrast/cases.csv $(R)/val/cases.csv
+	$(CDM) evaluate-volumes $(R)/test_families -o $(R)/results/families --model $< --fit-threshold-on $(R)/val --device $(DEVICE) $(EVAL_OPTS)
+	$(CDM) evaluate-volumes $(R)/test_contrast -o $(R)/results/contrast --model $< --fit-threshold-on $(R)/val --device $(DEVICE) $(EVAL_OPTS)
+	@echo "Model: $<; tables: $(R)/results/*/volumes.md"
+
+$(R)/train/cases.csv:
+	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(TRAIN_CASES) --seed 1000 $(PHANTOM_OPTS)
+$(R)/val/cases.csv:
+	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(VAL_CASES) --seed 9000 $(PHANTOM_OPTS)
+$(R)/ood/cases.csv:
+	$(CDM) phantom $(@D) --families all --cases $(OOD_CASES) --seed 9100 $(PHANTOM_OPTS)
+$(R)/test_families/cases.csv:
+	$(CDM) phantom $(@D) --families $(HELD_OUT_FAMILIES) --cases $(TEST_CASES) --seed 7000 $(PHANTOM_OPTS)
+$(R)/test_contrast/cases.csv:
+	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(HELD_OUT_CONTRAST) --cases $(TEST_CASES) --seed 7100 $(PHANTOM_OPTS)
+$(R)/train.npz: $(R)/train/cases.csv
+	$(CDM) slices $(<D) --subset all --image-size $(IMAGE_SIZE) -o $@
+$(R)/val.npz: $(R)/val/cases.csv
+	$(CDM) slices $(<D) --subset all --with-masks --image-size $(IMAGE_SIZE) -o $@
+$(R)/trained.pt: $(R)/train.npz
+	$(CDM) train $< -o $(R)/run --steps $(STEPS) --batch-size $(BATCH) $(NETWORK)
+	$(CDM) export $(R)/run/checkpoint.pt -o $@ --name $(MODEL_NAME) --training-data "$(TRAINING_DATA)"
+$(R)/defaults.json: $(R)/trained.pt $(R)/val.npz
+	$(CDM) calibrate $^ -o $@ --device $(DEVICE) $(CALIBRATE_OPTS)
+$(R)/ood.json: $(R)/trained.pt $(R)/ood/cases.csv
+	$(CDM) calibrate-ood $< $(R)/ood -o $@ --device $(DEVICE)
+$(R)/expects.json:
+	mkdir -p $(@D) && echo '$(EXPECTS)' > $@
+$(R)/$(MODEL_NAME).pt: $(R)/trained.pt $(R)/defaults.json $(R)/ood.json $(R)/expects.json
+	$(CDM) set-defaults $< $(R)/defaults.json --ood $(R)/ood.json --expects $(R)/expects.json -o $@
 
 clean:
 	rm -rf $(VENV) $(VIEWS_VENV) demo-output .pytest_cache

@@ -106,9 +106,8 @@ def run_evaluate_volumes(args) -> None:
         fit_cases, _ = _cases_with_masks(args.fit_threshold_on, args.fit_cases)
         modality = model.modalities[0]
         threshold, pooled = fit_intensity_threshold(
-            [(read_volume(c.images[modality]).array, read_volume(c.seg).array > 0) for c in fit_cases],
-            model.metadata["normalisation"])
-        print(f"intensity threshold {threshold:.2f} (normalised, pooled Dice {pooled:.3f} on {len(fit_cases)} cases "
+            [(read_volume(c.images[modality]).array, read_volume(c.seg).array > 0) for c in fit_cases])
+        print(f"intensity threshold {threshold:.2f} x the brain's median (pooled Dice {pooled:.3f} on {len(fit_cases)} cases "
               f"of {args.fit_threshold_on})", file=sys.stderr)
     scores = evaluate_volumes(cases, model, families=families, intensity_threshold=threshold, device=args.device,
                               batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))

@@ -14,7 +14,7 @@ Deterministic by seed (fixed slices, seeded eps).
 """
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -62,7 +62,8 @@ def _chosen_slices(volumes: Sequence[Volume], model: LoadedModel, count: int) ->
 
 
 def denoising_errors(model: LoadedModel, volumes: Sequence[Volume], *, noise_levels: Optional[Sequence[float]] = None,
-                     slices: Optional[int] = None, seed: Optional[int] = None, device: str = "cpu") -> np.ndarray:
+                     slices: Optional[int] = None, seed: Optional[int] = None,
+                     device: Union[str, torch.device] = "cpu") -> np.ndarray:
     """(L,) log mean squared error of the model's noise prediction, per noise level alpha_bar.
 
     volumes: one per model modality, on one grid. Defaults (levels, slice count, seed) are the
@@ -96,7 +97,8 @@ def score_from_errors(errors: np.ndarray, reference: dict) -> float:
     return float(np.sqrt(difference @ np.linalg.solve(np.asarray(reference["covariance"]), difference)))
 
 
-def ood_score(model: LoadedModel, volumes: Sequence[Volume], *, device: str = "cpu") -> Optional[OODResult]:
+def ood_score(model: LoadedModel, volumes: Sequence[Volume], *,
+              device: Union[str, torch.device] = "cpu") -> Optional[OODResult]:
     """The volume's OOD score against the model's reference; None for a model without one (an older file)."""
     reference = model.metadata.get("ood")
     if not reference:

@@ -2,10 +2,11 @@
 
 - Otsu on intensity: voxels brighter than Otsu's threshold of the brain's intensities
   (no training data; on a healthy volume it still finds half the brain).
-- A calibrated intensity threshold: one threshold on the normalised intensity (the same
-  percentile normalisation the model sees), chosen on cases with masks from the training
-  families to maximise pooled Dice, so false positives on lesion-free cases count. On bright
-  FLAIR lesions this is the strongest simple baseline.
+- A calibrated intensity threshold: one threshold on the intensity relative to the brain's
+  median, chosen on cases with masks from the training families to maximise pooled Dice, so
+  false positives on lesion-free cases count. On bright FLAIR lesions this is the strongest
+  simple baseline. (Not the model's percentile normalisation: that saturates at the 99.5th
+  percentile, where bright lesions and the brightest normal voxels become one value.)
 """
 
 from typing import Sequence, Tuple
@@ -13,10 +14,9 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from ..core.errors import CDMSegmentError
-from ..core.intensity import DEFAULT_NORMALISATION, normalise_volume
 from ..core.threshold import otsu_threshold
 
-THRESHOLD_GRID = np.round(np.arange(-0.5, 1.0, 0.01), 2)  # normalised intensity, [-1, 1]
+THRESHOLD_GRID = np.round(np.arange(1.0, 3.0, 0.01), 2)  # intensity / median of the brain
 
 
 def intensity_otsu_mask(array: np.ndarray) -> np.ndarray:
@@ -25,13 +25,20 @@ def intensity_otsu_mask(array: np.ndarray) -> np.ndarray:
     return (array > otsu_threshold(array[brain])) & brain
 
 
-def intensity_threshold_mask(array: np.ndarray, threshold: float, normalisation: dict = None) -> np.ndarray:
-    """Brain voxels whose normalised intensity (in [-1, 1]) exceeds ``threshold``. array: (K, J, I)."""
-    return (normalise_volume(array, normalisation or DEFAULT_NORMALISATION) > threshold) & (array != 0)
+def relative_intensity(array: np.ndarray) -> np.ndarray:
+    """array / median of its non-zero (brain) voxels, float32; the background stays 0."""
+    brain = array != 0
+    if not brain.any():
+        raise CDMSegmentError("the image is all zeros; nothing to segment")
+    return (array / np.float32(np.median(array[brain]))).astype(np.float32) * brain
 
 
-def fit_intensity_threshold(pairs: Sequence[Tuple[np.ndarray, np.ndarray]],
-                            normalisation: dict = None) -> Tuple[float, float]:
+def intensity_threshold_mask(array: np.ndarray, threshold: float) -> np.ndarray:
+    """Brain voxels brighter than ``threshold`` times the brain's median intensity. array: (K, J, I)."""
+    return (relative_intensity(array) > threshold) & (array != 0)
+
+
+def fit_intensity_threshold(pairs: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Tuple[float, float]:
     """(threshold, pooled Dice) maximising pooled Dice over (image, truth mask) pairs, on ``THRESHOLD_GRID``.
 
     Pooled Dice = 2 sum |P n T| / (sum |P| + sum |T|) over all cases, lesion-free ones included.
@@ -42,7 +49,7 @@ def fit_intensity_threshold(pairs: Sequence[Tuple[np.ndarray, np.ndarray]],
     predicted = np.zeros(len(THRESHOLD_GRID))
     lesion = 0
     for image, truth in pairs:
-        values = normalise_volume(image, normalisation or DEFAULT_NORMALISATION)[image != 0]
+        values = relative_intensity(image)[image != 0]
         inside = truth[image != 0]
         lesion += int(truth.sum())
         # voxels above each threshold, all and inside the lesion, from one sort per case

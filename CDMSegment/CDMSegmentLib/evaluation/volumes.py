@@ -58,8 +58,8 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
     """CDM (the model's defaults unless overridden) and the intensity baselines on every case.
 
     families: case id -> lesion family, for the per-family tables. intensity_threshold: the
-    calibrated threshold on normalised intensity (``fit_intensity_threshold`` on training
-    families); without it only the Otsu baseline runs.
+    calibrated threshold on relative intensity (``fit_intensity_threshold`` on training
+    families, in multiples of the brain's median); without it only the Otsu baseline runs.
     """
     modalities = list(modalities or model.modalities)
     families = families or {}
@@ -76,8 +76,7 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         scores.append(cdm)
         baselines = {"Otsu on intensity": intensity_otsu_mask}
         if intensity_threshold is not None:
-            baselines["intensity threshold (calibrated)"] = lambda a: intensity_threshold_mask(
-                a, intensity_threshold, model.metadata["normalisation"])
+            baselines["intensity threshold (calibrated)"] = lambda a: intensity_threshold_mask(a, intensity_threshold)
         for name, make_mask in baselines.items():
             start = time.perf_counter()
             mask = make_mask(ref.array)

@@ -16,7 +16,7 @@ from ..data.cases import Case
 
 
 def calibrate_ood(model: LoadedModel, cases: Sequence[Case], *, false_alarm: float = 0.05, seed: int = 0,
-                  device: str = "cpu", data: str = "", log: Callable[[str], None] = print) -> Tuple[dict, List[dict]]:
+                  device="cpu", data: str = "", log: Callable[[str], None] = print) -> Tuple[dict, List[dict]]:
     """(metadata["ood"], per-case rows with errors and score) from the model's denoising errors on ``cases``."""
     errors = []
     for n, case in enumerate(cases, start=1):
