@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test test-newest-slicer bench screenshot clean
+.PHONY: venv demo test test-newest-slicer bench screenshot clean retrain
 
 venv: $(VENV)/.installed
 
@@ -58,6 +58,66 @@ screenshot: demo
 		simpleitk scipy  # what CDMSegmentLib.slicer_adapters.mrml imports
 	$(VIEWS_VENV)/bin/python tools/render_screenshot.py $(SAMPLE) demo-output/$(STEM)_heatmap.nrrd \
 		demo-output/$(STEM).seg.nrrd Resources/screenshot.png
+
+# `make retrain`: the bundled model's recipe, end to end (README, "Train your own model"). Domain-randomised
+# phantoms; whole lesion families (ms, cortical) and the subtlest lesion contrast (1.1-1.3 x grey matter) are held
+# out of training and used only for evaluation. Trains on CUDA when there is a GPU (the run resumes from its
+# checkpoint when interrupted); the toy scale runs on a CPU: bench/retrain_toy.sh.
+RETRAIN_DIR ?= work/retrain
+CDM ?= $(VENV)/bin/cdmsegment
+TRAIN_CASES ?= 600
+VAL_CASES ?= 48
+OOD_CASES ?= 60
+TEST_CASES ?= 36
+STEPS ?= 20000
+BATCH ?= 128
+NETWORK ?= --base-channels 32 --channel-mults 1,2,2,4 --attention-levels 3
+DEVICE ?= auto
+IMAGE_SIZE ?= 128
+PHANTOM_OPTS ?=
+CALIBRATE_OPTS ?=
+EVAL_OPTS ?=
+MODEL_NAME ?= brain-flair-phantom
+TRAIN_FAMILIES := core-oedema,infiltrative,multifocal,healthy
+TRAIN_CONTRAST := 1.3,2.5
+HELD_OUT_FAMILIES := ms,cortical,healthy
+HELD_OUT_CONTRAST := 1.1,1.3
+EXPECTS := {"modality": "FLAIR", "skull_stripped": true, "description": "skull-stripped brain MRI (FLAIR)"}
+
+R := $(RETRAIN_DIR)
+TRAINING_DATA := $(TRAIN_CASES) domain-randomised phantom cases ($(TRAIN_FAMILIES), lesion contrast $(TRAIN_CONTRAST)); a phantom-trained demonstration model, not for clinical use
+
+# Each step is a file, so a rerun (after an interruption, or with a later step changed) redoes only what is missing.
+retrain: $(R)/$(MODEL_NAME).pt $(R)/test_families/cases.csv $(R)/test_contrast/cases.csv $(R)/val/cases.csv
+	$(CDM) evaluate-volumes $(R)/test_families -o $(R)/results/families --model $< --fit-threshold-on $(R)/val --device $(DEVICE) $(EVAL_OPTS)
+	$(CDM) evaluate-volumes $(R)/test_contrast -o $(R)/results/contrast --model $< --fit-threshold-on $(R)/val --device $(DEVICE) $(EVAL_OPTS)
+	@echo "Model: $<; tables: $(R)/results/*/volumes.md"
+
+$(R)/train/cases.csv:
+	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(TRAIN_CASES) --seed 1000 $(PHANTOM_OPTS)
+$(R)/val/cases.csv:
+	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(VAL_CASES) --seed 9000 $(PHANTOM_OPTS)
+$(R)/ood/cases.csv:
+	$(CDM) phantom $(@D) --families all --cases $(OOD_CASES) --seed 9100 $(PHANTOM_OPTS)
+$(R)/test_families/cases.csv:
+	$(CDM) phantom $(@D) --families $(HELD_OUT_FAMILIES) --cases $(TEST_CASES) --seed 7000 $(PHANTOM_OPTS)
+$(R)/test_contrast/cases.csv:
+	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(HELD_OUT_CONTRAST) --cases $(TEST_CASES) --seed 7100 $(PHANTOM_OPTS)
+$(R)/train.npz: $(R)/train/cases.csv
+	$(CDM) slices $(<D) --subset all --image-size $(IMAGE_SIZE) -o $@
+$(R)/val.npz: $(R)/val/cases.csv
+	$(CDM) slices $(<D) --subset all --with-masks --image-size $(IMAGE_SIZE) -o $@
+$(R)/trained.pt: $(R)/train.npz
+	$(CDM) train $< -o $(R)/run --steps $(STEPS) --batch-size $(BATCH) $(NETWORK)
+	$(CDM) export $(R)/run/checkpoint.pt -o $@ --name $(MODEL_NAME) --training-data "$(TRAINING_DATA)"
+$(R)/defaults.json: $(R)/trained.pt $(R)/val.npz
+	$(CDM) calibrate $^ -o $@ --device $(DEVICE) $(CALIBRATE_OPTS)
+$(R)/ood.json: $(R)/trained.pt $(R)/ood/cases.csv
+	$(CDM) calibrate-ood $< $(R)/ood -o $@ --device $(DEVICE)
+$(R)/expects.json:
+	mkdir -p $(@D) && echo '$(EXPECTS)' > $@
+$(R)/$(MODEL_NAME).pt: $(R)/trained.pt $(R)/defaults.json $(R)/ood.json $(R)/expects.json
+	$(CDM) set-defaults $< $(R)/defaults.json --ood $(R)/ood.json --expects $(R)/expects.json -o $@
 
 clean:
 	rm -rf $(VENV) $(VIEWS_VENV) $(NEWEST_VENV) demo-output .pytest_cache

@@ -14,6 +14,7 @@ from CDMSegment import SAMPLE_DICE_FLOOR  # the Slicer self-test's floor too
 from CDMSegmentLib.core.reading import read_volume
 from CDMSegmentLib.evaluation.metrics import dice
 from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model, read_registry, sha256_of
+from CDMSegmentLib.core.ood import ood_score
 from CDMSegmentLib.core.runner import segment_volume
 
 SAMPLE = MODELS_DIR.parent / "Sample"
@@ -66,3 +67,25 @@ def test_a_lesion_free_volume_stays_nearly_empty(tmp_path):
     result = segment_volume(load_model(), [flair], device="cpu", log=lambda m: None)
     false_positive_ml = result.mask.sum() * np.prod(flair.spacing_mm) / 1000
     assert false_positive_ml < HEALTHY_FP_CEILING_ML
+
+
+def test_the_model_says_what_it_takes():
+    assert load_model().metadata["expects"] == {"modality": "FLAIR", "skull_stripped": True,
+                                                "description": "skull-stripped brain MRI (FLAIR)"}
+
+
+def test_the_bundled_sample_is_not_flagged_out_of_distribution():
+    result = ood_score(load_model(), [read_volume(SAMPLE / "CDMSegmentSample_flair.nrrd")])
+    assert not result.flagged
+
+
+def test_a_t1_volume_is_flagged_out_of_distribution():
+    import importlib.util
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None:
+        pytest.skip("nilearn holds the MNI152 T1 template")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    t1 = read_volume(folder / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    result = ood_score(load_model(), [t1])
+    assert result.flagged and result.score > 1.5 * result.threshold

@@ -1,6 +1,7 @@
 """Command-line front ends for evaluation: ``evaluate`` (slices, every method) and ``evaluate-volumes`` (3D)."""
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .training_commands import comma_list
@@ -52,24 +53,63 @@ def run_evaluate(args) -> None:
 
 
 def add_evaluate_volumes_parser(sub) -> None:
-    p = sub.add_parser("evaluate-volumes", help="3D quality of the tool on held-out cases with masks, "
-                       "against Otsu on intensity")
+    p = sub.add_parser("evaluate-volumes", help="3D quality of the tool on held-out cases with masks, by lesion family "
+                       "and size, against intensity baselines")
     p.add_argument("data", type=Path, metavar="DATA", help="folder of cases in the BraTS layout (phantoms included)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
     p.add_argument("--model", default=None, help="diffusion model (name or file; default: the bundled model)")
     p.add_argument("--cases", type=int, default=None, help="only the first N cases")
+    p.add_argument("--per-family", type=int, default=None,
+                   help="only the first N cases of each lesion family (randomised phantoms' cases.csv)")
+    p.add_argument("--fit-threshold-on", type=Path, default=None, metavar="TRAINDIR",
+                   help="cases with masks from the training families: fit the calibrated intensity-threshold "
+                        "baseline there (default: only the Otsu baseline)")
+    p.add_argument("--fit-cases", type=int, default=12, help="cases of TRAINDIR used for the fit")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=run_evaluate_volumes)
 
 
-def run_evaluate_volumes(args) -> None:
+def _cases_with_masks(folder: Path, limit=None, per_family=None):
+    """(cases with masks, case id -> family) from a BraTS-layout folder and its cases.csv when there is one."""
+    from ..core.errors import CDMSegmentError
     from ..data.cases import find_brats_cases
-    from ..core.modelfile import load_model
-    from ..evaluation.volumes import evaluate_volumes, summary_table, write_scores
+    from ..data.randomised import read_case_table
 
-    cases = [c for c in find_brats_cases(args.data) if c.seg is not None][:args.cases]
-    scores = evaluate_volumes(cases, load_model(args.model), device=args.device, batch_size=args.batch_size,
-                              log=lambda m: print(m, file=sys.stderr))
+    families = {case: row["family"] for case, row in read_case_table(folder).items()}
+    cases = [c for c in find_brats_cases(folder) if c.seg is not None]
+    if per_family is not None:
+        if not families:
+            raise CDMSegmentError(f"--per-family needs {folder}/cases.csv (written by 'cdmsegment phantom --families')")
+        seen = Counter()
+        kept = []
+        for case in cases:
+            seen[families.get(case.case_id, "")] += 1
+            if seen[families.get(case.case_id, "")] <= per_family:
+                kept.append(case)
+        cases = kept
+    if not cases:
+        raise CDMSegmentError(f"no cases with a segmentation (*_seg.nii.gz) under {folder}")
+    return cases[:limit], families
+
+
+def run_evaluate_volumes(args) -> None:
+    from ..core.reading import read_volume
+    from ..core.modelfile import load_model
+    from ..evaluation.intensity_baselines import fit_intensity_threshold
+    from ..evaluation.volumes import evaluate_volumes, family_table, size_table, summary_table, write_scores
+
+    model = load_model(args.model)
+    cases, families = _cases_with_masks(args.data, args.cases, args.per_family)
+    threshold = None
+    if args.fit_threshold_on is not None:
+        fit_cases, _ = _cases_with_masks(args.fit_threshold_on, args.fit_cases)
+        modality = model.modalities[0]
+        threshold, pooled = fit_intensity_threshold(
+            [(read_volume(c.images[modality]).array, read_volume(c.seg).array > 0) for c in fit_cases])
+        print(f"intensity threshold {threshold:.2f} x the brain's median (pooled Dice {pooled:.3f} on {len(fit_cases)} cases "
+              f"of {args.fit_threshold_on})", file=sys.stderr)
+    scores = evaluate_volumes(cases, model, families=families, intensity_threshold=threshold, device=args.device,
+                              batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
     write_scores(scores, args.output, " ".join(["cdmsegment"] + sys.argv[1:]))
-    print(summary_table(scores))
+    print(summary_table(scores) + "\n" + family_table(scores) + "\n" + size_table(scores))

@@ -28,19 +28,52 @@ def add_phantom_parser(sub) -> None:
     p.add_argument("--lesion-free-fraction", type=float, default=0.25)
     p.add_argument("--in-plane-mm", type=float, default=None, help="fixed in-plane spacing (default: random 1-2 mm)")
     p.add_argument("--slice-mm", type=float, default=None, help="fixed slice thickness (default: random up to 5 mm)")
+    r = p.add_argument_group("domain-randomised FLAIR phantoms (chosen by --families; see data/randomised.py)")
+    r.add_argument("--families", type=comma_list(str), default=None,
+                   help="lesion families taken in turn: core-oedema,infiltrative,multifocal,ms,cortical,healthy "
+                        "(or 'all'); contrast, artefacts and acquisition are drawn per case")
+    r.add_argument("--grey-white", type=comma_list(float), default=None, metavar="LO,HI",
+                   help="grey/white matter ratio range (default 1.0,1.4)")
+    r.add_argument("--csf", type=comma_list(float), default=None, metavar="LO,HI",
+                   help="CSF / grey matter range (default 0.05,0.35)")
+    r.add_argument("--lesion-contrast", type=comma_list(float), default=None, metavar="LO,HI",
+                   help="lesion / grey matter range (default 1.1,2.5)")
+    r.add_argument("--lesion-ml", type=comma_list(float), default=None, metavar="LO,HI",
+                   help="total lesion volume per case (default: the family's range)")
+    r.add_argument("--acquisitions", type=comma_list(str), default=("axial", "coronal", "sagittal"),
+                   help="slice directions drawn from (the thick axis)")
     p.set_defaults(func=run_phantom)
+
+
+RANDOMISED_ONLY = ("grey_white", "csf", "lesion_contrast", "lesion_ml")
 
 
 def run_phantom(args) -> None:
     from tqdm import tqdm
 
-    from ..data.phantom import generate_phantoms
-
     with tqdm(total=args.cases, unit="case", desc="phantoms") as bar:
-        records = generate_phantoms(args.output, args.cases, args.seed, modalities=args.modalities,
-                                    lesion_free_fraction=args.lesion_free_fraction, in_plane_mm=args.in_plane_mm,
-                                    slice_mm=args.slice_mm, progress=lambda done, total: bar.update(1))
-    with_lesion = sum(1 for r in records if r["lesion_voxels"] > 0)
+        if args.families is None:
+            given = [f"--{k.replace('_', '-')}" for k in RANDOMISED_ONLY if getattr(args, k) is not None]
+            if given:
+                raise CDMSegmentError(f"{', '.join(given)} apply to randomised phantoms; add --families (e.g. all)")
+            from ..data.phantom import generate_phantoms
+
+            records = generate_phantoms(args.output, args.cases, args.seed, modalities=args.modalities,
+                                        lesion_free_fraction=args.lesion_free_fraction, in_plane_mm=args.in_plane_mm,
+                                        slice_mm=args.slice_mm, progress=lambda done, total: bar.update(1))
+        else:
+            from ..data.randomised import FAMILIES, contrast_from, generate_randomised
+
+            if list(args.modalities) != ["flair"]:
+                raise CDMSegmentError("randomised phantoms are FLAIR-like only; drop --modalities")
+            if args.lesion_ml is not None and len(args.lesion_ml) != 2:
+                raise CDMSegmentError(f"--lesion-ml needs LO,HI, got {args.lesion_ml}")
+            records = generate_randomised(
+                args.output, args.cases, args.seed, families=list(FAMILIES) if args.families == ["all"] else args.families,
+                contrast=contrast_from(args.grey_white, args.csf, args.lesion_contrast),
+                size_ml=tuple(args.lesion_ml) if args.lesion_ml else None, in_plane_mm=args.in_plane_mm,
+                slice_mm=args.slice_mm, acquisitions=args.acquisitions, progress=lambda done, total: bar.update(1))
+    with_lesion = sum(1 for r in records if any(row["label"] for row in r["slice_rows"]))
     print(f"{len(records)} cases ({with_lesion} with lesions) in {args.output}")
 
 
@@ -212,25 +245,37 @@ def run_calibrate(args) -> None:
 
 
 def add_set_defaults_parser(sub) -> None:
-    p = sub.add_parser("set-defaults", help="write a model file with measured defaults (from calibrate) added, "
-                                            "without retraining")
+    p = sub.add_parser("set-defaults", help="write a model file with measured defaults (from calibrate), its "
+                                            "out-of-distribution reference or what it expects added, without retraining")
     p.add_argument("model", help="model file or registered name")
-    p.add_argument("defaults", type=Path, help="defaults JSON written by 'cdmsegment calibrate'")
+    p.add_argument("defaults", type=Path, nargs="?", default=None, help="defaults JSON written by 'cdmsegment calibrate'")
     p.add_argument("-o", "--output", type=Path, required=True, help="the new model file")
     p.add_argument("--kind", default="diffusion", choices=("diffusion", "classifier"))
+    p.add_argument("--ood", type=Path, default=None, help="OOD reference JSON written by 'cdmsegment calibrate-ood'")
+    p.add_argument("--expects", type=Path, default=None,
+                   help='JSON of what the model takes, e.g. {"modality": "FLAIR", "skull_stripped": true, '
+                        '"description": "skull-stripped brain MRI (FLAIR)"}')
     p.set_defaults(func=run_set_defaults)
+
+
+def _json_object(path: Path, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CDMSegmentError(f"cannot read {what} from {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise CDMSegmentError(f"{path} must hold a JSON object of {what}")
+    return value
 
 
 def run_set_defaults(args) -> None:
     from ..core.modelfile import load_model, with_defaults
 
-    try:
-        defaults = json.loads(args.defaults.read_text())
-    except (OSError, ValueError) as e:
-        raise CDMSegmentError(f"cannot read defaults from {args.defaults}: {e}") from None
-    if not isinstance(defaults, dict):
-        raise CDMSegmentError(f"{args.defaults} must hold a JSON object of defaults")
-    sha = with_defaults(load_model(args.model, kind=args.kind), defaults, args.output)
+    if args.defaults is None and args.ood is None and args.expects is None:
+        raise CDMSegmentError("nothing to write: give a defaults JSON, --ood or --expects")
+    defaults = _json_object(args.defaults, "defaults") if args.defaults else {}
+    extra = {k: _json_object(path, k) for k, path in (("ood", args.ood), ("expects", args.expects)) if path}
+    sha = with_defaults(load_model(args.model, kind=args.kind), defaults, args.output, **extra)
     print(f"{args.output}: sha256 {sha}, {args.output.stat().st_size / 1e6:.1f} MB")
 
 

@@ -101,9 +101,10 @@ def registered_classifier(model: "LoadedModel", registry: Path = REGISTRY_FILE) 
     return name if any(e["name"] == name and e.get("kind") == "classifier" for e in entries) else None
 
 
-def with_defaults(model: "LoadedModel", defaults: dict, path: Union[str, Path]) -> str:
-    """Write ``model`` again with ``defaults`` merged into its metadata (after a calibration); returns the SHA256."""
-    return save_model(model.network, {**model.metadata, "defaults": {**model.defaults, **defaults}}, path)
+def with_defaults(model: "LoadedModel", defaults: dict, path: Union[str, Path], **metadata) -> str:
+    """Write ``model`` again with ``defaults`` merged into its metadata (after a calibration) and top-level
+    ``metadata`` keys (e.g. ``ood``, ``expects``) replaced; returns the SHA256."""
+    return save_model(model.network, {**model.metadata, **metadata, "defaults": {**model.defaults, **defaults}}, path)
 
 
 def resolve_model_path(name_or_path: Union[str, Path, None], kind: str = "diffusion",

@@ -73,7 +73,7 @@ def load_template() -> Dict[str, np.ndarray]:
     return {k: np.pad(v[crop], m) for k, v in maps.items()}
 
 
-def _smooth_random_field(rng: np.random.Generator, axes_mm: Sequence[np.ndarray], spacing_mm: float,
+def smooth_random_field(rng: np.random.Generator, axes_mm: Sequence[np.ndarray], spacing_mm: float,
                          std: float) -> np.ndarray:
     """A smooth random field on the grid ``axes_mm`` (three 1D coordinate vectors): Gaussian bumps on a coarse lattice.
 
@@ -104,7 +104,7 @@ def _rotation(angles_rad: Sequence[float]) -> np.ndarray:
     return r
 
 
-def _warped_tissue(rng: np.random.Generator, axes_mm: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
+def warped_tissue(rng: np.random.Generator, axes_mm: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
     """Tissue fractions on the output grid: template sampled through a random affine plus elastic warp.
 
     Output point q (mm, centred) reads the template at centre + M (q - shift) + d(q):
@@ -118,38 +118,45 @@ def _warped_tissue(rng: np.random.Generator, axes_mm: Sequence[np.ndarray]) -> D
     grids = np.meshgrid(*[x - s for x, s in zip(axes_mm, shift)], indexing="ij", sparse=True)
     coords = []
     for a in range(3):
-        d = _smooth_random_field(rng, axes_mm, 30.0, 2.0)
+        d = smooth_random_field(rng, axes_mm, 30.0, 2.0)
         coords.append(centre[a] + d + sum(np.float32(m[a, b]) * grids[b] for b in range(3)))
     return {k: ndi.map_coordinates(template[k], coords, order=1, mode="constant", cval=0.0, prefilter=False)
             for k in ("brain", "csf", "gm", "wm")}
 
 
-def _lesion(rng: np.random.Generator, axes_mm: Sequence[np.ndarray], centre_mm: np.ndarray,
-            radius_mm: float) -> Tuple[Tuple[slice, ...], np.ndarray, np.ndarray]:
-    """One irregular lesion: (box, whole-tumour mask, core mask) with masks the box's shape.
+def lesion_field(rng: np.random.Generator, axes_mm: Sequence[np.ndarray], centre_mm: np.ndarray, radius_mm: float,
+                 roughness: float = 0.35, max_lobes: int = 3, reach: float = 2.2) -> Tuple[Tuple[slice, ...], np.ndarray]:
+    """An irregular lesion's shape field: (box, level) with ``level`` the box's shape; the lesion is ``level < 1``.
 
-    The shape is a union of 1-3 randomly oriented ellipsoids whose normalised distance
-    is perturbed by smooth noise (amplitude ~35 % of the radius), so it is lobulated,
-    not a sphere. The core is a lower level set of the same field, hence inside the oedema.
+    The shape is a union of 1-``max_lobes`` randomly oriented ellipsoids whose normalised
+    distance is perturbed by smooth noise (amplitude ``roughness`` of the radius), so it is
+    lobulated, not a sphere. Lower level sets are inner regions (a core); higher ones grow
+    the lesion up to ``reach`` radii, the box's half-width.
     """
     box, local = [], []
     for x, c in zip(axes_mm, centre_mm):
-        idx = np.flatnonzero(np.abs(x - c) <= 2.2 * radius_mm + 2.0)
+        idx = np.flatnonzero(np.abs(x - c) <= reach * radius_mm + 2.0)
         box.append(slice(int(idx[0]), int(idx[-1]) + 1))  # never empty: the centre is a grid point
         local.append((x[box[-1]] - c).astype(np.float32))
     grid = np.meshgrid(*local, indexing="ij", sparse=True)
     distance = np.full([len(x) for x in local], np.inf, dtype=np.float32)
-    for lobe in range(rng.integers(1, 4)):
+    for lobe in range(rng.integers(1, max_lobes + 1)):
         offset = rng.normal(0, 0.45 * radius_mm, 3) if lobe else np.zeros(3)
         axes = radius_mm * rng.uniform(0.55, 1.0, 3) * (1.0 if lobe == 0 else rng.uniform(0.5, 0.9))
         r = _rotation(rng.uniform(0, np.pi, 3))
         d2 = sum((sum(np.float32(r[b, a]) * (grid[b] - offset[b]) for b in range(3)) / axes[a]) ** 2 for a in range(3))
         distance = np.minimum(distance, np.sqrt(d2))
-    noise = _smooth_random_field(rng, local, max(radius_mm / 2.5, 1.0), 0.35)
-    level = distance + noise
+    noise = smooth_random_field(rng, local, max(radius_mm / 2.5, 1.0), roughness)
+    return tuple(box), distance + noise
+
+
+def _lesion(rng: np.random.Generator, axes_mm: Sequence[np.ndarray], centre_mm: np.ndarray,
+            radius_mm: float) -> Tuple[Tuple[slice, ...], np.ndarray, np.ndarray]:
+    """One core-in-oedema lesion: (box, whole-tumour mask, core mask); the core is a lower level set, inside."""
+    box, level = lesion_field(rng, axes_mm, centre_mm, radius_mm)
     whole = level < 1.0
     core = level < rng.uniform(0.35, 0.7)
-    return tuple(box), whole, core
+    return box, whole, core
 
 
 def _lesions(rng: np.random.Generator, axes_mm: Sequence[np.ndarray], tissue: Dict[str, np.ndarray],
@@ -185,34 +192,38 @@ def _contrast(rng: np.random.Generator, modality: str, tissue: Dict[str, np.ndar
     return np.where(whole, lesion * tissue["brain"], normal).astype(np.float32)
 
 
-def _output_axes(in_plane_mm: float, slice_mm: float, sub_slices: int) -> Tuple[List[np.ndarray], Tuple[int, ...]]:
+def output_axes(in_plane_mm: float, slice_mm: float, sub_slices: int,
+                thick_axis: int = 0) -> Tuple[List[np.ndarray], Tuple[int, ...]]:
     """Fine sample positions (mm, centred) along canonical (S, P, L) and the output shape.
 
-    Each output slice of thickness ``slice_mm`` is sampled at ``sub_slices`` evenly spaced
+    Slices of thickness ``slice_mm`` are stacked along canonical ``thick_axis`` (0 axial,
+    1 coronal, 2 sagittal acquisition). Each is sampled at ``sub_slices`` evenly spaced
     depths and averaged later, which models the partial volume of a thick slice.
     """
     extent_mm = np.array(load_template()["brain"].shape, dtype=float)
-    spacing = (slice_mm, in_plane_mm, in_plane_mm)
+    spacing = [in_plane_mm] * 3
+    spacing[thick_axis] = slice_mm
     shape = tuple(max(1, int(round(e / s))) for e, s in zip(extent_mm, spacing))
     axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing)]
     offsets = ((np.arange(sub_slices) + 0.5) / sub_slices - 0.5) * slice_mm
-    axes[0] = (axes[0][:, None] + offsets[None, :]).ravel()
+    axes[thick_axis] = (axes[thick_axis][:, None] + offsets[None, :]).ravel()
     return [a.astype(np.float32) for a in axes], shape
 
 
-def _slab_mean(a: np.ndarray, sub_slices: int) -> np.ndarray:
-    """(S * sub_slices, P, L) -> (S, P, L): average the sub-slices of each thick slice."""
-    return a.reshape(-1, sub_slices, *a.shape[1:]).mean(axis=1, dtype=np.float32)
+def slab_mean(a: np.ndarray, sub_slices: int, thick_axis: int = 0) -> np.ndarray:
+    """Average the ``sub_slices`` fine samples of each thick slice along ``thick_axis``: (.. S * n ..) -> (.. S ..)."""
+    shape = a.shape[:thick_axis] + (-1, sub_slices) + a.shape[thick_axis + 1:]
+    return a.reshape(shape).mean(axis=thick_axis + 1, dtype=np.float32)
 
 
-def _rician(rng: np.random.Generator, signal: np.ndarray, sigma: float) -> np.ndarray:
+def rician(rng: np.random.Generator, signal: np.ndarray, sigma: float) -> np.ndarray:
     """Magnitude of a complex signal with Gaussian noise on both channels (MR magnitude images are Rician)."""
     real = signal + rng.normal(0.0, sigma, signal.shape).astype(np.float32)
     imaginary = rng.normal(0.0, sigma, signal.shape).astype(np.float32)
     return np.sqrt(real * real + imaginary * imaginary)
 
 
-def _check_direction(direction) -> np.ndarray:
+def check_direction(direction) -> np.ndarray:
     d = np.eye(3) if direction is None else np.asarray(direction, dtype=float).reshape(3, 3)
     if not (np.allclose(np.abs(d).sum(axis=0), 1) and np.allclose(np.abs(d).sum(axis=1), 1) and np.isin(d, (-1, 0, 1)).all()):
         raise CDMSegmentError("phantom direction must be axis-aligned (a 3x3 signed permutation matrix, e.g. "
@@ -220,7 +231,7 @@ def _check_direction(direction) -> np.ndarray:
     return d
 
 
-def _to_volume(canonical: np.ndarray, spacing_canonical_mm: Sequence[float], direction: np.ndarray) -> Volume:
+def to_volume(canonical: np.ndarray, spacing_canonical_mm: Sequence[float], direction: np.ndarray) -> Volume:
     """Place a canonical (S, P, L) array on a grid with ``direction``; the anatomy stays where it is in space."""
     orientation = Orientation.from_direction(direction, (1.0, 1.0, 1.0))
     array = np.ascontiguousarray(orientation.from_canonical(canonical))
@@ -247,20 +258,20 @@ def generate_case(outdir, seed: int, index: int, *, modalities: Sequence[str] = 
     count and voxels, per-slice rows for slice_labels.csv, seconds).
     """
     start = time.perf_counter()
-    direction = _check_direction(direction)
+    direction = check_direction(direction)
     rng = np.random.default_rng([int(seed), int(index)])
     in_plane = float(in_plane_mm) if in_plane_mm is not None else float(rng.uniform(1.0, 2.0))
     thickness = float(slice_mm) if slice_mm is not None else float(rng.uniform(in_plane, 5.0))
     sub_slices = max(1, int(round(thickness / 1.5)))
-    axes_mm, shape = _output_axes(in_plane, thickness, sub_slices)
+    axes_mm, shape = output_axes(in_plane, thickness, sub_slices)
 
-    tissue = _warped_tissue(rng, axes_mm)
+    tissue = warped_tissue(rng, axes_mm)
     lesion_free = np.floor((index + 1) * lesion_free_fraction) > np.floor(index * lesion_free_fraction)
     count = 0 if lesion_free else int(rng.choice([1, 2, 3], p=[0.6, 0.25, 0.15]))
     whole, core = _lesions(rng, axes_mm, tissue, count)
 
-    brain = _slab_mean(tissue["brain"], sub_slices) >= 0.5
-    whole_fraction, core_fraction = _slab_mean(whole, sub_slices), _slab_mean(core, sub_slices)
+    brain = slab_mean(tissue["brain"], sub_slices) >= 0.5
+    whole_fraction, core_fraction = slab_mean(whole, sub_slices), slab_mean(core, sub_slices)
     seg = np.where(core_fraction >= 0.5, 1, np.where(whole_fraction >= 0.5, 2, 0)).astype(np.uint8) * brain
     spacing = (thickness, in_plane, in_plane)
     bias_axes = [np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)]
@@ -270,24 +281,38 @@ def generate_case(outdir, seed: int, index: int, *, modalities: Sequence[str] = 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for modality in modalities:
-        signal = _slab_mean(_contrast(rng, modality, tissue, whole, core), sub_slices)
-        bias = np.exp(_smooth_random_field(rng, bias_axes, 80.0, rng.uniform(0.05, 0.15)))
+        signal = slab_mean(_contrast(rng, modality, tissue, whole, core), sub_slices)
+        bias = np.exp(smooth_random_field(rng, bias_axes, 80.0, rng.uniform(0.05, 0.15)))
         signal *= bias * np.float32(FULL_SCALE)
         sigma = rng.uniform(0.02, 0.05) * float(signal[brain].mean())
-        image = np.where(brain, np.clip(np.rint(_rician(rng, signal, sigma)), 1, 32767), 0).astype(np.int16)
+        image = np.where(brain, np.clip(np.rint(rician(rng, signal, sigma)), 1, 32767), 0).astype(np.int16)
         paths[modality] = folder / f"{case_id}_{modality}.nii.gz"
-        sitk.WriteImage(_to_volume(image, spacing, direction).to_sitk(), str(paths[modality]), True)
-    seg_volume = _to_volume(seg, spacing, direction)
+        sitk.WriteImage(to_volume(image, spacing, direction).to_sitk(), str(paths[modality]), True)
+    seg_volume = to_volume(seg, spacing, direction)
     seg_path = folder / f"{case_id}_seg.nii.gz"
     sitk.WriteImage(seg_volume.to_sitk(), str(seg_path), True)
 
-    axial = Orientation.from_direction(direction, (1.0, 1.0, 1.0)).perm[0]
-    per_slice = (seg_volume.array > 0).sum(axis=tuple(a for a in range(3) if a != axial))
-    rows = [{"case": case_id, "axis": "axial", "slice": k, "label": int(v > 0), "lesion_voxels": int(v)}
-            for k, v in enumerate(per_slice)]
+    rows = axial_slice_rows(case_id, seg_volume)
     return {"case": case_id, "images": paths, "seg": seg_path, "spacing_mm": seg_volume.spacing_mm,
-            "lesions": count, "lesion_voxels": int(per_slice.sum()), "slice_rows": rows,
+            "lesions": count, "lesion_voxels": sum(r["lesion_voxels"] for r in rows), "slice_rows": rows,
             "seconds": time.perf_counter() - start}
+
+
+def axial_slice_rows(case_id: str, seg_volume: Volume) -> List[dict]:
+    """slice_labels.csv rows of one case: per axial slice (whatever the array order), label and lesion voxels."""
+    axial = Orientation.from_direction(seg_volume.direction, (1.0, 1.0, 1.0)).perm[0]
+    per_slice = (seg_volume.array > 0).sum(axis=tuple(a for a in range(3) if a != axial))
+    return [{"case": case_id, "axis": "axial", "slice": k, "label": int(v > 0), "lesion_voxels": int(v)}
+            for k, v in enumerate(per_slice)]
+
+
+def write_slice_labels(outdir: Path, records: Sequence[dict]) -> None:
+    """OUTDIR/slice_labels.csv from the case records' per-slice rows."""
+    with open(Path(outdir) / "slice_labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["case", "axis", "slice", "label", "lesion_voxels"])
+        writer.writeheader()
+        for record in records:
+            writer.writerows(record["slice_rows"])
 
 
 def generate_phantoms(outdir, cases: int, seed: int, *, modalities: Sequence[str] = ("flair",),
@@ -318,9 +343,5 @@ def generate_phantoms(outdir, cases: int, seed: int, *, modalities: Sequence[str
                                      slice_mm=slice_mm, direction=direction))
         if progress is not None:
             progress(index + 1, int(cases))
-    with open(outdir / "slice_labels.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", "axis", "slice", "label", "lesion_voxels"])
-        writer.writeheader()
-        for record in records:
-            writer.writerows(record["slice_rows"])
+    write_slice_labels(outdir, records)
     return records

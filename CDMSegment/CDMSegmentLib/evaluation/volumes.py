@@ -1,27 +1,29 @@
 """Measured quality on whole volumes: what a user of the tool gets, on the input's own grid.
 
 For each held-out case the full runner makes the mask (volume-level threshold), and we
-report 3D Dice per volume, the paper's per-slice Dice on axial lesion slices, and the
-false-positive volume on lesion-free cases. A plain baseline - Otsu's threshold on the
-intensities of the brain - shows what the figures mean: bright-lesion FLAIR is where
-intensity alone does best.
+report 3D Dice per volume, the paper's per-slice Dice on axial lesion slices, detection
+(any overlap with the lesion), and the false-positive volume on lesion-free cases, overall,
+by lesion family (randomised phantoms' ``cases.csv``) and by lesion volume. Two baselines
+on intensity alone (``intensity_baselines``) show what the figures mean.
 """
 
 import csv
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..data.cases import Case
 from ..core.reading import read_volume
+from .intensity_baselines import intensity_otsu_mask, intensity_threshold_mask
 from .metrics import dice, nan_mean
 from ..core.modelfile import LoadedModel
 from ..core.slicing import Orientation
-from ..core.threshold import otsu_threshold
 from ..core.runner import segment_volume
+
+SIZE_BINS_ML = (0.0, 1.0, 5.0, 20.0, 100.0, np.inf)
 
 
 @dataclass
@@ -34,29 +36,33 @@ class VolumeScore:
     slice_dice: float  # mean over axial slices with lesion (the paper's protocol); NaN on lesion-free cases
     false_positive_ml: float  # predicted volume outside the lesion
     seconds: float
-
-
-def intensity_otsu_mask(array: np.ndarray) -> np.ndarray:
-    """The baseline: voxels brighter than Otsu's threshold of the non-zero (brain) intensities."""
-    brain = array != 0
-    return (array > otsu_threshold(array[brain])) & brain
+    family: str = ""  # lesion family of a randomised phantom, else ""
+    detected: float = float("nan")  # 1 when the prediction touches the lesion, 0 when not; NaN on lesion-free cases
 
 
 def score_volume(case: str, method: str, pred: np.ndarray, truth: np.ndarray, orientation: Orientation,
-                 voxel_ml: float, seconds: float) -> VolumeScore:
+                 voxel_ml: float, seconds: float, family: str = "") -> VolumeScore:
     pred_c, truth_c = orientation.to_canonical(pred), orientation.to_canonical(truth)
     lesion_slices = [k for k in range(truth_c.shape[0]) if truth_c[k].any()]
     return VolumeScore(
         case, method, float(truth.sum() * voxel_ml), float(pred.sum() * voxel_ml),
         dice(pred, truth) if truth.any() else float("nan"),
         nan_mean([dice(pred_c[k], truth_c[k]) for k in lesion_slices])[0] if lesion_slices else float("nan"),
-        float((pred & ~truth).sum() * voxel_ml), seconds)
+        float((pred & ~truth).sum() * voxel_ml), seconds, family,
+        float((pred & truth).any()) if truth.any() else float("nan"))
 
 
 def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Optional[Sequence[str]] = None,
+                     families: Optional[Dict[str, str]] = None, intensity_threshold: Optional[float] = None,
                      log: Callable[[str], None] = print, **run_options) -> List[VolumeScore]:
-    """CDM (the model's defaults unless overridden) and the intensity-Otsu baseline on every case."""
+    """CDM (the model's defaults unless overridden) and the intensity baselines on every case.
+
+    families: case id -> lesion family, for the per-family tables. intensity_threshold: the
+    calibrated threshold on relative intensity (``fit_intensity_threshold`` on training
+    families, in multiples of the brain's median); without it only the Otsu baseline runs.
+    """
     modalities = list(modalities or model.modalities)
+    families = families or {}
     scores = []
     for n, case in enumerate(cases, start=1):
         volumes = [read_volume(case.images[m]) for m in modalities]
@@ -64,15 +70,20 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         ref = volumes[0]
         orientation = Orientation.from_direction(ref.direction, ref.spacing_mm)
         voxel_ml = float(np.prod(ref.spacing_mm)) / 1000
+        family = families.get(case.case_id, "")
         result = segment_volume(model, volumes, log=lambda m: None, **run_options)
-        scores.append(score_volume(case.case_id, "CDM", result.mask > 0, truth, orientation, voxel_ml,
-                                   result.seconds))
-        start = time.perf_counter()
-        baseline = intensity_otsu_mask(ref.array)
-        scores.append(score_volume(case.case_id, "Otsu on intensity", baseline, truth, orientation, voxel_ml,
-                                   time.perf_counter() - start))
-        log(f"{n}/{len(cases)} {case.case_id}: CDM 3D Dice {scores[-2].dice_3d:.3f}, "
-            f"false positives {scores[-2].false_positive_ml:.2f} ml, {result.seconds:.1f} s")
+        cdm = score_volume(case.case_id, "CDM", result.mask > 0, truth, orientation, voxel_ml, result.seconds, family)
+        scores.append(cdm)
+        baselines = {"Otsu on intensity": intensity_otsu_mask}
+        if intensity_threshold is not None:
+            baselines["intensity threshold (calibrated)"] = lambda a: intensity_threshold_mask(a, intensity_threshold)
+        for name, make_mask in baselines.items():
+            start = time.perf_counter()
+            mask = make_mask(ref.array)
+            scores.append(score_volume(case.case_id, name, mask, truth, orientation, voxel_ml,
+                                       time.perf_counter() - start, family))
+        log(f"{n}/{len(cases)} {case.case_id} {family}: CDM 3D Dice {cdm.dice_3d:.3f}, "
+            f"false positives {cdm.false_positive_ml:.2f} ml, {result.seconds:.1f} s")
     return scores
 
 
@@ -93,6 +104,39 @@ def summary_table(scores: Sequence[VolumeScore]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _group_row(rows: Sequence[VolumeScore]) -> str:
+    lesion = [s for s in rows if s.lesion_ml > 0]
+    healthy = [s for s in rows if s.lesion_ml == 0]
+    d3 = [s.dice_3d for s in lesion]
+    found = [s.detected for s in lesion]
+    fp = [s.false_positive_ml for s in healthy]
+    return (f"{len(lesion)} | {np.nanmean(d3):.3f} | {100 * np.nanmean(found):.0f} % | " if lesion else "0 | - | - | ") + \
+           (f"{len(healthy)} | {np.mean(fp):.2f} |" if healthy else "0 | - |")
+
+
+def family_table(scores: Sequence[VolumeScore]) -> str:
+    """Markdown, per lesion family and method: mean 3D Dice, detection, false positives on lesion-free cases."""
+    lines = ["| family | method | volumes with lesion | 3D Dice (mean) | detected | lesion-free volumes | "
+             "false positives (ml, mean) |", "|---|---|---|---|---|---|---|"]
+    for family in sorted(dict.fromkeys(s.family for s in scores)):
+        for method in dict.fromkeys(s.method for s in scores):
+            rows = [s for s in scores if s.family == family and s.method == method]
+            lines.append(f"| {family or '-'} | {method} | {_group_row(rows)}")
+    return "\n".join(lines) + "\n"
+
+
+def size_table(scores: Sequence[VolumeScore]) -> str:
+    """Markdown, per lesion-volume bin (ml) and method: mean 3D Dice and detection (any overlap)."""
+    lines = ["| lesion volume (ml) | method | volumes | 3D Dice (mean) | detected |", "|---|---|---|---|---|"]
+    for lo, hi in zip(SIZE_BINS_ML[:-1], SIZE_BINS_ML[1:]):
+        for method in dict.fromkeys(s.method for s in scores):
+            rows = [s for s in scores if s.method == method and lo < s.lesion_ml <= hi]
+            if rows:
+                lines.append(f"| {lo:g}-{hi:g} | {method} | {len(rows)} | {np.nanmean([s.dice_3d for s in rows]):.3f} | "
+                             f"{100 * np.mean([s.detected for s in rows]):.0f} % |")
+    return "\n".join(lines) + "\n"
+
+
 def write_scores(scores: Sequence[VolumeScore], output_dir: Path, command: str) -> List[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = output_dir / "volumes.csv", output_dir / "volumes.md"
@@ -100,5 +144,6 @@ def write_scores(scores: Sequence[VolumeScore], output_dir: Path, command: str) 
         writer = csv.DictWriter(f, fieldnames=list(asdict(scores[0])))
         writer.writeheader()
         writer.writerows(asdict(s) for s in scores)
-    md_path.write_text(f"Command: `{command}`\n\n" + summary_table(scores))
+    md_path.write_text(f"Command: `{command}`\n\n" + summary_table(scores) + "\n" + family_table(scores)
+                       + "\n" + size_table(scores))
     return [md_path, csv_path]

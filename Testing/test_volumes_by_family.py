@@ -1,0 +1,79 @@
+"""Volume evaluation by lesion family and size, with the two intensity baselines."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from CDMSegmentLib.cli.main import main
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.evaluation.intensity_baselines import (fit_intensity_threshold, intensity_otsu_mask,
+                                                          intensity_threshold_mask)
+from CDMSegmentLib.evaluation.volumes import VolumeScore, family_table, size_table
+
+from conftest import make_tiny_model_file
+
+
+def bright_lesion_volume(lesion_value: float, seed: int):
+    """(image, truth): brain at 300-400 with a 4x4x4 lesion at ``lesion_value``; zero background."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((12, 16, 16), np.float32)
+    image[2:10, 2:14, 2:14] = rng.uniform(300, 400, (8, 12, 12))
+    truth = np.zeros(image.shape, bool)
+    truth[4:8, 5:9, 5:9] = True
+    image[truth] = lesion_value
+    return image, truth
+
+
+def test_the_calibrated_threshold_separates_lesion_from_brain_and_beats_otsu_on_a_healthy_volume():
+    pairs = [bright_lesion_volume(700.0, s) for s in range(3)]
+    healthy = bright_lesion_volume(350.0, 9)[0]
+    threshold, pooled = fit_intensity_threshold(pairs + [(healthy, np.zeros(healthy.shape, bool))])
+    assert pooled == pytest.approx(1.0) and 400 / 350 < threshold < 700 / 350  # brain at most 1.14 x its median
+    image, truth = pairs[0]
+    assert np.array_equal(intensity_threshold_mask(image, threshold), truth)
+    assert intensity_threshold_mask(healthy, threshold).sum() == 0
+    assert intensity_otsu_mask(healthy).sum() > 0.2 * (healthy > 0).sum()  # Otsu always finds something
+
+
+def test_fitting_needs_a_lesion():
+    image = bright_lesion_volume(350.0, 0)[0]
+    with pytest.raises(CDMSegmentError, match="cases with lesion masks"):
+        fit_intensity_threshold([(image, np.zeros(image.shape, bool))])
+
+
+def score(case, method, family, lesion_ml, dice_3d, detected, fp=0.0):
+    return VolumeScore(case, method, lesion_ml, 0.0, dice_3d, dice_3d, fp, 1.0, family, detected)
+
+
+def test_tables_group_by_family_and_by_lesion_volume():
+    scores = [score("a", "CDM", "ms", 2.0, 0.2, 1.0), score("b", "CDM", "ms", 3.0, 0.0, 0.0),
+              score("c", "CDM", "core-oedema", 120.0, 0.8, 1.0),
+              score("d", "CDM", "healthy", 0.0, float("nan"), float("nan"), fp=4.0)]
+    families = family_table(scores)
+    assert "| ms | CDM | 2 | 0.100 | 50 % | 0 | - |" in families
+    assert "| core-oedema | CDM | 1 | 0.800 | 100 % | 0 | - |" in families
+    assert "| healthy | CDM | 0 | - | - | 1 | 4.00 |" in families
+    sizes = size_table(scores)
+    assert "| 1-5 | CDM | 2 | 0.100 | 50 % |" in sizes and "| 100-inf | CDM | 1 | 0.800 | 100 % |" in sizes
+    assert "healthy" not in sizes
+
+
+def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, capsys):
+    pytest.importorskip("nilearn")
+    from CDMSegmentLib.data.randomised import generate_randomised
+
+    data = tmp_path / "test"
+    generate_randomised(data, 4, 3, families=("cortical", "healthy"), in_plane_mm=3.0, slice_mm=4.0)
+    model = tmp_path / "tiny.pt"
+    make_tiny_model_file(model, modalities=("flair",))
+    code = main(["evaluate-volumes", str(data), "-o", str(tmp_path / "out"), "--model", str(model), "--device", "cpu",
+                 "--per-family", "1", "--fit-threshold-on", str(data)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "| cortical | intensity threshold (calibrated) | 1 |" in out.out
+    assert "| healthy | Otsu on intensity | 0 | - | - | 1 |" in out.out
+    with open(tmp_path / "out" / "volumes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3 and {r["family"] for r in rows} == {"cortical", "healthy"}
+    assert "| family |" in (tmp_path / "out" / "volumes.md").read_text()
