@@ -14,6 +14,7 @@ from CDMSegment import SAMPLE_DICE_FLOOR  # the Slicer self-test's floor too
 from CDMSegmentLib.core.reading import read_volume
 from CDMSegmentLib.evaluation.metrics import dice
 from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model, read_registry, sha256_of
+from CDMSegmentLib.core.errors import Cancelled, CDMSegmentError
 from CDMSegmentLib.core.ood import ood_score
 from CDMSegmentLib.core.runner import segment_volume
 
@@ -79,13 +80,26 @@ def test_the_bundled_sample_is_not_flagged_out_of_distribution():
     assert not result.flagged
 
 
-def test_a_t1_volume_is_flagged_out_of_distribution():
+def _mni_t1():
     import importlib.util
 
     spec = importlib.util.find_spec("nilearn")
     if spec is None:
         pytest.skip("nilearn holds the MNI152 T1 template")
     folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-    t1 = read_volume(folder / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
-    result = ood_score(load_model(), [t1])
+    return read_volume(folder / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+
+
+def test_a_t1_volume_is_flagged_out_of_distribution():
+    result = ood_score(load_model(), [_mni_t1()])
     assert result.flagged and result.score > 1.5 * result.threshold
+
+
+def test_a_skull_stripped_t1_is_refused_by_the_runner_unless_forced():
+    """No header says it is a T1 and it has a zero background: only the model's own score can tell, and it
+    refuses before the run (the segmentation would be 'tumour' on white matter)."""
+    t1 = _mni_t1()
+    with pytest.raises(CDMSegmentError, match="out-of-distribution score .* refuses above .*--force"):
+        segment_volume(load_model(), [t1], device="cpu", log=lambda m: None, cancel=lambda: True)
+    with pytest.raises(Cancelled):  # forced: it passes the check and reaches the run, which is cancelled at once
+        segment_volume(load_model(), [t1], device="cpu", log=lambda m: None, cancel=lambda: True, force=True)

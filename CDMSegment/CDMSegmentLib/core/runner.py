@@ -19,7 +19,8 @@ from .image import Volume, check_geometry, check_same_grid
 from .intensity import normalise_volume
 from .methods import CDMParams, build_method, calibrated_threshold, network_evaluations_per_slice
 from .modelfile import LoadedModel
-from .plausibility import check_plausible
+from .ood import ood_score
+from .plausibility import check_plausible, ood_finding
 from .slicing import Orientation, extract_slices, insert_slices
 from .threshold import make_mask, resolve_threshold, voxels_for_ml
 from .tissue import slices_with_content, tissue_mask
@@ -88,7 +89,9 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     """
     start = time.perf_counter()
     check_inputs(model, volumes)
-    warnings = check_plausible(model.metadata, volumes, model.modalities, force)
+    dev = choose_device(device, log)
+    warnings = check_plausible(model.metadata, volumes, model.modalities, force,
+                               lambda: [ood_finding(ood_score(model, volumes, device=dev))])
     for warning in warnings:
         log(f"warning: {warning}")
     if precision not in PRECISIONS:
@@ -111,7 +114,6 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     content_c = np.moveaxis(orientation.to_canonical(content_voxels), canonical_axis, 0)
     with_content = slices_with_content(content_c)
     total = len(with_content)
-    dev = choose_device(device, log)
     maps = torch.zeros(slices.shape[0], model.image_size, model.image_size)
     done = 0
     if progress:
