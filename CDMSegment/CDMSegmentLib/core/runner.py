@@ -17,7 +17,8 @@ from .device import PRECISIONS, autocast, choose_device, is_out_of_memory
 from .errors import Cancelled, CDMSegmentError
 from .image import Volume, check_same_grid
 from .intensity import normalise_volume
-from .methods import CDMParams, build_method, calibrated_threshold, network_evaluations_per_slice
+from .crop import DEFAULT_CROP_MARGIN_PX, crop_window, tissue_boxes
+from .methods import CDM_METHODS, CDMParams, build_method, calibrated_threshold, draw_noise, network_evaluations_per_slice
 from .modelfile import LoadedModel
 from .slicing import Orientation, extract_slices, insert_slices
 from .threshold import make_mask, resolve_threshold
@@ -65,11 +66,23 @@ def _normalised(model: LoadedModel, volumes: Sequence[Volume]) -> np.ndarray:
     return np.stack(out)
 
 
+# Slices per batch when neither the caller nor the model's ``batch_size`` default (per device type) says.
+# CPU: 4 ran 1.6x faster than 16 on two AVX2 cores (bench/bench_speed.py): a small batch's activations stay in
+# cache. CUDA: not measured here; a GPU wants large batches, and out of memory halves them.
+BATCH_SIZE = {"cpu": 4, "cuda": 64}
+
+
+def default_batch_size(model: LoadedModel, device: torch.device) -> int:
+    """Slices per batch on ``device``: the model's measured ``batch_size`` for its type, else BATCH_SIZE."""
+    measured = model.defaults.get("batch_size", {})
+    return int(measured.get(device.type, BATCH_SIZE.get(device.type, 16)))
+
+
 def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str = "cdm", target_class: int = 1,
                    params: Optional[CDMParams] = None, classifier: Optional[LoadedModel] = None,
-                   device: str = "auto", axis: Union[str, int] = "auto", batch_size: int = 16,
+                   device: str = "auto", axis: Union[str, int] = "auto", batch_size: Optional[int] = None,
                    threshold: Union[str, float, None] = None, min_component_voxels: Optional[int] = None,
-                   precision: str = "auto", seed: int = 0,
+                   precision: str = "auto", seed: int = 0, crop: bool = True, crop_margin_px: Optional[int] = None,
                    progress: Optional[Callable[[int, int], None]] = None, cancel=None,
                    log: Callable[[str], None] = print) -> SegmentationResult:
     """Run ``method`` slice by slice over the volume and threshold the heatmap at volume level.
@@ -77,14 +90,18 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     volumes: one Volume per model modality, on one grid. threshold: 'model' (calibrated on held-out
     data for this method, the default when there is one), 'otsu' (over the volume) or a number.
     min_component_voxels: 3D components smaller than this are dropped (default: the model's
-    ``min_component_ml`` at this volume's spacing). progress(done, total)
+    ``min_component_ml`` at this volume's spacing). batch_size: slices per batch (default:
+    ``default_batch_size``). crop: run CDM only on each batch's tissue bounding box plus
+    ``crop_margin_px`` model pixels (default: the model's ``crop_margin_px``, else
+    crop.DEFAULT_CROP_MARGIN_PX); the other methods always see the whole slice. progress(done, total)
     counts slices with content; cancel (callable or threading.Event) stops between batches with Cancelled.
+    Everything from the resized slices to the resized heatmap stays on the device.
     """
     start = time.perf_counter()
     check_inputs(model, volumes)
     if precision not in PRECISIONS:
         raise CDMSegmentError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise CDMSegmentError(f"batch size must be at least 1, got {batch_size}")
     params = params or CDMParams.for_model(model, classifier=classifier)
     defaults = model.defaults
@@ -98,12 +115,42 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     arrays = _normalised(model, volumes)
     raw = np.stack([np.asarray(v.array) for v in volumes])
     content_voxels = (raw != 0).any(axis=0)
-    slices, stack = extract_slices(arrays, orientation, canonical_axis, model.image_size)
+    dev = choose_device(device, log)
+    batch_size = batch_size or default_batch_size(model, dev)
+    slices, stack = extract_slices(arrays, orientation, canonical_axis, model.image_size, device=dev)
     content_c = np.moveaxis(orientation.to_canonical(content_voxels), canonical_axis, 0)
     with_content = np.flatnonzero(content_c.reshape(content_c.shape[0], -1).any(axis=1))
+    margin = None
+    if crop and method == "cdm":
+        margin = int(defaults.get("crop_margin_px", DEFAULT_CROP_MARGIN_PX) if crop_margin_px is None else crop_margin_px)
+    boxes = _tissue_boxes(content_voxels, orientation, canonical_axis, model.image_size, dev, with_content)
+    noise = (draw_noise(torch.from_numpy(with_content), slices.shape[1:], seed, params).to(dev)
+             if method in CDM_METHODS else None)
+    maps = _run_batches(model, classifier, method, params, target_class, seed, slices, with_content, boxes, noise,
+                        margin, batch_size, dev, precision, progress, cancel, log)
+    heatmap = np.maximum(insert_slices(maps, stack), 0.0)
+    heatmap[~content_voxels] = 0.0
+    value = resolve_threshold(heatmap, threshold, content_voxels, calibrated)
+    mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
+    return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), len(with_content),
+                              len(with_content) * network_evaluations_per_slice(method, params),
+                              time.perf_counter() - start, str(maps.device))
+
+
+def _tissue_boxes(content_voxels: np.ndarray, orientation: Orientation, axis: int, size: int,
+                  device: torch.device, with_content: np.ndarray) -> np.ndarray:
+    """(len(with_content), 4) tissue boxes in model pixels: the content mask resized as the image is."""
+    resized, _ = extract_slices(content_voxels[None].astype(np.float32), orientation, axis, size, background=0.0,
+                                device=device)
+    return tissue_boxes(resized[torch.from_numpy(with_content).to(device), 0] > 0)
+
+
+def _run_batches(model, classifier, method, params, target_class, seed, slices, with_content, boxes, noise, margin,
+                 batch_size, dev, precision, progress, cancel, log) -> torch.Tensor:
+    """(N, S, S) maps on the device the run ended on; slices without content stay 0. Inside the loop only
+    the device works: inputs, noise and maps are already there, and the crop windows on the host."""
     total = len(with_content)
-    dev = choose_device(device, log)
-    maps = torch.zeros(slices.shape[0], model.image_size, model.image_size)
+    maps = torch.zeros(slices.shape[0], *slices.shape[2:], device=dev)
     done = 0
     if progress:
         progress(0, total)
@@ -111,29 +158,32 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
         try:
             fn = build_method(method, _on(model, dev), params, target_class=target_class, classifier=_on(classifier, dev),
                               seed=seed)
+            positions = torch.from_numpy(with_content).to(dev)
             for lo in range(done, total, batch_size):
                 if _is_cancelled(cancel):
                     raise Cancelled()
-                ids = torch.from_numpy(with_content[lo:lo + batch_size])
+                hi = min(lo + batch_size, total)
+                ids = positions[lo:hi]
+                r0, r1, c0, c1 = (crop_window(boxes[lo:hi], slices.shape[-1], margin) if margin is not None
+                                  else (0, slices.shape[-2], 0, slices.shape[-1]))
+                extra = {"noise": noise[:, lo:hi, :, r0:r1, c0:c1]} if noise is not None else {}
                 with torch.no_grad(), autocast(dev, precision):
-                    maps[ids] = fn(slices[ids].to(dev), ids).float().cpu()
-                done = lo + len(ids)
+                    maps[ids, r0:r1, c0:c1] = fn(slices[ids, :, r0:r1, c0:c1],
+                                                 torch.from_numpy(with_content[lo:hi]), **extra).float()
+                done = hi
                 if progress:
                     progress(done, total)
-            break
+            return maps
         except (RuntimeError, torch.jit.Error) as e:  # how CUDA out of memory can arrive (device.py)
             if not is_out_of_memory(e):
                 raise
         # Here, after the except block, the error and the batch its frames held are freed.
         torch.cuda.empty_cache()
-        batch_size, dev = after_out_of_memory(batch_size, dev, log)
-    heatmap = np.maximum(insert_slices(maps, stack), 0.0)
-    heatmap[~content_voxels] = 0.0
-    value = resolve_threshold(heatmap, threshold, content_voxels, calibrated)
-    mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
-    return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), total,
-                              total * network_evaluations_per_slice(method, params),
-                              time.perf_counter() - start, str(dev))
+        batch_size, new_dev = after_out_of_memory(batch_size, dev, log)
+        if new_dev != dev:
+            dev, slices, maps = new_dev, slices.to(new_dev), maps.to(new_dev)
+            noise = noise.to(new_dev) if noise is not None else None
+    return maps
 
 
 def after_out_of_memory(batch_size: int, device: torch.device, log: Callable[[str], None]):
