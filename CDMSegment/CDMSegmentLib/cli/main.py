@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .cohort import add_segment_cohort_parser
 from .training_commands import (add_calibrate_parser, add_export_parser, add_phantom_parser, add_set_defaults_parser,
                                 add_slices_parser, add_train_classifier_parser, add_train_parser)
 from .evaluation_commands import add_evaluate_parser, add_evaluate_volumes_parser
@@ -55,7 +56,8 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--noise-draws", type=int, default=None, help="average the heatmap over this many noise draws")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier guidance scale s (cg-cdm; default: the scale measured for the classifier)")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per network batch")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="slices per network batch (default: measured per device, 4 on a CPU)")
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), fp32, bf16 or fp16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_segment_parser, add_info_parser, add_phantom_parser, add_slices_parser, add_train_parser,
+COMMANDS = [add_segment_parser, add_segment_cohort_parser, add_info_parser, add_phantom_parser, add_slices_parser, add_train_parser,
             add_export_parser, add_calibrate_parser, add_set_defaults_parser, add_train_classifier_parser,
             add_evaluate_parser, add_evaluate_volumes_parser]
 

@@ -1,11 +1,12 @@
 """Run the network only on the tissue: a crop window per batch of model-sized slices.
 
-The UNet is fully convolutional (its attention sees the whole input, so context matters
-a little; see ``Testing/test_crop.py`` for the measured change), so a slice's heatmap can
-be computed on the bounding box of its tissue plus a margin instead of on the whole
-square. Sides are multiples of 8 px: the bundled UNet pads its input to a multiple of
-2 ** (levels - 1) = 8, and a window of that size needs no padding. Outside the window
-the heatmap is 0, as it is outside the tissue anyway.
+The UNet is fully convolutional, so a slice's heatmap can be computed on the bounding box
+of its tissue plus a margin instead of on the whole square. Window ends lie on multiples
+of 8 px, the UNet's total downsampling 2 ** (levels - 1): the window then needs no padding
+and its strided convolutions sample the same pixels as on the whole slice. What still
+changes is context: group-norm statistics and attention over the window instead of the
+slice (measured in ``Testing/test_crop.py``). Outside the window the heatmap is 0, as it
+is outside the tissue anyway.
 
 Windows are computed for every slice before the batch loop and kept on the host, so the
 loop itself never waits for the device to report a box.
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 CROP_MULTIPLE_PX = 8
-# The margin by Dice on held-out phantoms (bench/bench_crop_margin.py): 8 px kept Dice, 0 px lost 0.01.
+# The margin chosen by Dice on held-out phantoms (bench/bench_choices.py; README, Speed).
 DEFAULT_CROP_MARGIN_PX = 8
 
 Window = Tuple[int, int, int, int]  # rows r0:r1, columns c0:c1, in model pixels
@@ -45,18 +46,19 @@ def tissue_boxes(tissue: torch.Tensor) -> np.ndarray:
 
 
 def _grow_axis(lo: int, hi: int, margin: int, size: int, multiple: int) -> Tuple[int, int]:
-    """[lo, hi) grown by ``margin`` on both sides, its length rounded up to ``multiple``, kept in [0, size)."""
+    """[lo, hi) grown by ``margin`` on both sides, then both ends moved out to multiples of ``multiple``
+    (clipped to [0, size)). Ends on the grid keep the UNet's strided downsampling aligned with the
+    uncropped run: a window shifted by a few pixels sees other pooling phases and gives another heatmap."""
     if hi <= lo:
         return 0, size
-    length = min(size, -(-(hi - lo + 2 * margin) // multiple) * multiple)
-    start = (lo + hi - length) // 2
-    start = max(0, min(start, size - length))
-    return start, start + length
+    start = max(0, (lo - margin) // multiple * multiple)
+    end = min(size, -(-(hi + margin) // multiple) * multiple)
+    return start, end
 
 
 def crop_window(boxes: np.ndarray, size: int, margin_px: int, multiple: int = CROP_MULTIPLE_PX) -> Window:
     """The window for one batch: the union of its slices' boxes (``tissue_boxes`` rows), grown by
-    ``margin_px`` on each side, sides rounded up to ``multiple`` px (or the whole ``size``)."""
+    ``margin_px`` on each side, its ends on multiples of ``multiple`` px (``size`` must be one)."""
     boxes = boxes[boxes[:, 1] > boxes[:, 0]]
     if len(boxes) == 0:
         return 0, size, 0, size
@@ -64,7 +66,3 @@ def crop_window(boxes: np.ndarray, size: int, margin_px: int, multiple: int = CR
     c0, c1 = _grow_axis(int(boxes[:, 2].min()), int(boxes[:, 3].max()), margin_px, size, multiple)
     return r0, r1, c0, c1
 
-
-def window_fraction(windows, size: int) -> float:
-    """Mean share of the square's pixels the network sees: the cost of a batch relative to no crop."""
-    return float(np.mean([(w[1] - w[0]) * (w[3] - w[2]) for w in windows]) / size ** 2) if windows else 0.0

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .device import PRECISIONS, autocast, choose_device, is_out_of_memory
+from .device import PRECISIONS, autocast, choose_device, cpu_has_bf16, is_out_of_memory
 from .errors import Cancelled, CDMSegmentError
 from .image import Volume, check_same_grid
 from .intensity import normalise_volume
@@ -117,6 +117,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     content_voxels = (raw != 0).any(axis=0)
     dev = choose_device(device, log)
     batch_size = batch_size or default_batch_size(model, dev)
+    if dev.type == "cpu" and precision == "bf16" and not cpu_has_bf16():
+        log("this CPU has no bf16 units (AMX or AVX-512 BF16): bf16 will run slower than fp32")
     slices, stack = extract_slices(arrays, orientation, canonical_axis, model.image_size, device=dev)
     content_c = np.moveaxis(orientation.to_canonical(content_voxels), canonical_axis, 0)
     with_content = np.flatnonzero(content_c.reshape(content_c.shape[0], -1).any(axis=1))
