@@ -8,7 +8,7 @@ uncropped run (largest difference relative to the uncropped heatmap's maximum). 
 the model's calibrated one throughout.
 
     cdmsegment phantom work/heldout --cases 6 --seed 7000   # the README's test seeds
-    python bench/bench_choices.py work/heldout [--settings NAME,...]
+    python bench/bench_choices.py work/heldout [--settings "NAME;..."]
 """
 
 import argparse
@@ -42,11 +42,11 @@ SETTINGS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cases", type=Path, help="a folder of phantom cases (cdmsegment phantom)")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from: "
+    parser.add_argument("--settings", default=";".join(SETTINGS), help="names separated by semicolons, from: "
                         + "; ".join(SETTINGS))
     args = parser.parse_args()
     model = load_model()
-    names = ["uncropped"] + [n for n in args.settings.split(",") if n != "uncropped"]
+    names = ["uncropped"] + [n for n in args.settings.split(";") if n != "uncropped"]
     folders = sorted(p for p in args.cases.iterdir() if p.is_dir())
     print(f"{len(folders)} cases in {args.cases}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     scores = {n: {"inter": 0, "sum": 0, "dice": [], "fp_ml": [], "seconds": 0.0, "change": 0.0} for n in names}
