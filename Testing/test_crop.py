@@ -72,7 +72,7 @@ def host_path_heatmap(model, volume, params, batch_size) -> np.ndarray:
 def test_the_device_resident_runner_equals_the_per_batch_host_path(wide_model):
     volume = small_head()
     params = CDMParams.for_model(wide_model)
-    result = segment_volume(wide_model, [volume], params=params, device="cpu", crop=False, batch_size=3,
+    result = segment_volume(wide_model, [volume], params=params, device="cpu", crop_margin_px=-1, batch_size=3,
                             log=lambda m: None)
     # Same arithmetic in another order of batches: float rounding only (measured: < 1e-7).
     np.testing.assert_allclose(result.heatmap, host_path_heatmap(wide_model, volume, params, 2), rtol=0, atol=1e-6)
@@ -85,9 +85,9 @@ def relative_change(a, b) -> float:
 def test_the_cropped_heatmap_approaches_the_whole_slice_one_as_the_margin_grows(wide_model):
     volume = small_head()
     run = partial(segment_volume, wide_model, [volume], device="cpu", log=lambda m: None)
-    whole = run(crop=False)
+    whole = run(crop_margin_px=-1)
     changes = [relative_change(run(crop_margin_px=m), whole) for m in (0, 8, 16)]
-    other_seed = relative_change(run(crop=False, seed=1), whole)
+    other_seed = relative_change(run(crop_margin_px=-1, seed=1), whole)
     assert (run(crop_margin_px=8).heatmap[volume.array == 0] == 0).all()
     # Group norm and attention see the window instead of the slice. Measured on this random model, largest
     # difference over the maximum: 0.60, 0.18, 0.035 for margins 0, 8, 16 px; another seed moves it by 0.85.
@@ -102,10 +102,10 @@ def test_the_bundled_model_cropped_moves_the_sample_heatmap_less_than_another_no
     part = Volume(flair.array[36:44], flair.spacing_mm, flair.origin_mm, flair.direction)
     run = partial(segment_volume, model, [part], params=CDMParams.for_model(model, noise_draws=1), device="cpu",
                   log=lambda m: None)
-    whole = run(crop=False)
+    whole = run(crop_margin_px=-1)
     # Measured: 0.24 of the maximum at margin 8 px; another seed moves it by 0.97. What this costs in Dice
     # is measured on held-out volumes (README, Speed) and asserted on the whole sample in test_bundled_model.
-    crop_change, seed_change = relative_change(run(crop_margin_px=8), whole), relative_change(run(crop=False, seed=1), whole)
+    crop_change, seed_change = relative_change(run(crop_margin_px=8), whole), relative_change(run(crop_margin_px=-1, seed=1), whole)
     assert crop_change < 0.35 and seed_change > 2.5 * crop_change
 
 

@@ -29,7 +29,7 @@ from CDMSegmentLib.evaluation.metrics import dice  # noqa: E402
 
 # name: (runner options, parameter overrides); "uncropped" is the reference the others are compared with
 SETTINGS = {
-    "uncropped": ({"crop": False}, {}),
+    "uncropped": ({"crop_margin_px": -1}, {}),
     "margin 0": ({"crop_margin_px": 0}, {}),
     "margin 8": ({"crop_margin_px": 8}, {}),
     "margin 16": ({"crop_margin_px": 16}, {}),

@@ -35,12 +35,13 @@ from CDMSegmentLib.core.modelfile import MODELS_DIR  # noqa: E402
 SAMPLE = MODELS_DIR.parent / "Sample"
 # name: (runner options, CDM parameter overrides)
 SETTINGS = {
-    "before (batch 16, whole slice)": ({"batch_size": 16, "crop": False}, {}),
-    "batch 4": ({"batch_size": 4, "crop": False}, {}),
-    "batch 4, crop": ({"batch_size": 4}, {}),
-    "batch 4, crop, 2 antithetic draws": ({"batch_size": 4}, {"noise_draws": 2, "antithetic": True}),
+    "before (batch 16, whole slice)": ({"batch_size": 16, "crop_margin_px": -1}, {}),
+    "batch 4": ({"batch_size": 4, "crop_margin_px": -1}, {}),
+    "batch 4, crop 8 px": ({"batch_size": 4, "crop_margin_px": 8}, {}),
+    "batch 4, crop 8 px, 2 antithetic draws": ({"batch_size": 4, "crop_margin_px": 8},
+                                               {"noise_draws": 2, "antithetic": True}),
 }
-BF16_SETTING = ("batch 4, crop, bf16 autocast", ({"batch_size": 4, "precision": "bf16"}, {}))
+BF16_SETTING = ("batch 4, bf16 autocast", ({"batch_size": 4, "precision": "bf16"}, {}))
 
 
 def cpu_name() -> str:

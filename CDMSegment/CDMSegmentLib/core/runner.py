@@ -17,7 +17,7 @@ from .device import PRECISIONS, autocast, choose_device, cpu_has_bf16, is_out_of
 from .errors import Cancelled, CDMSegmentError
 from .image import Volume, check_same_grid
 from .intensity import normalise_volume
-from .crop import DEFAULT_CROP_MARGIN_PX, crop_window, tissue_boxes
+from .crop import crop_window, tissue_boxes
 from .methods import CDM_METHODS, CDMParams, build_method, calibrated_threshold, draw_noise, network_evaluations_per_slice
 from .modelfile import LoadedModel
 from .slicing import Orientation, extract_slices, insert_slices
@@ -67,8 +67,9 @@ def _normalised(model: LoadedModel, volumes: Sequence[Volume]) -> np.ndarray:
 
 
 # Slices per batch when neither the caller nor the model's ``batch_size`` default (per device type) says.
-# CPU: 4 ran 1.6x faster than 16 on two AVX2 cores (bench/bench_speed.py): a small batch's activations stay in
-# cache. CUDA: not measured here; a GPU wants large batches, and out of memory halves them.
+# CPU: 4 slices ran the sample 1.6x faster than 16 on two idle AVX2 cores (a small batch's activations stay in
+# cache; bench/bench_network.py times it), with the same heatmap. CUDA: not measured yet; a GPU wants large
+# batches, and out of memory halves them.
 BATCH_SIZE = {"cpu": 4, "cuda": 64}
 
 
@@ -82,7 +83,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                    params: Optional[CDMParams] = None, classifier: Optional[LoadedModel] = None,
                    device: str = "auto", axis: Union[str, int] = "auto", batch_size: Optional[int] = None,
                    threshold: Union[str, float, None] = None, min_component_voxels: Optional[int] = None,
-                   precision: str = "auto", seed: int = 0, crop: bool = True, crop_margin_px: Optional[int] = None,
+                   precision: str = "auto", seed: int = 0, crop_margin_px: Optional[int] = None,
                    progress: Optional[Callable[[int, int], None]] = None, cancel=None,
                    log: Callable[[str], None] = print) -> SegmentationResult:
     """Run ``method`` slice by slice over the volume and threshold the heatmap at volume level.
@@ -91,9 +92,9 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     data for this method, the default when there is one), 'otsu' (over the volume) or a number.
     min_component_voxels: 3D components smaller than this are dropped (default: the model's
     ``min_component_ml`` at this volume's spacing). batch_size: slices per batch (default:
-    ``default_batch_size``). crop: run CDM only on each batch's tissue bounding box plus
-    ``crop_margin_px`` model pixels (default: the model's ``crop_margin_px``, else
-    crop.DEFAULT_CROP_MARGIN_PX); the other methods always see the whole slice. progress(done, total)
+    ``default_batch_size``). crop_margin_px: run CDM only on each batch's tissue bounding box plus
+    this many model pixels (default: the model's ``crop_margin_px``, else the whole slice; a
+    negative value forces the whole slice); the other methods always see the whole slice. progress(done, total)
     counts slices with content; cancel (callable or threading.Event) stops between batches with Cancelled.
     Everything from the resized slices to the resized heatmap stays on the device.
     """
@@ -122,9 +123,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     slices, stack = extract_slices(arrays, orientation, canonical_axis, model.image_size, device=dev)
     content_c = np.moveaxis(orientation.to_canonical(content_voxels), canonical_axis, 0)
     with_content = np.flatnonzero(content_c.reshape(content_c.shape[0], -1).any(axis=1))
-    margin = None
-    if crop and method == "cdm":
-        margin = int(defaults.get("crop_margin_px", DEFAULT_CROP_MARGIN_PX) if crop_margin_px is None else crop_margin_px)
+    margin = defaults.get("crop_margin_px") if crop_margin_px is None else crop_margin_px
+    margin = int(margin) if method == "cdm" and margin is not None and margin >= 0 else None
     boxes = _tissue_boxes(content_voxels, orientation, canonical_axis, model.image_size, dev, with_content)
     noise = (draw_noise(torch.from_numpy(with_content), slices.shape[1:], seed, params).to(dev)
              if method in CDM_METHODS else None)
