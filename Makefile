@@ -45,7 +45,7 @@ test-newest-slicer: $(NEWEST_VENV)/.installed
 		-p scene_fixtures $(MRML_TESTS)
 
 bench: venv
-	$(PY) bench/bench_volume.py
+	$(PY) bench/bench_speed.py
 
 # Resources/screenshot.png: the demo's result rendered by Slicer's own views (slicer-core through
 # trame-slicer, offscreen), in a separate environment so the test environment stays as it is.

@@ -142,3 +142,40 @@ def test_invalid_parameters(region, kwargs, message):
     args = {"t_start": 100, "steps": 2, "tau": 0.5, **kwargs}
     with pytest.raises(CDMSegmentError, match=message):
         cdm_heatmap(RegionOracle(region), NoiseSchedule(), torch.zeros(1, 1, 12, 12), **args)
+
+
+class BilinearOracle(nn.Module):
+    """eps = region * x * <f(y), w>: the branches' difference is linear in x_t, hence in the noise."""
+
+    def __init__(self, region: torch.Tensor):
+        super().__init__()
+        self.inner = RegionOracle(region)
+
+    def class_embedding(self, y):
+        return self.inner.class_embedding(y)
+
+    def forward(self, x, t, class_emb):
+        return self.inner.region * x * (class_emb @ self.inner.w).view(-1, 1, 1, 1)
+
+
+def test_an_antithetic_pair_cancels_the_noise_term_exactly(region):
+    """draw_noise's pairs (eps, -eps): for a map linear in the noise their mean is the noise-free map, which
+    independent draws reach only as 1/sqrt(draws)."""
+    from CDMSegmentLib.core.methods import CDMParams, draw_noise
+
+    net, schedule = BilinearOracle(region), NoiseSchedule("linear", 1000)
+    x_0 = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    ids = torch.tensor([5, 9])
+    pair = draw_noise(ids, (1, 12, 12), 0, CDMParams(noise_draws=2, antithetic=True))
+    independent = draw_noise(ids, (1, 12, 12), 0, CDMParams(noise_draws=2))
+    assert torch.equal(pair[1], -pair[0]) and torch.equal(pair[0], independent[0])
+    assert not torch.equal(independent[1], -independent[0])
+
+    def heatmap(noise):
+        return cdm_heatmap(net, schedule, x_0, t_start=300, steps=2, tau=0.0, noise=noise)
+
+    noise_free = heatmap(torch.zeros_like(x_0))
+    antithetic = (heatmap(pair[0]) + heatmap(pair[1])) / 2
+    independent_mean = (heatmap(independent[0]) + heatmap(independent[1])) / 2
+    torch.testing.assert_close(antithetic, noise_free, rtol=0, atol=1e-6)
+    assert (independent_mean - noise_free).abs().max() > 1e-3

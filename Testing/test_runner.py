@@ -162,10 +162,10 @@ def memory_limited(monkeypatch, max_batch: int):
     def build(*args, **kwargs):
         fn = real(*args, **kwargs)
 
-        def limited(x, ids):
+        def limited(x, ids, **options):
             if len(ids) > max_batch:
                 raise torch.cuda.OutOfMemoryError(OUT_OF_MEMORY)
-            return fn(x, ids)
+            return fn(x, ids, **options)
         return limited
 
     monkeypatch.setattr(volume_module, "build_method", build)

@@ -7,14 +7,15 @@ without the rest); training and evaluation commands in their own modules.
 import sys
 from typing import List, Optional
 
+from .cohort import add_segment_cohort_parser
 from .evaluation_commands import add_evaluate_parser, add_evaluate_volumes_parser
 from .ood_commands import add_calibrate_ood_parser, add_ood_parser
 from .segment_command import SEGMENT_COMMANDS, make_parser, run_command
 from .training_commands import (add_calibrate_parser, add_export_parser, add_phantom_parser, add_set_defaults_parser,
                                 add_slices_parser, add_train_classifier_parser, add_train_parser)
 
-COMMANDS = SEGMENT_COMMANDS + [add_phantom_parser, add_slices_parser, add_train_parser, add_export_parser,
-                               add_calibrate_parser, add_set_defaults_parser, add_train_classifier_parser,
+COMMANDS = SEGMENT_COMMANDS + [add_segment_cohort_parser, add_phantom_parser, add_slices_parser, add_train_parser,
+                               add_export_parser, add_calibrate_parser, add_set_defaults_parser, add_train_classifier_parser,
                                add_evaluate_parser, add_evaluate_volumes_parser, add_ood_parser,
                                add_calibrate_ood_parser]
 

@@ -52,7 +52,8 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--target-class", type=int, default=None,
                    help="class index to segment (default: every class except 0 = normal)")
     CDMSettings.add_arguments(p)
-    p.add_argument("--batch-size", type=int, default=16, help="slices per network batch")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="slices per network batch (default: measured per device, 4 on a CPU)")
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), fp32, bf16 or fp16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")

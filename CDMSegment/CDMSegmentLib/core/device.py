@@ -1,6 +1,7 @@
 """Where and in what precision the networks run: CUDA when there is one, else the CPU, always saying which."""
 
 import contextlib
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -32,6 +33,16 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX-BF16 or AVX-512 BF16): its flags on Linux, else
+    oneDNN's own check. Without it bf16 runs 7-100x slower than fp32 (measured on AVX2), so it is never
+    chosen by default and asking for it says so."""
+    if cpuinfo.is_file():
+        flags = set(" ".join(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+        return bool(flags & {"amx_bf16", "avx512_bf16"})
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -4,6 +4,8 @@ The volume runner and the evaluation harness see only this interface:
 ``method(x_0 (B, C, H, W), slice_ids (B,)) -> (B, H, W)``, larger where the target
 class is. Noise is drawn per slice from (seed, slice id) on the CPU, so a heatmap does
 not depend on the batch size or the device beyond float rounding (below 1e-6 on the CPU).
+The CDM methods also take ``noise=`` (draws, B, C, H, W) already on the device: the volume
+runner draws it for all slices before its loop, so no host-device copy sits inside it.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -23,13 +25,15 @@ PAPER_DEFAULTS = {"noise_level": 0.896, "steps": 10, "tau": 0.95, "noise_draws":
 @dataclass(frozen=True)
 class CDMParams:
     """noise_level: alpha_bar at the start (the paper's Q, chosen by alpha_bar so any T works);
-    steps: R; tau; noise_draws: heatmaps averaged over this many noise draws; guidance_scale: s (CG-CDM)."""
+    steps: R; tau; noise_draws: heatmaps averaged over this many noise draws; guidance_scale: s (CG-CDM);
+    antithetic: draws come in pairs eps, -eps (the noise's odd terms cancel within a pair)."""
 
     noise_level: float = PAPER_DEFAULTS["noise_level"]
     steps: int = PAPER_DEFAULTS["steps"]
     tau: float = PAPER_DEFAULTS["tau"]
     noise_draws: int = 1
     guidance_scale: float = PAPER_DEFAULTS["guidance_scale"]
+    antithetic: bool = False
 
     @classmethod
     def for_model(cls, model: LoadedModel, preset: str = "model", classifier: Optional[LoadedModel] = None,
@@ -71,6 +75,15 @@ def slice_noise(slice_ids: torch.Tensor, shape, seed: int, draw: int) -> torch.T
         g = torch.Generator().manual_seed(seed * 1_000_003 + draw * 10_007 + int(sid))
         out[n] = torch.randn(tuple(shape), generator=g)
     return out
+
+
+def draw_noise(slice_ids: torch.Tensor, shape, seed: int, params: CDMParams) -> torch.Tensor:
+    """eps of every draw for each slice: (noise_draws, B, *shape) float32 on the CPU. Antithetic draws
+    2k and 2k + 1 are eps_k and -eps_k, so draw 0 is the same with and without ``antithetic``."""
+    if params.antithetic:
+        return torch.stack([slice_noise(slice_ids, shape, seed, d // 2) * (1 - 2 * (d % 2))
+                            for d in range(params.noise_draws)])
+    return torch.stack([slice_noise(slice_ids, shape, seed, d) for d in range(params.noise_draws)])
 
 
 def network_evaluations_per_slice(method: str, params: CDMParams, cgdiff=None) -> int:
@@ -138,12 +151,14 @@ def build_method(method: str, model: Optional[LoadedModel], params: CDMParams, *
     guide = classifier.network if method == "cg-cdm" else None
     sign = float(model.metadata.get("heatmap_sign", 1.0))
 
-    def heatmap(x_0: torch.Tensor, slice_ids: torch.Tensor) -> torch.Tensor:
+    def heatmap(x_0: torch.Tensor, slice_ids: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """noise: (noise_draws, B, C, H, W) on x_0's device (default: ``draw_noise`` for these slices)."""
+        if noise is None:
+            noise = draw_noise(slice_ids.cpu(), x_0.shape[1:], seed, params).to(x_0.device)
         total = torch.zeros(x_0.shape[0], *x_0.shape[2:], device=x_0.device)
         for draw in range(params.noise_draws):
-            noise = slice_noise(slice_ids, x_0.shape[1:], seed, draw).to(x_0.device, x_0.dtype)
             total += cdm_heatmap(model.network, schedule, x_0, t_start=t_start, steps=params.steps, tau=params.tau,
-                                 target_class=target_class, normal_class=normal_class, noise=noise,
+                                 target_class=target_class, normal_class=normal_class, noise=noise[draw].to(x_0.dtype),
                                  classifier=guide, guidance_scale=params.guidance_scale).float()
         return sign * total / params.noise_draws
 

@@ -13,11 +13,12 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .device import PRECISIONS, autocast, check_finite, choose_device, is_out_of_memory
+from .device import PRECISIONS, autocast, check_finite, choose_device, cpu_has_bf16, is_out_of_memory
 from .errors import Cancelled, CDMSegmentError
 from .image import Volume, check_geometry, check_same_grid
 from .intensity import normalise_volume
-from .methods import CDMParams, build_method, calibrated_threshold, network_evaluations_per_slice
+from .crop import crop_window, tissue_boxes
+from .methods import CDM_METHODS, CDMParams, build_method, calibrated_threshold, draw_noise, network_evaluations_per_slice
 from .modelfile import LoadedModel
 from .ood import ood_score
 from .plausibility import check_plausible, ood_finding
@@ -71,11 +72,24 @@ def _normalised(model: LoadedModel, volumes: Sequence[Volume]) -> np.ndarray:
     return np.stack(out)
 
 
+# Slices per batch when neither the caller nor the model's ``batch_size`` default (per device type) says.
+# CPU: 4 slices ran the sample 1.6x faster than 16 on two idle AVX2 cores (a small batch's activations stay in
+# cache; bench/bench_network.py times it), with the same heatmap. CUDA: not measured yet; a GPU wants large
+# batches, and out of memory halves them.
+BATCH_SIZE = {"cpu": 4, "cuda": 64}
+
+
+def default_batch_size(model: LoadedModel, device: torch.device) -> int:
+    """Slices per batch on ``device``: the model's measured ``batch_size`` for its type, else BATCH_SIZE."""
+    measured = model.defaults.get("batch_size", {})
+    return int(measured.get(device.type, BATCH_SIZE.get(device.type, 16)))
+
+
 def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str = "cdm", target_class: int = 1,
                    params: Optional[CDMParams] = None, classifier: Optional[LoadedModel] = None,
-                   device: str = "auto", axis: Union[str, int] = "auto", batch_size: int = 16,
+                   device: str = "auto", axis: Union[str, int] = "auto", batch_size: Optional[int] = None,
                    threshold: Union[str, float, None] = None, min_component_voxels: Optional[int] = None,
-                   precision: str = "auto", seed: int = 0, force: bool = False,
+                   precision: str = "auto", seed: int = 0, crop_margin_px: Optional[int] = None, force: bool = False,
                    progress: Optional[Callable[[int, int], None]] = None, cancel=None,
                    log: Callable[[str], None] = print) -> SegmentationResult:
     """Run ``method`` slice by slice over the volume and threshold the heatmap at volume level.
@@ -83,9 +97,13 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     volumes: one Volume per model modality, on one grid. threshold: 'model' (calibrated on held-out
     data for this method, the default when there is one), 'otsu' (over the volume) or a number.
     min_component_voxels: 3D components smaller than this are dropped (default: the model's
-    ``min_component_ml`` at this volume's spacing). progress(done, total)
+    ``min_component_ml`` at this volume's spacing). batch_size: slices per batch (default:
+    ``default_batch_size``). crop_margin_px: run CDM only on each batch's tissue bounding box plus
+    this many model pixels (default: the model's ``crop_margin_px``, else the whole slice; a
+    negative value forces the whole slice); the other methods always see the whole slice. progress(done, total)
     counts slices with content (tissue: core/tissue.py); cancel (callable or threading.Event) stops between
     batches with Cancelled. force: run on an image the model was not made for (core/plausibility.py).
+    Everything from the resized slices to the resized heatmap stays on the device.
     """
     start = time.perf_counter()
     check_inputs(model, volumes)
@@ -96,7 +114,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
         log(f"warning: {warning}")
     if precision not in PRECISIONS:
         raise CDMSegmentError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise CDMSegmentError(f"batch size must be at least 1, got {batch_size}")
     params = params or CDMParams.for_model(model, classifier=classifier)
     defaults = model.defaults
@@ -110,11 +128,42 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     arrays = _normalised(model, volumes)
     raw = np.stack([np.asarray(v.array) for v in volumes])
     content_voxels = tissue_mask(raw)
-    slices, stack = extract_slices(arrays, orientation, canonical_axis, model.image_size)
+    batch_size = batch_size or default_batch_size(model, dev)
+    if dev.type == "cpu" and precision == "bf16" and not cpu_has_bf16():
+        log("this CPU has no bf16 units (AMX or AVX-512 BF16): bf16 will run slower than fp32")
+    slices, stack = extract_slices(arrays, orientation, canonical_axis, model.image_size, device=dev)
     content_c = np.moveaxis(orientation.to_canonical(content_voxels), canonical_axis, 0)
     with_content = slices_with_content(content_c)
+    margin = defaults.get("crop_margin_px") if crop_margin_px is None else crop_margin_px
+    margin = int(margin) if method == "cdm" and margin is not None and margin >= 0 else None
+    boxes = _tissue_boxes(content_voxels, orientation, canonical_axis, model.image_size, dev, with_content)
+    noise = (draw_noise(torch.from_numpy(with_content), slices.shape[1:], seed, params).to(dev)
+             if method in CDM_METHODS else None)
+    maps = _run_batches(model, classifier, method, params, target_class, seed, slices, with_content, boxes, noise,
+                        margin, batch_size, dev, precision, progress, cancel, log)
+    heatmap = np.maximum(insert_slices(maps, stack), 0.0)
+    heatmap[~content_voxels] = 0.0
+    value = resolve_threshold(heatmap, threshold, content_voxels, calibrated)
+    mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
+    return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), len(with_content),
+                              len(with_content) * network_evaluations_per_slice(method, params),
+                              time.perf_counter() - start, str(maps.device), min_component_voxels, warnings)
+
+
+def _tissue_boxes(content_voxels: np.ndarray, orientation: Orientation, axis: int, size: int,
+                  device: torch.device, with_content: np.ndarray) -> np.ndarray:
+    """(len(with_content), 4) tissue boxes in model pixels: the content mask resized as the image is."""
+    resized, _ = extract_slices(content_voxels[None].astype(np.float32), orientation, axis, size, background=0.0,
+                                device=device)
+    return tissue_boxes(resized[torch.from_numpy(with_content).to(device), 0] > 0)
+
+
+def _run_batches(model, classifier, method, params, target_class, seed, slices, with_content, boxes, noise, margin,
+                 batch_size, dev, precision, progress, cancel, log) -> torch.Tensor:
+    """(N, S, S) maps on the device the run ended on; slices without content stay 0. Inside the loop only
+    the device works: inputs, noise and maps are already there, and the crop windows on the host."""
     total = len(with_content)
-    maps = torch.zeros(slices.shape[0], model.image_size, model.image_size)
+    maps = torch.zeros(slices.shape[0], *slices.shape[2:], device=dev)
     done = 0
     if progress:
         progress(0, total)
@@ -122,29 +171,33 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
         try:
             fn = build_method(method, _on(model, dev), params, target_class=target_class, classifier=_on(classifier, dev),
                               seed=seed)
+            positions = torch.from_numpy(with_content).to(dev)
             for lo in range(done, total, batch_size):
                 if _is_cancelled(cancel):
                     raise Cancelled()
-                ids = torch.from_numpy(with_content[lo:lo + batch_size])
+                hi = min(lo + batch_size, total)
+                ids = positions[lo:hi]
+                r0, r1, c0, c1 = (crop_window(boxes[lo:hi], slices.shape[-1], margin) if margin is not None
+                                  else (0, slices.shape[-2], 0, slices.shape[-1]))
+                extra = {"noise": noise[:, lo:hi, :, r0:r1, c0:c1]} if noise is not None else {}
                 with torch.no_grad(), autocast(dev, precision):
-                    maps[ids] = check_finite(fn(slices[ids].to(dev), ids).float().cpu(), dev, precision)
-                done = lo + len(ids)
+                    maps[ids, r0:r1, c0:c1] = check_finite(fn(slices[ids, :, r0:r1, c0:c1],
+                                                              torch.from_numpy(with_content[lo:hi]), **extra).float(),
+                                                           dev, precision)
+                done = hi
                 if progress:
                     progress(done, total)
-            break
+            return maps
         except (RuntimeError, torch.jit.Error) as e:  # how CUDA out of memory can arrive (device.py)
             if not is_out_of_memory(e):
                 raise
         # Here, after the except block, the error and the batch its frames held are freed.
         torch.cuda.empty_cache()
-        batch_size, dev = after_out_of_memory(batch_size, dev, log)
-    heatmap = np.maximum(insert_slices(maps, stack), 0.0)
-    heatmap[~content_voxels] = 0.0
-    value = resolve_threshold(heatmap, threshold, content_voxels, calibrated)
-    mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
-    return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), total,
-                              total * network_evaluations_per_slice(method, params),
-                              time.perf_counter() - start, str(dev), min_component_voxels, warnings)
+        batch_size, new_dev = after_out_of_memory(batch_size, dev, log)
+        if new_dev != dev:
+            dev, slices, maps = new_dev, slices.to(new_dev), maps.to(new_dev)
+            noise = noise.to(new_dev) if noise is not None else None
+    return maps
 
 
 def after_out_of_memory(batch_size: int, device: torch.device, log: Callable[[str], None]):

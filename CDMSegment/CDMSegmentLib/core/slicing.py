@@ -103,13 +103,14 @@ def _square_padding(rows: int, cols: int, row_mm: float, col_mm: float) -> Tuple
 
 
 def extract_slices(arrays: np.ndarray, orientation: Orientation, axis: int, size: int,
-                   background: float = -1.0) -> Tuple[torch.Tensor, SliceStack]:
-    """arrays: (C, K, J, I) normalised modalities -> slices (N, C, size, size) float32, N along ``axis``."""
+                   background: float = -1.0, device: Union[str, torch.device] = "cpu") -> Tuple[torch.Tensor, SliceStack]:
+    """arrays: (C, K, J, I) normalised modalities -> slices (N, C, size, size) float32 on ``device``, N along
+    ``axis``. The volume is copied to the device once and padded and resized there."""
     c = orientation.to_canonical(arrays)
     c = np.moveaxis(c, 1 + axis, 1)  # (C, N, rows, cols)
     plane = [a for a in range(3) if a != axis]
     pad = _square_padding(c.shape[2], c.shape[3], orientation.spacing_mm[plane[0]], orientation.spacing_mm[plane[1]])
-    t = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)).transpose(0, 1)  # (N, C, rows, cols)
+    t = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)).to(device).transpose(0, 1)  # (N, C, rows, cols)
     t = F.pad(t, (pad[2], pad[3], pad[0], pad[1]), value=background)
     t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=t.shape[-1] > size)
     shape = orientation.to_canonical(np.empty(arrays.shape[1:], dtype=np.uint8)).shape
@@ -117,12 +118,13 @@ def extract_slices(arrays: np.ndarray, orientation: Orientation, axis: int, size
 
 
 def insert_slices(maps: torch.Tensor, stack: SliceStack) -> np.ndarray:
-    """maps: (N, size, size) per-slice results -> (K, J, I) float32 on the input's grid."""
+    """maps: (N, size, size) per-slice results -> (K, J, I) float32 on the input's grid. Resized on the
+    maps' device; one copy to the host at the end."""
     axis = stack.axis
     plane = [stack.canonical_shape[a] for a in range(3) if a != axis]
     padded = (plane[0] + stack.pad[0] + stack.pad[1], plane[1] + stack.pad[2] + stack.pad[3])
-    t = maps.detach().float().cpu()[:, None]
+    t = maps.detach().float()[:, None]
     t = F.interpolate(t, size=padded, mode="bilinear", align_corners=False, antialias=padded[1] < t.shape[-1])[:, 0]
     t = t[:, stack.pad[0]:stack.pad[0] + plane[0], stack.pad[2]:stack.pad[2] + plane[1]]
-    c = np.moveaxis(t.numpy(), 0, axis)
+    c = np.moveaxis(t.cpu().numpy(), 0, axis)
     return np.ascontiguousarray(stack.orientation.from_canonical(c), dtype=np.float32)

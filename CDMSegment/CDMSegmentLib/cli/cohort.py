@@ -1,0 +1,138 @@
+"""``cdmsegment segment-cohort``: many cases, spread over the processes of ``torchrun``, one summary at the end.
+
+Each case is segmented exactly as ``cdmsegment segment`` does it (``segment_files``, the same
+defaults), so its outputs are the same files whichever process ran it: the noise is drawn from
+(seed, slice), never from the rank. Under torchrun, rank r takes cases r, r + W, r + 2W, ...
+and runs on its own GPU (``cuda:LOCAL_RANK``) or on the CPU; the ranks' rows are gathered
+(gloo on CPUs, NCCL on GPUs) and rank 0 writes ``cohort_summary.csv`` and prints one line.
+A case that fails is a row with its error, never a hung cohort; the exit status is then 1.
+
+    torchrun --nproc_per_node=4 -m CDMSegmentLib.cli.main segment-cohort a.nii.gz b.nii.gz ... -o out
+"""
+
+import csv
+import io
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Sequence
+
+from ..core.errors import CDMSegmentError
+from .writers import file_stem
+
+SUMMARY_FILE = "cohort_summary.csv"
+COLUMNS = ("case", "inputs", "slices_total", "slices_run", "voxels_segmented", "volume_ml", "seconds", "device",
+           "rank", "error")
+
+
+def add_segment_cohort_parser(sub) -> None:
+    p = sub.add_parser("segment-cohort", help="segment many cases, one process per GPU (or CPU) under torchrun")
+    p.add_argument("cases", nargs="*", metavar="CASE",
+                   help="one case: an image file, or one file per model modality joined by commas")
+    p.add_argument("--list", type=Path, default=None, metavar="FILE", help="more cases, one CASE per line")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
+    p.add_argument("--model", default=None, help="registered model name or model file (default: the bundled model)")
+    p.add_argument("--device", default="auto", help="auto (each rank's own CUDA GPU when there is one), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per network batch (default: per device)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=run_segment_cohort)
+
+
+def read_cases(cases: Sequence[str], list_file: Path = None) -> List[List[str]]:
+    """Each case as its list of input paths; refuses an empty cohort and two cases with one output stem."""
+    lines = list(cases)
+    if list_file is not None:
+        if not list_file.is_file():
+            raise CDMSegmentError(f"case list {list_file} does not exist")
+        lines += [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise CDMSegmentError("no cases given; name image files or give --list FILE")
+    parsed = [line.split(",") for line in lines]
+    stems = [file_stem(c[0]) for c in parsed]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise CDMSegmentError(f"two cases would write the same outputs ({repeated[0]}); give their files distinct names")
+    return parsed
+
+
+def _rank_and_world():
+    """(rank, world size, local rank) from torchrun's environment, with the process group started once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(requested: str, local_rank: int) -> str:
+    import torch
+
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return requested
+
+
+def segment_cohort(cases: List[List[str]], output_dir: Path, *, rank: int = 0, world: int = 1, device: str = "auto",
+                   log=print, **options) -> List[dict]:
+    """This rank's share of ``cases`` (every ``world``-th from ``rank``): one summary row per case."""
+    from .segment_files import segment_files
+
+    rows = []
+    for index in range(rank, len(cases), world):
+        inputs = cases[index]
+        row = {"case": file_stem(inputs[0]), "inputs": ",".join(inputs), "rank": rank, "error": ""}
+        start = time.perf_counter()
+        try:
+            s = segment_files(inputs, output_dir, device=device, log=log, **options)
+            row.update(slices_total=s.slices_total, slices_run=s.slices_run, voxels_segmented=s.voxels_segmented,
+                       volume_ml=f"{s.volume_ml:.3f}", device=s.device)
+        except CDMSegmentError as e:
+            row["error"] = str(e)
+        row["seconds"] = f"{time.perf_counter() - start:.2f}"
+        log(f"[rank {rank}] {row['case']}: {row['error'] or 'done'}")
+        rows.append(row)
+    return rows
+
+
+def summary_csv(rows: List[dict], case_order: List[str]) -> str:
+    """The cohort's rows in the order the cases were given, as CSV text."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, restval="")
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: case_order.index(r["case"])):
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def run_segment_cohort(args) -> None:
+    cases = read_cases(args.cases, args.list)
+    summary = args.output / SUMMARY_FILE
+    if summary.exists() and not args.overwrite:
+        raise CDMSegmentError(f"{summary} already exists; choose another output folder or pass --overwrite")
+    rank, world, local_rank = _rank_and_world()
+    start = time.perf_counter()
+    rows = segment_cohort(cases, args.output, rank=rank, world=world, device=_device(args.device, local_rank),
+                          model=args.model, batch_size=args.batch_size, seed=args.seed, overwrite=args.overwrite,
+                          log=lambda m: print(m, file=sys.stderr))
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+        dist.destroy_process_group()
+    failed = [r for r in rows if r["error"]]
+    if rank == 0:
+        args.output.mkdir(parents=True, exist_ok=True)
+        tmp = summary.with_name(summary.name + ".partial")
+        tmp.write_text(summary_csv(rows, [file_stem(c[0]) for c in cases]))
+        tmp.replace(summary)
+        print(f"{len(rows) - len(failed)} of {len(rows)} cases segmented on {world} process"
+              f"{'es' if world > 1 else ''} in {time.perf_counter() - start:.1f} s: {summary}")
+    if failed:
+        raise CDMSegmentError(f"{len(failed)} case(s) failed, first {failed[0]['case']}: {failed[0]['error']}")

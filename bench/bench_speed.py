@@ -1,0 +1,143 @@
+"""Speed against today's default, in one run: seconds, network evaluations, GFLOP, GFLOP/s, memory and Dice.
+
+Two volumes: the bundled sample (82 slices, 66 with content) and a 155-slice phantom with tissue on
+every slice (``generate_case`` seed 7100, 1 mm, never used in training, calibration or testing), each
+with its ground truth. Every setting runs in a fresh process (its peak RSS is its own) through the
+volume runner, ``--repeats`` times; the table gives the median seconds and the ratios against the
+first setting, the default before the speed work (16 slices per batch, whole slices, 4 independent
+draws), measured in the same run. GFLOP are counted by torch's FlopCounterMode around the run (it
+sees inside TorchScript); achieved GFLOP/s are set against an fp32 (and bf16) matrix multiply timed
+in the same run. On a shared machine read the ratios, not the seconds.
+
+    python bench/bench_speed.py [--repeats 3] [--volumes sample,phantom155] [--settings N,...] [--device cpu]
+"""
+
+import argparse
+import multiprocessing
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
+
+from CDMSegmentLib.core.device import cpu_has_bf16  # noqa: E402
+from CDMSegmentLib.core.image import Volume, read_volume  # noqa: E402
+from CDMSegmentLib.core.modelfile import MODELS_DIR  # noqa: E402
+
+SAMPLE = MODELS_DIR.parent / "Sample"
+# name: (runner options, CDM parameter overrides)
+SETTINGS = {
+    "before (batch 16, whole slice)": ({"batch_size": 16, "crop_margin_px": -1}, {}),
+    "batch 4": ({"batch_size": 4, "crop_margin_px": -1}, {}),
+    "batch 4, crop 8 px": ({"batch_size": 4, "crop_margin_px": 8}, {}),
+    "batch 4, crop 8 px, 2 antithetic draws": ({"batch_size": 4, "crop_margin_px": 8},
+                                               {"noise_draws": 2, "antithetic": True}),
+}
+BF16_SETTING = ("batch 4, bf16 autocast", ({"batch_size": 4, "precision": "bf16"}, {}))
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def matmul_gflops(dtype: torch.dtype, n: int, seconds: float = 1.0) -> float:
+    """Peak-like GFLOP/s of an n x n matrix multiply in ``dtype`` on the CPU threads torch uses."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    return 2 * n ** 3 * runs / (time.perf_counter() - start) / 1e9
+
+
+def phantom_155(folder: Path) -> tuple:
+    """(image path, truth path): a 1 mm phantom cut to 155 axial slices, all with tissue."""
+    from CDMSegmentLib.data.phantom import generate_case
+
+    case = generate_case(folder, 7100, 0, lesion_free_fraction=0.0, in_plane_mm=1.0, slice_mm=0.98)
+    image, seg = read_volume(case["images"]["flair"]), read_volume(case["seg"])
+    tissue = np.flatnonzero(image.array.reshape(image.array.shape[0], -1).any(axis=1))
+    keep = slice(tissue[0], tissue[0] + 155)
+    out = []
+    for v, name in ((image, "phantom155_flair.nrrd"), (seg, "phantom155_seg.nrrd")):
+        sitk.WriteImage(Volume(np.ascontiguousarray(v.array[keep]), v.spacing_mm, v.origin_mm, v.direction).to_sitk(),
+                        str(folder / name), True)
+        out.append(folder / name)
+    return tuple(out)
+
+
+def measure(image: str, truth: str, options: dict, overrides: dict, device: str) -> dict:
+    """One run in this (fresh) process: seconds, evaluations, GFLOP, peak RSS and 3D Dice."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from CDMSegmentLib.core.methods import CDMParams
+    from CDMSegmentLib.core.modelfile import load_model
+    from CDMSegmentLib.core.runner import segment_volume
+    from CDMSegmentLib.evaluation.metrics import dice
+
+    model = load_model()
+    volume, mask = read_volume(image), read_volume(truth).array > 0
+    params = CDMParams.for_model(model, **overrides)
+    with FlopCounterMode(display=False) as flops:  # Python per operator: under 2% of a run, within noise here
+        start = time.perf_counter()
+        result = segment_volume(model, [volume], params=params, device=device, log=lambda m: None, **options)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "slices": result.slices_run, "evaluations": result.network_evaluations,
+            "gflop": flops.get_total_flops() / 1e9, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "dice": dice(result.mask > 0, mask)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--volumes", default="sample,phantom155")
+    parser.add_argument("--settings", default=",".join(str(i) for i in range(len(SETTINGS))),
+                        help="indices into: " + "; ".join(f"{i} {n}" for i, n in enumerate(SETTINGS)))
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    settings = [list(SETTINGS.items())[int(i)] for i in args.settings.split(",")]
+    if args.device == "cpu" and cpu_has_bf16():
+        settings.append(BF16_SETTING)  # never on a CPU without bf16 units: 7-100x slower there
+    fp32_peak = matmul_gflops(torch.float32, 1024)
+    bf16_peak = matmul_gflops(torch.bfloat16, 1024 if cpu_has_bf16() else 256, 0.3)
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; bf16 units: "
+          f"{'yes' if cpu_has_bf16() else 'no'}; matmul peak fp32 {fp32_peak:.1f} GFLOP/s, bf16 {bf16_peak:.1f} GFLOP/s")
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        volumes = {"sample": (SAMPLE / "CDMSegmentSample_flair.nrrd", SAMPLE / "CDMSegmentSample_seg.nrrd")}
+        if "phantom155" in args.volumes:
+            volumes["phantom155"] = phantom_155(Path(tmp))
+        for name in args.volumes.split(","):
+            image, truth = volumes[name]
+            print(f"\n{name}\n| setting | s / volume (median of {args.repeats}) | speed-up | evals / slice | "
+                  f"GFLOP / eval | GFLOP/s (of fp32 peak) | peak RSS MB | Dice | Dice change |\n|---|---|---|---|---|---|---|---|---|")
+            reference = None
+            for label, (options, overrides) in settings:
+                runs = []
+                for _ in range(args.repeats):
+                    with context.Pool(1) as pool:
+                        runs.append(pool.apply(measure, (str(image), str(truth), options, overrides, args.device)))
+                seconds = statistics.median(r["seconds"] for r in runs)
+                r = runs[0]
+                reference = reference or {"seconds": seconds, "dice": r["dice"]}
+                rate = r["gflop"] / seconds
+                print(f"| {label} | {seconds:.1f} | {reference['seconds'] / seconds:.2f} | "
+                      f"{r['evaluations'] / r['slices']:.0f} | {r['gflop'] / r['evaluations']:.2f} | "
+                      f"{rate:.0f} ({rate / fp32_peak:.0%}) | {max(x['peak_mb'] for x in runs):.0f} | {r['dice']:.3f} | "
+                      f"{r['dice'] - reference['dice']:+.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
