@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from CDMSegmentLib.core.crop import crop_window, tissue_boxes
-from CDMSegmentLib.core.image import Volume, read_volume
+from CDMSegmentLib.core.image import Volume
+from CDMSegmentLib.core.reading import read_volume
 from CDMSegmentLib.core.methods import CDMParams, build_method, run_in_batches
 from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model
 from CDMSegmentLib.core.intensity import normalise_volume

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 
-from CDMSegmentLib.core.image import read_volume  # noqa: E402
+from CDMSegmentLib.core.reading import read_volume  # noqa: E402
 from CDMSegmentLib.core.methods import CDMParams  # noqa: E402
 from CDMSegmentLib.core.modelfile import load_model  # noqa: E402
 from CDMSegmentLib.core.runner import segment_volume  # noqa: E402

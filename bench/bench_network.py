@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 
 from CDMSegmentLib.core.crop import crop_window, tissue_boxes  # noqa: E402
-from CDMSegmentLib.core.image import read_volume  # noqa: E402
+from CDMSegmentLib.core.reading import read_volume  # noqa: E402
 from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model  # noqa: E402
 from CDMSegmentLib.core.slicing import Orientation, extract_slices  # noqa: E402
 

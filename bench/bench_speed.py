@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 
 from CDMSegmentLib.core.device import cpu_has_bf16  # noqa: E402
-from CDMSegmentLib.core.image import Volume, read_volume  # noqa: E402
+from CDMSegmentLib.core.image import Volume  # noqa: E402
+from CDMSegmentLib.core.reading import read_volume  # noqa: E402
 from CDMSegmentLib.core.modelfile import MODELS_DIR  # noqa: E402
 
 SAMPLE = MODELS_DIR.parent / "Sample"
