@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 
-from CDMSegment import POLL_MS, YIELD_S  # noqa: E402
-from CDMSegmentLib.slicer_adapters.worker_thread import BackgroundJob  # noqa: E402
+from CDMSegment import POLL_MS  # noqa: E402
+from CDMSegmentLib.slicer_adapters.worker_thread import YIELD_S, BackgroundJob  # noqa: E402
 
 LIBC = ctypes.PyDLL(None)  # PyDLL: calls keep the GIL, like an event loop that never releases it
 
