@@ -50,8 +50,9 @@ class CDMSettings:
         "drop 3D components smaller than this many ml (default: the model's)", float)
 
     def params(self, model: LoadedModel, classifier: Optional[LoadedModel] = None) -> CDMParams:
-        """The sampler's settings: these values, the model's (or the paper's) where None."""
-        overrides = {f.name: getattr(self, f.name) for f in fields(CDMParams)}
+        """The sampler's settings: these values, the model's (or the paper's) where None or not offered here
+        (antithetic draws: only a model's measured default turns them on)."""
+        overrides = {f.name: getattr(self, f.name, None) for f in fields(CDMParams)}
         return CDMParams.for_model(model, self.preset, classifier, **overrides)
 
     def min_component_voxels(self, model: LoadedModel, spacing_mm: Sequence[float]) -> int:
