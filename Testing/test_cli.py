@@ -249,11 +249,13 @@ def test_set_defaults_refuses_bad_defaults_with_one_line_and_no_file(content, tm
 
 
 def test_cgcdm_with_the_bundled_model_is_guided_by_its_registered_classifier(tmp_path, capsys):
+    # Bright blobs, not a brain: the bundled model's own OOD score refuses them unless forced.
     case = write_case(tmp_path / "case_0.nii.gz", phantom((3, 40, 48)))
     guided = tmp_path / "guided"
-    code, out, err = run_cli(["segment", case, "-o", guided, "--device", "cpu", "--method", "cg-cdm"], capsys)
+    code, out, err = run_cli(["segment", case, "-o", guided, "--device", "cpu", "--method", "cg-cdm", "--force"],
+                             capsys)
     assert code == 0, err
-    code, _, err = run_cli(["segment", case, "-o", tmp_path / "plain", "--device", "cpu"], capsys)
+    code, _, err = run_cli(["segment", case, "-o", tmp_path / "plain", "--device", "cpu", "--force"], capsys)
     assert code == 0, err
     heatmaps = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / "case_0_heatmap.nrrd")))
                 for d in ("guided", "plain")]
