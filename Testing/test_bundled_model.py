@@ -45,7 +45,7 @@ def test_metadata_says_what_it_was_trained_on_and_that_it_is_not_clinical():
 
 
 def test_sample_files_match_their_description():
-    description = json.loads((SAMPLE / "CDMSegmentSample.json").read_text())
+    description = json.loads((SAMPLE / "CDMSegmentSample.json").read_text(encoding="utf-8"))
     assert sha256_of(SAMPLE / description["file_name"]) == description["sha256"]
     assert sha256_of(SAMPLE / description["segmentation_file_name"]) == description["segmentation_sha256"]
 

@@ -34,7 +34,7 @@ def test_every_method_both_rules_to_table_csv_and_figures(synthetic_cases, tiny_
     with open(paths["csv"]) as f:
         table = list(csv.DictReader(f))
     assert tuple(table[0]) == COLUMNS and len(table) == len(rows)
-    text = paths["markdown"].read_text()
+    text = paths["markdown"].read_text(encoding="utf-8")
     assert "cdmsegment evaluate DATA --methods all" in text and "| method | threshold | Dice |" in text
     assert paths["heatmaps"].stat().st_size > 1000 and paths["dice_vs_time"].stat().st_size > 1000
 

@@ -42,7 +42,7 @@ def _imports(path: Path):
     """(imported CDMSegmentLib module or package, e.g. 'core.runner'; top-level foreign modules; at module level?)."""
     name = _module_name(path) if path.is_relative_to(LIB) else ""
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     top_level = {id(node) for node in tree.body}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -79,8 +79,8 @@ def test_every_module_sits_in_a_sub_package_and_each_package_says_what_it_holds(
     packages = {p.parent.name for p in _library_files() if p.parent != LIB}
     assert packages == set(ALLOWED)
     for package in packages:
-        assert ast.get_docstring(ast.parse((LIB / package / "__init__.py").read_text()))
-    overview = ast.get_docstring(ast.parse((LIB / "__init__.py").read_text()))
+        assert ast.get_docstring(ast.parse((LIB / package / "__init__.py").read_text(encoding="utf-8")))
+    overview = ast.get_docstring(ast.parse((LIB / "__init__.py").read_text(encoding="utf-8")))
     assert all(f"``{package}``" in overview for package in packages), "the package map names every sub-package"
 
 
@@ -123,7 +123,7 @@ def test_the_layering_check_sees_imports_inside_functions(tmp_path, monkeypatch)
 def _child_entry() -> Path:
     """The file of the module the Slicer adapters start in a child process (``python -m <SEGMENT_ENTRY>``):
     it is reached by name, not by an import, so it is read from the launcher's constant."""
-    tree = ast.parse((LIB / "slicer_adapters" / "child_process.py").read_text())
+    tree = ast.parse((LIB / "slicer_adapters" / "child_process.py").read_text(encoding="utf-8"))
     name = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
                 and any(getattr(t, "id", None) == "SEGMENT_ENTRY" for t in node.targets))
     return LIB.parent.joinpath(*name.split(".")).with_suffix(".py")
@@ -152,7 +152,7 @@ def _runtime_closure():
 
 
 def _cmake_scripts():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     block = re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", text, re.S).group(1)
     return {line.strip() for line in block.splitlines() if line.strip().startswith("CDMSegmentLib/")}
 

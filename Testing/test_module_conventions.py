@@ -15,7 +15,7 @@ import CDMSegment
 from CDMSegment import CDMSegmentWidget, ScriptedLoadableModuleWidget
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = (ROOT / "CDMSegment" / "CDMSegment.py").read_text()
+SOURCE = (ROOT / "CDMSegment" / "CDMSegment.py").read_text(encoding="utf-8")
 
 
 def _method(class_name, name):

@@ -92,7 +92,7 @@ def test_calibrate_then_set_defaults_writes_the_reference_and_the_score_uses_it(
         case.mkdir(parents=True)
         write_volume(volume(seed=n), case / f"Case{n}_flair.nii.gz")
     assert main(["calibrate-ood", str(tiny_model_path), str(data), "-o", str(tmp_path / "ood.json")]) == 0
-    reference = json.loads((tmp_path / "ood.json").read_text())
+    reference = json.loads((tmp_path / "ood.json").read_text(encoding="utf-8"))
     assert reference["reference_volumes"] == 9 and len(reference["mean"]) == 3
     (tmp_path / "expects.json").write_text(json.dumps({"modality": "FLAIR", "skull_stripped": True}))
     assert main(["set-defaults", str(tiny_model_path), "--ood", str(tmp_path / "ood.json"), "--expects",
@@ -109,7 +109,7 @@ def test_calibrate_then_set_defaults_writes_the_reference_and_the_score_uses_it(
 
 
 def reference_errors(folder):
-    return [row["errors"] for row in json.loads((folder / "ood.cases.json").read_text())]
+    return [row["errors"] for row in json.loads((folder / "ood.cases.json").read_text(encoding="utf-8"))]
 
 
 def test_set_defaults_needs_something_to_write(tiny_model_path, tmp_path, capsys):

@@ -20,7 +20,7 @@ def _module_files():
 
 def test_module_cmakelists_lists_every_resource():
     """Every file under Resources/ ships; the scripts are checked against the imports in test_layering.py."""
-    text = (MODULE / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "CDMSegment")
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "CDMSegment")
     listed = set(re.findall(r"^\s+(Resources/\S*\.\w+)\s*$", text, re.M))
     assert listed == {f for f in _module_files() if f.startswith("Resources/")}
     assert "CDMSegment.py" in re.findall(r"^\s+(\S+\.py)\s*$", text, re.M)
@@ -28,10 +28,10 @@ def test_module_cmakelists_lists_every_resource():
 
 
 def test_extension_metadata_agrees_across_cmake_s4ext_and_catalog_entry():
-    cmake = (ROOT / "CMakeLists.txt").read_text()
-    s4ext = dict(line.split(" ", 1) for line in (ROOT / "CDMSegment.s4ext").read_text().splitlines()
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    s4ext = dict(line.split(" ", 1) for line in (ROOT / "CDMSegment.s4ext").read_text(encoding="utf-8").splitlines()
                  if line and not line.startswith("#"))
-    entry = json.loads((ROOT / "CDMSegment.json").read_text())
+    entry = json.loads((ROOT / "CDMSegment.json").read_text(encoding="utf-8"))
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
     assert set(entry) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision",
                           "scm_type", "scm_url", "tier"}
@@ -53,15 +53,15 @@ def test_the_catalog_entry_is_written_as_the_extensions_index_formatter_writes_i
 
 def test_the_license_is_the_bsd_3_clause_license_pyproject_names():
     """The Extensions Index refuses a repository without a license file at its root (LICENSE is one it looks for)."""
-    text = (ROOT / "LICENSE").read_text()
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert text.startswith("BSD 3-Clause License\n\nCopyright (c) 2026, the CDMSegment authors\n")
     assert "Neither the name of the copyright holder nor the names of its" in text
-    assert 'license = { text = "BSD-3-Clause" }' in (ROOT / "pyproject.toml").read_text()
+    assert 'license = { text = "BSD-3-Clause" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
 
 
 def test_the_screenshot_and_icon_urls_point_at_files_in_this_repository():
-    cmake = (ROOT / "CMakeLists.txt").read_text()
-    s4ext = dict(line.split(" ", 1) for line in (ROOT / "CDMSegment.s4ext").read_text().splitlines()
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    s4ext = dict(line.split(" ", 1) for line in (ROOT / "CDMSegment.s4ext").read_text(encoding="utf-8").splitlines()
                  if line and not line.startswith("#"))
     prefix = s4ext["scmurl"].replace("https://github.com/", "https://raw.githubusercontent.com/").removesuffix(".git")
     for key, variable in (("iconurl", "EXTENSION_ICONURL"), ("screenshoturls", "EXTENSION_SCREENSHOTURLS")):

@@ -81,7 +81,7 @@ def test_held_out_families_are_not_written_and_cases_csv_says_which(tmp_path):
     table = read_case_table(tmp_path)
     assert [table[r["case"]]["family"] for r in records] == ["ms", "healthy", "ms"]
     assert table[records[0]["case"]]["lesion_ml"] == pytest.approx(records[0]["lesion_ml"])
-    labels = (tmp_path / "slice_labels.csv").read_text().splitlines()
+    labels = (tmp_path / "slice_labels.csv").read_text(encoding="utf-8").splitlines()
     assert len(labels) - 1 == sum(len(r["slice_rows"]) for r in records)
 
 

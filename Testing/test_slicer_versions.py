@@ -35,7 +35,7 @@ SLICER_PYTHON = {(5, 6): (3, 9), (5, 8): (3, 9), (5, 10): (3, 12), (5, 12): (3, 
 
 def slicer_floor():
     """(major, minor) from the top-level CMakeLists.txt's find_package(Slicer X.Y REQUIRED)."""
-    found = re.search(r"find_package\(Slicer (\d+)\.(\d+) REQUIRED\)", (ROOT / "CMakeLists.txt").read_text())
+    found = re.search(r"find_package\(Slicer (\d+)\.(\d+) REQUIRED\)", (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
     assert found, "CMakeLists.txt must state the minimum Slicer: find_package(Slicer X.Y REQUIRED)"
     return int(found.group(1)), int(found.group(2))
 
@@ -74,19 +74,19 @@ def test_the_floor_is_the_one_the_readme_states():
     major, minor = slicer_floor()
     assert (major, minor) in SLICER_PYTHON
     for statement in ("README.md", "CDMSegment.s4ext"):  # the catalog entry's schema has no field for it
-        assert f"Slicer {major}.{minor} or newer" in (ROOT / statement).read_text(), statement
+        assert f"Slicer {major}.{minor} or newer" in (ROOT / statement).read_text(encoding="utf-8"), statement
 
 
 @pytest.mark.parametrize("path", _slicer_runs(), ids=lambda p: str(p.relative_to(MODULE)))
 def test_the_code_slicer_runs_calls_no_api_newer_than_the_floor(path):
-    assert newer_apis(path.read_text(), slicer_floor()) == []
+    assert newer_apis(path.read_text(encoding="utf-8"), slicer_floor()) == []
 
 
 @pytest.mark.parametrize("path", _slicer_runs(), ids=lambda p: str(p.relative_to(MODULE)))
 def test_the_code_slicer_runs_parses_with_the_floors_python(path):
     """Syntax of the floor's Python (3.9 for Slicer 5.6), and no `X | None` annotation evaluated at import."""
     python = SLICER_PYTHON[slicer_floor()]
-    source = path.read_text()
+    source = path.read_text(encoding="utf-8")
     tree = ast.parse(source, feature_version=python)
     if python < (3, 10) and "from __future__ import annotations" not in source:
         annotations = [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.arg, ast.AnnAssign)) and n.annotation]

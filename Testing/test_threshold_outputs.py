@@ -101,7 +101,7 @@ def test_atomic_outputs_rename_every_file_on_success(tmp_path):
             t.write_text(str(n))
         assert not any(p.exists() for p in targets)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.seg.nrrd", "a_heatmap.nrrd"]
-    assert [p.read_text() for p in targets] == ["0", "1"]
+    assert [p.read_text(encoding="utf-8") for p in targets] == ["0", "1"]
 
 
 @pytest.mark.parametrize("path, stem", [

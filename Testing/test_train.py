@@ -155,8 +155,8 @@ def test_two_cpu_processes_train_in_step_and_rank_0_writes_the_checkpoint(tmp_pa
                              "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script)],
                             capture_output=True, text=True, env=env, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    world0, hash0 = (tmp_path / "rank0.txt").read_text().split()
-    world1, hash1 = (tmp_path / "rank1.txt").read_text().split()
+    world0, hash0 = (tmp_path / "rank0.txt").read_text(encoding="utf-8").split()
+    world1, hash1 = (tmp_path / "rank1.txt").read_text(encoding="utf-8").split()
     assert world0 == world1 == "2"
     assert hash0 == hash1  # DDP averaged the gradients: both ranks hold the same weights
     state = torch.load(run_dir / "checkpoint.pt", weights_only=False)

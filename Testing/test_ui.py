@@ -79,7 +79,7 @@ def _class_of(name, widgets, requested):
 
 
 def _used_names():
-    tree = ast.parse(SOURCE.read_text())
+    tree = ast.parse(SOURCE.read_text(encoding="utf-8"))
     return {node.attr for node in ast.walk(tree)
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
             and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
@@ -88,7 +88,7 @@ def _used_names():
 def _parameters():
     """{name: (type, {annotation: its arguments}, default)} of CDMSegmentParameterNode, read from the source:
     'Annotated[float, WithinRange(0.0, 1.0)] = 0.5' -> ('float', {'WithinRange': [0.0, 1.0]}, 0.5)."""
-    tree = ast.parse(SOURCE.read_text())
+    tree = ast.parse(SOURCE.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CDMSegmentParameterNode")
     parameters = {}
     for statement in cls.body:
@@ -111,9 +111,9 @@ def _bound_widgets(widgets):
 
 def test_qt_refuses_a_widget_inside_a_string(tmp_path):
     """The defect this file guards against: Qt's loader stops at markup inside a <string>."""
-    broken = UI_FILE.read_text().replace(
+    broken = UI_FILE.read_text(encoding="utf-8").replace(
         "<string>Input volume:</string>", '<string><widget class="QLabel" name="inner"/></string>', 1)
-    assert broken != UI_FILE.read_text()
+    assert broken != UI_FILE.read_text(encoding="utf-8")
     (tmp_path / "broken.ui").write_text(broken)
     with pytest.raises(ValueError, match="Unexpected element widget"):
         load_ui(tmp_path / "broken.ui")
@@ -165,7 +165,7 @@ def test_the_code_leaves_choice_bound_combo_boxes_to_slicer(panel):
     """Slicer fills a Choice-bound combo box itself; items added, removed or cleared by the code would
     no longer match the choices it reads back by index."""
     widgets, requested = panel
-    source = SOURCE.read_text()
+    source = SOURCE.read_text(encoding="utf-8")
     combo_boxes = [n for n in _bound_widgets(widgets).values() if _class_of(n, widgets, requested) == "QComboBox"]
     assert combo_boxes
     for name in combo_boxes:
@@ -182,5 +182,5 @@ def test_volume_selectors_offer_scalar_volumes_only(panel):
     for name in selectors:
         assert widgets[name].property("nodeTypes") == ["vtkMRMLScalarVolumeNode"]
         assert widgets[name].property("showChildNodeTypes") is False
-    source = SOURCE.read_text()  # the extra selector made per further modality in CDMSegment.py
+    source = SOURCE.read_text(encoding="utf-8")  # the extra selector made per further modality in CDMSegment.py
     assert 'nodeTypes = ["vtkMRMLScalarVolumeNode"]' in source and "showChildNodeTypes = False" in source

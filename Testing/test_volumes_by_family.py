@@ -76,4 +76,4 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
     with open(tmp_path / "out" / "volumes.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 3 and {r["family"] for r in rows} == {"cortical", "healthy"}
-    assert "| family |" in (tmp_path / "out" / "volumes.md").read_text()
+    assert "| family |" in (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")
