@@ -1,5 +1,8 @@
 """From heatmap to mask (threshold.py) and from arrays to files (cli/writers.py)."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -102,6 +105,19 @@ def test_atomic_outputs_rename_every_file_on_success(tmp_path):
         assert not any(p.exists() for p in targets)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.seg.nrrd", "a_heatmap.nrrd"]
     assert [p.read_text(encoding="utf-8") for p in targets] == ["0", "1"]
+
+
+def test_outputs_get_the_mode_of_any_new_file_not_the_temporary_files_0600(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        targets = [tmp_path / "a_heatmap.nrrd", tmp_path / "a.seg.nrrd"]
+        reference = Volume(np.zeros((2, 3, 4), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+        with atomic_outputs(targets) as tmp:
+            write_heatmap(tmp[0], reference.array, reference)
+            write_segmentation(tmp[1], {"tumour": reference.array > 0}, reference)
+    finally:
+        os.umask(previous)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in targets] == [0o644, 0o644]
 
 
 @pytest.mark.parametrize("path, stem", [

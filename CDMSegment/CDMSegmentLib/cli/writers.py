@@ -62,6 +62,13 @@ def _advice(e: OSError) -> str:
     return "check the output folder or choose another one"
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_outputs(paths: List[Path], overwrite: bool = False) -> Iterator[List[Path]]:
     """Yield temporary paths, unique to this run, beside the targets; on success move each onto its target,
@@ -76,6 +83,7 @@ def atomic_outputs(paths: List[Path], overwrite: bool = False) -> Iterator[List[
             fd, name = tempfile.mkstemp(prefix=".partial-", suffix="-" + p.name, dir=p.parent)
             os.close(fd)
             tmps.append(Path(name))
+            os.chmod(name, new_file_mode())  # mkstemp makes 0600; results are read by others, as any new file
         yield tmps
         _publish(tmps, paths, overwrite)
     except FileExistsError as e:

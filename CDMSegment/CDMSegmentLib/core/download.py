@@ -108,6 +108,9 @@ def download_model(entry: dict, cache_dir: Path, *, progress: Optional[Callable[
 def _download_locked(entry: dict, target: Path, progress, cancel, timeout_s: float) -> Path:
     fd, name = tempfile.mkstemp(prefix=".partial-", suffix="-" + target.name, dir=target.parent)
     partial = Path(name)
+    umask = os.umask(0)  # mkstemp makes 0600; a shared cache must be readable like any new file
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as f:
             digest, done = _stream(entry, f, progress, cancel, timeout_s)
