@@ -148,7 +148,7 @@ class CDMSegmentParameterNode:
     noiseDraws: Annotated[int, WithinRange(1, 64)] = 1
     guidanceScale: Annotated[float, WithinRange(0.0, 10000.0)] = 100.0
     axis: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
-    batchSize: Annotated[int, WithinRange(1, 1024)] = 16
+    batchSize: Annotated[int, WithinRange(0, 1024)] = 0  # 0: automatic, per device (the spin box shows "auto")
     hardenTransform: bool = False
     force: bool = False
     threshold: float = 0.0
@@ -196,15 +196,17 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         return fetch_model(nameOrPath, kind, self.cacheDir, self.registry, progress, cancel)
 
     def startRun(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", settings=None,
-                 axis="auto", batchSize=16, classifier=None, hardenTransform=False, force=False):
+                 axis="auto", batchSize=0, classifier=None, hardenTransform=False, force=False):
         """Check and copy the inputs and start the model on them in a child process; returns the run
         (CDMSegmentLib.slicer_adapters.child_process.ChildRun: poll(), progress, eta_seconds(), cancel(), close()).
 
         inputVolumeNodes: one scalar volume node per model modality (or a single node); model / classifier: a
         registered name, a file path or a loaded model (method 'cg-cdm' needs the classifier; by default the one
         registered with the model); settings: CDMSettings, None fields (or None) meaning the model's measured
-        defaults; force: run on an image that does not look like what the model takes (otherwise refused in one
-        line). The inputs are never modified.
+        defaults; batchSize: slices per batch, 0 (or None) for automatic: the model's measured value for the
+        device, else 4 on a CPU and 64 on a GPU (CDMSegmentLib.core.runner.default_batch_size); force: run on an
+        image that does not look like what the model takes (otherwise refused in one line). The inputs are never
+        modified.
         """
         from CDMSegmentLib.core.modelfile import LoadedModel
         from CDMSegmentLib.core.settings import CDMSettings
@@ -234,7 +236,7 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
             run.close()
 
     def process(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", settings=None,
-                axis="auto", batchSize=16, classifier=None, hardenTransform=False, force=False, progress=None,
+                axis="auto", batchSize=0, classifier=None, hardenTransform=False, force=False, progress=None,
                 cancel=None):
         """Segment and add result nodes to the inputs' scene: [heatmap volume(s)..., segmentation]. Waits for the
         child process; progress(slices done, slices in total); cancel: threading.Event or callable. Arguments as

@@ -18,9 +18,11 @@ import time
 import numpy as np
 import pytest
 import slicer
+import torch
 
 from CDMSegment import CDMSegmentLogic
 from CDMSegmentLib.core.errors import Cancelled, CDMSegmentError
+from CDMSegmentLib.core.runner import default_batch_size
 from CDMSegmentLib.core.settings import CDMSettings
 from CDMSegmentLib.slicer_adapters import mrml
 from CDMSegmentLib.slicer_adapters.child_process import CANCEL_WAIT_S, LIBRARY_PARENT, SEGMENT_ENTRY
@@ -61,6 +63,28 @@ def test_progress_counts_every_slice_exactly_and_in_order(scene, tiny_model, run
                               progress=lambda done, total: reports.append((done, total)))
     total = slices_with_content(phantom(SHAPE))
     assert reports == [(done, total) for done in [0, 3, 6, 9, 10]]
+    assert list(run_folders.iterdir()) == []
+
+
+def test_by_default_the_child_chooses_the_batch_size_for_its_device_and_an_explicit_one_is_passed_on(
+        scene, tiny_model, run_folders):
+    """The panel's "auto" (0) and the console's default leave --batch-size off the child's command line, so the
+    child batches as the command line does (default_batch_size: 4 slices on a CPU for this model)."""
+    node = add_volume(scene, phantom(SHAPE), GEOMETRIES["axial"])
+    total = slices_with_content(phantom(SHAPE))
+    assert default_batch_size(tiny_model, torch.device("cpu")) == 4
+    for batch_size, passed, steps in [(0, None, [0, 4, 8, 10]), (None, None, [0, 4, 8, 10]),
+                                      (3, "3", [0, 3, 6, 9, 10])]:
+        reports = []
+        run = CDMSegmentLogic().startRun(node, model=tiny_model, device="cpu", batchSize=batch_size,
+                                         settings=CDMSettings(steps=1))
+        try:
+            run.wait(progress=lambda done, total: reports.append((done, total)))
+        finally:
+            run.close()
+        command = list(run.process.args)
+        assert (command[command.index("--batch-size") + 1] if "--batch-size" in command else None) == passed
+        assert reports == [(done, total) for done in steps], batch_size
     assert list(run_folders.iterdir()) == []
 
 

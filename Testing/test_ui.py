@@ -161,6 +161,19 @@ def test_bindings_follow_slicers_connector_rules(panel):
             assert (spin_box.minimum(), spin_box.maximum()) == pytest.approx((low, high)), parameter
 
 
+def test_the_batch_size_is_automatic_by_default_and_the_spin_box_says_so(panel):
+    """0 is "automatic" (the per-device batch size of core.runner.default_batch_size): the parameter's default,
+    the spin box's minimum, shown as "auto" (specialValueText, in Qt 5 as in Qt 6)."""
+    widgets, requested = panel
+    kind, extras, default = _parameters()["batchSize"]
+    spin_box = widgets[_bound_widgets(widgets)["batchSize"]]
+    assert default == extras["WithinRange"][0] == spin_box.minimum() == 0
+    spin_box.setValue(0)
+    assert spin_box.text() == "auto"
+    spin_box.setValue(16)
+    assert spin_box.text() == "16"
+
+
 def test_the_code_leaves_choice_bound_combo_boxes_to_slicer(panel):
     """Slicer fills a Choice-bound combo box itself; items added, removed or cleared by the code would
     no longer match the choices it reads back by index."""

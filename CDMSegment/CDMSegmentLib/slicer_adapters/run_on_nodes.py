@@ -28,13 +28,15 @@ def prepare_inputs(nodes: Sequence, model: LoadedModel, harden: bool = False) ->
 
 
 def segment_arguments(model: LoadedModel, *, classifier: Optional[LoadedModel] = None, method: str = "cdm",
-                      device: str = "auto", axis: Union[str, int] = "auto", batch_size: int = 16,
+                      device: str = "auto", axis: Union[str, int] = "auto", batch_size: Optional[int] = None,
                       target_class: Optional[int] = None, settings: CDMSettings = CDMSettings(),
                       force: bool = False) -> List[str]:
-    """The ``cdmsegment segment`` options for a run with these loaded models and settings. force: run on an
+    """The ``cdmsegment segment`` options for a run with these loaded models and settings. batch_size: 0 or None
+    leaves it to the child (``core.runner.default_batch_size`` for the device it runs on). force: run on an
     input that does not look like what the model takes (otherwise the child refuses it in one line)."""
-    arguments = ["--model", str(model.path), "--method", method, "--device", device, "--axis", str(axis),
-                 "--batch-size", str(batch_size)]
+    arguments = ["--model", str(model.path), "--method", method, "--device", device, "--axis", str(axis)]
+    if batch_size:
+        arguments += ["--batch-size", str(batch_size)]
     if classifier is not None:
         arguments += ["--classifier", str(classifier.path)]
     if target_class is not None:
