@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -45,6 +46,17 @@ def test_download_is_verified_and_reports_bytes(server, tmp_path):
     assert path == cache / "remote.pt" and path.read_bytes() == PAYLOAD
     assert reports[-1] == (len(PAYLOAD), len(PAYLOAD)) and len(reports) >= 2
     assert _leftovers(cache) == ["remote.pt"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_a_downloaded_model_gets_the_mode_of_any_new_file_not_the_temporary_files_0600(server, tmp_path, umask,
+                                                                                        mode):
+    previous = os.umask(umask)
+    try:
+        path = download_model(_entry(f"{server}/model.pt"), tmp_path / "cache")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
 def test_a_cached_file_is_not_downloaded_again(server, tmp_path):

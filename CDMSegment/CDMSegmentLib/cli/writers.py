@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..core.errors import CDMSegmentError
+from ..core.files import new_file_mode
 from ..core.image import Volume
 from ..core.terminology import segment_style
 
@@ -60,13 +61,6 @@ def _advice(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "choose a folder you can write to"
     return "check the output folder or choose another one"
-
-
-def new_file_mode() -> int:
-    """The mode ``open()`` gives a new file under this process's umask (0644 under the usual 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 @contextlib.contextmanager

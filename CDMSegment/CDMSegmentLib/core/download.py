@@ -20,6 +20,7 @@ import urllib3
 from filelock import FileLock, Timeout
 
 from .errors import Cancelled, ModelFileError
+from .files import new_file_mode
 from .modelfile import REGISTRY_FILE, LoadedModel, default_model_name, load_model, read_registry, sha256_of
 
 CHUNK_BYTES = 1 << 16
@@ -108,9 +109,7 @@ def download_model(entry: dict, cache_dir: Path, *, progress: Optional[Callable[
 def _download_locked(entry: dict, target: Path, progress, cancel, timeout_s: float) -> Path:
     fd, name = tempfile.mkstemp(prefix=".partial-", suffix="-" + target.name, dir=target.parent)
     partial = Path(name)
-    umask = os.umask(0)  # mkstemp makes 0600; a shared cache must be readable like any new file
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a shared cache must be readable like any new file
     try:
         with os.fdopen(fd, "wb") as f:
             digest, done = _stream(entry, f, progress, cancel, timeout_s)
