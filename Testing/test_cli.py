@@ -1,5 +1,6 @@
 """``cdmsegment`` end to end: the files a good run writes, and one line and no file for every bad input."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from CDMSegmentLib.cli.main import main
+from CDMSegmentLib.cli.main import build_parser, main
 from conftest import phantom
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "CDMSegment"
@@ -203,6 +204,20 @@ def test_existing_outputs_are_kept_without_overwrite(tmp_path, tiny_model_path, 
     assert "--overwrite" in err
     assert [p.name for p in out_dir.iterdir()] == ["case_0.seg.nrrd"]
     assert (out_dir / "case_0.seg.nrrd").read_bytes() == b"the user's edited segmentation"
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """--help of each command documents each of its arguments (argparse's own -h aside), in words that render."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"segment", "info", "segment-cohort", "train", "evaluate"} <= set(commands)
+    missing = []
+    for name, command in commands.items():
+        command.format_help()  # a %-placeholder that does not fill in raises here
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip():
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []
 
 
 def test_info_prints_the_model_metadata_as_json(tiny_model_path, capsys):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 from ..core.errors import CDMSegmentError
+from .segment_command import SEED_HELP
 from .writers import file_stem
 
 SUMMARY_FILE = "cohort_summary.csv"
@@ -31,11 +32,13 @@ def add_segment_cohort_parser(sub) -> None:
     p.add_argument("cases", nargs="*", metavar="CASE",
                    help="one case: an image file, or one file per model modality joined by commas")
     p.add_argument("--list", type=Path, default=None, metavar="FILE", help="more cases, one CASE per line")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
+                   help="folder for every case's heatmap and .seg.nrrd (as 'cdmsegment segment' names them) and "
+                        "cohort_summary.csv")
     p.add_argument("--model", default=None, help="registered model name or model file (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto (each rank's own CUDA GPU when there is one), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=None, help="slices per network batch (default: per device)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run_segment_cohort)
 

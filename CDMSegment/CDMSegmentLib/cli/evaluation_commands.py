@@ -11,7 +11,8 @@ def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="every method on the same slices of a data set with masks: table, CSV, figures")
     p.add_argument("data", type=Path, metavar="DATA", help="folder of cases in the BraTS layout (phantoms included), "
                    "or a .npz slice set with masks")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
+                   help="folder for results.csv, results.md, heatmaps.png and dice_vs_time.png")
     p.add_argument("--model", default=None, help="diffusion model (name or file; default: the bundled model)")
     p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm, cg-diff and the CAMs")
     p.add_argument("--methods", type=comma_list(str), default=["cdm"],
@@ -29,9 +30,10 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--cgdiff-steps", type=int, default=None,
                    help="CG-Diff DDIM steps each way (Wolleb: 500, 1500 network passes per slice; fewer are strided)")
     p.add_argument("--cgdiff-scale", type=float, default=None, help="CG-Diff classifier scale s (Wolleb: 100)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="slices per network batch (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the noise drawn for each slice (default: %(default)s)")
     p.set_defaults(func=run_evaluate)
 
 
@@ -56,7 +58,8 @@ def add_evaluate_volumes_parser(sub) -> None:
     p = sub.add_parser("evaluate-volumes", help="3D quality of the tool on held-out cases with masks, by lesion family "
                        "and size, against intensity baselines")
     p.add_argument("data", type=Path, metavar="DATA", help="folder of cases in the BraTS layout (phantoms included)")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
+                   help="folder for volumes.csv (per case) and volumes.md (the tables)")
     p.add_argument("--model", default=None, help="diffusion model (name or file; default: the bundled model)")
     p.add_argument("--cases", type=int, default=None, help="only the first N cases")
     p.add_argument("--per-family", type=int, default=None,
@@ -65,8 +68,8 @@ def add_evaluate_volumes_parser(sub) -> None:
                    help="cases with masks from the training families: fit the calibrated intensity-threshold "
                         "baseline there (default: only the Otsu baseline)")
     p.add_argument("--fit-cases", type=int, default=12, help="cases of TRAINDIR used for the fit")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=16, help="slices per network batch (default: %(default)s)")
     p.set_defaults(func=run_evaluate_volumes)
 
 

@@ -26,6 +26,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
+SEED_HELP = ("seed of the noise drawn for each slice: the same seed, settings and device give the same heatmap "
+             "(default: %(default)s)")
+
+
 def _axis(value: str):
     return int(value) if value.isdigit() else value
 
@@ -41,7 +45,9 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="run even on an image that does not look like what the model takes (a CT, a head "
                         "with its skull, another MRI sequence)")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
+                   help="folder for the results, made when missing: <input>_heatmap.nrrd (one per class when the model "
+                        "has several) and <input>.seg.nrrd; existing files are kept unless --overwrite")
     p.add_argument("--model", default=None, help="registered model name or model file (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--axis", type=_axis, default="auto",
@@ -53,9 +59,10 @@ def add_segment_parser(sub) -> None:
                    help="class index to segment (default: every class except 0 = normal)")
     CDMSettings.add_arguments(p)
     p.add_argument("--batch-size", type=int, default=None,
-                   help="slices per network batch (default: measured per device, 4 on a CPU)")
+                   help="slices per network batch (default: the model's measured value for the device, else 4 on "
+                        "a CPU and 64 on a GPU)")
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), fp32, bf16 or fp16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--progress-lines", action="store_true",
                    help="report on stdout in JSON lines (phase, slices done of N and time left, summary or error) "
@@ -97,7 +104,8 @@ def run_segment(args) -> None:
 def add_info_parser(sub) -> None:
     p = sub.add_parser("info", help="print a model's metadata")
     p.add_argument("model", nargs="?", default=None, help="registered model name or model file")
-    p.add_argument("--kind", default="diffusion", choices=("diffusion", "classifier"))
+    p.add_argument("--kind", default="diffusion", choices=("diffusion", "classifier"),
+                   help="what the model is: a diffusion model (default) or a noise-aware classifier")
     p.set_defaults(func=run_info)
 
 

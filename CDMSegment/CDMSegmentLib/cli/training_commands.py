@@ -19,13 +19,22 @@ def comma_list(kind):
     return parse
 
 
+# The --precision help of the trainers (training/train.py: auto is bf16 autocast).
+TRAINING_PRECISION = ("auto or bf16: bf16 autocast (on a CPU fast only with AVX-512 BF16 or AMX); fp32: full precision "
+                      "(default: %(default)s)")
+
+
 def add_phantom_parser(sub) -> None:
     p = sub.add_parser("phantom", help="write phantom brain-tumour cases (BraTS layout) from the MNI152 anatomy")
-    p.add_argument("output", type=Path, metavar="OUTDIR")
-    p.add_argument("--cases", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("output", type=Path, metavar="OUTDIR",
+                   help="folder for the cases, one sub-folder each in the BraTS layout (images and *_seg.nii.gz)")
+    p.add_argument("--cases", type=int, default=10, help="number of cases to write (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the set: case i depends only on the seed and i (default: %(default)s)")
     p.add_argument("--modalities", type=comma_list(str), default=("flair",), help="comma-separated: flair,t1,t1ce,t2")
-    p.add_argument("--lesion-free-fraction", type=float, default=0.25)
+    p.add_argument("--lesion-free-fraction", type=float, default=0.25,
+                   help="share of cases without a lesion (default: %(default)s; randomised phantoms use the "
+                        "'healthy' family instead)")
     p.add_argument("--in-plane-mm", type=float, default=None, help="fixed in-plane spacing (default: random 1-2 mm)")
     p.add_argument("--slice-mm", type=float, default=None, help="fixed slice thickness (default: random up to 5 mm)")
     r = p.add_argument_group("domain-randomised FLAIR phantoms (chosen by --families; see data/randomised.py)")
@@ -82,11 +91,14 @@ def _add_data_arguments(p) -> None:
                    "--labels, or a .npz slice set")
     p.add_argument("--labels", type=Path, default=None,
                    help="CSV of per-slice labels (case or file, slice, label) for a folder of single-modality volumes")
-    p.add_argument("--modalities", type=comma_list(str), default=("flair",))
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--modalities", type=comma_list(str), default=("flair",),
+                   help="comma-separated modalities read per case, in the model's input order (default: flair)")
+    p.add_argument("--image-size", type=int, default=128,
+                   help="edge of the square model slices in pixels (default: %(default)s; a .npz keeps its own)")
     p.add_argument("--split", type=Path, default=None,
                    help="split JSON (train/val/test case ids); made and written beside the output when absent")
-    p.add_argument("--subset", default="train", choices=("train", "val", "test", "all"))
+    p.add_argument("--subset", default="train", choices=("train", "val", "test", "all"),
+                   help="the split's cases to use (default: %(default)s); all: every case, without a split")
 
 
 def load_training_slices(args, split_path: Path, with_masks: bool = False):
@@ -115,7 +127,8 @@ def load_training_slices(args, split_path: Path, with_masks: bool = False):
 def add_slices_parser(sub) -> None:
     p = sub.add_parser("slices", help="turn a case folder into a compact .npz slice set (to ship to a GPU machine)")
     _add_data_arguments(p)
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.npz")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.npz",
+                   help="the slice set to write; a split it makes is written beside it as FILE.split.json")
     p.add_argument("--with-masks", action="store_true", help="keep ground-truth masks (calibration, evaluation)")
     p.set_defaults(func=run_slices)
 
@@ -132,19 +145,28 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train the class-conditional diffusion model on image-level slice labels")
     _add_data_arguments(p)
     p.add_argument("-o", "--run-dir", type=Path, required=True, help="checkpoints go here; an existing run resumes")
-    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--steps", type=int, default=20000, help="optimiser steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="per process (torchrun multiplies by processes)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--schedule", default="linear", choices=("linear", "cosine"))
-    p.add_argument("--timesteps", type=int, default=1000)
-    p.add_argument("--base-channels", type=int, default=32)
-    p.add_argument("--channel-mults", type=comma_list(int), default=(1, 2, 2, 4))
-    p.add_argument("--attention-levels", type=comma_list(int), default=(3,))
-    p.add_argument("--blocks-per-level", type=int, default=1)
-    p.add_argument("--class-names", type=comma_list(str), default=("normal", "tumour"))
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=2e-4,
+                   help="peak AdamW learning rate, after warm-up and before cosine decay (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise (default: %(default)s)")
+    p.add_argument("--schedule", default="linear", choices=("linear", "cosine"),
+                   help="noise schedule (default: %(default)s, the paper's)")
+    p.add_argument("--timesteps", type=int, default=1000,
+                   help="diffusion timesteps T (default: %(default)s; the paper: 4000)")
+    p.add_argument("--base-channels", type=int, default=32,
+                   help="UNet channels at full resolution (default: %(default)s)")
+    p.add_argument("--channel-mults", type=comma_list(int), default=(1, 2, 2, 4),
+                   help="comma-separated channel multiplier of each UNet level (default: 1,2,2,4)")
+    p.add_argument("--attention-levels", type=comma_list(int), default=(3,),
+                   help="comma-separated UNet levels with self-attention, 0 = full resolution (default: 3)")
+    p.add_argument("--blocks-per-level", type=int, default=1,
+                   help="residual blocks per UNet level (default: %(default)s)")
+    p.add_argument("--class-names", type=comma_list(str), default=("normal", "tumour"),
+                   help="comma-separated class names, the normal class first (default: normal,tumour)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=TRAINING_PRECISION)
+    p.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="steps between checkpoints in the run folder (default: %(default)s)")
     p.set_defaults(func=run_train)
 
 
@@ -172,10 +194,10 @@ def run_train(args) -> None:
 
 def add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint's EMA network as a TorchScript model file with metadata")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", default="1")
+    p.add_argument("checkpoint", type=Path, help="checkpoint.pt of a 'cdmsegment train' run folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the model file to write")
+    p.add_argument("--name", required=True, help="the model's name, stored in its metadata")
+    p.add_argument("--version", default="1", help="the model's version, stored in its metadata (default: %(default)s)")
     p.add_argument("--defaults", type=Path, default=None,
                    help="JSON of measured defaults (noise_level, steps, tau, noise_draws, threshold, ...)")
     p.add_argument("--training-data", default="", help="what the model was trained on, for its metadata")
@@ -208,15 +230,19 @@ def add_calibrate_parser(sub) -> None:
     grid = ("a list sweeps (default: " + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in CALIBRATION_GRID.items())
             + "; with --classifier: the model's own)")
     p.add_argument("--noise-level", type=comma_list(float), default=None, help=grid)
-    p.add_argument("--tau", type=comma_list(float), default=None)
-    p.add_argument("--steps", type=comma_list(int), default=None)
-    p.add_argument("--noise-draws", type=comma_list(int), default=None)
+    p.add_argument("--tau", type=comma_list(float), default=None,
+                   help="tau values to sweep (default: see --noise-level)")
+    p.add_argument("--steps", type=comma_list(int), default=None,
+                   help="DDIM steps R to sweep (default: see --noise-level)")
+    p.add_argument("--noise-draws", type=comma_list(int), default=None,
+                   help="noise draws to sweep (default: see --noise-level)")
     p.add_argument("--classifier", default=None,
                    help="noise-aware classifier: calibrate CG-CDM's guidance scale and threshold for it")
     p.add_argument("--guidance-scale", type=comma_list(float), default=[1.0, 3.0, 10.0, 30.0, 100.0],
                    help="CG-CDM scales s to sweep (with --classifier)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--precision", default="fp16", choices=("fp32", "bf16", "fp16"),
+                   help="autocast precision of the network during the sweep (default: %(default)s)")
     p.set_defaults(func=run_calibrate)
 
 
@@ -250,7 +276,8 @@ def add_set_defaults_parser(sub) -> None:
     p.add_argument("model", help="model file or registered name")
     p.add_argument("defaults", type=Path, nargs="?", default=None, help="defaults JSON written by 'cdmsegment calibrate'")
     p.add_argument("-o", "--output", type=Path, required=True, help="the new model file")
-    p.add_argument("--kind", default="diffusion", choices=("diffusion", "classifier"))
+    p.add_argument("--kind", default="diffusion", choices=("diffusion", "classifier"),
+                   help="what the model is: a diffusion model (default) or a noise-aware classifier")
     p.add_argument("--ood", type=Path, default=None, help="OOD reference JSON written by 'cdmsegment calibrate-ood'")
     p.add_argument("--expects", type=Path, default=None,
                    help='JSON of what the model takes, e.g. {"modality": "FLAIR", "skull_stripped": true, '
@@ -283,17 +310,23 @@ def add_train_classifier_parser(sub) -> None:
     p = sub.add_parser("train-classifier", help="train the noise-aware slice classifier and export it as a model file")
     p.add_argument("slices", type=Path, metavar="SLICES.npz", help="slice set written by CDMSegment's data tools")
     p.add_argument("--run-dir", required=True, type=Path, help="checkpoint folder (an interrupted run resumes)")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL.pt")
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--base-channels", type=int, default=32)
-    p.add_argument("--channel-mults", type=comma_list(int), default=[1, 2, 2, 4])
-    p.add_argument("--class-names", type=comma_list(str), default=["normal", "lesion"])
-    p.add_argument("--name", default="cdmsegment-classifier")
-    p.add_argument("--version", default="0.1.0")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL.pt",
+                   help="the classifier model file to write")
+    p.add_argument("--steps", type=int, default=5000, help="optimiser steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--base-channels", type=int, default=32,
+                   help="network channels at full resolution (default: %(default)s)")
+    p.add_argument("--channel-mults", type=comma_list(int), default=[1, 2, 2, 4],
+                   help="comma-separated channel multiplier of each level (default: 1,2,2,4)")
+    p.add_argument("--class-names", type=comma_list(str), default=["normal", "lesion"],
+                   help="comma-separated class names, the normal class first (default: normal,lesion)")
+    p.add_argument("--name", default="cdmsegment-classifier",
+                   help="the classifier's name, stored in its metadata (default: %(default)s)")
+    p.add_argument("--version", default="0.1.0",
+                   help="the classifier's version, stored in its metadata (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=TRAINING_PRECISION)
     p.set_defaults(func=run_train_classifier)
 
 
