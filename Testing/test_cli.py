@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import slicerio
 
 from CDMSegmentLib.cli.main import build_parser, main
+from CDMSegmentLib.core.modelfile import load_model, save_model, sha256_of
 from conftest import phantom
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "CDMSegment"
@@ -220,14 +221,45 @@ def test_every_option_of_every_command_says_what_it_does():
     assert missing == []
 
 
-def test_info_prints_the_model_metadata_as_json(tiny_model_path, capsys):
-    code, out, _ = run_cli(["info", tiny_model_path], capsys)
+def test_info_prints_a_short_summary_of_the_model(tiny_model_path, tmp_path, capsys):
+    tiny = load_model(tiny_model_path)
+    metadata = {**tiny.metadata, "ood": {"threshold": 2.5}, "intended_use": "Research use only.",
+                "expects": {"description": "skull-stripped brain MRI (FLAIR)"},
+                "defaults": {**tiny.defaults, "batch_size": {"cpu": 4, "cuda": 64}, "min_component_ml": 0.25,
+                             "calibration": {"data": "held-out phantoms"}}}
+    path = tmp_path / "my models" / "model.pt"  # a space: the path is neither wrapped nor split in the command
+    path.parent.mkdir()
+    save_model(tiny.network, metadata, path)
+    code, out, _ = run_cli(["info", path], capsys)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) < 30
+    rows = []  # the lines, with each long row's wrapped continuation (indented under its text) joined back
+    for line in lines:
+        if line.startswith(" " * 17):
+            rows[-1] += " " + line.strip()
+        else:
+            rows.append(line)
+    assert rows == [
+        "tiny-test 0: diffusion model",
+        f"  file           {path}",
+        f"  SHA256         {sha256_of(path)}",
+        "  takes          skull-stripped brain MRI (FLAIR)",
+        "  modalities     FLAIR",
+        "  classes        0 normal, 1 tumour",
+        "  image size     32 x 32 px slices",
+        "  schedule       linear, T = 1000",
+        "  defaults       noise level 0.9, steps 2, tau 0, noise draws 1, min component 0.25 ml, batch size cpu 4, "
+        "cuda 64",
+        "  OOD threshold  2.5: warns above it, refuses above 5 unless --force",
+        "  trained on     none (test fixture)",
+        "  intended use   Research use only.",
+        f"All its metadata: cdmsegment info '{path}' --json"]
+
+
+def test_info_json_prints_the_models_whole_metadata_alone(tiny_model_path, capsys):
+    code, out, _ = run_cli(["info", tiny_model_path, "--json"], capsys)
     assert code == 0
-    header, body = out.split("\n", 1)
-    assert header.startswith("# ") and "SHA256" in header
-    metadata = json.loads(body)
-    assert metadata["name"] == "tiny-test"
-    assert metadata["modalities"] == ["FLAIR"] and metadata["image_size"] == 32
+    assert json.loads(out) == load_model(tiny_model_path).metadata
 
 
 @pytest.mark.parametrize("extra, code", [((), 1), (("--threshold", "banana"), 2)])
@@ -247,8 +279,8 @@ def test_set_defaults_writes_a_new_model_file_with_the_measured_defaults(tmp_pat
     code, out, _ = run_cli(["set-defaults", tiny_model_path, tmp_path / "defaults.json", "-o", tmp_path / "new.pt"],
                            capsys)
     assert code == 0 and "sha256" in out
-    code, out, _ = run_cli(["info", tmp_path / "new.pt"], capsys)
-    defaults = json.loads(out.split("\n", 1)[1])["defaults"]
+    code, out, _ = run_cli(["info", tmp_path / "new.pt", "--json"], capsys)
+    defaults = json.loads(out)["defaults"]
     assert defaults["steps"] == 3 and defaults["threshold"] == 0.25
     assert defaults["noise_level"] == 0.9  # the defaults not given are kept
 

@@ -351,4 +351,4 @@ def test_help_and_info_say_what_the_model_takes(model_path, capsys):
     code, out, _ = run_cli(["segment", "--help"], capsys)
     assert code == 0 and "skull-stripped brain MRI (FLAIR)" in " ".join(out.split()).replace("- ", "-")  # wrapped
     code, out, _ = run_cli(["info", model_path], capsys)
-    assert code == 0 and out.splitlines()[0].endswith("; takes skull-stripped brain MRI (FLAIR)")
+    assert code == 0 and "  takes          skull-stripped brain MRI (FLAIR)" in out.splitlines()

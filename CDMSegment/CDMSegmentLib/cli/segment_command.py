@@ -8,6 +8,7 @@ progress bar and a summary line: what the program that started it reads.
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 import threading
@@ -102,20 +103,76 @@ def run_segment(args) -> None:
 
 
 def add_info_parser(sub) -> None:
-    p = sub.add_parser("info", help="print a model's metadata")
-    p.add_argument("model", nargs="?", default=None, help="registered model name or model file")
+    p = sub.add_parser("info", help="what a model is, takes and does by default (--json: all its metadata)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="registered model name or model file (default: the bundled model)")
     p.add_argument("--kind", default="diffusion", choices=("diffusion", "classifier"),
                    help="what the model is: a diffusion model (default) or a noise-aware classifier")
+    p.add_argument("--json", action="store_true",
+                   help="print the model's whole metadata as JSON, and nothing else, for a program to read")
     p.set_defaults(func=run_info)
 
 
 def run_info(args) -> None:
     from ..core.modelfile import load_model
-    from ..core.plausibility import takes
 
     model = load_model(args.model, kind=args.kind)
-    print(f"# {model.path} (SHA256 {model.sha256}); takes {takes(model.metadata)}")
-    print(json.dumps(model.metadata, indent=2, sort_keys=True))
+    if args.json:
+        print(json.dumps(model.metadata, indent=2, sort_keys=True))
+        return
+    print("\n".join(model_summary(model)))
+    print(f"All its metadata: cdmsegment info {shlex.quote(str(args.model or model.metadata['name']))}"
+          f"{' --kind classifier' if args.kind == 'classifier' else ''} --json")
+
+
+# The defaults shown first, in the order a user reads them; any other follows, alphabetically.
+DEFAULTS_ORDER = ("noise_level", "steps", "tau", "noise_draws", "guidance_scale", "threshold", "cg_cdm_threshold",
+                  "min_component_ml")
+UNITS = ("ml", "px", "mm", "s")  # a key ending in _<unit> is shown as 'name value unit'
+NAMES = {"cg_cdm_threshold": "CG-CDM threshold"}  # where the key's words do not spell the name
+
+
+def _default_text(key: str, value) -> str:
+    """'noise level 0.3', 'min component 0.25 ml', 'batch size cpu 4, cuda 64'."""
+    name, _, unit = key.rpartition("_")
+    if unit not in UNITS:
+        name, unit = key, ""
+    if isinstance(value, dict):
+        value = ", ".join(f"{k} {v}" for k, v in value.items())
+    elif isinstance(value, float):
+        value = f"{value:.3g}"
+    return " ".join(filter(None, [NAMES.get(key, name.replace("_", " ")), str(value), unit]))
+
+
+def model_summary(model) -> List[str]:
+    """A LoadedModel in a few readable lines: what it is, takes and gives, its defaults, OOD threshold, hash and
+    intended use (``cdmsegment info``; the whole metadata is ``--json``)."""
+    import textwrap
+
+    from ..core.plausibility import OOD_REFUSAL_FACTOR, takes
+
+    m = model.metadata
+    defaults = model.defaults
+    shown = [k for k in DEFAULTS_ORDER if k in defaults] + sorted(
+        k for k in defaults if k not in DEFAULTS_ORDER and k != "calibration")
+    rows = [("SHA256", model.sha256), ("takes", takes(m)),
+            ("modalities", ", ".join(model.modalities)),
+            ("classes", ", ".join(f"{n} {name}" for n, name in enumerate(model.class_names))),
+            ("image size", f"{model.image_size} x {model.image_size} px slices"),
+            ("schedule", f"{m['schedule']}, T = {m['num_timesteps']}"),
+            ("defaults", ", ".join(_default_text(k, defaults[k]) for k in shown) or "none stored")]
+    if "ood" in m:
+        threshold = float(m["ood"]["threshold"])
+        rows.append(("OOD threshold", f"{threshold:.3g}: warns above it, refuses above "
+                                      f"{OOD_REFUSAL_FACTOR * threshold:.3g} unless --force"))
+    if m["training"].get("data"):
+        rows.append(("trained on", m["training"]["data"]))
+    rows.append(("intended use", m.get("intended_use", "not stated in the model file")))
+    lines = [f"{m['name']} {m['version']}: {m['kind']} model", f"  {'file':<15}{model.path}"]  # a path is never wrapped
+    for label, text in rows:
+        lines += textwrap.wrap(text, width=110, initial_indent=f"  {label:<15}", subsequent_indent=" " * 17,
+                               break_long_words=False, break_on_hyphens=False)
+    return lines
 
 
 def make_parser(commands) -> argparse.ArgumentParser:
