@@ -2,6 +2,7 @@
 and (from scene_fixtures.py) a real MRML scene from slicer-core with the module logics Slicer creates at start-up."""
 
 import http.server
+import os
 import sys
 import threading
 from functools import partial
@@ -68,6 +69,15 @@ def blob_slices(n: int, blob_at=None, size: int = SIZE, blob=SQUARE) -> torch.Te
     for i in blob_at or []:
         x[i, 0, blob[0], blob[1]] = 0.8
     return torch.from_numpy(x)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """A model cache (downloads, ONNX graphs) of the test session's own, for it and every process it starts,
+    so no test reads or fills the user's."""
+    folder = tmp_path_factory.mktemp("model-cache")
+    os.environ["CDMSEGMENT_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture

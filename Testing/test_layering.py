@@ -30,7 +30,7 @@ ALLOWED = {
 LAZY_EDGES = {("core.methods", "baselines")}
 GUI_MODULES = {"qt", "ctk", "PythonQt"}
 SLICER_MODULES = {"slicer", "vtk", "mrml", "vtkSegmentationCorePython"}
-OPTIONAL_LIBRARIES = ["nilearn", "matplotlib", "pytorch_grad_cam", "sklearn", "pytest"]
+OPTIONAL_LIBRARIES = ["nilearn", "matplotlib", "pytorch_grad_cam", "sklearn", "pytest", "onnx", "onnxruntime"]
 
 
 def _module_name(path: Path) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import List, Sequence
 
 from ..core.errors import CDMSegmentError
-from .segment_command import SEED_HELP
+from ..core.engine import ENGINES
+from .segment_command import ENGINE_HELP, SEED_HELP
 from .writers import file_stem
 
 SUMMARY_FILE = "cohort_summary.csv"
@@ -38,6 +39,7 @@ def add_segment_cohort_parser(sub) -> None:
     p.add_argument("--model", default=None, help="registered model name or model file (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto (each rank's own CUDA GPU when there is one), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=None, help="slices per network batch (default: per device)")
+    p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run_segment_cohort)
@@ -120,7 +122,8 @@ def run_segment_cohort(args) -> None:
     rank, world, local_rank = _rank_and_world()
     start = time.perf_counter()
     rows = segment_cohort(cases, args.output, rank=rank, world=world, device=_device(args.device, local_rank),
-                          model=args.model, batch_size=args.batch_size, seed=args.seed, overwrite=args.overwrite,
+                          model=args.model, batch_size=args.batch_size, engine=args.engine, seed=args.seed,
+                          overwrite=args.overwrite,
                           log=lambda m: print(m, file=sys.stderr))
     if world > 1:
         import torch.distributed as dist

@@ -35,12 +35,13 @@ class SegmentSummary:
     model: str  # name and version
     model_sha256: str
     warnings: list  # the input's borderline plausibility findings, shown beside the result
+    engine: str = "torch"  # what evaluated the network (core/engine.py)
 
     def line(self) -> str:
         files = ", ".join(str(p) for p in self.heatmap_paths + [self.segmentation_path])
         warned = "".join(f"; warning: {w}" for w in self.warnings)
         return (f"{self.slices_run} of {self.slices_total} slices run, {self.voxels_segmented} voxels segmented "
-                f"({self.volume_ml:.1f} ml), {self.seconds:.1f} s on {self.device} with model {self.model} "
+                f"({self.volume_ml:.1f} ml), {self.seconds:.1f} s on {self.device}{'' if self.engine == 'torch' else ' (' + self.engine + ')'} with model {self.model} "
                 f"(SHA256 {self.model_sha256}): {files}{warned}")
 
     def to_json(self) -> dict:
@@ -102,4 +103,4 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
                           results[0].slices_total, results[0].slices_run, voxels, voxels * voxel_ml,
                           time.perf_counter() - start, results[0].device,
                           f"{diffusion.metadata['name']} {diffusion.metadata['version']}", diffusion.sha256,
-                          results[0].warnings)
+                          results[0].warnings, results[0].engine)

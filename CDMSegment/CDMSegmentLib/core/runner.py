@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .device import PRECISIONS, autocast, check_finite, choose_device, cpu_has_bf16, is_out_of_memory
+from .engine import choose_engine, with_engine
 from .errors import Cancelled, CDMSegmentError
 from .image import Volume, check_geometry, check_same_grid
 from .intensity import normalise_volume
@@ -38,6 +39,7 @@ class SegmentationResult:
     device: str
     min_component_voxels: int = 0  # the speck removal the mask was made with (a later threshold keeps it)
     warnings: list = field(default_factory=list)  # borderline plausibility findings, shown beside the result
+    engine: str = "torch"  # what evaluated the network: torch or onnxruntime (core/engine.py)
 
 
 def _is_cancelled(cancel) -> bool:
@@ -89,7 +91,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                    params: Optional[CDMParams] = None, classifier: Optional[LoadedModel] = None,
                    device: str = "auto", axis: Union[str, int] = "auto", batch_size: Optional[int] = None,
                    threshold: Union[str, float, None] = None, min_component_voxels: Optional[int] = None,
-                   precision: str = "auto", seed: int = 0, crop_margin_px: Optional[int] = None, force: bool = False,
+                   precision: str = "auto", engine: str = "auto", seed: int = 0, crop_margin_px: Optional[int] = None,
+                   force: bool = False,
                    progress: Optional[Callable[[int, int], None]] = None, cancel=None,
                    log: Callable[[str], None] = print) -> SegmentationResult:
     """Run ``method`` slice by slice over the volume and threshold the heatmap at volume level.
@@ -103,6 +106,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     negative value forces the whole slice); the other methods always see the whole slice. progress(done, total)
     counts slices with content (tissue: core/tissue.py); cancel (callable or threading.Event) stops between
     batches with Cancelled. force: run on an image the model was not made for (core/plausibility.py).
+    engine: 'auto', 'torch' or 'onnxruntime' for the diffusion network of the CDM methods (core/engine.py).
     Everything from the resized slices to the resized heatmap stays on the device.
     """
     start = time.perf_counter()
@@ -114,6 +118,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
         log(f"warning: {warning}")
     if precision not in PRECISIONS:
         raise CDMSegmentError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    engine = choose_engine(engine, dev, precision) if method in CDM_METHODS else "torch"
     if batch_size is not None and batch_size < 1:
         raise CDMSegmentError(f"batch size must be at least 1, got {batch_size}")
     params = params or CDMParams.for_model(model, classifier=classifier)
@@ -139,7 +144,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     boxes = _tissue_boxes(content_voxels, orientation, canonical_axis, model.image_size, dev, with_content)
     noise = (draw_noise(torch.from_numpy(with_content), slices.shape[1:], seed, params).to(dev)
              if method in CDM_METHODS else None)
-    maps = _run_batches(model, classifier, method, params, target_class, seed, slices, with_content, boxes, noise,
+    maps = _run_batches(with_engine(model, engine, log=log), classifier, method, params, target_class, seed, slices,
+                        with_content, boxes, noise,
                         margin, batch_size, dev, precision, progress, cancel, log)
     heatmap = np.maximum(insert_slices(maps, stack), 0.0)
     heatmap[~content_voxels] = 0.0
@@ -147,7 +153,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
     return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), len(with_content),
                               len(with_content) * network_evaluations_per_slice(method, params),
-                              time.perf_counter() - start, str(maps.device), min_component_voxels, warnings)
+                              time.perf_counter() - start, str(maps.device), min_component_voxels, warnings, engine)
 
 
 def _tissue_boxes(content_voxels: np.ndarray, orientation: Orientation, axis: int, size: int,

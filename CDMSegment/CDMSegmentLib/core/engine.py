@@ -1,0 +1,164 @@
+"""The engine that evaluates the diffusion network on a CPU: torch (the TorchScript file) or ONNX Runtime.
+
+On two AVX2 cores ONNX Runtime ran the bundled network 1.3-2.1x faster than TorchScript, whose
+two threads suffer most when the machine is busy (``bench/bench_engines.py``; README, Speed);
+the CDM difference eps(f(y1)) - eps(f(y0)) it gives agrees with torch's within 2e-4 of its
+largest value. It is optional: ``pip install onnx onnxruntime`` (the panel in Slicer offers to
+install them). ``auto`` takes it on a CPU whenever it is installed, torch everywhere else.
+
+The ONNX graph is exported by torch's TorchScript-based exporter (which needs the ``onnx``
+package) from the model's own weights in ``core/unet.py``'s module, once per model file, and
+cached under the model cache keyed by the file's SHA256. The UNet pads inputs to a multiple
+of its downsampling; the graph is traced without that padding, so windows of other sizes go
+to torch (the runner's windows are all multiples of 8 px).
+"""
+
+import importlib.util
+import os
+import tempfile
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+from .errors import CDMSegmentError
+from .files import new_file_mode
+
+if TYPE_CHECKING:  # torch is imported where it is used, so the panel can ask what is installed without it
+    import torch
+
+    from .modelfile import LoadedModel
+
+ENGINES = ("auto", "torch", "onnxruntime")
+ONNX_PACKAGES = ("onnx", "onnxruntime")  # the exporter needs onnx, the run onnxruntime
+ONNX_OPSET = 17
+
+
+def onnxruntime_available() -> bool:
+    """True when both packages the ONNX Runtime engine needs can be imported (without importing them)."""
+    return all(importlib.util.find_spec(name) is not None for name in ONNX_PACKAGES)
+
+
+def choose_engine(engine: str, device: "torch.device", precision: str = "auto") -> str:
+    """'torch' or 'onnxruntime' for a run on ``device`` at ``precision``.
+
+    auto: ONNX Runtime on a CPU in fp32 when installed, else torch. Raises CDMSegmentError for an
+    unknown engine, and for onnxruntime asked for on a GPU, in reduced precision or not installed.
+    """
+    if engine not in ENGINES:
+        raise CDMSegmentError(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
+    fits = device.type == "cpu" and precision in ("auto", "fp32")
+    if engine == "auto":
+        return "onnxruntime" if fits and onnxruntime_available() else "torch"
+    if engine == "onnxruntime":
+        if not fits:
+            raise CDMSegmentError("the onnxruntime engine runs on the CPU in fp32 only; use --engine torch for "
+                                  f"device {device.type} at precision {precision}")
+        if not onnxruntime_available():
+            raise CDMSegmentError("the onnxruntime engine needs the packages onnx and onnxruntime: "
+                                  "pip install onnx onnxruntime, or use --engine torch")
+    return engine
+
+
+class OnnxNetwork:
+    """Stands in for the TorchScript network in the CDM: ``network(x_t, t, class_emb) -> eps`` through
+    ONNX Runtime, and ``class_embedding(y)`` (a table lookup) through torch.
+
+    x_t: (B, C, H, W) float32 on the CPU; t: (B,) int64; class_emb: (B, E) float32 -> eps (B, C, H, W).
+    Inputs ONNX Runtime cannot take as exported (another device or dtype, H or W not a multiple of
+    the UNet's downsampling) go to the torch network, so a call always returns torch's answer up to
+    float rounding.
+    """
+
+    def __init__(self, torch_network, session, multiple: int):
+        self.torch_network = torch_network
+        self.session = session
+        self.multiple = multiple
+
+    def __call__(self, x: "torch.Tensor", t: "torch.Tensor", class_emb: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] % self.multiple
+                or x.shape[-2] % self.multiple):
+            return self.torch_network(x, t, class_emb)
+        feed = {"x": x.contiguous().numpy(), "t": t.to(torch.int64).numpy(),
+                "emb": class_emb.to(torch.float32).detach().contiguous().numpy()}
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+    def class_embedding(self, y: "torch.Tensor") -> "torch.Tensor":
+        return self.torch_network.class_embedding(y)
+
+    def to(self, device) -> "OnnxNetwork":
+        self.torch_network.to(device)
+        return self
+
+
+def onnx_file(model: "LoadedModel", cache_dir: Path) -> Path:
+    """The cached ONNX graph of ``model``, exported when missing (atomically: a reader never sees half a file)."""
+    target = Path(cache_dir) / "onnx" / f"{model.sha256[:32]}-opset{ONNX_OPSET}.onnx"
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    except OSError as e:
+        raise CDMSegmentError(f"cannot write the ONNX graph to {target.parent} ({e.strerror or e}); make it "
+                              "writable or use --engine torch") from None
+    os.close(fd)
+    try:
+        _export(model, Path(tmp))
+        os.chmod(tmp, new_file_mode())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def _export(model: "LoadedModel", path: Path) -> None:
+    import torch
+
+    from .unet import ConditionalUNet, UNetConfig
+
+    arch = dict(model.metadata.get("architecture", {}))
+    if arch.pop("type", None) != "ConditionalUNet":
+        raise CDMSegmentError(f"model {model.metadata['name']} has no ConditionalUNet architecture in its metadata, "
+                              "so it cannot run on ONNX Runtime; use --engine torch")
+    network = ConditionalUNet(UNetConfig.from_dict(arch)).eval()
+    network.load_state_dict(model.network.state_dict())
+    size, channels = model.image_size, int(model.metadata["in_channels"])
+    x = torch.zeros(2, channels, size, size)
+    t = torch.zeros(2, dtype=torch.int64)
+    emb = model.network.class_embedding(torch.tensor([1, 0])).detach()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes: the graph is checked on use
+        torch.onnx.export(network, (x, t, emb), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["x", "t", "emb"], output_names=["eps"],
+                          dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}, "t": {0: "b"}, "emb": {0: "b"}})
+
+
+def with_engine(model: "LoadedModel", engine: str, cache_dir: Optional[Path] = None,
+                log: Callable[[str], None] = print) -> "LoadedModel":
+    """``model`` as it runs on ``engine`` ('torch' or 'onnxruntime', from ``choose_engine``): the same
+    model, or a copy whose network is an OnnxNetwork. A cached graph that ONNX Runtime refuses is
+    exported again once. cache_dir: default ``download.default_cache_dir()``."""
+    if engine == "torch":
+        return model
+    import onnxruntime
+    import torch
+
+    from .download import default_cache_dir
+
+    path = onnx_file(model, cache_dir or default_cache_dir())
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3  # errors only: its warnings are not the user's business
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception:  # a damaged cache file (ONNX Runtime raises its own exception types)
+        log(f"the cached ONNX graph {path} could not be loaded; exporting it again")
+        path.unlink(missing_ok=True)
+        session = onnxruntime.InferenceSession(str(onnx_file(model, cache_dir or default_cache_dir())), options,
+                                               providers=["CPUExecutionProvider"])
+    multiple = 2 ** (len(model.metadata["architecture"]["channel_mults"]) - 1)
+    return replace(model, network=OnnxNetwork(model.network, session, multiple))

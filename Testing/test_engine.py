@@ -1,0 +1,148 @@
+"""The ONNX Runtime engine gives torch's answer: the network's output, the CDM heatmap and the mask,
+with the graph exported once per model into the cache, and torch whenever ONNX Runtime cannot run."""
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from CDMSegmentLib.core import engine as engine_module
+from CDMSegmentLib.core.engine import OnnxNetwork, choose_engine, onnx_file, with_engine
+from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.core.files import new_file_mode
+from CDMSegmentLib.core.image import Volume
+from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model
+from CDMSegmentLib.core.reading import read_volume
+from CDMSegmentLib.core.runner import segment_volume
+from CDMSegmentLib.evaluation.metrics import dice
+
+SAMPLE = MODELS_DIR.parent / "Sample"
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def onnx_bundled(bundled, tmp_path_factory):
+    return with_engine(bundled, "onnxruntime", tmp_path_factory.mktemp("cache"), log=lambda m: None)
+
+
+def test_auto_takes_onnxruntime_on_a_cpu_in_fp32_and_torch_elsewhere():
+    assert choose_engine("auto", CPU) == "onnxruntime"
+    assert choose_engine("auto", CPU, "fp32") == "onnxruntime"
+    assert choose_engine("auto", CPU, "bf16") == "torch"
+    assert choose_engine("auto", CUDA) == "torch"
+    assert choose_engine("torch", CPU) == "torch"
+
+
+def test_auto_takes_torch_when_onnxruntime_is_missing_and_asking_for_it_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(engine_module.importlib.util, "find_spec",
+                        lambda name: None if name == "onnxruntime" else object())
+    assert choose_engine("auto", CPU) == "torch"
+    with pytest.raises(CDMSegmentError, match="pip install onnx onnxruntime, or use --engine torch"):
+        choose_engine("onnxruntime", CPU)
+
+
+@pytest.mark.parametrize("device, precision", [(CUDA, "auto"), (CPU, "fp16")])
+def test_onnxruntime_on_a_gpu_or_in_reduced_precision_is_refused(device, precision):
+    with pytest.raises(CDMSegmentError, match="CPU in fp32 only"):
+        choose_engine("onnxruntime", device, precision)
+
+
+def test_an_unknown_engine_is_refused_with_the_choices():
+    with pytest.raises(CDMSegmentError, match="unknown engine 'tensorrt'; use auto, torch, onnxruntime"):
+        choose_engine("tensorrt", CPU)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 128, 128), (4, 1, 96, 112), (2, 1, 64, 128)])
+def test_the_onnx_network_gives_the_torchscript_networks_output_and_class_difference(bundled, onnx_bundled, shape):
+    torch.manual_seed(0)
+    b = shape[0] // 2
+    x = torch.randn(b, *shape[1:]).repeat(2, 1, 1, 1)
+    t = torch.full((shape[0],), 300)
+    emb = bundled.network.class_embedding(torch.tensor([1] * b + [0] * b)).detach()
+    assert isinstance(onnx_bundled.network, OnnxNetwork)
+    with torch.no_grad():
+        expected, got = bundled.network(x, t, emb), onnx_bundled.network(x, t, emb)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) < 1e-4 * float(expected.abs().max())
+    difference, expected_difference = got[:b] - got[b:], expected[:b] - expected[b:]
+    assert float((difference - expected_difference).abs().max()) < 1e-3 * float(expected_difference.abs().max())
+    assert torch.equal(onnx_bundled.network.class_embedding(torch.tensor([1, 0])),
+                       bundled.network.class_embedding(torch.tensor([1, 0])))
+
+
+def test_a_window_off_the_unets_grid_goes_to_torch_and_gives_torchs_output_exactly(bundled, onnx_bundled):
+    x, t = torch.randn(2, 1, 100, 100), torch.full((2,), 300)
+    emb = bundled.network.class_embedding(torch.tensor([1, 0]))
+    with torch.no_grad():
+        assert torch.equal(onnx_bundled.network(x, t, emb), bundled.network(x, t, emb))
+
+
+def test_the_runner_on_onnxruntime_gives_torchs_heatmap_and_mask_on_the_sample(bundled):
+    flair = read_volume(SAMPLE / "CDMSegmentSample_flair.nrrd")
+    # six slices through the lesion's widest part: enough for a mask, short enough for a test
+    volume = Volume(np.ascontiguousarray(flair.array[54:60]), flair.spacing_mm, flair.origin_mm, flair.direction)
+    runs = {e: segment_volume(bundled, [volume], device="cpu", engine=e, force=True, log=lambda m: None)
+            for e in ("torch", "onnxruntime")}
+    assert [r.engine for r in runs.values()] == ["torch", "onnxruntime"]
+    a, b = runs["torch"].heatmap, runs["onnxruntime"].heatmap
+    assert a.max() > 0 and runs["torch"].mask.sum() > 100
+    assert np.abs(a - b).max() < 1e-3 * a.max()
+    assert dice(runs["torch"].mask > 0, runs["onnxruntime"].mask > 0) > 0.999
+
+
+def test_the_graph_is_exported_once_per_model_into_the_cache_with_the_mode_of_any_new_file(bundled, tmp_path):
+    first = onnx_file(bundled, tmp_path)
+    assert first.parent == tmp_path / "onnx" and bundled.sha256[:32] in first.name
+    assert stat.S_IMODE(first.stat().st_mode) == new_file_mode()
+    mtime = first.stat().st_mtime_ns
+    assert onnx_file(bundled, tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]  # no temporary file left
+
+
+def test_a_damaged_cached_graph_is_exported_again_and_said(bundled, tmp_path):
+    graph = onnx_file(bundled, tmp_path)
+    size = graph.stat().st_size
+    graph.write_bytes(b"not an onnx graph")
+    said = []
+    model = with_engine(bundled, "onnxruntime", tmp_path, log=said.append)
+    assert said == [f"the cached ONNX graph {graph} could not be loaded; exporting it again"]
+    assert graph.stat().st_size == size
+    x, t = torch.randn(2, 1, 128, 128), torch.full((2,), 300)
+    emb = bundled.network.class_embedding(torch.tensor([1, 0]))
+    with torch.no_grad():
+        assert torch.allclose(model.network(x, t, emb), bundled.network(x, t, emb), atol=1e-4)
+
+
+def test_an_unwritable_cache_is_one_line_that_names_the_way_out(bundled, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(CDMSegmentError, match=r"cannot write the ONNX graph to .* use --engine torch"):
+        onnx_file(bundled, blocker)
+
+
+def test_the_cli_names_the_engine_in_its_summary_and_refuses_an_unknown_one(tmp_path):
+    env = {**os.environ, "CDMSEGMENT_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).parents[1] / "CDMSegment")}
+    flair = read_volume(SAMPLE / "CDMSegmentSample_flair.nrrd")
+    import SimpleITK as sitk
+
+    small = Volume(np.ascontiguousarray(flair.array[55:58]), flair.spacing_mm, flair.origin_mm, flair.direction)
+    sitk.WriteImage(small.to_sitk(), str(tmp_path / "small.nrrd"))
+    command = [sys.executable, "-m", "CDMSegmentLib.cli.main", "segment", str(tmp_path / "small.nrrd"),
+               "-o", str(tmp_path / "out"), "--force"]
+    done = subprocess.run(command + ["--engine", "onnxruntime"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "s on cpu (onnxruntime) with model brain-flair-phantom" in done.stdout
+    refused = subprocess.run(command + ["--engine", "tensorrt"], capture_output=True, text=True, env=env)
+    assert refused.returncode != 0
+    assert "invalid choice: 'tensorrt'" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
