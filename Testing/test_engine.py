@@ -20,6 +20,7 @@ from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model
 from CDMSegmentLib.core.reading import read_volume
 from CDMSegmentLib.core.runner import segment_volume
 from CDMSegmentLib.evaluation.metrics import dice
+from conftest import make_tiny_model_file
 
 SAMPLE = MODELS_DIR.parent / "Sample"
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -32,7 +33,9 @@ def bundled():
 
 @pytest.fixture(scope="module")
 def onnx_bundled(bundled, tmp_path_factory):
-    return with_engine(bundled, "onnxruntime", tmp_path_factory.mktemp("cache"), log=lambda m: None)
+    model, engine = with_engine(bundled, "onnxruntime", tmp_path_factory.mktemp("cache"), log=lambda m: None)
+    assert engine == "onnxruntime"
+    return model
 
 
 def test_auto_takes_onnxruntime_on_a_cpu_in_fp32_and_torch_elsewhere():
@@ -109,18 +112,33 @@ def test_the_graph_is_exported_once_per_model_into_the_cache_with_the_mode_of_an
     assert sorted(p.name for p in first.parent.iterdir()) == [first.name]  # no temporary file left
 
 
-def test_a_damaged_cached_graph_is_exported_again_and_said(bundled, tmp_path):
+@pytest.mark.parametrize("damage", ["not a graph", "another model's graph"])
+def test_a_cached_graph_that_does_not_reproduce_the_model_is_exported_again_and_said(bundled, tmp_path, damage):
     graph = onnx_file(bundled, tmp_path)
     size = graph.stat().st_size
-    graph.write_bytes(b"not an onnx graph")
+    if damage == "not a graph":
+        graph.write_bytes(b"not an onnx graph")
+    else:  # a valid graph with the right inputs, of a model with other weights
+        make_tiny_model_file(tmp_path / "other.pt", image_size=bundled.image_size)
+        other = load_model(tmp_path / "other.pt")
+        graph.write_bytes(onnx_file(other, tmp_path / "other-cache").read_bytes())
     said = []
-    model = with_engine(bundled, "onnxruntime", tmp_path, log=said.append)
-    assert said == [f"the cached ONNX graph {graph} could not be loaded; exporting it again"]
+    model, engine = with_engine(bundled, "onnxruntime", tmp_path, log=said.append)
+    assert engine == "onnxruntime"
+    assert said == [f"the cached ONNX graph {graph} did not reproduce the model's output; exporting it again"]
     assert graph.stat().st_size == size
     x, t = torch.randn(2, 1, 128, 128), torch.full((2,), 300)
     emb = bundled.network.class_embedding(torch.tensor([1, 0]))
     with torch.no_grad():
         assert torch.allclose(model.network(x, t, emb), bundled.network(x, t, emb), atol=1e-4)
+
+
+def test_a_graph_that_never_agrees_leaves_the_run_on_torch_and_says_so(bundled, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_module, "_agrees", lambda network, reference, model: False)
+    said = []
+    model, engine = with_engine(bundled, "onnxruntime", tmp_path, log=said.append)
+    assert (model, engine) == (bundled, "torch")
+    assert said[-1] == "ONNX Runtime did not reproduce the model's output; this run uses torch" and len(said) == 2
 
 
 def test_an_unwritable_cache_is_one_line_that_names_the_way_out(bundled, tmp_path):
@@ -146,3 +164,10 @@ def test_the_cli_names_the_engine_in_its_summary_and_refuses_an_unknown_one(tmp_
     refused = subprocess.run(command + ["--engine", "tensorrt"], capture_output=True, text=True, env=env)
     assert refused.returncode != 0
     assert "invalid choice: 'tensorrt'" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_an_onnxruntime_that_fails_to_import_leaves_the_run_on_torch_and_says_so(bundled, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an import that fails looks like
+    said = []
+    assert with_engine(bundled, "onnxruntime", tmp_path, log=said.append) == (bundled, "torch")
+    assert len(said) == 1 and said[0].startswith("ONNX Runtime could not be loaded (") and "this run uses torch" in said[0]

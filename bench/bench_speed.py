@@ -5,7 +5,9 @@ every slice (``generate_case`` seed 7100, 1 mm, never used in training, calibrat
 with its ground truth. Every setting runs in a fresh process (its peak RSS is its own) through the
 volume runner, ``--repeats`` times; the table gives the median seconds and the ratios against the
 first setting, the default before the speed work (16 slices per batch, whole slices, 4 independent
-draws), measured in the same run. GFLOP are counted by torch's FlopCounterMode around the run (it
+draws, TorchScript), measured in the same run. The ONNX Runtime settings need ``pip install onnx
+onnxruntime`` (core/engine.py); the first run of a model exports its graph into the model cache, so
+the first repeat of the first ONNX setting includes that export (a few seconds). GFLOP are counted by torch's FlopCounterMode around the run (it
 sees inside TorchScript); achieved GFLOP/s are set against an fp32 (and bf16) matrix multiply timed
 in the same run. On a shared machine read the ratios, not the seconds.
 
@@ -36,13 +38,14 @@ from CDMSegmentLib.core.modelfile import MODELS_DIR  # noqa: E402
 SAMPLE = MODELS_DIR.parent / "Sample"
 # name: (runner options, CDM parameter overrides)
 SETTINGS = {
-    "before (batch 16, whole slice)": ({"batch_size": 16, "crop_margin_px": -1}, {}),
-    "batch 4": ({"batch_size": 4, "crop_margin_px": -1}, {}),
-    "batch 4, crop 8 px": ({"batch_size": 4, "crop_margin_px": 8}, {}),
-    "batch 4, crop 8 px, 2 antithetic draws": ({"batch_size": 4, "crop_margin_px": 8},
-                                               {"noise_draws": 2, "antithetic": True}),
+    "before (batch 16, whole slice, torch)": ({"batch_size": 16, "crop_margin_px": -1, "engine": "torch"}, {}),
+    "batch 4, torch": ({"batch_size": 4, "crop_margin_px": -1, "engine": "torch"}, {}),
+    "batch 4, ONNX Runtime": ({"batch_size": 4, "crop_margin_px": -1, "engine": "onnxruntime"}, {}),
+    "batch 4, ONNX Runtime, crop 8 px": ({"batch_size": 4, "crop_margin_px": 8, "engine": "onnxruntime"}, {}),
+    "batch 4, ONNX Runtime, crop 8 px, 2 antithetic draws": (
+        {"batch_size": 4, "crop_margin_px": 8, "engine": "onnxruntime"}, {"noise_draws": 2, "antithetic": True}),
 }
-BF16_SETTING = ("batch 4, bf16 autocast", ({"batch_size": 4, "precision": "bf16"}, {}))
+BF16_SETTING = ("batch 4, torch, bf16 autocast", ({"batch_size": 4, "precision": "bf16", "engine": "torch"}, {}))
 
 
 def cpu_name() -> str:
@@ -91,13 +94,17 @@ def measure(image: str, truth: str, options: dict, overrides: dict, device: str)
     model = load_model()
     volume, mask = read_volume(image), read_volume(truth).array > 0
     params = CDMParams.for_model(model, **overrides)
+    if options.get("engine") == "onnxruntime":
+        from CDMSegmentLib.core.engine import with_engine
+
+        with_engine(model, "onnxruntime")  # the graph is exported here, not under the FLOP counter (a dispatch mode)
     with FlopCounterMode(display=False) as flops:  # Python per operator: under 2% of a run, within noise here
         start = time.perf_counter()
         result = segment_volume(model, [volume], params=params, device=device, log=lambda m: None, **options)
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "slices": result.slices_run, "evaluations": result.network_evaluations,
             "gflop": flops.get_total_flops() / 1e9, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "dice": dice(result.mask > 0, mask)}
+            "dice": dice(result.mask > 0, mask), "engine": result.engine}
 
 
 def main() -> None:
@@ -111,10 +118,11 @@ def main() -> None:
     settings = [list(SETTINGS.items())[int(i)] for i in args.settings.split(",")]
     if args.device == "cpu" and cpu_has_bf16():
         settings.append(BF16_SETTING)  # never on a CPU without bf16 units: 7-100x slower there
-    fp32_peak = matmul_gflops(torch.float32, 1024)
+    fp32_peak = matmul_gflops(torch.float32, 2048, 2.0)
     bf16_peak = matmul_gflops(torch.bfloat16, 1024 if cpu_has_bf16() else 256, 0.3)
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; bf16 units: "
-          f"{'yes' if cpu_has_bf16() else 'no'}; matmul peak fp32 {fp32_peak:.1f} GFLOP/s, bf16 {bf16_peak:.1f} GFLOP/s")
+          f"{'yes' if cpu_has_bf16() else 'no'}; matmul peak fp32 {fp32_peak:.1f} GFLOP/s, bf16 {bf16_peak:.1f} GFLOP/s "
+          "(the network's GFLOP over this peak is a volume's least possible time in fp32)")
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         volumes = {"sample": (SAMPLE / "CDMSegmentSample_flair.nrrd", SAMPLE / "CDMSegmentSample_seg.nrrd")}
@@ -123,7 +131,8 @@ def main() -> None:
         for name in args.volumes.split(","):
             image, truth = volumes[name]
             print(f"\n{name}\n| setting | s / volume (median of {args.repeats}) | speed-up | evals / slice | "
-                  f"GFLOP / eval | GFLOP/s (of fp32 peak) | peak RSS MB | Dice | Dice change |\n|---|---|---|---|---|---|---|---|---|")
+                  f"GFLOP / eval | GFLOP/s (of fp32 peak) | s at the fp32 peak | peak RSS MB | Dice | Dice change |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|")
             reference = None
             for label, (options, overrides) in settings:
                 runs = []
@@ -132,11 +141,12 @@ def main() -> None:
                         runs.append(pool.apply(measure, (str(image), str(truth), options, overrides, args.device)))
                 seconds = statistics.median(r["seconds"] for r in runs)
                 r = runs[0]
+                assert r["engine"] == options.get("engine", r["engine"]), f"{label} ran on {r['engine']}"
                 reference = reference or {"seconds": seconds, "dice": r["dice"]}
                 rate = r["gflop"] / seconds
                 print(f"| {label} | {seconds:.1f} | {reference['seconds'] / seconds:.2f} | "
                       f"{r['evaluations'] / r['slices']:.0f} | {r['gflop'] / r['evaluations']:.2f} | "
-                      f"{rate:.0f} ({rate / fp32_peak:.0%}) | {max(x['peak_mb'] for x in runs):.0f} | {r['dice']:.3f} | "
+                      f"{rate:.0f} ({rate / fp32_peak:.0%}) | {r['gflop'] / fp32_peak:.0f} | {max(x['peak_mb'] for x in runs):.0f} | {r['dice']:.3f} | "
                       f"{r['dice'] - reference['dice']:+.3f} |", flush=True)
 
 

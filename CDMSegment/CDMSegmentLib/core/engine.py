@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 from .errors import CDMSegmentError
 from .files import new_file_mode
@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # torch is imported where it is used, so the panel can ask wh
 ENGINES = ("auto", "torch", "onnxruntime")
 ONNX_PACKAGES = ("onnx", "onnxruntime")  # the exporter needs onnx, the run onnxruntime
 ONNX_OPSET = 17
+# Largest deviation of ONNX Runtime's class difference from torch's, relative to its largest value, that a graph
+# may show before use (measured: 1.3e-4 to 2.2e-4 on the bundled model, bench/bench_engines.py)
+AGREEMENT = 2e-3
 
 
 def onnxruntime_available() -> bool:
@@ -138,27 +141,66 @@ def _export(model: "LoadedModel", path: Path) -> None:
 
 
 def with_engine(model: "LoadedModel", engine: str, cache_dir: Optional[Path] = None,
-                log: Callable[[str], None] = print) -> "LoadedModel":
-    """``model`` as it runs on ``engine`` ('torch' or 'onnxruntime', from ``choose_engine``): the same
-    model, or a copy whose network is an OnnxNetwork. A cached graph that ONNX Runtime refuses is
-    exported again once. cache_dir: default ``download.default_cache_dir()``."""
+                log: Callable[[str], None] = print) -> Tuple["LoadedModel", str]:
+    """(``model`` as it runs on ``engine``, the engine it runs on); engine: 'torch' or 'onnxruntime', from
+    ``choose_engine``. For ONNX Runtime the model is a copy whose network is an OnnxNetwork, checked
+    against the torch network on one batch before use; a graph that fails to load or to agree is
+    exported again once, then the run stays on torch, saying so. cache_dir: default
+    ``download.default_cache_dir()``."""
     if engine == "torch":
-        return model
+        return model, "torch"
+    try:
+        import onnx  # noqa: F401 (the exporter's)
+        import onnxruntime  # noqa: F401
+    except ImportError as e:  # installed but broken (a missing library): torch still runs
+        log(f"ONNX Runtime could not be loaded ({e}); this run uses torch")
+        return model, "torch"
+    from .download import default_cache_dir
+
+    for attempt in range(2):
+        path = onnx_file(model, cache_dir or default_cache_dir())
+        network = _onnx_network(model, path)
+        if network is not None and _agrees(network, model.network, model):
+            return replace(model, network=network), "onnxruntime"
+        path.unlink(missing_ok=True)
+        if attempt == 0:
+            log(f"the cached ONNX graph {path} did not reproduce the model's output; exporting it again")
+    log("ONNX Runtime did not reproduce the model's output; this run uses torch")
+    return model, "torch"
+
+
+def _onnx_network(model: "LoadedModel", path: Path) -> Optional[OnnxNetwork]:
+    """An OnnxNetwork on ``path``, or None when ONNX Runtime refuses the file."""
     import onnxruntime
     import torch
 
-    from .download import default_cache_dir
-
-    path = onnx_file(model, cache_dir or default_cache_dir())
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3  # errors only: its warnings are not the user's business
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception:  # a damaged cache file (ONNX Runtime raises its own exception types)
-        log(f"the cached ONNX graph {path} could not be loaded; exporting it again")
-        path.unlink(missing_ok=True)
-        session = onnxruntime.InferenceSession(str(onnx_file(model, cache_dir or default_cache_dir())), options,
-                                               providers=["CPUExecutionProvider"])
-    multiple = 2 ** (len(model.metadata["architecture"]["channel_mults"]) - 1)
-    return replace(model, network=OnnxNetwork(model.network, session, multiple))
+    except Exception:  # a damaged file (ONNX Runtime raises its own exception types)
+        return None
+    if sorted(i.name for i in session.get_inputs()) != ["emb", "t", "x"]:
+        return None
+    return OnnxNetwork(model.network, session, 2 ** (len(model.metadata["architecture"]["channel_mults"]) - 1))
+
+
+def _agrees(network: OnnxNetwork, reference, model: "LoadedModel") -> bool:
+    """Whether ``network`` gives ``reference``'s class difference eps(f(y1)) - eps(f(y0)) on one seeded
+    batch at the model's noise level, within AGREEMENT of its largest value."""
+    import torch
+
+    size, channels = model.image_size, int(model.metadata["in_channels"])
+    x = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
+    t = torch.full((2,), model.schedule().timestep_for_alpha_bar(model.defaults.get("noise_level", 0.5)))
+    emb = reference.class_embedding(torch.tensor([1, 0])).detach()
+    with torch.no_grad():
+        expected = reference(x, t, emb)
+        try:
+            got = network(x, t, emb)
+        except Exception:  # ONNX Runtime's own errors: a graph that does not run is one that does not agree
+            return False
+    expected_difference, difference = expected[0] - expected[1], got[0] - got[1]
+    scale = float(expected_difference.abs().max()) or 1.0
+    return got.shape == expected.shape and float((difference - expected_difference).abs().max()) <= AGREEMENT * scale

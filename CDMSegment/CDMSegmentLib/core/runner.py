@@ -144,8 +144,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     boxes = _tissue_boxes(content_voxels, orientation, canonical_axis, model.image_size, dev, with_content)
     noise = (draw_noise(torch.from_numpy(with_content), slices.shape[1:], seed, params).to(dev)
              if method in CDM_METHODS else None)
-    maps = _run_batches(with_engine(model, engine, log=log), classifier, method, params, target_class, seed, slices,
-                        with_content, boxes, noise,
+    run_model, engine = with_engine(model, engine, log=log)
+    maps = _run_batches(run_model, classifier, method, params, target_class, seed, slices, with_content, boxes, noise,
                         margin, batch_size, dev, precision, progress, cancel, log)
     heatmap = np.maximum(insert_slices(maps, stack), 0.0)
     heatmap[~content_voxels] = 0.0
