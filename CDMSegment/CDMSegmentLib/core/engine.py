@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # torch is imported where it is used, so the panel can ask wh
 
 ENGINES = ("auto", "torch", "onnxruntime")
 ONNX_PACKAGES = ("onnx", "onnxruntime")  # the exporter needs onnx, the run onnxruntime
+# What pip installs for it: pyproject.toml's `fast` extra and the panel's install button (test_packaging.py)
+ONNX_REQUIREMENTS = ("onnx>=1.14", "onnxruntime>=1.16")
 ONNX_OPSET = 17
 
 
