@@ -88,8 +88,9 @@ def result_text(summary: dict) -> str:
             + "".join(f"\nWarning: {w}" for w in summary.get("warnings", [])))
 
 
-# onnx and onnxruntime with their dependencies (numpy aside), as pip downloaded them for Slicer's Pythons: 35 MB
-# for Python 3.9 on Windows (onnxruntime 1.19, which still needs sympy), 37 MB for 3.12 on Linux (1.32).
+# onnx and onnxruntime with their dependencies (numpy aside), as pip resolved them with numpy held at Slicer's
+# (pip download, 2026): 35 MB for Slicer 5.6 (Python 3.9, numpy 1.26.1) on Windows, onnxruntime 1.19 and sympy;
+# 37 MB for Slicer 5.10 (Python 3.12, numpy 2.0.2) on Linux, onnxruntime 1.32.
 ONNX_DOWNLOAD_MB = 40
 
 
