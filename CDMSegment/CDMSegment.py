@@ -293,10 +293,12 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.segmentEditorButton.connect("clicked(bool)", self.openSegmentEditor)
+        self.ui.installOnnxRuntimeButton.connect("clicked(bool)", self.onInstallOnnxRuntime)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.progressBar.hide()
         self.ui.deviceInfoLabel.text = torchStatusText()
+        self.showCpuEngine()
         self.initializeParameterNode()
 
     def cleanup(self):
@@ -387,6 +389,29 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         found = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU found: CPU"
         self.ui.deviceInfoLabel.text = f"PyTorch {torch.__version__}; {found}"
         return True
+
+    def showCpuEngine(self):
+        """The line on what a CPU run evaluates the network with, and the install button while that is torch."""
+        from CDMSegmentLib.slicer_adapters.panel_choices import cpu_engine_text
+
+        self.ui.cpuEngineLabel.text, offerInstall = cpu_engine_text()
+        self.ui.installOnnxRuntimeButton.visible = offerInstall
+
+    def onInstallOnnxRuntime(self):
+        """pip-install ONNX Runtime into Slicer's Python after an explicit confirmation. The next run's child
+        process finds it (no restart); a failed install is shown, and runs keep using torch."""
+        from CDMSegmentLib.slicer_adapters.panel_choices import onnx_install_question, onnx_install_requirements
+
+        if not slicer.util.confirmOkCancelDisplay(onnx_install_question()):
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay("Could not install ONNX Runtime; runs keep using PyTorch.",
+                                                 waitCursor=True):
+                slicer.util.pip_install(onnx_install_requirements())  # a list: Slicer 5.6 takes a str or a list
+                logging.info("CDMSegment: ONNX Runtime installed; CPU runs use it from the next Apply")
+        finally:
+            importlib.invalidate_caches()  # the import system caches directory listings: see the new packages
+            self.showCpuEngine()
 
     def populateModels(self):
         """The registered models, from models.json (no torch needed); the first is described until one loads."""

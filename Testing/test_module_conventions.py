@@ -58,6 +58,7 @@ CDMSegment.CDMSegmentWidget(object())
 CDMSegment.CDMSegmentLogic()
 print(CDMSegment.torchStatusText())
 print(panel_choices.registry_text(panel_choices.model_choices()[0]))
+print(panel_choices.cpu_engine_text())
 mrml.default_input_volume(slicer.vtkMRMLScene())
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
@@ -71,12 +72,14 @@ def _run(code, block_torch=False):
 
 def test_opening_the_panel_imports_no_torch():
     """What setup() and enter() reach under slicer-core (the Widget, the Logic, the model list, the PyTorch line,
-    the default input) in a fresh interpreter: torch stays unimported, so CUDA is never initialised."""
+    the CPU engine line, the default input) in a fresh interpreter: torch stays unimported, so CUDA is never
+    initialised."""
     done = _run(OPEN_PANEL)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1] == "[]"
-    assert lines[-2].startswith("brain-flair-phantom: ") and lines[-2].endswith("at the first Apply.")
+    assert lines[-3].startswith("brain-flair-phantom: ") and lines[-3].endswith("at the first Apply.")
+    assert lines[-2].startswith("('CPU engine: ")
     setup_calls = set(_self_calls(_method("CDMSegmentWidget", "setup")))
     setup_calls |= {c for name in ("initializeParameterNode", "populateModels", "enter") for c in
                     _self_calls(_method("CDMSegmentWidget", name))}
@@ -110,3 +113,23 @@ def test_the_segment_editor_opens_from_its_button_only():
     calls = [n for n in ast.walk(ast.parse(SOURCE)) if isinstance(n, ast.Call)]
     assert not [c for c in calls if ast.unparse(c.func) == "self.openSegmentEditor"]
     assert 'self.ui.segmentEditorButton.connect("clicked(bool)", self.openSegmentEditor)' in SOURCE
+
+
+def test_onnx_runtime_is_installed_only_after_consent_and_a_failure_leaves_the_line_true():
+    """The install button: confirmOkCancelDisplay first (it returns before any install when refused), pip_install
+    (Slicer 5.6 takes a str or a list, test_panel_choices.py) inside tryWithErrorDisplay, which shows a failure,
+    and the CPU engine line re-read whatever happened: torch stays in use unless both packages import."""
+    assert 'self.ui.installOnnxRuntimeButton.connect("clicked(bool)", self.onInstallOnnxRuntime)' in SOURCE
+    install = _method("CDMSegmentWidget", "onInstallOnnxRuntime")
+    consent, attempt = install.body[-2:]
+    assert isinstance(consent, ast.If) and ast.unparse(consent.test) == (
+        "not slicer.util.confirmOkCancelDisplay(onnx_install_question())")
+    assert [type(s) for s in consent.body] == [ast.Return]
+    assert isinstance(attempt, ast.Try) and not attempt.handlers
+    guarded = attempt.body[0]
+    assert isinstance(guarded, ast.With) and ast.unparse(guarded.items[0].context_expr).startswith(
+        "slicer.util.tryWithErrorDisplay(")
+    assert ast.unparse(guarded.body[0]) == "slicer.util.pip_install(onnx_install_requirements())"
+    assert {"self.showCpuEngine()", "importlib.invalidate_caches()"} <= {ast.unparse(s) for s in attempt.finalbody}
+    assert "showCpuEngine" in _self_calls(_method("CDMSegmentWidget", "setup"))
+    assert SOURCE.count("pip_install(") == 1

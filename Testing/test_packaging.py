@@ -8,6 +8,8 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from CDMSegmentLib.core.engine import ONNX_REQUIREMENTS
+
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "CDMSegment"
 
@@ -97,3 +99,12 @@ def test_reload_makes_the_core_import_again_from_disk():
     result = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+def test_the_fast_extra_installs_what_the_panels_onnx_runtime_button_installs():
+    """One list of requirements (core.engine.ONNX_REQUIREMENTS) for `pip install cdmsegment[fast]` and the panel's
+    Install ONNX Runtime button; the test extra has them too, for the engine's tests."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")  # tomllib is Python 3.11+; the extras are JSON lists
+    extras = {name: json.loads(value) for name, value in re.findall(r'^(fast|test) = (\[.*\])$', text, re.M)}
+    assert extras["fast"] == list(ONNX_REQUIREMENTS)
+    assert set(ONNX_REQUIREMENTS) <= set(extras["test"])

@@ -1,14 +1,20 @@
 """What the panel offers and says (CDMSegmentLib.slicer_adapters.panel_choices): models, defaults and texts, without Qt."""
 
+import importlib.metadata
+import importlib.util
 import json
 from types import SimpleNamespace
 
 import pytest
+from packaging.requirements import Requirement  # pip's own parser (pytest depends on packaging)
 
+from CDMSegmentLib.core.engine import ONNX_REQUIREMENTS
 from CDMSegmentLib.core.modelfile import load_model, read_registry, registered_classifier, sha256_of
 from CDMSegmentLib.core.settings import CDMSettings
-from CDMSegmentLib.slicer_adapters.panel_choices import (advanced_defaults, model_choices, model_text, progress_text,
-                                                         result_text, settings_from_parameters, slider_range,
+from CDMSegmentLib.slicer_adapters.panel_choices import (ONNX_DOWNLOAD_MB, advanced_defaults, cpu_engine_text,
+                                                         model_choices, model_text, onnx_install_question,
+                                                         onnx_install_requirements, progress_text, result_text,
+                                                         settings_from_parameters, slider_range,
                                                          torch_version_problem)
 
 
@@ -80,6 +86,47 @@ def test_the_status_texts_name_the_model_and_the_result():
     summary = {"slices_run": 3, "slices_total": 4, "seconds": 12.4, "device": "cpu", "voxels_segmented": 16,
                "volume_ml": 0.032, "thresholds": [0.0002]}
     assert result_text(summary) == "3 of 4 slices in 12 s on cpu; 16 voxels (0.0 ml) segmented at threshold 0.0002"
+    assert result_text({**summary, "engine": "torch"}) == result_text(summary)
+    assert result_text({**summary, "engine": "onnxruntime"}) == (
+        "3 of 4 slices in 12 s on cpu with ONNX Runtime; 16 voxels (0.0 ml) segmented at threshold 0.0002")
+
+
+def _installed(monkeypatch, missing=()):
+    """find_spec as if the packages in ``missing`` were not installed (the others as they are)."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name in missing else find_spec(name, *args))
+
+
+def test_the_cpu_engine_line_names_onnxruntime_when_both_its_packages_are_installed(monkeypatch):
+    _installed(monkeypatch)
+    assert cpu_engine_text() == ("CPU engine: ONNX Runtime", False)
+
+
+@pytest.mark.parametrize("missing", [("onnxruntime",), ("onnx",), ("onnx", "onnxruntime")])
+def test_the_cpu_engine_line_offers_the_install_while_torch_runs_the_cpu(monkeypatch, missing):
+    """The exporter needs onnx and the run onnxruntime: with either missing, auto takes torch on the CPU."""
+    _installed(monkeypatch, missing)
+    assert cpu_engine_text() == ("CPU engine: torch (ONNX Runtime is 1.3-2x faster on a CPU)", True)
+
+
+def test_the_install_question_says_what_how_big_and_that_torch_stays():
+    question = onnx_install_question()
+    assert "onnx>=1.14 and onnxruntime>=1.16" in question and f"about {ONNX_DOWNLOAD_MB} MB" in question
+    assert "PyTorch stays installed and remains the fallback" in question and "numpy is left as it is" in question
+
+
+def test_the_install_installs_the_engines_requirements_and_holds_numpy():
+    """pip's arguments: the requirements pyproject's fast extra names, and numpy pinned at the installed version
+    (pip then chooses onnx releases for it instead of replacing Slicer's numpy). This environment satisfies them."""
+    arguments = onnx_install_requirements()
+    assert isinstance(arguments, list)  # Slicer 5.6's pip_install takes a str or a list, not a tuple
+    requirements = [Requirement(a) for a in arguments]
+    assert [str(r) for r in requirements[:-1]] == list(ONNX_REQUIREMENTS)
+    numpy = requirements[-1]
+    assert numpy.name == "numpy" and str(numpy.specifier) == f"=={importlib.metadata.version('numpy')}"
+    for requirement in requirements:
+        assert requirement.specifier.contains(importlib.metadata.version(requirement.name)), requirement
 
 
 def test_the_parameter_node_gives_one_settings_object_with_the_panel_values():

@@ -29,7 +29,7 @@ EXPECTED_CLASSES = {
     "noiseDrawsSpinBox": "QSpinBox", "batchSizeSpinBox": "QSpinBox", "progressBar": "QProgressBar",
     "thresholdSlider": "ctkSliderWidget", "extraInputsWidget": "QWidget", "inputVolumeSelector": "qMRMLNodeComboBox",
     "hardenTransformCheckBox": "QCheckBox", "advancedCollapsibleButton": "ctkCollapsibleButton",
-    "guidanceScaleSpinBox": "QDoubleSpinBox",
+    "guidanceScaleSpinBox": "QDoubleSpinBox", "cpuEngineLabel": "QLabel", "installOnnxRuntimeButton": "QPushButton",
 }
 # Widget class -> the parameter types Slicer's parameterNodeWrapper (guiConnectors.py) binds it to.
 BINDABLE = {"QDoubleSpinBox": {"float"}, "ctkSliderWidget": {"float"}, "QSpinBox": {"int"},
@@ -197,3 +197,24 @@ def test_volume_selectors_offer_scalar_volumes_only(panel):
         assert widgets[name].property("showChildNodeTypes") is False
     source = SOURCE.read_text(encoding="utf-8")  # the extra selector made per further modality in CDMSegment.py
     assert 'nodeTypes = ["vtkMRMLScalarVolumeNode"]' in source and "showChildNodeTypes = False" in source
+
+
+def _form_row(form, widget):
+    """The row of a QFormLayout whose field is ``widget`` or a layout holding it."""
+    for row in range(form.rowCount()):
+        field = form.itemAt(row, QtWidgets.QFormLayout.FieldRole)
+        if field is not None and (field.widget() is widget or (field.layout() and field.layout().indexOf(widget) >= 0)):
+            return row
+    raise AssertionError(f"{widget.objectName()} is in no row of {form.objectName()}")
+
+
+def test_the_cpu_engine_line_and_its_install_button_sit_under_the_device_line(panel):
+    """The line on what a CPU run uses (panel_choices.cpu_engine_text) is the row under the device line, beside the
+    button that offers ONNX Runtime; the button says what it installs and that PyTorch stays."""
+    widgets, requested = panel
+    form = widgets["inputsCollapsibleButton"].layout()
+    row = _form_row(form, widgets["deviceInfoLabel"]) + 1
+    assert _form_row(form, widgets["cpuEngineLabel"]) == _form_row(form, widgets["installOnnxRuntimeButton"]) == row
+    assert widgets["cpuEngineLabel"].wordWrap()
+    button = widgets["installOnnxRuntimeButton"]
+    assert button.text() == "Install ONNX Runtime" and "PyTorch stays installed" in button.toolTip()

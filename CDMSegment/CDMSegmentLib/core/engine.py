@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # torch is imported where it is used, so the panel can ask wh
 
 ENGINES = ("auto", "torch", "onnxruntime")
 ONNX_PACKAGES = ("onnx", "onnxruntime")  # the exporter needs onnx, the run onnxruntime
+# What pip installs for it: pyproject.toml's `fast` extra and the panel's install button (test_packaging.py)
+ONNX_REQUIREMENTS = ("onnx>=1.14", "onnxruntime>=1.16")
 ONNX_OPSET = 17
 # Largest deviation of ONNX Runtime's class difference from torch's, relative to its largest value, that a graph
 # may show before use (measured: 1.3e-4 to 2.2e-4 on the bundled model, bench/bench_engines.py)
