@@ -133,19 +133,37 @@ def test_a_cached_graph_that_does_not_reproduce_the_model_is_exported_again_and_
         assert torch.allclose(model.network(x, t, emb), bundled.network(x, t, emb), atol=1e-4)
 
 
-def test_a_graph_that_never_agrees_leaves_the_run_on_torch_and_says_so(bundled, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_module, "_agrees", lambda network, reference, model: False)
+def test_a_graph_that_never_agrees_leaves_the_run_on_torch_and_says_so_unless_it_was_asked_for(bundled, tmp_path,
+                                                                                                monkeypatch):
+    monkeypatch.setattr(engine_module, "_agrees", lambda network, probe, expected: False)
     said = []
     model, engine = with_engine(bundled, "onnxruntime", tmp_path, log=said.append)
     assert (model, engine) == (bundled, "torch")
-    assert said[-1] == "ONNX Runtime did not reproduce the model's output; this run uses torch" and len(said) == 2
+    assert len(said) == 2 and said[0].endswith("exporting it again")
+    assert said[1] == "ONNX Runtime not used: its output did not reproduce the model's; this run uses torch"
+    with pytest.raises(CDMSegmentError, match="^its output did not reproduce the model's$"):
+        with_engine(bundled, "onnxruntime", tmp_path, log=said.append, required=True)
 
 
-def test_an_unwritable_cache_is_one_line_that_names_the_way_out(bundled, tmp_path):
+def test_a_model_whose_own_output_is_not_finite_stays_on_torch_silently(tmp_path):
+    make_tiny_model_file(tmp_path / "nan.pt")
+    model = load_model(tmp_path / "nan.pt")
+    with torch.no_grad():
+        for p in model.network.parameters():
+            p.fill_(float("nan"))
+    said = []
+    assert with_engine(model, "onnxruntime", tmp_path, log=said.append) == (model, "torch")
+    assert said == [] and not (tmp_path / "onnx").exists()
+
+
+def test_an_unwritable_cache_leaves_the_run_on_torch_in_one_line_or_is_the_error_when_asked_for(bundled, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")
+    said = []
+    assert with_engine(bundled, "onnxruntime", blocker, log=said.append) == (bundled, "torch")
+    assert len(said) == 1 and said[0].startswith(f"ONNX Runtime not used: cannot write the ONNX graph to {blocker}")
     with pytest.raises(CDMSegmentError, match=r"cannot write the ONNX graph to .* use --engine torch"):
-        onnx_file(bundled, blocker)
+        with_engine(bundled, "onnxruntime", blocker, log=said.append, required=True)
 
 
 def test_the_cli_names_the_engine_in_its_summary_and_refuses_an_unknown_one(tmp_path):
@@ -170,4 +188,5 @@ def test_an_onnxruntime_that_fails_to_import_leaves_the_run_on_torch_and_says_so
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an import that fails looks like
     said = []
     assert with_engine(bundled, "onnxruntime", tmp_path, log=said.append) == (bundled, "torch")
-    assert len(said) == 1 and said[0].startswith("ONNX Runtime could not be loaded (") and "this run uses torch" in said[0]
+    assert len(said) == 1 and said[0].startswith("ONNX Runtime not used: onnxruntime could not be loaded (")
+    assert said[0].endswith("; this run uses torch")

@@ -33,6 +33,7 @@ SETTINGS = {
     "margin 0": ({"crop_margin_px": 0}, {}),
     "margin 8": ({"crop_margin_px": 8}, {}),
     "margin 16": ({"crop_margin_px": 16}, {}),
+    "margin 24": ({"crop_margin_px": 24}, {}),
     "margin 8, 4 antithetic draws": ({"crop_margin_px": 8}, {"antithetic": True}),
     "margin 8, 2 antithetic draws": ({"crop_margin_px": 8}, {"antithetic": True, "noise_draws": 2}),
     "margin 8, 2 draws": ({"crop_margin_px": 8}, {"noise_draws": 2}),

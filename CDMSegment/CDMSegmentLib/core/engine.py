@@ -114,6 +114,11 @@ def onnx_file(model: "LoadedModel", cache_dir: Path) -> Path:
         _export(model, Path(tmp))
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, target)
+    except CDMSegmentError:
+        raise
+    except Exception as e:  # the exporter's and the file system's errors alike (a full disk among them)
+        raise CDMSegmentError(f"could not export the ONNX graph to {target.parent} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -143,32 +148,55 @@ def _export(model: "LoadedModel", path: Path) -> None:
 
 
 def with_engine(model: "LoadedModel", engine: str, cache_dir: Optional[Path] = None,
-                log: Callable[[str], None] = print) -> Tuple["LoadedModel", str]:
+                log: Callable[[str], None] = print, required: bool = False) -> Tuple["LoadedModel", str]:
     """(``model`` as it runs on ``engine``, the engine it runs on); engine: 'torch' or 'onnxruntime', from
-    ``choose_engine``. For ONNX Runtime the model is a copy whose network is an OnnxNetwork, checked
-    against the torch network on one batch before use; a graph that fails to load or to agree is
-    exported again once, then the run stays on torch, saying so. cache_dir: default
-    ``download.default_cache_dir()``."""
+    ``choose_engine``.
+
+    For ONNX Runtime the model is a copy whose network is an OnnxNetwork, checked against the torch
+    network on one batch before use; a graph that fails to load or to agree is exported again once.
+    When ONNX Runtime still cannot run the model (it fails to import, the cache cannot be written, the
+    graph does not agree), the run stays on torch and ``log`` says why in one line, or, with
+    ``required`` (the user asked for onnxruntime by name), CDMSegmentError is raised. A model whose own
+    output is not finite stays on torch silently: the run then stops with that finding.
+    cache_dir: default ``download.default_cache_dir()``.
+    """
     if engine == "torch":
         return model, "torch"
+    try:
+        onnx_model = _on_onnxruntime(model, cache_dir, log)
+    except CDMSegmentError as e:
+        if required:
+            raise
+        log(f"ONNX Runtime not used: {e}; this run uses torch")
+        return model, "torch"
+    return (model, "torch") if onnx_model is None else (onnx_model, "onnxruntime")
+
+
+def _on_onnxruntime(model: "LoadedModel", cache_dir: Optional[Path], log) -> Optional["LoadedModel"]:
+    """The model on ONNX Runtime; None when torch's own output is not finite (nothing to compare with)."""
     try:
         import onnx  # noqa: F401 (the exporter's)
         import onnxruntime  # noqa: F401
     except ImportError as e:  # installed but broken (a missing library): torch still runs
-        log(f"ONNX Runtime could not be loaded ({e}); this run uses torch")
-        return model, "torch"
+        raise CDMSegmentError(f"onnxruntime could not be loaded ({e})") from None
+    import torch
+
     from .download import default_cache_dir
 
+    probe = _probe(model)
+    with torch.no_grad():
+        expected = model.network(*probe)
+    if not torch.isfinite(expected).all():
+        return None
     for attempt in range(2):
         path = onnx_file(model, cache_dir or default_cache_dir())
         network = _onnx_network(model, path)
-        if network is not None and _agrees(network, model.network, model):
-            return replace(model, network=network), "onnxruntime"
+        if network is not None and _agrees(network, probe, expected):
+            return replace(model, network=network)
         path.unlink(missing_ok=True)
         if attempt == 0:
             log(f"the cached ONNX graph {path} did not reproduce the model's output; exporting it again")
-    log("ONNX Runtime did not reproduce the model's output; this run uses torch")
-    return model, "torch"
+    raise CDMSegmentError("its output did not reproduce the model's")
 
 
 def _onnx_network(model: "LoadedModel", path: Path) -> Optional[OnnxNetwork]:
@@ -188,21 +216,29 @@ def _onnx_network(model: "LoadedModel", path: Path) -> Optional[OnnxNetwork]:
     return OnnxNetwork(model.network, session, 2 ** (len(model.metadata["architecture"]["channel_mults"]) - 1))
 
 
-def _agrees(network: OnnxNetwork, reference, model: "LoadedModel") -> bool:
-    """Whether ``network`` gives ``reference``'s class difference eps(f(y1)) - eps(f(y0)) on one seeded
-    batch at the model's noise level, within AGREEMENT of its largest value."""
+def _probe(model: "LoadedModel") -> tuple:
+    """One seeded batch (x_t, t, class_emb) as the CDM makes it: one slice twice, at the model's noise
+    level, conditioned on f(y1) and f(y0)."""
     import torch
 
     size, channels = model.image_size, int(model.metadata["in_channels"])
     x = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
     t = torch.full((2,), model.schedule().timestep_for_alpha_bar(model.defaults.get("noise_level", 0.5)))
-    emb = reference.class_embedding(torch.tensor([1, 0])).detach()
+    return x, t, model.network.class_embedding(torch.tensor([1, 0])).detach()
+
+
+def _agrees(network: OnnxNetwork, probe: tuple, expected) -> bool:
+    """Whether ``network`` gives the class difference eps(f(y1)) - eps(f(y0)) of ``expected`` (torch's
+    output on ``probe``) within AGREEMENT of its largest value."""
+    import torch
+
     with torch.no_grad():
-        expected = reference(x, t, emb)
         try:
-            got = network(x, t, emb)
+            got = network(*probe)
         except Exception:  # ONNX Runtime's own errors: a graph that does not run is one that does not agree
             return False
+    if got.shape != expected.shape:
+        return False
     expected_difference, difference = expected[0] - expected[1], got[0] - got[1]
     scale = float(expected_difference.abs().max()) or 1.0
-    return got.shape == expected.shape and float((difference - expected_difference).abs().max()) <= AGREEMENT * scale
+    return float((difference - expected_difference).abs().max()) <= AGREEMENT * scale

@@ -118,7 +118,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
         log(f"warning: {warning}")
     if precision not in PRECISIONS:
         raise CDMSegmentError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    engine = choose_engine(engine, dev, precision) if method in CDM_METHODS else "torch"
+    requested, engine = engine, choose_engine(engine, dev, precision) if method in CDM_METHODS else "torch"
     if batch_size is not None and batch_size < 1:
         raise CDMSegmentError(f"batch size must be at least 1, got {batch_size}")
     params = params or CDMParams.for_model(model, classifier=classifier)
@@ -144,7 +144,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     boxes = _tissue_boxes(content_voxels, orientation, canonical_axis, model.image_size, dev, with_content)
     noise = (draw_noise(torch.from_numpy(with_content), slices.shape[1:], seed, params).to(dev)
              if method in CDM_METHODS else None)
-    run_model, engine = with_engine(model, engine, log=log)
+    run_model, engine = with_engine(model, engine, log=log, required=requested == "onnxruntime")
     maps = _run_batches(run_model, classifier, method, params, target_class, seed, slices, with_content, boxes, noise,
                         margin, batch_size, dev, precision, progress, cancel, log)
     heatmap = np.maximum(insert_slices(maps, stack), 0.0)
