@@ -1,9 +1,10 @@
 """Milliseconds of each stage of ``segment_volume`` other than the network, on the sample and a larger volume.
 
-The stages are the runner's own calls, in its order: normalisation, the tissue mask, the image checks
-(plausibility without the OOD network passes), the OOD score's slice preparation, resizing to model
-slices, the slices with content, the tissue boxes, the noise draws, resizing the maps back, clamping
-them to the tissue, and the threshold and mask. Median of ``--repeats`` runs each. The larger volume is
+The stages are the runner's own calls, in its order: the voxels' copy to the device, normalisation, the
+tissue mask, the image checks (plausibility without the OOD network passes), the OOD score's slice
+preparation, resizing to model slices, the slices with content, the tissue boxes, the noise draws,
+resizing the maps back, clamping them to the tissue and copying the heatmap and mask to the host, and
+the threshold and mask. Median of ``--repeats`` runs each. The larger volume is
 the sample resized to 155 x 240 x 240 (a BraTS grid), made here, never written.
 
     python bench/bench_host_work.py [--device cpu|cuda] [--repeats 5]
@@ -23,7 +24,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "CDMSegment"))
 
-from CDMSegmentLib.core.image import Volume  # noqa: E402
+from CDMSegmentLib.core.image import Volume, voxel_tensor  # noqa: E402
 from CDMSegmentLib.core.methods import CDMParams, calibrated_threshold, draw_noise  # noqa: E402
 from CDMSegmentLib.core.modelfile import load_model  # noqa: E402
 from CDMSegmentLib.core.ood import _chosen_slices, _settings  # noqa: E402
@@ -67,12 +68,8 @@ def stages(model, volume: Volume, device: torch.device):
             torch.cuda.synchronize()
         return x
 
-    def run_tissue():
-        state["content"] = tissue_mask(np.stack([np.asarray(volume.array)]))
-
     def run_content():
-        content_c = np.moveaxis(orientation.to_canonical(state["content"]), AXIS, 0)
-        state["with_content"] = slices_with_content(content_c)
+        state["with_content"] = slices_with_content(orientation.to_canonical(state["content"]).movedim(AXIS, 0))
 
     def run_maps_back():
         maps = torch.rand(state["slices"].shape[0], size, size, generator=torch.Generator().manual_seed(0)).to(device)
@@ -80,28 +77,28 @@ def stages(model, volume: Volume, device: torch.device):
         state["heatmap"] = insert_slices(maps, state["stack"])
 
     def run_clamp():
-        heatmap = np.maximum(state["heatmap"], 0.0)
-        heatmap[~state["content"]] = 0.0
-        state["clamped"] = heatmap
+        heatmap = state["heatmap"].clamp_(min=0.0).masked_fill_(~state["content"], 0.0)
+        state["clamped"], state["content_host"] = heatmap.cpu().numpy(), state["content"].cpu().numpy()
 
     def run_threshold():
-        value = resolve_threshold(state["clamped"], "model", state["content"], calibrated_threshold("cdm", model))
-        make_mask(state["clamped"], value, state["content"],
+        value = resolve_threshold(state["clamped"], "model", state["content_host"], calibrated_threshold("cdm", model))
+        make_mask(state["clamped"], value, state["content_host"],
                   voxels_for_ml(model.defaults.get("min_component_ml", 0.0), volume.spacing_mm))
 
     return [
-        ("normalisation", lambda: state.__setitem__("arrays", _normalised(model, [volume]))),
-        ("tissue mask", run_tissue),
+        ("voxels to device", lambda: state.__setitem__("raw", sync([voxel_tensor(volume.array, device)]))),
+        ("normalisation", lambda: state.__setitem__("arrays", sync(_normalised(model, state["raw"])))),
+        ("tissue mask", lambda: state.__setitem__("content", sync(tissue_mask(state["raw"])))),
         ("image checks", lambda: check_plausible(model.metadata, [volume], model.modalities)),
-        ("OOD slices", lambda: sync(_chosen_slices([volume], model, _settings(model)["slices"]))),
+        ("OOD slices", lambda: sync(_chosen_slices([volume], model, _settings(model)["slices"], device))),
         ("extract_slices", lambda: state.update(zip(("slices", "stack"), sync(
-            extract_slices(state["arrays"], orientation, AXIS, size, device=device))))),
+            extract_slices(state["arrays"], orientation, AXIS, size))))),
         ("slices with content", run_content),
-        ("tissue boxes", lambda: _tissue_boxes(state["content"], orientation, AXIS, size, device, state["with_content"])),
+        ("tissue boxes", lambda: _tissue_boxes(state["content"], orientation, AXIS, size, state["with_content"])),
         ("noise draws", lambda: sync(draw_noise(torch.from_numpy(state["with_content"]), state["slices"].shape[1:], 0,
                                                 params).to(device))),
         ("insert_slices", run_maps_back),
-        ("clamp to tissue", run_clamp),
+        ("clamp, to host", run_clamp),
         ("threshold + mask", run_threshold),
     ]
 

@@ -5,10 +5,11 @@ Arrays are indexed ``[k, j, i]`` (slowest axis first, like ``sitk.GetArrayFromIm
 """
 
 from dataclasses import dataclass, field
-from typing import Sequence, Tuple
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from .errors import CDMSegmentError
 
@@ -65,6 +66,22 @@ class Volume:
         image.SetOrigin(self.origin_mm)
         image.SetDirection(tuple(self.direction.ravel()))
         return image
+
+
+def voxel_tensor(array: Union[np.ndarray, torch.Tensor],
+                 device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """An array of voxels (any shape; numpy or torch, on any device) as a tensor on ``device`` (None: where it
+    is, the CPU for numpy) holding the same values: in its own dtype when torch has it, so an int16 volume
+    crosses to a GPU in half the bytes of float32, else (another byte order, an object array) as float32.
+    A C-ordered numpy array stays shared on the CPU, not copied."""
+    if isinstance(array, torch.Tensor):
+        return array if device is None else array.to(device)
+    a = np.asarray(array)
+    if a.dtype.kind not in "biuf" or not a.dtype.isnative:
+        a = a.astype(np.float32)
+    if not (a.flags.c_contiguous and a.flags.writeable):  # torch refuses negative strides, warns on read-only
+        a = np.array(a, order="C")
+    return torch.from_numpy(a) if device is None else torch.from_numpy(a).to(device)
 
 
 def check_geometry(volume: Volume, where: str) -> None:

@@ -47,9 +47,11 @@ def _settings(model: LoadedModel) -> dict:
             "slices": int(reference.get("slices", SLICES)), "seed": int(reference.get("seed", 0))}
 
 
-def _chosen_slices(volumes: Sequence[Volume], model: LoadedModel, count: int) -> torch.Tensor:
-    """(S, C, H, W): ``count`` axial slices evenly spaced over those with content, at the model's size."""
-    arrays = np.stack([normalise_volume(v.array, model.metadata["normalisation"]) for v in volumes])
+def _chosen_slices(volumes: Sequence[Volume], model: LoadedModel, count: int,
+                   device: Union[str, torch.device]) -> torch.Tensor:
+    """(S, C, H, W) on ``device``: ``count`` axial slices evenly spaced over those with content, at the model's
+    size, normalised and resized there."""
+    arrays = torch.stack([normalise_volume(v.array, model.metadata["normalisation"], device) for v in volumes])
     ref = volumes[0]
     orientation = Orientation.from_direction(ref.direction, ref.spacing_mm)
     slices, _ = extract_slices(arrays, orientation, 0, model.image_size)
@@ -73,7 +75,7 @@ def denoising_errors(model: LoadedModel, volumes: Sequence[Volume], *, noise_lev
     settings = _settings(model)
     noise_levels = list(noise_levels if noise_levels is not None else settings["noise_levels"])
     seed = settings["seed"] if seed is None else int(seed)
-    x_0 = _chosen_slices(volumes, model, settings["slices"] if slices is None else int(slices)).to(device)
+    x_0 = _chosen_slices(volumes, model, settings["slices"] if slices is None else int(slices), device)
     inside = (x_0 > -1 + 1e-3).any(dim=1, keepdim=True).float()
     schedule = model.schedule()
     network = model.network.to(device)
