@@ -60,6 +60,7 @@ def test_byte_swapped_read_only_and_flipped_arrays_give_the_same_numbers():
     np.testing.assert_array_equal(normalise_volume(swapped).numpy(), expected)
     np.testing.assert_array_equal(normalise_volume(read_only).numpy(), expected)
     np.testing.assert_array_equal(normalise_volume(flair[::-1]).numpy(), expected[::-1])
+    np.testing.assert_array_equal(normalise_volume(flair.astype(np.uint16)).numpy(), expected)  # DICOM's type
     tensor = torch.from_numpy(flair.astype(np.float32))
     np.testing.assert_array_equal(normalise_volume(tensor).numpy(), expected)
     assert torch.equal(tensor, torch.from_numpy(flair.astype(np.float32)))  # the input is untouched

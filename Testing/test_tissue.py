@@ -49,7 +49,8 @@ def test_the_noise_of_a_raw_mri_and_the_air_of_a_ct_are_not_tissue():
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_device_mask_is_numpys_for_mri_ct_and_several_modalities(device):
     ct = np.where(phantom((6, 20, 24)) == 0, -1000, 35).astype(np.int16)
-    for arrays in (raw_head()[None], ct[None], phantom((6, 20, 24))[None], np.stack([raw_head(1), ct])):
+    for arrays in (raw_head()[None], raw_head().astype(np.uint16)[None], ct[None], phantom((6, 20, 24))[None],
+                   np.stack([raw_head(1), ct])):
         mask = tissue_mask(torch.from_numpy(arrays).to(device))
         assert mask.dtype == torch.bool and mask.device.type == device
         np.testing.assert_array_equal(mask.cpu().numpy(), numpy_reference(arrays))

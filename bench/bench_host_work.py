@@ -90,7 +90,7 @@ def stages(model, volume: Volume, device: torch.device):
         ("normalisation", lambda: state.__setitem__("arrays", sync(_normalised(model, state["raw"])))),
         ("tissue mask", lambda: state.__setitem__("content", sync(tissue_mask(state["raw"])))),
         ("image checks", lambda: check_plausible(model.metadata, [volume], model.modalities)),
-        ("OOD slices", lambda: sync(_chosen_slices([volume], model, _settings(model)["slices"], device))),
+        ("OOD slices", lambda: sync(_chosen_slices([volume], model, _settings(model)["slices"], device, state["arrays"]))),
         ("extract_slices", lambda: state.update(zip(("slices", "stack"), sync(
             extract_slices(state["arrays"], orientation, AXIS, size))))),
         ("slices with content", run_content),

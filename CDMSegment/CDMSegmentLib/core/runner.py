@@ -110,8 +110,10 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     start = time.perf_counter()
     check_inputs(model, volumes)
     dev = choose_device(device, log)
+    raw = [voxel_tensor(v.array, dev) for v in volumes]
+    arrays = _normalised(model, raw)  # the OOD check's input too
     warnings = check_plausible(model.metadata, volumes, model.modalities, force,
-                               lambda: [ood_finding(ood_score(model, volumes, device=dev))])
+                               lambda: [ood_finding(ood_score(model, volumes, device=dev, normalised=arrays))])
     for warning in warnings:
         log(f"warning: {warning}")
     if precision not in PRECISIONS:
@@ -127,8 +129,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
         min_component_voxels = voxels_for_ml(defaults.get("min_component_ml", 0.0), ref.spacing_mm)
     orientation = Orientation.from_direction(ref.direction, ref.spacing_mm)
     canonical_axis = orientation.canonical_axis(axis)
-    raw = [voxel_tensor(v.array, dev) for v in volumes]
-    arrays, content_voxels = _normalised(model, raw), tissue_mask(raw)
+    content_voxels = tissue_mask(raw)
     batch_size = batch_size or default_batch_size(model, dev)
     if dev.type == "cpu" and precision == "bf16" and not cpu_has_bf16():
         log("this CPU has no bf16 units (AMX or AVX-512 BF16): bf16 will run slower than fp32")
