@@ -123,7 +123,8 @@ def main() -> None:
     model = load_model()
     sample = read_volume(SAMPLE)
     volumes = {"sample": sample, "large": resized(sample, LARGE_SHAPE)}
-    print(f"{cpu_name()}, {torch.get_num_threads()} torch threads; device {device}; torch {torch.__version__}; "
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"{cpu_name()}, {torch.get_num_threads()} torch threads; device {device}{gpu}; torch {torch.__version__}; "
           f"median of {args.repeats}")
     timings = {name: time_stages(model, v, device, args.repeats) for name, v in volumes.items()}
     header = "".join(f"{f'{n} {v.array.shape[0]}x{v.array.shape[1]}x{v.array.shape[2]}':>26}"

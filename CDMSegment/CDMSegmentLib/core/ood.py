@@ -61,7 +61,7 @@ def _chosen_slices(volumes: Sequence[Volume], model: LoadedModel, count: int, de
     if len(candidates) == 0:
         raise CDMSegmentError("the volume has no slice with content; nothing to check")
     picks = np.unique(np.round(np.linspace(0, len(candidates) - 1, count + 2)[1:-1]).astype(int))
-    return slices[candidates[torch.from_numpy(picks)]]
+    return slices[candidates[torch.from_numpy(picks).to(candidates.device)]]
 
 
 def denoising_errors(model: LoadedModel, volumes: Sequence[Volume], *, noise_levels: Optional[Sequence[float]] = None,
