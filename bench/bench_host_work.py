@@ -4,8 +4,10 @@ The stages are the runner's own calls, in its order: the voxels' copy to the dev
 tissue mask, the image checks (plausibility without the OOD network passes), the OOD score's slice
 preparation, resizing to model slices, the slices with content, the tissue boxes, the noise draws,
 resizing the maps back, clamping them to the tissue and copying the heatmap and mask to the host, and
-the threshold and mask. Median of ``--repeats`` runs each. The larger volume is
-the sample resized to 155 x 240 x 240 (a BraTS grid), made here, never written.
+the threshold and mask. The network's maps are stood in for by the sample's lesion. Median of
+``--repeats`` runs each. The larger volume is the sample resized to 155 x 240 x 240 (a BraTS grid),
+made here, never written. On a CPU that other work keeps busy, torch's intra-op threads wait for each
+other on every operation; OMP_NUM_THREADS=1 then shows the work itself.
 
     python bench/bench_host_work.py [--device cpu|cuda] [--repeats 5]
 """
@@ -93,7 +95,8 @@ def stages(model, volume: Volume, lesion: Volume, device: torch.device):
         ("normalisation", lambda: state.__setitem__("arrays", sync(_normalised(model, state["raw"])))),
         ("tissue mask", lambda: state.__setitem__("content", sync(tissue_mask(state["raw"])))),
         ("image checks", lambda: check_plausible(model.metadata, [volume], model.modalities)),
-        ("OOD slices", lambda: sync(_chosen_slices([volume], model, _settings(model)["slices"], device, state["arrays"]))),
+        ("OOD slices", lambda: sync(_chosen_slices([volume], model, _settings(model)["slices"], device,
+                                                   state["arrays"]))),
         ("extract_slices", lambda: state.update(zip(("slices", "stack"), sync(
             extract_slices(state["arrays"], orientation, AXIS, size))))),
         ("slices with content", run_content),

@@ -27,7 +27,8 @@ def normalise_volume(array: Union[np.ndarray, torch.Tensor], spec: dict = None,
     if spec.get("method") != "percentile":
         raise CDMSegmentError(f"unknown intensity normalisation {spec.get('method')!r}; expected 'percentile'")
     a = voxel_tensor(array, device).float()
-    if not all(math.isfinite(v) for v in torch.stack(torch.aminmax(a)).tolist()):  # NaN reaches both, inf one
+    # One pass for both: the minimum and maximum carry a NaN, and an infinity reaches one of them.
+    if a.numel() and not all(math.isfinite(v) for v in torch.stack(torch.aminmax(a)).tolist()):
         raise CDMSegmentError("the image contains NaN or infinite voxels; fix or mask them first")
     background = a == 0
     foreground = a[~background]
