@@ -65,7 +65,7 @@ def host_path_heatmap(model, volume, params, batch_size) -> np.ndarray:
     maps = torch.zeros(slices.shape[0], model.image_size, model.image_size)
     maps[keep] = run_in_batches(lambda x, ids: fn(x, torch.from_numpy(keep)[ids]), slices[keep],
                                 torch.device("cpu"), batch_size=batch_size)
-    heatmap = np.maximum(insert_slices(maps, stack), 0.0)
+    heatmap = np.maximum(insert_slices(maps, stack).numpy(), 0.0)
     heatmap[volume.array == 0] = 0
     return heatmap
 

@@ -55,11 +55,11 @@ def test_extract_then_insert_returns_the_input_grid(name, axis):
     slices, stack = extract_slices(a[None], o, axis, 32)
     assert slices.shape[1:] == (1, 32, 32)
     back = insert_slices(slices[:, 0], stack)
-    assert back.shape == a.shape and back.dtype == np.float32
+    assert back.shape == a.shape and back.dtype == torch.float32
     # smooth content survives the round trip through resampling
     smooth = np.fromfunction(lambda k, j, i: np.sin(k / 3) + np.cos(j / 4) + i / 11, a.shape).astype(np.float32)
     slices, stack = extract_slices(smooth[None], o, axis, 64, background=0.0)
-    error = np.abs(insert_slices(slices[:, 0], stack) - smooth)
+    error = np.abs(insert_slices(slices[:, 0], stack).numpy() - smooth)
     assert error[1:-1, 1:-1, 1:-1].mean() < 0.03  # the border mixes with the padding
 
 
@@ -90,4 +90,4 @@ def test_slice_content_is_where_it_was():
     o = Orientation.from_direction(np.eye(3), (1, 1, 1))
     slices, stack = extract_slices(a[None], o, 0, 20)
     assert torch.nonzero(slices.sum((1, 2, 3))).flatten().tolist() == [2]
-    assert np.array_equal(insert_slices(slices[:, 0], stack) > 0.5, a > 0.5)
+    assert np.array_equal(insert_slices(slices[:, 0], stack).numpy() > 0.5, a > 0.5)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+from scipy import ndimage
 
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
@@ -75,6 +76,19 @@ def test_make_mask_drops_components_smaller_than_the_minimum_and_keeps_larger_on
     assert make_mask(heatmap, 0.5, min_component_voxels=2).sum() == 29
     assert make_mask(heatmap, 0.5).sum() == 30
     assert make_mask(heatmap, 0.5, min_component_voxels=28).sum() == 0
+
+
+def test_the_specks_removed_inside_the_masks_box_are_those_of_the_whole_volume():
+    rng = np.random.default_rng(5)
+    heatmap = np.zeros((30, 40, 50), np.float32)
+    heatmap[8:20, 10:30, 12:40] = rng.random((12, 20, 28)) ** 3  # blobs and specks of every size
+    heatmap[8, 10, 12] = heatmap[19, 29, 39] = 1.0  # single voxels at the box's corners
+    mask = heatmap > 0.3
+    labels, _ = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel())
+    expected = (sizes >= 4)[labels] & mask
+    assert 0 < expected.sum() < mask.sum()
+    np.testing.assert_array_equal(make_mask(heatmap, 0.3, min_component_voxels=4), expected.astype(np.uint8))
 
 
 def test_make_mask_is_strictly_above_the_threshold_and_inside_the_content():

@@ -8,8 +8,28 @@ from CDMSegmentLib.core.device import check_finite
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
 from CDMSegmentLib.core.plausibility import check_plausible, findings, weighting
-from CDMSegmentLib.core.tissue import slices_with_content, tissue_mask
+from CDMSegmentLib.core.tissue import BET_FRACTION, BET_PERCENTILES, slices_with_content, tissue_mask
 from conftest import phantom
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def numpy_reference(arrays: np.ndarray) -> np.ndarray:
+    """The host implementation the device one replaced: BET's threshold compared in float64."""
+    mask = np.zeros(arrays.shape[1:], dtype=bool)
+    for a in arrays:
+        if np.count_nonzero(a == 0) >= 0.05 * a.size:
+            mask |= a != 0
+        else:
+            low, high = np.percentile(a, BET_PERCENTILES)
+            mask |= a > low + BET_FRACTION * (high - low)
+    return mask
+
+
+def raw_head(seed: int = 0) -> np.ndarray:
+    head = phantom((6, 20, 24)).astype(np.float32)
+    return np.where(head == 0, np.random.default_rng(seed).rayleigh(8.0, head.shape), head)
 
 
 def test_with_a_zero_background_tissue_is_every_non_zero_voxel():
@@ -26,11 +46,43 @@ def test_the_noise_of_a_raw_mri_and_the_air_of_a_ct_are_not_tissue():
     assert tissue_mask(np.stack([noisy, ct])).sum() == (head != 0).sum()  # modalities: union
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_device_mask_is_numpys_for_mri_ct_and_several_modalities(device):
+    ct = np.where(phantom((6, 20, 24)) == 0, -1000, 35).astype(np.int16)
+    for arrays in (raw_head()[None], raw_head().astype(np.uint16)[None], ct[None], phantom((6, 20, 24))[None],
+                   np.stack([raw_head(1), ct])):
+        mask = tissue_mask(torch.from_numpy(arrays).to(device))
+        assert mask.dtype == torch.bool and mask.device.type == device
+        np.testing.assert_array_equal(mask.cpu().numpy(), numpy_reference(arrays))
+    modalities = [torch.from_numpy(raw_head(1)).to(device), torch.from_numpy(ct).to(device)]  # two dtypes
+    np.testing.assert_array_equal(tissue_mask(modalities).cpu().numpy(), numpy_reference(np.stack([raw_head(1), ct])))
+
+
+def test_a_voxel_just_above_bets_threshold_is_tissue_as_in_float64():
+    """Half the voxels at 10, half at 1000.03: BET's threshold 109.0030029... rounds up to the float32 109.0030060;
+    a voxel holding that float32 lies above the threshold, which a float32 comparison with the rounded value misses."""
+    low, high = np.float32(10.0), np.float32(1000.03)
+    threshold = float(low) + BET_FRACTION * (float(high) - float(low))
+    assert float(np.float32(threshold)) > threshold
+    array = np.where(np.arange(1000).reshape(10, 10, 10) % 2 == 0, low, high)
+    array[5, 5, 5] = np.float32(threshold)
+    assert tissue_mask(array)[5, 5, 5] and numpy_reference(array[None])[5, 5, 5]
+
+
 def test_a_slice_runs_when_a_thousandth_of_it_is_tissue():
     tissue = np.zeros((3, 100, 100), bool)
     tissue[1, :1, :9] = True  # 9 voxels < 10
     tissue[2, :1, :10] = True
     assert slices_with_content(tissue).tolist() == [2]
+    assert slices_with_content(torch.from_numpy(tissue)).tolist() == [2]
+
+
+@CUDA
+def test_cuda_finds_the_cpus_tissue_and_slices():
+    arrays = np.stack([raw_head(2), raw_head(3)])
+    cpu, gpu = tissue_mask(arrays), tissue_mask(arrays, "cuda")
+    assert torch.equal(gpu.cpu(), cpu)
+    assert slices_with_content(gpu).tolist() == slices_with_content(cpu).tolist()
 
 
 @pytest.mark.parametrize("tags, expected", [

@@ -39,7 +39,7 @@ def invesalius_ct(path: Path) -> Volume:
 
 
 def report(name: str, volume: Volume) -> None:
-    tissue = tissue_mask(volume.array)
+    tissue = tissue_mask(volume.array).numpy()
     non_zero = int((volume.array != 0).reshape(volume.array.shape[0], -1).any(axis=1).sum())
     ml = tissue.sum() * np.prod(volume.spacing_mm) / 1000
     print(f"{name}: {volume.array.shape}, {volume.array.min():.0f}..{volume.array.max():.0f}; slices with content "

@@ -47,9 +47,12 @@ def _settings(model: LoadedModel) -> dict:
             "slices": int(reference.get("slices", SLICES)), "seed": int(reference.get("seed", 0))}
 
 
-def _chosen_slices(volumes: Sequence[Volume], model: LoadedModel, count: int) -> torch.Tensor:
-    """(S, C, H, W): ``count`` axial slices evenly spaced over those with content, at the model's size."""
-    arrays = np.stack([normalise_volume(v.array, model.metadata["normalisation"]) for v in volumes])
+def _chosen_slices(volumes: Sequence[Volume], model: LoadedModel, count: int, device: Union[str, torch.device],
+                   normalised: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(S, C, H, W) on ``device``: ``count`` axial slices evenly spaced over those with content, at the model's
+    size, normalised (unless given ``normalised``) and resized there."""
+    arrays = normalised if normalised is not None else torch.stack(
+        [normalise_volume(v.array, model.metadata["normalisation"], device) for v in volumes])
     ref = volumes[0]
     orientation = Orientation.from_direction(ref.direction, ref.spacing_mm)
     slices, _ = extract_slices(arrays, orientation, 0, model.image_size)
@@ -58,22 +61,24 @@ def _chosen_slices(volumes: Sequence[Volume], model: LoadedModel, count: int) ->
     if len(candidates) == 0:
         raise CDMSegmentError("the volume has no slice with content; nothing to check")
     picks = np.unique(np.round(np.linspace(0, len(candidates) - 1, count + 2)[1:-1]).astype(int))
-    return slices[candidates[torch.from_numpy(picks)]]
+    return slices[candidates[torch.from_numpy(picks).to(candidates.device)]]
 
 
 def denoising_errors(model: LoadedModel, volumes: Sequence[Volume], *, noise_levels: Optional[Sequence[float]] = None,
                      slices: Optional[int] = None, seed: Optional[int] = None,
-                     device: Union[str, torch.device] = "cpu") -> np.ndarray:
+                     device: Union[str, torch.device] = "cpu",
+                     normalised: Optional[torch.Tensor] = None) -> np.ndarray:
     """(L,) log mean squared error of the model's noise prediction, per noise level alpha_bar.
 
-    volumes: one per model modality, on one grid. Defaults (levels, slice count, seed) are the
+    volumes: one per model modality, on one grid; normalised: the same already through ``normalise_volume``
+    ((M, K, J, I) on ``device``), when the caller has them. Defaults (levels, slice count, seed) are the
     model's OOD reference's, so the measure is the one calibrated. 2 x slices x L network
     evaluations at most (one batch per level).
     """
     settings = _settings(model)
     noise_levels = list(noise_levels if noise_levels is not None else settings["noise_levels"])
     seed = settings["seed"] if seed is None else int(seed)
-    x_0 = _chosen_slices(volumes, model, settings["slices"] if slices is None else int(slices)).to(device)
+    x_0 = _chosen_slices(volumes, model, settings["slices"] if slices is None else int(slices), device, normalised)
     inside = (x_0 > -1 + 1e-3).any(dim=1, keepdim=True).float()
     schedule = model.schedule()
     network = model.network.to(device)
@@ -97,13 +102,14 @@ def score_from_errors(errors: np.ndarray, reference: dict) -> float:
     return float(np.sqrt(difference @ np.linalg.solve(np.asarray(reference["covariance"]), difference)))
 
 
-def ood_score(model: LoadedModel, volumes: Sequence[Volume], *,
-              device: Union[str, torch.device] = "cpu") -> Optional[OODResult]:
-    """The volume's OOD score against the model's reference; None for a model without one (an older file)."""
+def ood_score(model: LoadedModel, volumes: Sequence[Volume], *, device: Union[str, torch.device] = "cpu",
+              normalised: Optional[torch.Tensor] = None) -> Optional[OODResult]:
+    """The volume's OOD score against the model's reference; None for a model without one (an older file).
+    normalised: the volumes already normalised on ``device`` (the runner's: computed once for both)."""
     reference = model.metadata.get("ood")
     if not reference:
         return None
-    errors = denoising_errors(model, volumes, device=device)
+    errors = denoising_errors(model, volumes, device=device, normalised=normalised)
     return OODResult(score_from_errors(errors, reference), float(reference["threshold"]), errors)
 
 

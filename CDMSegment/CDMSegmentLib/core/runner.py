@@ -16,7 +16,7 @@ import torch
 from .device import PRECISIONS, autocast, check_finite, choose_device, cpu_has_bf16, is_out_of_memory
 from .engine import choose_engine, with_engine
 from .errors import Cancelled, CDMSegmentError
-from .image import Volume, check_geometry, check_same_grid
+from .image import Volume, check_geometry, check_same_grid, voxel_tensor
 from .intensity import normalise_volume
 from .crop import crop_window, tissue_boxes
 from .methods import CDM_METHODS, CDMParams, build_method, calibrated_threshold, draw_noise, network_evaluations_per_slice
@@ -64,14 +64,15 @@ def check_inputs(model: LoadedModel, volumes: Sequence[Volume]) -> None:
     check_same_grid(volumes, names)
 
 
-def _normalised(model: LoadedModel, volumes: Sequence[Volume]) -> np.ndarray:
+def _normalised(model: LoadedModel, raw: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(M, K, J, I) float32 on the voxels' device: each modality normalised as the model's metadata says."""
     out = []
-    for v, n in zip(volumes, model.modalities):
+    for a, n in zip(raw, model.modalities):
         try:
-            out.append(normalise_volume(v.array, model.metadata["normalisation"]))
+            out.append(normalise_volume(a, model.metadata["normalisation"]))
         except CDMSegmentError as e:
             raise CDMSegmentError(f"{n}: {e}") from None
-    return np.stack(out)
+    return torch.stack(out)
 
 
 # Slices per batch when neither the caller nor the model's ``batch_size`` default (per device type) says.
@@ -107,13 +108,16 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     counts slices with content (tissue: core/tissue.py); cancel (callable or threading.Event) stops between
     batches with Cancelled. force: run on an image the model was not made for (core/plausibility.py).
     engine: 'auto', 'torch' or 'onnxruntime' for the diffusion network of the CDM methods (core/engine.py).
-    Everything from the resized slices to the resized heatmap stays on the device.
+    Everything from the input's voxels to the heatmap on the input grid stays on the device: the volumes
+    cross to it once, the heatmap and the tissue mask come back once for the threshold and the mask.
     """
     start = time.perf_counter()
     check_inputs(model, volumes)
     dev = choose_device(device, log)
+    raw = [voxel_tensor(v.array, dev) for v in volumes]
+    arrays = _normalised(model, raw)  # the OOD check's input too
     warnings = check_plausible(model.metadata, volumes, model.modalities, force,
-                               lambda: [ood_finding(ood_score(model, volumes, device=dev))])
+                               lambda: [ood_finding(ood_score(model, volumes, device=dev, normalised=arrays))])
     for warning in warnings:
         log(f"warning: {warning}")
     if precision not in PRECISIONS:
@@ -130,25 +134,22 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
         min_component_voxels = voxels_for_ml(defaults.get("min_component_ml", 0.0), ref.spacing_mm)
     orientation = Orientation.from_direction(ref.direction, ref.spacing_mm)
     canonical_axis = orientation.canonical_axis(axis)
-    arrays = _normalised(model, volumes)
-    raw = np.stack([np.asarray(v.array) for v in volumes])
     content_voxels = tissue_mask(raw)
     batch_size = batch_size or default_batch_size(model, dev)
     if dev.type == "cpu" and precision == "bf16" and not cpu_has_bf16():
         log("this CPU has no bf16 units (AMX or AVX-512 BF16): bf16 will run slower than fp32")
-    slices, stack = extract_slices(arrays, orientation, canonical_axis, model.image_size, device=dev)
-    content_c = np.moveaxis(orientation.to_canonical(content_voxels), canonical_axis, 0)
-    with_content = slices_with_content(content_c)
+    slices, stack = extract_slices(arrays, orientation, canonical_axis, model.image_size)
+    with_content = slices_with_content(orientation.to_canonical(content_voxels).movedim(canonical_axis, 0))
     margin = defaults.get("crop_margin_px") if crop_margin_px is None else crop_margin_px
     margin = int(margin) if method == "cdm" and margin is not None and margin >= 0 else None
-    boxes = _tissue_boxes(content_voxels, orientation, canonical_axis, model.image_size, dev, with_content)
+    boxes = _tissue_boxes(content_voxels, orientation, canonical_axis, model.image_size, with_content)
     noise = (draw_noise(torch.from_numpy(with_content), slices.shape[1:], seed, params).to(dev)
              if method in CDM_METHODS else None)
     run_model, engine = with_engine(model, engine, log=log, required=requested == "onnxruntime")
     maps = _run_batches(run_model, classifier, method, params, target_class, seed, slices, with_content, boxes, noise,
                         margin, batch_size, dev, precision, progress, cancel, log)
-    heatmap = np.maximum(insert_slices(maps, stack), 0.0)
-    heatmap[~content_voxels] = 0.0
+    heatmap = insert_slices(maps, stack).clamp_(min=0.0).masked_fill_(~content_voxels.to(maps.device), 0.0)
+    heatmap, content_voxels = heatmap.cpu().numpy(), content_voxels.cpu().numpy()
     value = resolve_threshold(heatmap, threshold, content_voxels, calibrated)
     mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
     return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), len(with_content),
@@ -156,12 +157,12 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                               time.perf_counter() - start, str(maps.device), min_component_voxels, warnings, engine)
 
 
-def _tissue_boxes(content_voxels: np.ndarray, orientation: Orientation, axis: int, size: int,
-                  device: torch.device, with_content: np.ndarray) -> np.ndarray:
-    """(len(with_content), 4) tissue boxes in model pixels: the content mask resized as the image is."""
-    resized, _ = extract_slices(content_voxels[None].astype(np.float32), orientation, axis, size, background=0.0,
-                                device=device)
-    return tissue_boxes(resized[torch.from_numpy(with_content).to(device), 0] > 0)
+def _tissue_boxes(content_voxels: torch.Tensor, orientation: Orientation, axis: int, size: int,
+                  with_content: np.ndarray) -> np.ndarray:
+    """(len(with_content), 4) tissue boxes in model pixels: the (K, J, I) content mask resized as the image
+    is, on its device."""
+    resized, _ = extract_slices(content_voxels[None], orientation, axis, size, background=0.0)
+    return tissue_boxes(resized[torch.from_numpy(with_content).to(resized.device), 0] > 0)
 
 
 def _run_batches(model, classifier, method, params, target_class, seed, slices, with_content, boxes, noise, margin,

@@ -16,8 +16,21 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CDMSegmentError
+from .image import voxel_tensor
 
 AXIS_NAMES = {"axial": 0, "coronal": 1, "sagittal": 2}  # canonical array axes (S, P, L)
+
+Array = Union[np.ndarray, torch.Tensor]
+
+
+def _permuted(a: Array, axes: Tuple[int, ...]) -> Array:
+    return a.permute(axes) if isinstance(a, torch.Tensor) else np.transpose(a, axes)
+
+
+def _flipped(a: Array, axes) -> Array:
+    if not axes:
+        return a
+    return a.flip(axes) if isinstance(a, torch.Tensor) else np.flip(a, axis=axes)
 
 
 @dataclass
@@ -46,19 +59,18 @@ class Orientation:
         spacing = tuple(float(spacing_ijk_mm[2 - perm[c]]) for c in range(3))
         return cls(perm, flips, spacing)
 
-    def to_canonical(self, a: np.ndarray) -> np.ndarray:
-        """a: (..., K, J, I) -> (..., S, P, L); a view when possible."""
+    def to_canonical(self, a: Array) -> Array:
+        """a: (..., K, J, I), numpy or torch -> (..., S, P, L); a view when possible (torch flips copy)."""
         lead = a.ndim - 3
-        out = np.transpose(a, tuple(range(lead)) + tuple(lead + p for p in self.perm))
-        axes = [lead + c for c in range(3) if self.flips[c]]
-        return np.flip(out, axis=axes) if axes else out
+        out = _permuted(a, tuple(range(lead)) + tuple(lead + p for p in self.perm))
+        return _flipped(out, [lead + c for c in range(3) if self.flips[c]])
 
-    def from_canonical(self, c: np.ndarray) -> np.ndarray:
+    def from_canonical(self, c: Array) -> Array:
+        """c: (..., S, P, L), numpy or torch -> (..., K, J, I); undoes ``to_canonical``."""
         lead = c.ndim - 3
-        axes = [lead + i for i in range(3) if self.flips[i]]
-        a = np.flip(c, axis=axes) if axes else c
+        a = _flipped(c, [lead + i for i in range(3) if self.flips[i]])
         inverse = np.argsort(self.perm)
-        return np.transpose(a, tuple(range(lead)) + tuple(lead + int(p) for p in inverse))
+        return _permuted(a, tuple(range(lead)) + tuple(lead + int(p) for p in inverse))
 
     def canonical_axis(self, axis: Union[str, int]) -> int:
         """'auto'/'axial'/'coronal'/'sagittal', or an input IJK axis (0=I, 1=J, 2=K) -> canonical axis."""
@@ -102,29 +114,30 @@ def _square_padding(rows: int, cols: int, row_mm: float, col_mm: float) -> Tuple
     return add_r // 2, add_r - add_r // 2, add_c // 2, add_c - add_c // 2
 
 
-def extract_slices(arrays: np.ndarray, orientation: Orientation, axis: int, size: int,
-                   background: float = -1.0, device: Union[str, torch.device] = "cpu") -> Tuple[torch.Tensor, SliceStack]:
-    """arrays: (C, K, J, I) normalised modalities -> slices (N, C, size, size) float32 on ``device``, N along
-    ``axis``. The volume is copied to the device once and padded and resized there."""
-    c = orientation.to_canonical(arrays)
-    c = np.moveaxis(c, 1 + axis, 1)  # (C, N, rows, cols)
+def extract_slices(arrays: Array, orientation: Orientation, axis: int, size: int, background: float = -1.0,
+                   device: Union[str, torch.device, None] = None) -> Tuple[torch.Tensor, SliceStack]:
+    """arrays: (C, K, J, I) normalised modalities, numpy or torch -> slices (N, C, size, size) float32 on
+    ``device`` (None: where the arrays are), N along ``axis``. The volume crosses to the device once and is
+    reoriented, padded and resized there."""
+    c = orientation.to_canonical(voxel_tensor(arrays, device))
+    shape = tuple(c.shape[1:])
     plane = [a for a in range(3) if a != axis]
-    pad = _square_padding(c.shape[2], c.shape[3], orientation.spacing_mm[plane[0]], orientation.spacing_mm[plane[1]])
-    t = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)).to(device).transpose(0, 1)  # (N, C, rows, cols)
+    pad = _square_padding(shape[plane[0]], shape[plane[1]], orientation.spacing_mm[plane[0]],
+                          orientation.spacing_mm[plane[1]])
+    c = c.movedim(1 + axis, 1).to(torch.float32, memory_format=torch.contiguous_format)  # (C, N, rows, cols)
+    t = c.transpose(0, 1)  # (N, C, rows, cols)
     t = F.pad(t, (pad[2], pad[3], pad[0], pad[1]), value=background)
     t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=t.shape[-1] > size)
-    shape = orientation.to_canonical(np.empty(arrays.shape[1:], dtype=np.uint8)).shape
-    return t, SliceStack(orientation, axis, tuple(shape), pad, size)
+    return t, SliceStack(orientation, axis, shape, pad, size)
 
 
-def insert_slices(maps: torch.Tensor, stack: SliceStack) -> np.ndarray:
-    """maps: (N, size, size) per-slice results -> (K, J, I) float32 on the input's grid. Resized on the
-    maps' device; one copy to the host at the end."""
+def insert_slices(maps: torch.Tensor, stack: SliceStack) -> torch.Tensor:
+    """maps: (N, size, size) per-slice results -> (K, J, I) float32 on the input's grid, on the maps' device:
+    resized and reoriented there."""
     axis = stack.axis
     plane = [stack.canonical_shape[a] for a in range(3) if a != axis]
     padded = (plane[0] + stack.pad[0] + stack.pad[1], plane[1] + stack.pad[2] + stack.pad[3])
     t = maps.detach().float()[:, None]
     t = F.interpolate(t, size=padded, mode="bilinear", align_corners=False, antialias=padded[1] < t.shape[-1])[:, 0]
     t = t[:, stack.pad[0]:stack.pad[0] + plane[0], stack.pad[2]:stack.pad[2] + plane[1]]
-    c = np.moveaxis(t.cpu().numpy(), 0, axis)
-    return np.ascontiguousarray(stack.orientation.from_canonical(c), dtype=np.float32)
+    return stack.orientation.from_canonical(t.movedim(0, axis)).contiguous()

@@ -55,14 +55,26 @@ def voxels_for_ml(ml: float, spacing_mm: Sequence[float]) -> int:
 def make_mask(heatmap: np.ndarray, threshold: float, content: Optional[np.ndarray] = None,
               min_component_voxels: int = 0) -> np.ndarray:
     """uint8 mask: heatmap > threshold inside the content, without 3D components smaller than
-    ``min_component_voxels`` (isolated specks a radiologist would have to erase by hand)."""
+    ``min_component_voxels`` (isolated specks a radiologist would have to erase by hand). Components are
+    labelled inside the mask's bounding box only: a lesion's box is a small part of the volume (a 155 x 240
+    x 240 volume: 200 ms labelled whole on two CPU cores), and every component lies inside it."""
     mask = heatmap > threshold
     if content is not None:
         mask &= content
     if min_component_voxels > 1 and mask.any():
-        labels, n = ndimage.label(mask)
+        box = _bounding_box(mask)
+        labels, n = ndimage.label(mask[box])
         sizes = np.bincount(labels.ravel())
         keep = sizes >= min_component_voxels
         keep[0] = False
-        mask = keep[labels]
+        mask[box] = keep[labels]
     return mask.astype(np.uint8)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple:
+    """The smallest box (one slice per axis) holding every True voxel of a mask with at least one."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)

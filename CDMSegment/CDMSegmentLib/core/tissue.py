@@ -8,8 +8,13 @@ BET's robust background threshold: the 2nd percentile plus 10% of the 2nd-98th p
 """
 
 import math
+from typing import Union
 
 import numpy as np
+import torch
+
+from .image import voxel_tensor
+from .percentile import percentiles
 
 # A volume with at least this fraction of exact zeros uses zero as its background (skull-stripped data).
 ZERO_BACKGROUND_FRACTION = 0.05
@@ -20,28 +25,42 @@ BET_FRACTION = 0.1
 SLICE_CONTENT_FRACTION = 0.001
 
 
-def has_zero_background(array: np.ndarray) -> bool:
-    """True when exact zeros mark the background (array: any shape)."""
-    return np.count_nonzero(array == 0) >= ZERO_BACKGROUND_FRACTION * array.size
+def has_zero_background(array: Union[np.ndarray, torch.Tensor]) -> bool:
+    """True when exact zeros mark the background (array: any shape, numpy or torch on any device)."""
+    a = voxel_tensor(array)
+    return int(torch.count_nonzero(a == 0)) >= ZERO_BACKGROUND_FRACTION * a.numel()
 
 
-def tissue_mask(arrays: np.ndarray) -> np.ndarray:
-    """(M, K, J, I) modalities of one volume (or one (K, J, I) volume) -> (K, J, I) bool: tissue in any modality."""
-    arrays = np.asarray(arrays)
-    if arrays.ndim == 3:
-        arrays = arrays[None]
-    mask = np.zeros(arrays.shape[1:], dtype=bool)
+def _float32_below(value: float) -> float:
+    """The largest float32 <= value: for float32 voxels, ``x > value`` is ``x > _float32_below(value)``, so a
+    comparison in float32 on the device picks the voxels numpy's float64 comparison picked."""
+    rounded = np.float32(value)
+    return float(rounded) if float(rounded) <= value else float(np.nextafter(rounded, np.float32(-np.inf)))
+
+
+def tissue_mask(arrays, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """The modalities of one volume ((M, K, J, I), a sequence of (K, J, I), or one (K, J, I); numpy or torch,
+    any dtype) -> (K, J, I) bool on ``device`` (None: where the arrays are), computed there: tissue in any
+    modality."""
+    if getattr(arrays, "ndim", None) == 3:
+        arrays = [arrays]
+    mask = None
     for a in arrays:
+        a = voxel_tensor(a, device)
         if has_zero_background(a):
-            mask |= a != 0
+            tissue = a != 0
         else:
-            low, high = np.percentile(a, BET_PERCENTILES)
-            mask |= a > low + BET_FRACTION * (high - low)
+            a = a.float()
+            low, high = percentiles(a, BET_PERCENTILES)
+            tissue = a > _float32_below(low + BET_FRACTION * (high - low))
+        mask = tissue if mask is None else mask | tissue
     return mask
 
 
-def slices_with_content(tissue: np.ndarray) -> np.ndarray:
-    """(S, ...) tissue mask stacked along the slice axis -> indices of the slices with content."""
-    per_slice = tissue.reshape(tissue.shape[0], -1)
+def slices_with_content(tissue: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+    """(S, ...) bool tissue mask stacked along the slice axis (numpy or torch on any device) -> indices of the
+    slices with content, on the host."""
+    per_slice = voxel_tensor(tissue).reshape(tissue.shape[0], -1)
     needed = max(1, math.ceil(SLICE_CONTENT_FRACTION * per_slice.shape[1]))
-    return np.flatnonzero(np.count_nonzero(per_slice, axis=1) >= needed)
+    counts = per_slice.view(torch.uint8).sum(dim=1, dtype=torch.int32)  # on the CPU twice count_nonzero's speed
+    return np.flatnonzero(counts.cpu().numpy() >= needed)

@@ -199,7 +199,7 @@ def load_case_slices(case: Case, modalities: Sequence[str], image_size: int, axi
     check_same_grid(volumes, list(modalities))
     orientation = Orientation.from_direction(volumes[0].direction, volumes[0].spacing_mm)
     ax = orientation.canonical_axis(axis)
-    arrays = np.stack([normalise_volume(v.array, normalisation) for v in volumes])
+    arrays = torch.stack([normalise_volume(v.array, normalisation) for v in volumes])
     slices, _ = extract_slices(arrays, orientation, ax, image_size)
     plane = tuple(a for a in range(3) if a != ax)
     present = orientation.to_canonical(np.stack([v.array != 0 for v in volumes]).any(axis=0))
