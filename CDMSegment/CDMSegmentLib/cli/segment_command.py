@@ -29,7 +29,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 ENGINE_HELP = ("what evaluates the network: auto (ONNX Runtime on a CPU when the packages onnx and onnxruntime are "
-               "installed, 1.3-2x faster there; torch otherwise), torch, or onnxruntime")
+               "installed, about 1.3x faster there; torch otherwise), torch, or onnxruntime")
 SEED_HELP = ("seed of the noise drawn for each slice: the same seed, settings and device give the same heatmap "
              "(default: %(default)s)")
 

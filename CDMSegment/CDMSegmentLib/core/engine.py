@@ -1,8 +1,9 @@
 """The engine that evaluates the diffusion network on a CPU: torch (the TorchScript file) or ONNX Runtime.
 
-On two AVX2 cores ONNX Runtime ran the bundled network 1.3-2.1x faster than TorchScript, whose
-two threads suffer most when the machine is busy (``bench/bench_engines.py``; README, Speed);
-the CDM difference eps(f(y1)) - eps(f(y0)) it gives agrees with torch's within 2e-4 of its
+On two AVX2 cores ONNX Runtime ran the bundled network 1.44x faster than TorchScript per evaluation
+(timed in alternation; 1.24-2.5x across runs, most when the machine was busy, where torch's two
+threads suffer), and whole volumes 1.25-1.4x faster (``bench/bench_engines.py``,
+``bench/bench_speed.py``; README, Speed); the CDM difference eps(f(y1)) - eps(f(y0)) it gives agrees with torch's within 2e-4 of its
 largest value. It is optional: ``pip install onnx onnxruntime`` (the panel in Slicer offers to
 install them). ``auto`` takes it on a CPU whenever it is installed, torch everywhere else.
 

@@ -99,15 +99,15 @@ def cpu_engine_text() -> Tuple[str, bool]:
     what ``core.engine.choose_engine("auto", cpu)`` takes, found without importing torch or onnxruntime."""
     if onnxruntime_available():
         return "CPU engine: ONNX Runtime", False
-    return "CPU engine: torch (ONNX Runtime is 1.3-2x faster on a CPU)", True
+    return "CPU engine: torch (ONNX Runtime is about 1.3x faster on a CPU)", True
 
 
 def onnx_install_question() -> str:
     """What the install button asks before anything is installed: what, how big, and what stays."""
     return (f"Install ONNX Runtime into Slicer's Python ({' and '.join(ONNX_REQUIREMENTS)}, about "
             f"{ONNX_DOWNLOAD_MB} MB to download with their small dependencies)?\n\nRuns on the CPU then evaluate the "
-            "network with it, 1.3-2x faster, with torch's results up to float rounding. PyTorch stays installed and "
-            "remains the fallback: GPU runs use it, and so does every run if ONNX Runtime is removed. numpy is left "
+            "network with it, about 1.3x faster, with torch's results up to float rounding. PyTorch stays installed "
+            "and remains the fallback: GPU runs use it, and so does every run if ONNX Runtime is removed. numpy is left "
             "as it is.")
 
 
