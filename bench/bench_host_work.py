@@ -26,7 +26,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "CDMSegment"))
 
-from CDMSegmentLib.core.image import Volume, voxel_tensor  # noqa: E402
+from CDMSegmentLib.core.device import voxel_tensor  # noqa: E402
+from CDMSegmentLib.core.image import Volume  # noqa: E402
 from CDMSegmentLib.core.methods import CDMParams, calibrated_threshold, draw_noise  # noqa: E402
 from CDMSegmentLib.core.modelfile import load_model  # noqa: E402
 from CDMSegmentLib.core.ood import _chosen_slices, _settings  # noqa: E402

@@ -5,11 +5,10 @@ Arrays are indexed ``[k, j, i]`` (slowest axis first, like ``sitk.GetArrayFromIm
 """
 
 from dataclasses import dataclass, field
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from .errors import CDMSegmentError
 
@@ -66,29 +65,6 @@ class Volume:
         image.SetOrigin(self.origin_mm)
         image.SetDirection(tuple(self.direction.ravel()))
         return image
-
-
-# Unsigned types beyond uint8 cross to the device as they are and are widened there: torch has only
-# "limited support" for them (no top-k, and on CUDA not every comparison), and these hold every value exactly.
-WIDER = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.uint64: torch.float64}
-
-
-def voxel_tensor(array: Union[np.ndarray, torch.Tensor],
-                 device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """An array of voxels (any shape; numpy or torch, on any device) as a tensor on ``device`` (None: where it
-    is, the CPU for numpy) holding the same values: in its own dtype when torch has it, so an int16 volume
-    crosses to a GPU in half the bytes of float32, else (another byte order, an object array) as float32;
-    uint16 and wider unsigned types are widened on the device (WIDER). A C-ordered numpy array of another
-    type stays shared on the CPU, not copied."""
-    if not isinstance(array, torch.Tensor):
-        a = np.asarray(array)
-        if a.dtype.kind not in "biuf" or not a.dtype.isnative:
-            a = a.astype(np.float32)
-        if not (a.flags.c_contiguous and a.flags.writeable):  # torch refuses negative strides, warns on read-only
-            a = np.array(a, order="C")
-        array = torch.from_numpy(a)
-    t = array if device is None else array.to(device)
-    return t.to(WIDER.get(t.dtype, t.dtype))
 
 
 def check_geometry(volume: Volume, where: str) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .errors import CDMSegmentError
-from .image import voxel_tensor
+from .device import voxel_tensor
 from .percentile import percentiles
 
 DEFAULT_NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5}

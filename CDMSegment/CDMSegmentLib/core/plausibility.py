@@ -17,7 +17,6 @@ import numpy as np
 
 from .errors import CDMSegmentError
 from .image import Volume
-from .tissue import has_zero_background
 
 # Air is about -1000 HU; no MRI magnitude image has values this low.
 CT_AIR_HU = -500.0
@@ -55,6 +54,8 @@ def _ct_intensities(expects: dict, volume: Volume, name: str) -> Optional[Findin
 def _skull_stripped(expects: dict, volume: Volume, name: str) -> Optional[Finding]:
     if not expects.get("skull_stripped"):
         return None
+    from .tissue import has_zero_background  # here: tissue.py needs torch, and the panel reads `takes` without it
+
     if not has_zero_background(volume.array):
         return Finding(True, f"{name} is not skull-stripped: its background is not zero (only "
                              f"{100 * np.mean(volume.array == 0):.1f}% of the voxels are 0)")

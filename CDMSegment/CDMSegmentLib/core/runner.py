@@ -13,10 +13,10 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .device import PRECISIONS, autocast, check_finite, choose_device, cpu_has_bf16, is_out_of_memory
+from .device import PRECISIONS, autocast, check_finite, choose_device, cpu_has_bf16, is_out_of_memory, voxel_tensor
 from .engine import choose_engine, with_engine
 from .errors import Cancelled, CDMSegmentError
-from .image import Volume, check_geometry, check_same_grid, voxel_tensor
+from .image import Volume, check_geometry, check_same_grid
 from .intensity import normalise_volume
 from .crop import crop_window, tissue_boxes
 from .methods import CDM_METHODS, CDMParams, build_method, calibrated_threshold, draw_noise, network_evaluations_per_slice

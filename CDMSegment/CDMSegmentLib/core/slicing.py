@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CDMSegmentError
-from .image import voxel_tensor
+from .device import voxel_tensor
 
 AXIS_NAMES = {"axial": 0, "coronal": 1, "sagittal": 2}  # canonical array axes (S, P, L)
 

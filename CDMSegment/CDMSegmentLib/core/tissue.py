@@ -13,7 +13,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from .image import voxel_tensor
+from .device import voxel_tensor
 from .percentile import percentiles
 
 # A volume with at least this fraction of exact zeros uses zero as its background (skull-stripped data).
