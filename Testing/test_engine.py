@@ -140,8 +140,9 @@ def test_a_graph_that_never_agrees_leaves_the_run_on_torch_and_says_so_unless_it
     model, engine = with_engine(bundled, "onnxruntime", tmp_path, log=said.append)
     assert (model, engine) == (bundled, "torch")
     assert len(said) == 2 and said[0].endswith("exporting it again")
-    assert said[1] == "ONNX Runtime not used: its output did not reproduce the model's; this run uses torch"
-    with pytest.raises(CDMSegmentError, match="^its output did not reproduce the model's$"):
+    assert said[1] == "ONNX Runtime not used: its graph's output did not reproduce the model's; this run uses torch"
+    with pytest.raises(CDMSegmentError, match=r"^the onnxruntime engine cannot run: its graph's output did not "
+                                              r"reproduce the model's \(--engine torch runs without it\)$"):
         with_engine(bundled, "onnxruntime", tmp_path, log=said.append, required=True)
 
 
@@ -161,8 +162,9 @@ def test_an_unwritable_cache_leaves_the_run_on_torch_in_one_line_or_is_the_error
     blocker.write_text("a file where the cache folder should be")
     said = []
     assert with_engine(bundled, "onnxruntime", blocker, log=said.append) == (bundled, "torch")
-    assert len(said) == 1 and said[0].startswith(f"ONNX Runtime not used: cannot write the ONNX graph to {blocker}")
-    with pytest.raises(CDMSegmentError, match=r"cannot write the ONNX graph to .* use --engine torch"):
+    assert said == [f"ONNX Runtime not used: cannot write the ONNX graph to {blocker / 'onnx'} (Not a directory); set "
+                    "CDMSEGMENT_CACHE to a writable folder (default ~/.cache/CDMSegment/models); this run uses torch"]
+    with pytest.raises(CDMSegmentError, match=r"cannot write the ONNX graph to .*CDMSEGMENT_CACHE.* \(--engine torch"):
         with_engine(bundled, "onnxruntime", blocker, log=said.append, required=True)
 
 
@@ -179,6 +181,8 @@ def test_the_cli_names_the_engine_in_its_summary_and_refuses_an_unknown_one(tmp_
     done = subprocess.run(command + ["--engine", "onnxruntime"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert "s on cpu (onnxruntime) with model brain-flair-phantom" in done.stdout
+    on_torch = subprocess.run(command + ["--engine", "torch", "--overwrite"], capture_output=True, text=True, env=env)
+    assert on_torch.returncode == 0 and "s on cpu (torch) with model brain-flair-phantom" in on_torch.stdout
     refused = subprocess.run(command + ["--engine", "tensorrt"], capture_output=True, text=True, env=env)
     assert refused.returncode != 0
     assert "invalid choice: 'tensorrt'" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1

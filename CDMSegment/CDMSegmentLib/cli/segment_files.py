@@ -41,7 +41,7 @@ class SegmentSummary:
         files = ", ".join(str(p) for p in self.heatmap_paths + [self.segmentation_path])
         warned = "".join(f"; warning: {w}" for w in self.warnings)
         return (f"{self.slices_run} of {self.slices_total} slices run, {self.voxels_segmented} voxels segmented "
-                f"({self.volume_ml:.1f} ml), {self.seconds:.1f} s on {self.device}{'' if self.engine == 'torch' else ' (' + self.engine + ')'} with model {self.model} "
+                f"({self.volume_ml:.1f} ml), {self.seconds:.1f} s on {self.device} ({self.engine}) with model {self.model} "
                 f"(SHA256 {self.model_sha256}): {files}{warned}")
 
     def to_json(self) -> dict:

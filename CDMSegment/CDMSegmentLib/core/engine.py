@@ -108,8 +108,8 @@ def onnx_file(model: "LoadedModel", cache_dir: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     except OSError as e:
-        raise CDMSegmentError(f"cannot write the ONNX graph to {target.parent} ({e.strerror or e}); make it "
-                              "writable or use --engine torch") from None
+        raise CDMSegmentError(f"cannot write the ONNX graph to {target.parent} ({e.strerror or e}); set "
+                              "CDMSEGMENT_CACHE to a writable folder (default ~/.cache/CDMSegment/models)") from None
     os.close(fd)
     try:
         _export(model, Path(tmp))
@@ -167,7 +167,7 @@ def with_engine(model: "LoadedModel", engine: str, cache_dir: Optional[Path] = N
         onnx_model = _on_onnxruntime(model, cache_dir, log)
     except CDMSegmentError as e:
         if required:
-            raise
+            raise CDMSegmentError(f"the onnxruntime engine cannot run: {e} (--engine torch runs without it)") from None
         log(f"ONNX Runtime not used: {e}; this run uses torch")
         return model, "torch"
     return (model, "torch") if onnx_model is None else (onnx_model, "onnxruntime")
@@ -197,7 +197,7 @@ def _on_onnxruntime(model: "LoadedModel", cache_dir: Optional[Path], log) -> Opt
         path.unlink(missing_ok=True)
         if attempt == 0:
             log(f"the cached ONNX graph {path} did not reproduce the model's output; exporting it again")
-    raise CDMSegmentError("its output did not reproduce the model's")
+    raise CDMSegmentError("its graph's output did not reproduce the model's")
 
 
 def _onnx_network(model: "LoadedModel", path: Path) -> Optional[OnnxNetwork]:
