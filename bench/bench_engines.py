@@ -4,8 +4,7 @@ One network evaluation as the runner makes it (4 slices, both CDM branches: 8 in
 the bundled model's noise level), fp32, on this CPU. Every engine runs the bundled model's own
 weights: the TorchScript file as shipped; the same weights loaded into ``core/unet.py``'s module
 for eager torch and torch.compile (inductor, which compiles C++ at run time and so needs a
-compiler); that module exported to ONNX (TorchScript-based exporter, opset 17) for ONNX Runtime
-and OpenVINO. The engines are timed in alternation, round after round, in one process (a busy
+compiler); the graph ``core/engine.py`` exports from that module for ONNX Runtime and OpenVINO. The engines are timed in alternation, round after round, in one process (a busy
 machine loads them alike), and the medians compared with TorchScript's. Agreement is judged on
 what the CDM uses: the difference eps(x_t, f(y1)) - eps(x_t, f(y0)) of the two branches, as its
 largest deviation from TorchScript's relative to TorchScript's largest difference.
@@ -31,22 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 
+from CDMSegmentLib.core.engine import eager_network, onnx_file  # noqa: E402
 from CDMSegmentLib.core.modelfile import load_model  # noqa: E402
-from CDMSegmentLib.core.unet import ConditionalUNet, UNetConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import cpu_name, matmul_gflops  # noqa: E402
 
 ENGINES = ("torchscript", "eager", "eager-channels-last", "torch.compile", "onnxruntime", "openvino")
 GFLOP_PER_EVALUATION = 5.70  # bench_speed.py's FlopCounterMode count for the bundled network at 128 px
-
-
-def eager_network(model) -> torch.nn.Module:
-    """The bundled weights in core/unet.py's module (bit-identical outputs to the TorchScript file)."""
-    arch = {k: v for k, v in model.metadata["architecture"].items() if k != "type"}
-    net = ConditionalUNet(UNetConfig.from_dict(arch)).eval()
-    net.load_state_dict(model.network.state_dict())
-    return net
 
 
 def build(engine: str, model, inputs, folder: Path):
@@ -66,17 +57,13 @@ def build(engine: str, model, inputs, folder: Path):
         with torch.no_grad():
             run(*inputs)  # compiles here, so the build time includes it
     else:
-        onnx_file = folder / "unet.onnx"
-        if not onnx_file.exists():
-            torch.onnx.export(eager_network(model), inputs, str(onnx_file), dynamo=False, opset_version=17,
-                              input_names=["x", "t", "emb"], output_names=["eps"],
-                              dynamic_axes={"x": {0: "b"}, "t": {0: "b"}, "emb": {0: "b"}})
+        graph = onnx_file(model, folder)  # the graph the runner's engine exports and caches
         if engine == "onnxruntime":
             import onnxruntime
 
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
-            session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
             def run(x, t, e):
                 out = session.run(None, {"x": x.numpy(), "t": t.numpy(), "emb": e.numpy()})[0]
@@ -84,7 +71,7 @@ def build(engine: str, model, inputs, folder: Path):
         else:
             import openvino
 
-            compiled = openvino.Core().compile_model(str(onnx_file), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+            compiled = openvino.Core().compile_model(str(graph), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                                              "INFERENCE_NUM_THREADS": torch.get_num_threads()})
 
             def run(x, t, e):

@@ -126,17 +126,24 @@ def onnx_file(model: "LoadedModel", cache_dir: Path) -> Path:
     return target
 
 
-def _export(model: "LoadedModel", path: Path) -> None:
-    import torch
-
+def eager_network(model: "LoadedModel"):
+    """The model's weights in ``core/unet.py``'s module (outputs bit-identical to its TorchScript file), for
+    export. Raises CDMSegmentError when its metadata names no ConditionalUNet architecture."""
     from .unet import ConditionalUNet, UNetConfig
 
     arch = dict(model.metadata.get("architecture", {}))
     if arch.pop("type", None) != "ConditionalUNet":
         raise CDMSegmentError(f"model {model.metadata['name']} has no ConditionalUNet architecture in its metadata, "
-                              "so it cannot run on ONNX Runtime; use --engine torch")
+                              "so it cannot run on ONNX Runtime")
     network = ConditionalUNet(UNetConfig.from_dict(arch)).eval()
     network.load_state_dict(model.network.state_dict())
+    return network
+
+
+def _export(model: "LoadedModel", path: Path) -> None:
+    import torch
+
+    network = eager_network(model)
     size, channels = model.image_size, int(model.metadata["in_channels"])
     x = torch.zeros(2, channels, size, size)
     t = torch.zeros(2, dtype=torch.int64)
