@@ -60,6 +60,16 @@ def test_onnxruntime_on_a_gpu_or_in_reduced_precision_is_refused(device, precisi
         choose_engine("onnxruntime", device, precision)
 
 
+@pytest.mark.parametrize("options, message", [({"engine": "onnxruntime", "precision": "fp16"}, "CPU in fp32 only"),
+                                              ({"batch_size": 0}, "batch size must be at least 1")])
+def test_conflicting_choices_are_refused_before_the_image_is_scored(bundled, options, message):
+    """A noise volume the plausibility checks would refuse: the choices' own error comes first."""
+    noise = np.random.default_rng(0).integers(1, 1000, (4, 64, 64)).astype(np.int16)
+    with pytest.raises(CDMSegmentError, match=message):
+        segment_volume(bundled, [Volume(noise, spacing_mm=(1.0, 1.0, 1.0))], device="cpu", log=lambda m: None,
+                       **options)
+
+
 def test_an_unknown_engine_is_refused_with_the_choices():
     with pytest.raises(CDMSegmentError, match="unknown engine 'tensorrt'; use auto, torch, onnxruntime"):
         choose_engine("tensorrt", CPU)

@@ -105,9 +105,10 @@ def ood_finding(result) -> Optional[Finding]:
     if result is None or not result.flagged:
         return None
     clear = result.score > OOD_REFUSAL_FACTOR * result.threshold
+    # two decimals: at one, a score just past the refusal level read as equal to it ("5.3 ... refuses above 5.3")
     return Finding(clear, f"the image is unlike what the model learned: its out-of-distribution score is "
-                          f"{result.score:.1f} (the model warns above {result.threshold:.1f} and refuses above "
-                          f"{OOD_REFUSAL_FACTOR * result.threshold:.1f})")
+                          f"{result.score:.2f} (the model warns above {result.threshold:.2f} and refuses above "
+                          f"{OOD_REFUSAL_FACTOR * result.threshold:.2f})")
 
 
 # Each check: (the model's expects, one input volume, its modality name) -> a Finding or None.

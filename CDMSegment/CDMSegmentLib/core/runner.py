@@ -114,17 +114,18 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     start = time.perf_counter()
     check_inputs(model, volumes)
     dev = choose_device(device, log)
+    # the choices that conflict with each other are refused before the image is read or scored
+    if precision not in PRECISIONS:
+        raise CDMSegmentError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    requested, engine = engine, choose_engine(engine, dev, precision) if method in CDM_METHODS else "torch"
+    if batch_size is not None and batch_size < 1:
+        raise CDMSegmentError(f"batch size must be at least 1, got {batch_size}")
     raw = [voxel_tensor(v.array, dev) for v in volumes]
     arrays = _normalised(model, raw)  # the OOD check's input too
     warnings = check_plausible(model.metadata, volumes, model.modalities, force,
                                lambda: [ood_finding(ood_score(model, volumes, device=dev, normalised=arrays))])
     for warning in warnings:
         log(f"warning: {warning}")
-    if precision not in PRECISIONS:
-        raise CDMSegmentError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    requested, engine = engine, choose_engine(engine, dev, precision) if method in CDM_METHODS else "torch"
-    if batch_size is not None and batch_size < 1:
-        raise CDMSegmentError(f"batch size must be at least 1, got {batch_size}")
     params = params or CDMParams.for_model(model, classifier=classifier)
     defaults = model.defaults
     calibrated = calibrated_threshold(method, model, classifier)
