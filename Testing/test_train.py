@@ -1,6 +1,7 @@
 """Diffusion training: exact resume, refused configurations, learning-rate schedule, balanced batches, DDP on CPU."""
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -39,7 +40,7 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one_to_the_bit(t
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 3
     messages = []
     resumed = train_diffusion(images, labels, cfg(), tmp_path / "cut", progress=False, log=messages.append)
-    assert messages == ["resuming at step 3"]
+    assert messages[0] == "resuming at step 3" and messages[1].startswith("step 4/4, 16 samples, ")
     a, b = torch.load(full, weights_only=False), torch.load(resumed, weights_only=False)
     assert a["step"] == b["step"] == 4
     for key in ("model", "ema"):
@@ -164,4 +165,50 @@ def test_two_cpu_processes_train_in_step_and_rank_0_writes_the_checkpoint(tmp_pa
     net = ConditionalUNet(UNET)
     net.load_state_dict(state["model"])
     assert digest(net.named_parameters()) == hash0
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "progress.jsonl", "snapshots"]
+
+
+def test_the_noise_band_is_where_training_draws_its_timesteps(tmp_path, monkeypatch):
+    from CDMSegmentLib.training import train as train_module
+
+    drawn = []
+    real = train_module.diffusion_loss
+    monkeypatch.setattr(train_module, "diffusion_loss", lambda m, n, x_t, t, y, eps: (drawn.append(t), real(m, n, x_t, t, y, eps))[1])
+    images, labels = data()
+    train_diffusion(images, labels, cfg(steps=20, batch_size=8, t_range=(300, 310)), tmp_path, progress=False,
+                    log=lambda m: None)
+    t = torch.cat(drawn)
+    assert len(t) == 160 and int(t.min()) == 300 and int(t.max()) == 310
+
+
+@pytest.mark.parametrize("band", [(-1, 10), (10, 5), (0, 1000), (3,)])
+def test_a_noise_band_outside_the_schedule_is_refused(band):
+    with pytest.raises(CDMSegmentError, match="noise band must be LO,HI with 0 <= LO <= HI <= 999"):
+        cfg(t_range=band)
+
+
+def test_every_checkpoint_logs_its_progress_and_keeps_the_ema_weights(tmp_path):
+    images, labels = data()
+    lines = []
+    seen = []
+    train_diffusion(images, labels, cfg(), tmp_path, progress=False, log=lines.append,
+                    on_checkpoint=lambda step, net, loss: seen.append((step, loss)) or f"measured at {step}")
+    assert [s for s, _ in seen] == [2, 4] and all(loss > 0 for _, loss in seen)
+    assert lines[0].startswith("step 2/4, 8 samples, 0.00 h, loss ") and lines[0].endswith(", measured at 2")
+    records = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4] and records[1]["samples"] == 16
+    assert records[1]["held_out"] == "measured at 4" and records[1]["loss"] == pytest.approx(seen[1][1], abs=1e-5)
+    ema = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["ema"]
+    snapshot = torch.load(tmp_path / "snapshots" / "step-4.pt", weights_only=False)
+    assert all(torch.equal(ema[k], snapshot[k]) for k in ema)
+
+
+def test_auto_precision_is_fp32_on_a_cpu_without_bf16_units(monkeypatch):
+    from CDMSegmentLib.training import train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    with train_module._autocast(torch.device("cpu"), "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
+    with train_module._autocast(torch.device("cpu"), "auto"):
+        assert torch.is_autocast_enabled("cpu")

@@ -167,6 +167,13 @@ def add_train_parser(sub) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=TRAINING_PRECISION)
     p.add_argument("--checkpoint-every", type=int, default=1000,
                    help="steps between checkpoints in the run folder (default: %(default)s)")
+    p.add_argument("--t-range", type=comma_list(int), default=None, metavar="LO,HI",
+                   help="train on timesteps LO..HI only (inclusive; default: all of 0..T-1); recorded in the model, "
+                        "whose noise levels must then lie inside it. Reach levels where a lesion is no longer visible "
+                        "in x_t (on T = 1000 linear: HI of 500 or more), or the network learns to ignore the label")
+    p.add_argument("--val", type=Path, default=None, metavar="SLICES.npz",
+                   help="held-out slices with masks (cdmsegment slices --with-masks): at every checkpoint the log "
+                        "gives the CDM's voxel AUROC and the class difference inside and outside lesions on them")
     p.set_defaults(func=run_train)
 
 
@@ -184,12 +191,30 @@ def run_train(args) -> None:
                       schedule=args.schedule, num_timesteps=args.timesteps, precision=args.precision,
                       checkpoint_every=args.checkpoint_every, image_size=int(meta.get("image_size", args.image_size)),
                       modalities=meta.get("modalities", args.modalities), class_names=args.class_names,
-                      unet=unet)
+                      t_range=args.t_range, unet=unet)
+    monitor = held_out_monitor(args.val, cfg) if args.val is not None else None
     start = time.perf_counter()
-    ckpt = train_diffusion(dataset.data, dataset.labels, cfg, args.run_dir)
+    ckpt = train_diffusion(dataset.data, dataset.labels, cfg, args.run_dir, on_checkpoint=monitor)
     write_run_info(args.run_dir, {"data": str(args.data), "slices": len(dataset), "cases": len(set(dataset.case_ids)),
                                   "seconds_this_run": round(time.perf_counter() - start, 1)})
     print(f"checkpoint: {ckpt}")
+
+
+def held_out_monitor(path: Path, cfg):
+    """The checkpoint monitor on a held-out slice set: two noise levels inside the training band, at a quarter
+    and at three quarters of its alpha_bar range."""
+    from ..core.schedule import NoiseSchedule
+    from ..data.slicesets import load_slices
+    from ..training.monitor import HeldOutMonitor, monitor_slices
+
+    data = load_slices(path)
+    if data.data.shape[-1] != cfg.image_size:
+        raise CDMSegmentError(f"{path} holds {data.data.shape[-1]} px slices but the training slices are "
+                              f"{cfg.image_size} px; make both with the same --image-size")
+    schedule = NoiseSchedule(cfg.schedule, cfg.num_timesteps)
+    lo, hi = (float(schedule.alpha_bar(t)) for t in cfg.t_band)
+    levels = [round(hi + f * (lo - hi), 2) for f in (0.75, 0.25)]
+    return HeldOutMonitor(monitor_slices(data), schedule, levels)
 
 
 def add_export_parser(sub) -> None:
@@ -260,14 +285,26 @@ def run_calibrate(args) -> None:
     given = {k: getattr(args, k) for k in CALIBRATION_GRID}
     if classifier is None:
         grid = {k: v if v is not None else CALIBRATION_GRID[k] for k, v in given.items()}
+        if given["noise_level"] is None:  # the default grid keeps to the model's noise band; a level asked is checked
+            grid["noise_level"] = [a for a in grid["noise_level"] if in_noise_band(model, a, max(grid["steps"]))]
     else:
         grid = {k: v if v is not None else [model.defaults.get(k, CALIBRATION_GRID[k][0])] for k, v in given.items()}
         grid["guidance_scale"] = list(args.guidance_scale)
+    for alpha_bar in grid["noise_level"]:
+        model.check_noise_level(alpha_bar, max(grid["steps"]))
     rows = sweep(model, data.as_float(), data.masks, data.case_ids, grid, choose_device(args.device),
                  classifier=classifier, precision=args.precision)
     args.output.write_text(json.dumps(defaults_from(rows[0]), indent=1))
     args.output.with_suffix(".sweep.json").write_text(json.dumps(rows, indent=1))
     print(f"best: {json.dumps(rows[0])}\n-> {args.output}")
+
+
+def in_noise_band(model, alpha_bar: float, steps: int) -> bool:
+    try:
+        model.check_noise_level(alpha_bar, steps)
+    except CDMSegmentError:
+        return False
+    return True
 
 
 def add_set_defaults_parser(sub) -> None:

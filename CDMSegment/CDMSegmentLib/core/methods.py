@@ -147,7 +147,7 @@ def build_method(method: str, model: Optional[LoadedModel], params: CDMParams, *
 
         return build_cgdiff_method(model, classifier, _cgdiff_params(cgdiff), normal_class)
     schedule = model.schedule()
-    t_start = schedule.timestep_for_alpha_bar(params.noise_level)
+    t_start = model.check_noise_level(params.noise_level, params.steps)
     guide = classifier.network if method == "cg-cdm" else None
     sign = float(model.metadata.get("heatmap_sign", 1.0))
 

@@ -13,7 +13,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -70,6 +70,26 @@ class LoadedModel:
 
     def schedule(self) -> NoiseSchedule:
         return NoiseSchedule(self.metadata["schedule"], int(self.metadata["num_timesteps"]))
+
+    def noise_band(self) -> Tuple[int, int]:
+        """(lo, hi), inclusive: the timesteps the network was trained on (``metadata["t_range"]``, written by
+        ``cdmsegment train --t-range``); a model without one was trained on all of 0..T-1."""
+        band = self.metadata.get("t_range")
+        return (int(band[0]), int(band[1])) if band else (0, int(self.metadata["num_timesteps"]) - 1)
+
+    def check_noise_level(self, alpha_bar: float, steps: int = 1, what: str = "noise level") -> int:
+        """The timestep t of ``alpha_bar``, after checking that t and the ``steps`` - 1 below it (where the
+        network is evaluated) lie in the training band. Raises CDMSegmentError naming the valid alpha_bar range."""
+        schedule = self.schedule()
+        t = schedule.timestep_for_alpha_bar(alpha_bar)
+        lo, hi = self.noise_band()
+        if t > hi or t - steps + 1 < lo:
+            lowest, highest = (float(schedule.alpha_bar(b)) for b in (hi, lo + steps - 1))
+            raise CDMSegmentError(
+                f"{what} alpha_bar {alpha_bar:g}{f' with {steps} steps' if steps > 1 else ''} lies outside the noise "
+                f"band this model was trained on (timesteps {lo}..{hi}): choose alpha_bar between {lowest:.3f} "
+                f"and {highest:.3f}")
+        return t
 
 
 def sha256_of(path: Union[str, Path]) -> str:

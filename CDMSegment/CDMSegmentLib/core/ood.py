@@ -86,7 +86,8 @@ def denoising_errors(model: LoadedModel, volumes: Sequence[Volume], *, noise_lev
     errors = []
     with torch.no_grad():
         for alpha_bar in noise_levels:
-            t = torch.full((x_0.shape[0],), schedule.timestep_for_alpha_bar(alpha_bar), dtype=torch.long, device=device)
+            t = torch.full((x_0.shape[0],), model.check_noise_level(alpha_bar, what="the OOD score's noise level"),
+                           dtype=torch.long, device=device)
             eps = torch.randn(x_0.shape, generator=generator).to(device)
             x_t = schedule.q_sample(x_0, t, eps)
             emb = network.class_embedding(torch.zeros_like(t))

@@ -20,7 +20,8 @@ def diffusion_metadata(train_cfg, *, name: str, version: str, training: dict, im
     return {
         "format_version": FORMAT_VERSION, "kind": "diffusion", "name": name, "version": version,
         "image_size": int(image_size or train_cfg.image_size), "in_channels": train_cfg.unet.in_channels,
-        "modalities": list(modalities or train_cfg.modalities), "class_names": list(class_names or train_cfg.class_names), "schedule": train_cfg.schedule, "num_timesteps": train_cfg.num_timesteps,
+        "modalities": list(modalities or train_cfg.modalities), "class_names": list(class_names or train_cfg.class_names),
+        "schedule": train_cfg.schedule, "num_timesteps": train_cfg.num_timesteps, "t_range": list(train_cfg.t_band),
         "defaults": dict(defaults if defaults is not None else PAPER_DEFAULTS),
         "normalisation": dict(DEFAULT_NORMALISATION), "training": dict(training),
         "architecture": {"type": "ConditionalUNet", **train_cfg.unet.to_dict()},
