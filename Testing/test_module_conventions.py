@@ -4,10 +4,13 @@ returns (never SkipTest) where torch is missing, and what only Slicer's GUI runs
 
 import ast
 import inspect
+import io
 import subprocess
 import sys
+import unittest
 from pathlib import Path
 
+import slicer
 import slicer.util
 from slicer.util import VTKObservationMixin
 
@@ -86,12 +89,52 @@ def test_opening_the_panel_imports_no_torch():
     assert not setup_calls & {"ensureDependencies", "useModel", "onModelChanged"}
 
 
-def test_the_self_test_returns_with_a_message_where_torch_is_missing():
+# What Slicer's CTest runs for slicer_add_python_unittest: slicer.testing.runUnitTest (Slicer 5.6.2 and main) loads
+# the module's tests by name and runs them; runTest is never called, so every test_* method must guard itself.
+RUN_UNIT_TEST = """
+import sys, unittest
+suite = unittest.TestLoader().loadTestsFromName("CDMSegment")
+result = unittest.TextTestRunner(verbosity=2).run(suite)
+print(result.testsRun, len(result.failures), len(result.errors), result.wasSuccessful())
+"""
+
+
+def test_slicers_ctest_passes_with_a_message_where_torch_is_missing():
+    done = _run(RUN_UNIT_TEST, block_torch=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "0", "0", "True"], done.stderr
+    assert "test_sampleEndToEnd" in done.stderr
+    assert "CDMSegment self-test: PyTorch is not installed" in done.stderr and "nothing was tested" in done.stderr
+    assert "skipTest" not in SOURCE and "SkipTest" not in SOURCE.replace("never SkipTest", "")
+
+
+def test_reload_and_test_returns_with_a_message_where_torch_is_missing():
     done = _run("import CDMSegment\nprint(repr(CDMSegment.CDMSegmentTest().runTest()))", block_torch=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "None"
-    assert "CDMSegment self-test: PyTorch is not installed" in done.stderr and "nothing was tested" in done.stderr
-    assert "skipTest" not in SOURCE and "SkipTest" not in SOURCE.replace("never SkipTest", "")
+    assert "CDMSegment self-test: PyTorch is not installed" in done.stderr
+
+
+def _sample_test_with_dice(score, monkeypatch):
+    """CDMSegmentTest.test_sampleEndToEnd as the CTest runs it, where torch and the sample are present, with
+    the sample's Dice (which needs Slicer's SampleData and the application's scene) given."""
+    monkeypatch.setattr(CDMSegment, "selfTestMissing", lambda: "")
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+
+    class GivenDice(CDMSegment.CDMSegmentTest):
+        def sampleDice(self):
+            return score
+
+    return unittest.TextTestRunner(stream=io.StringIO()).run(
+        unittest.TestLoader().loadTestsFromTestCase(GivenDice))
+
+
+def test_the_self_test_fails_below_the_dice_floor_and_passes_at_it(monkeypatch):
+    below = _sample_test_with_dice(CDMSegment.SAMPLE_DICE_FLOOR - 0.01, monkeypatch)
+    assert below.testsRun == 1 and len(below.failures) == 1
+    assert f"the sample's Dice {CDMSegment.SAMPLE_DICE_FLOOR - 0.01:.3f} is below its floor" in below.failures[0][1]
+    at_floor = _sample_test_with_dice(CDMSegment.SAMPLE_DICE_FLOOR, monkeypatch)
+    assert at_floor.testsRun == 1 and at_floor.wasSuccessful()
 
 
 def test_the_category_is_translated_as_slicers_own_modules():
