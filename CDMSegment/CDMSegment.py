@@ -227,21 +227,35 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
     def inputList(inputVolumeNodes):
         return list(inputVolumeNodes) if isinstance(inputVolumeNodes, (list, tuple)) else [inputVolumeNodes]
 
-    def addResults(self, run, inputVolumeNodes, name=None):
+    def addResults(self, run, inputVolumeNodes, name=None, outputSegmentation=None, replaceEdited=False):
         """A finished run's heatmap volume(s) and segmentation, read into the scene beside the first input
-        through Slicer's readers; returns them (heatmaps first). The run's files are removed afterwards."""
+        through Slicer's readers; returns them (heatmaps first). outputSegmentation: an existing segmentation to
+        write the segments into (same-named segments replaced), else a new one; a segment the user edited is
+        replaced only with replaceEdited, otherwise the result stays a new segmentation. The run's files are
+        removed afterwards."""
         from CDMSegmentLib.slicer_adapters.run_on_nodes import add_results
         try:
-            return add_results(run, self.inputList(inputVolumeNodes), name)
+            return add_results(run, self.inputList(inputVolumeNodes), name, outputSegmentation, replaceEdited)
         finally:
             run.close()
 
+    @staticmethod
+    def editedSegments(outputSegmentation, inputVolumeNode, classNames, hardenTransform=False):
+        """The names of the segments a run for ``classNames`` would replace in ``outputSegmentation`` that hold
+        an edit (or are not CDMSegment's): what the panel asks about before it runs."""
+        from CDMSegmentLib.core.terminology import segment_style
+
+        shape = slicer.util.arrayFromVolume(inputVolumeNode).shape
+        return mrml.edited_segments(outputSegmentation, [segment_style(c).name for c in classNames],
+                                    mrml.world_ijk_to_ras(inputVolumeNode, hardenTransform), shape)
+
     def process(self, inputVolumeNodes, model=None, targetClass=None, method="cdm", device="auto", settings=None,
                 axis="auto", batchSize=0, classifier=None, hardenTransform=False, force=False, progress=None,
-                cancel=None):
+                cancel=None, outputSegmentation=None, replaceEdited=False):
         """Segment and add result nodes to the inputs' scene: [heatmap volume(s)..., segmentation]. Waits for the
         child process; progress(slices done, slices in total); cancel: threading.Event or callable. Arguments as
-        ``startRun``. A cancelled or failed run leaves the scene as it was and removes its files."""
+        ``startRun`` and ``addResults``. A cancelled or failed run leaves the scene as it was and removes its
+        files."""
         from CDMSegmentLib.slicer_adapters.panel_choices import result_text
 
         run = self.startRun(inputVolumeNodes, model, targetClass, method, device, settings, axis, batchSize,
@@ -252,7 +266,7 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
             run.close()
             raise
         logging.info(f"CDMSegment: {result_text(summary)}")
-        return self.addResults(run, inputVolumeNodes)
+        return self.addResults(run, inputVolumeNodes, None, outputSegmentation, replaceEdited)
 
     @staticmethod
     def remakeSegment(heatmapNode, segmentationNode, threshold):
