@@ -290,3 +290,20 @@ def test_the_runs_threshold_gives_back_the_runs_segment_speck_removal_included(s
     assert (heatmap > summary["thresholds"][0]).sum() > made.sum() > 0  # specks were removed
     assert logic.remakeSegment(heatmap_node, segmentation_node, summary["thresholds"][0]) is segmentation_node
     np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, mrml.ijk_to_ras(node), shape), made)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the child's environment from /proc")
+def test_the_child_uses_the_logics_model_cache(scene, tiny_model, run_folders, tmp_path):
+    """One model cache: a logic given a cache folder hands it to the child (where the ONNX graphs go); without
+    one, the child inherits the per-user default (CDMSEGMENT_CACHE or ~/.cache/CDMSegment/models)."""
+    node = add_volume(scene, phantom(LONG), GEOMETRIES["axial"])
+    for logic, expected in [(CDMSegmentLogic(cacheDir=tmp_path / "cache"), str(tmp_path / "cache")),
+                            (CDMSegmentLogic(), os.environ.get("CDMSEGMENT_CACHE"))]:
+        run = running(logic, node, tiny_model)
+        try:
+            environment = dict(entry.split("=", 1) for entry in Path(f"/proc/{run.process.pid}/environ").read_text()
+                               .split("\0") if "=" in entry)
+        finally:
+            run.close()
+        assert environment.get("CDMSEGMENT_CACHE") == expected
+    assert list(run_folders.iterdir()) == []

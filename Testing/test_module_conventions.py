@@ -5,6 +5,7 @@ returns (never SkipTest) where torch is missing, and what only Slicer's GUI runs
 import ast
 import inspect
 import io
+import re
 import subprocess
 import sys
 import unittest
@@ -86,7 +87,7 @@ def test_opening_the_panel_imports_no_torch():
     setup_calls = set(_self_calls(_method("CDMSegmentWidget", "setup")))
     setup_calls |= {c for name in ("initializeParameterNode", "populateModels", "enter") for c in
                     _self_calls(_method("CDMSegmentWidget", name))}
-    assert not setup_calls & {"ensureDependencies", "useModel", "onModelChanged"}
+    assert not setup_calls & {"ensureDependencies", "useModel", "onModelChanged", "loadChosenModel"}
 
 
 # What Slicer's CTest runs for slicer_add_python_unittest: slicer.testing.runUnitTest (Slicer 5.6.2 and main) loads
@@ -174,5 +175,86 @@ def test_onnx_runtime_is_installed_only_after_consent_and_a_failure_leaves_the_l
         "slicer.util.tryWithErrorDisplay(")
     assert ast.unparse(guarded.body[0]) == "slicer.util.pip_install(onnx_install_requirements())"
     assert {"self.showCpuEngine()", "importlib.invalidate_caches()"} <= {ast.unparse(s) for s in attempt.finalbody}
-    assert "showCpuEngine" in _self_calls(_method("CDMSegmentWidget", "setup"))
+    assert "showCpuEngine" in _self_calls(_method("CDMSegmentWidget", "updateControls"))
+    assert "updateControls" in _self_calls(_method("CDMSegmentWidget", "setParameterNode"))
+    # One error dialog: Slicer 5.12 and later show pip's own on a failure, so tryWithErrorDisplay stays quiet there.
+    assert [ast.unparse(k) for k in guarded.items[0].context_expr.keywords][0] == "show=not slicerShowsPipErrors()"
     assert SOURCE.count("pip_install(") == 1
+
+
+def _user_text_calls():
+    """(call, its first argument) for every call that shows text to the user in CDMSegment.py: dialogs, the error
+    wrapper, and assignments to a widget's text or toolTip."""
+    shown = {"errorDisplay", "confirmOkCancelDisplay", "tryWithErrorDisplay", "getOpenFileName"}
+    found = []
+    for node in ast.walk(ast.parse(SOURCE)):
+        if isinstance(node, ast.Call) and _called(node) in shown and node.args:
+            argument = node.args[2] if _called(node) == "getOpenFileName" else node.args[0]
+            found.append((ast.unparse(node.func), argument))
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr in ("text", "toolTip")
+                                                for t in node.targets):
+            found.append((ast.unparse(node.targets[0]), node.value))
+    return found
+
+
+def _called(call):
+    return call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+
+
+def _literal_text(node) -> bool:
+    """Whether an expression holds English text not passed through _(): a string literal or f-string (outside
+    a call), also as part of a sum or a conditional."""
+    if isinstance(node, ast.Call):
+        return False
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str) and any(c.isalpha() for c in node.value)
+    if isinstance(node, ast.JoinedStr):
+        return any(_literal_text(v) for v in node.values if isinstance(v, ast.Constant))
+    return any(_literal_text(child) for child in ast.iter_child_nodes(node))
+
+
+def test_the_texts_the_panel_shows_are_translatable():
+    """Slicer's lupdate collects _() (slicer.i18n.tr, in Slicer 5.6 and later) and translate(); a bare string in
+    a dialog, an error or a label would stay English in every language."""
+    calls = _user_text_calls()
+    assert len(calls) > 20, "the scan found too little: the source or the scan changed"
+    bare = [f"{where}: {ast.unparse(text)}" for where, text in calls if _literal_text(text)]
+    allowed = {'self.ui.firstInputLabel.text: f\'{modalities[0]}:\''}  # a model's own modality name
+    assert set(bare) <= allowed, sorted(set(bare) - allowed)
+    planted = ast.parse('slicer.util.errorDisplay("Could not do it")').body[0].value
+    assert _literal_text(planted.args[0])  # the scan sees a bare one
+
+
+def test_help_links_to_the_documentation_and_contributors_name_who_answers():
+    init = ast.unparse(_method("CDMSegment", "__init__"))
+    homepage = re.search(r'EXTENSION_HOMEPAGE "([^"]+)"', (ROOT / "CMakeLists.txt").read_text()).group(1)
+    assert CDMSegment.DOCUMENTATION_URL == homepage and "<a href=" in init and "DOCUMENTATION_URL" in init
+    assert "CDMSegment developers" not in SOURCE
+
+
+def test_the_panel_uses_the_per_user_model_cache_as_the_console_and_the_child():
+    """One cache per user: the panel's logic takes no cache folder of its own (the console's CDMSegmentLogic()
+    and the command line use core.registry.default_cache_dir), and a logic given one hands it to its runs'
+    child process (test_child_process.py checks the child's environment)."""
+    setup = _method("CDMSegmentWidget", "setup")
+    made = [n for n in ast.walk(setup) if isinstance(n, ast.Call) and _called(n) == "CDMSegmentLogic"]
+    assert len(made) == 1 and not made[0].args and not made[0].keywords
+
+
+def test_a_model_chosen_before_pytorch_is_kept_and_is_the_one_apply_runs():
+    """What only Slicer's GUI runs, read from the source: choosing a model (a file among them) without PyTorch
+    describes it and returns before anything imports torch; Apply installs PyTorch, then loads the model shown
+    when the loaded one is another (never refilling the list, which put the bundled model back)."""
+    changed = _method("CDMSegmentWidget", "onModelChanged")
+    guard = next(s for s in changed.body if isinstance(s, ast.If) and ast.unparse(s.test) == "not torchInstalled()")
+    assert isinstance(guard.body[-1], ast.Return)
+    assert changed.body.index(guard) < len(changed.body) - 1 and ast.unparse(changed.body[-1]) == "self.loadChosenModel()"
+    assert "describeChosenModel" in _self_calls(changed)
+    apply = _method("CDMSegmentWidget", "onApplyButton")
+    calls = _self_calls(apply)
+    assert calls.index("ensureDependencies") < calls.index("loadChosenModel") and "populateModels" not in calls
+    assert "self.modelSource != self.chosenSource()" in ast.unparse(apply)
+    load = ast.unparse(_method("CDMSegmentWidget", "loadChosenModel"))
+    assert "source = self.chosenSource()" in load and "self.useModel(self.logic.loadModel(source), source)" in load
+    assert "self.model, self.modelSource, self.classifier = (model, source, None)" in ast.unparse(
+        _method("CDMSegmentWidget", "useModel"))

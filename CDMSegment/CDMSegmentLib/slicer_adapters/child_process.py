@@ -78,11 +78,13 @@ class ChildRun:
     """``cdmsegment segment --progress-lines`` on copies of the input volumes, in a child process.
 
     volumes: the prepared inputs (one per modality, geometry in LPS); arguments: the command line's
-    options after the inputs (model, method, settings...). Progress is read by ``poll()``;
+    options after the inputs (model, method, settings...); cache_dir: the model cache the child uses (default:
+    the per-user one, ``core.registry.default_cache_dir``). Progress is read by ``poll()``;
     ``summary`` holds the run's result, ``error`` its one-line failure. Call ``close()`` when done.
     """
 
-    def __init__(self, volumes: Sequence[Volume], arguments: List[str], python: Optional[str] = None):
+    def __init__(self, volumes: Sequence[Volume], arguments: List[str], python: Optional[str] = None,
+                 cache_dir: Optional[Path] = None):
         remove_orphaned_run_folders(Path(tempfile.gettempdir()))
         self.folder = Path(tempfile.mkdtemp(prefix=f"{RUN_FOLDER_PREFIX}{os.getpid()}-"))
         self.ijk_to_lps = volumes[0].ijk_to_lps()  # the grid of the run's outputs
@@ -104,10 +106,12 @@ class ChildRun:
             command = library_first(python or python_executable(), GUARD_ENTRY, [
                 os.getpid(), self.folder, "--", SEGMENT_ENTRY, "segment", *inputs, "-o", self.folder / "output",
                 "--progress-lines", *arguments], LIBRARY_PARENT)
+            # The caller's model cache is the child's too (core.registry.default_cache_dir reads it).
+            env = dict(os.environ, CDMSEGMENT_CACHE=str(cache_dir)) if cache_dir is not None else None
             self._stdout_path, self._stderr_path = self.folder / "stdout.jsonl", self.folder / "stderr.txt"
             with open(self._stdout_path, "wb") as stdout, open(self._stderr_path, "wb") as stderr:
                 self.process = subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-                                                cwd=self.folder, **_popen_options())
+                                                cwd=self.folder, env=env, **_popen_options())
             self._reader = open(self._stdout_path, "rb")
         except BaseException:
             self.close()

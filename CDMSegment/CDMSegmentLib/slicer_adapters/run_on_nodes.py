@@ -49,9 +49,10 @@ def segment_arguments(model: LoadedModel, *, classifier: Optional[LoadedModel] =
 
 
 def start_run(nodes: Sequence, model: LoadedModel, *, harden: bool = False, python: Optional[str] = None,
-              **options) -> ChildRun:
-    """Check and copy the inputs, then start the run in a child process (options: see segment_arguments)."""
-    return ChildRun(prepare_inputs(nodes, model, harden), segment_arguments(model, **options), python)
+              cache_dir=None, **options) -> ChildRun:
+    """Check and copy the inputs, then start the run in a child process (options: see segment_arguments);
+    cache_dir: the model cache the child uses (its ONNX graphs), default the per-user one."""
+    return ChildRun(prepare_inputs(nodes, model, harden), segment_arguments(model, **options), python, cache_dir)
 
 
 def _in_scene(node) -> bool:
