@@ -135,3 +135,23 @@ def test_the_child_runs_the_panels_own_library_before_an_installed_copy(tmp_path
         assert run.wait()["slices_run"] == 4
     finally:
         run.close()
+
+
+def test_on_windows_the_child_and_the_worker_start_without_a_console_window():
+    """What slicer.util.launchConsoleProcess does on Windows (STARTUPINFO with STARTF_USESHOWWINDOW and SW_HIDE),
+    plus CREATE_NO_WINDOW; read from the source, since subprocess.STARTUPINFO exists only on Windows. Both
+    processes use it: the one the adapter starts and the worker the guard starts."""
+    import ast
+    import inspect
+
+    from CDMSegmentLib.slicer_adapters import child_guard, child_process
+
+    if os.name != "nt":
+        assert child_guard.hidden_console_options() == {}
+    windows = ast.unparse(ast.parse(inspect.getsource(child_guard.hidden_console_options)))
+    for part in ("info.dwFlags |= subprocess.STARTF_USESHOWWINDOW", "info.wShowWindow = subprocess.SW_HIDE",
+                 "'startupinfo': info", "'creationflags': subprocess.CREATE_NO_WINDOW"):
+        assert part in windows, part
+    assert "**hidden_console_options()" in inspect.getsource(child_guard.guard)
+    adapter = inspect.getsource(child_process._popen_options)
+    assert "hidden_console_options()" in adapter and "CREATE_NEW_PROCESS_GROUP" in adapter

@@ -58,7 +58,8 @@ def _offline_message(entry: dict, reason: str) -> str:
 
 def _cache_message(folder: Path, error: OSError) -> str:
     return (f"cannot write to the model cache {folder} ({error.strerror or error}); make it writable or choose "
-            "another cache folder (CDMSEGMENT_CACHE, or Slicer's cache folder in its Application Settings)")
+            "another cache folder with the environment variable CDMSEGMENT_CACHE (the panel, the Python console and "
+            "the command line share it)")
 
 
 def _check_cancel(cancel: Optional[threading.Event]) -> None:
