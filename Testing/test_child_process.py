@@ -59,30 +59,24 @@ def running(logic, node, model):
     return run
 
 
-def children_of(pid: int) -> list:
-    """The ids of the processes whose parent is ``pid`` (Linux's /proc)."""
-    found = []
+def processes():
+    """(id, state, parent id, process group) of every process (Linux's /proc)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            state, parent, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
             continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+        yield int(stat.parent.name), state, int(parent), int(group)
+
+
+def children_of(pid: int) -> list:
+    """The ids of the processes whose parent is ``pid``."""
+    return [child for child, state, parent, group in processes() if parent == pid]
 
 
 def running_in_group(pgid: int) -> list:
     """The processes of group ``pgid`` that still run (an ended one waiting to be reaped by init does not)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == pgid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
+    return [member for member, state, parent, group in processes() if group == pgid and state != "Z"]
 
 
 def gone(pid: int, within_s: float = 5.0) -> bool:
