@@ -155,3 +155,45 @@ def test_on_windows_the_child_and_the_worker_start_without_a_console_window():
     assert "**hidden_console_options()" in inspect.getsource(child_guard.guard)
     adapter = inspect.getsource(child_process._popen_options)
     assert "hidden_console_options()" in adapter and "CREATE_NEW_PROCESS_GROUP" in adapter
+
+
+# What PythonSlicer (CTK's AppLauncher) does with the program it launches: it runs it as its child and, when that
+# child ends by a signal, prints this line (Base/ctkAppLauncher.cpp, applicationFinished) and exits 1.
+LAUNCHER = f"""#!{sys.executable}
+import subprocess, sys
+ended = subprocess.run([{sys.executable!r}] + sys.argv[1:])
+if ended.returncode < 0:
+    sys.stderr.write("error: [{sys.executable}-real] exit abnormally - Report the problem.\\n")
+    sys.exit(1)
+sys.exit(ended.returncode)
+"""
+
+
+@pytest.mark.parametrize("killed, expected", [
+    ("worker", r"^the CDMSegment process was killed \(SIGKILL\), most often by the system when memory runs out"),
+    ("guard", r"^the CDMSegment process ended abnormally, killed by the system \(most often when memory runs out\) "
+              r"or crashed; nothing was added to the scene; try fewer slices per batch"),
+])
+def test_through_the_launcher_a_killed_run_is_still_explained(tmp_path, tiny_model_path, monkeypatch, killed,
+                                                              expected):
+    """Inside Slicer the adapter's child is the launcher, which turns any signal into exit code 1: the worker's
+    end is reported by the guard, by name; the guard's own (rarer) is recognised from the launcher's line."""
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text(LAUNCHER)
+    launcher.chmod(0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    run = ChildRun([Volume(phantom(LONG))], ["--model", str(tiny_model_path), *RUN_ARGUMENTS], python=str(launcher))
+    try:
+        while run.progress[0] < 2:
+            assert not run.poll(), run.error
+            time.sleep(0.05)
+        [guard] = children_of(run.process.pid)
+        [worker] = children_of(guard)
+        os.kill(worker if killed == "worker" else guard, signal.SIGKILL)
+        with pytest.raises(CDMSegmentError, match=expected):
+            run.wait()
+        assert run.process.returncode == 1  # all the launcher itself says
+        assert gone(worker, within_s=3)
+    finally:
+        run.close()
+    assert list(tmp_path.glob(f"{RUN_FOLDER_PREFIX}*")) == []
