@@ -64,6 +64,10 @@ print(CDMSegment.torchStatusText())
 print(panel_choices.registry_text(panel_choices.model_choices()[0]))
 print(panel_choices.cpu_engine_text())
 mrml.default_input_volume(slicer.vtkMRMLScene())
+from CDMSegmentLib.core.registry import default_cache_dir
+shown = panel_choices.peek_metadata(panel_choices.model_file_of(panel_choices.model_choices()[0], default_cache_dir()))
+panel_choices.metadata_text(shown), panel_choices.runs_on_cpu("auto", panel_choices.torch_build())
+CDMSegment.applyProblem(True, [], False)
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
 
@@ -76,8 +80,8 @@ def _run(code, block_torch=False):
 
 def test_opening_the_panel_imports_no_torch():
     """What setup() and enter() reach under slicer-core (the Widget, the Logic, the model list, the PyTorch line,
-    the CPU engine line, the default input) in a fresh interpreter: torch stays unimported, so CUDA is never
-    initialised."""
+    the CPU engine line, the default input, the chosen model's description from its file, Apply's check) in a
+    fresh interpreter: torch stays unimported, so CUDA is never initialised."""
     done = _run(OPEN_PANEL)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
