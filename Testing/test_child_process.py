@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,9 @@ from CDMSegmentLib.core.errors import Cancelled, CDMSegmentError
 from CDMSegmentLib.core.runner import default_batch_size
 from CDMSegmentLib.core.settings import CDMSettings
 from CDMSegmentLib.slicer_adapters import mrml
-from CDMSegmentLib.slicer_adapters.child_process import CANCEL_WAIT_S, LIBRARY_PARENT, SEGMENT_ENTRY
+from CDMSegmentLib.slicer_adapters.child_guard import signal_sentence
+from CDMSegmentLib.slicer_adapters.child_process import (CANCEL_WAIT_S, LIBRARY_PARENT, SEGMENT_ENTRY,
+                                                         failure_sentence)
 from CDMSegmentLib.slicer_adapters.result_files import node_ids
 from conftest import add_volume, phantom
 from test_mrml import GEOMETRIES
@@ -54,6 +57,40 @@ def running(logic, node, model):
         assert not run.poll(), run.error
         time.sleep(0.05)
     return run
+
+
+def processes():
+    """(id, state, parent id, process group) of every process (Linux's /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        yield int(stat.parent.name), state, int(parent), int(group)
+
+
+def children_of(pid: int) -> list:
+    """The ids of the processes whose parent is ``pid``."""
+    return [child for child, state, parent, group in processes() if parent == pid]
+
+
+def running_in_group(pgid: int) -> list:
+    """The processes of group ``pgid`` that still run (an ended one waiting to be reaped by init does not)."""
+    return [member for member, state, parent, group in processes() if group == pgid and state != "Z"]
+
+
+def gone(pid: int, within_s: float = 5.0) -> bool:
+    """Whether process ``pid`` has ended (and been reaped, or is a zombie) within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_progress_counts_every_slice_exactly_and_in_order(scene, tiny_model, run_folders):
@@ -114,8 +151,7 @@ def test_cancel_ends_the_child_within_a_second_and_leaves_no_file_and_the_scene_
     run = running(CDMSegmentLogic(), node, tiny_model)
     run.cancel()  # waits at most CANCEL_WAIT_S for the child to end
     assert run.process.poll() is not None, f"the child still runs {CANCEL_WAIT_S} s after Cancel"
-    with pytest.raises(ProcessLookupError):
-        os.killpg(run.process.pid, 0)  # nothing it started is left either
+    assert running_in_group(run.process.pid) == []  # nothing it started is left either
     assert run.poll() and run.cancelled and run.summary is None
     run.close()
     assert list(run_folders.iterdir()) == [] and node_ids(scene) == before
@@ -131,18 +167,56 @@ def test_process_cancelled_from_its_progress_adds_nothing(scene, tiny_model, run
     assert node_ids(scene) == before and list(run_folders.iterdir()) == []
 
 
-def test_a_child_killed_by_the_system_is_one_clear_sentence_and_changes_nothing(scene, tiny_model, run_folders):
+@pytest.mark.parametrize("sent, expected", [
+    (signal.SIGKILL, "the CDMSegment process was killed (SIGKILL), most often by the system when memory runs out; "
+                     "nothing was added to the scene; try fewer slices per batch (Advanced > Batch size), close "
+                     "other programs, or choose the CPU as the device"),
+    (signal.SIGSEGV, "the CDMSegment process crashed (SIGSEGV, a memory access fault inside torch or a graphics "
+                     "driver); nothing was added to the scene; try the CPU as the device, or update PyTorch in the "
+                     "PyTorch module; if it happens again, please report it with the application log"),
+])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through Linux's /proc")
+def test_a_run_ended_by_a_signal_says_which_and_what_to_do_and_changes_nothing(scene, tiny_model, run_folders,
+                                                                               sent, expected):
+    """The signal hits the worker (the segment command), as the out-of-memory killer picks the process holding
+    the memory: the process the adapter started (inside Slicer, the PythonSlicer launcher, which hides the
+    signal) is not the one that died, and the guard reports the worker's end by name."""
     node = add_volume(scene, phantom(LONG), GEOMETRIES["axial"])
     before = node_ids(scene)
     run = running(CDMSegmentLogic(), node, tiny_model)
-    os.kill(run.process.pid, signal.SIGKILL)  # as the out-of-memory killer does
+    [worker] = children_of(run.process.pid)
+    os.kill(worker, sent)
     with pytest.raises(CDMSegmentError) as raised:
         run.wait()
     run.close()
-    message = str(raised.value)
-    assert message == ("the CDMSegment process was killed (SIGKILL), most often by the system when memory runs out; "
-                       "nothing was added to the scene; try a smaller batch size or close other programs")
+    assert str(raised.value) == expected
     assert node_ids(scene) == before and list(run_folders.iterdir()) == []
+
+
+def test_the_started_process_ended_by_a_signal_is_named_too(scene, tiny_model, run_folders):
+    node = add_volume(scene, phantom(LONG), GEOMETRIES["axial"])
+    run = running(CDMSegmentLogic(), node, tiny_model)
+    os.killpg(run.process.pid, signal.SIGTERM)
+    with pytest.raises(CDMSegmentError, match=r"^the CDMSegment process was ended \(SIGTERM\) by another program or "
+                                              r"by the system shutting down; nothing was added to the scene; press "
+                                              r"Apply to run again$"):
+        run.wait()
+    run.close()
+    assert list(run_folders.iterdir()) == []
+
+
+def test_the_launchers_report_of_a_crash_is_explained():
+    """CTK's AppLauncher (PythonSlicer) prints this (Base/ctkAppLauncher.cpp, applicationFinished) and exits 1
+    when its child crashes or is killed: it hides the signal, so the sentence names the likely causes."""
+    launcher = ["info: DisableSplash [1]",
+                "error: [/opt/Slicer/bin/python-real] exit abnormally - Report the problem."]
+    assert failure_sentence(1, launcher) == (
+        "the CDMSegment process ended abnormally, killed by the system (most often when memory runs out) or "
+        "crashed; nothing was added to the scene; try fewer slices per batch (Advanced > Batch size), close other "
+        "programs, or choose the CPU as the device")
+    assert failure_sentence(2, ["usage: error"]) == "the CDMSegment process failed (exit code 2): usage: error"
+    assert failure_sentence(0xC0000005, []).startswith("the CDMSegment process crashed (access violation, 0xC0000005")
+    assert signal_sentence(1) == signal_sentence(0) == ""
 
 
 def test_a_failing_child_reports_its_own_one_line_error_and_changes_nothing(scene, tiny_model, run_folders):
@@ -210,3 +284,20 @@ def test_the_runs_threshold_gives_back_the_runs_segment_speck_removal_included(s
     assert (heatmap > summary["thresholds"][0]).sum() > made.sum() > 0  # specks were removed
     assert logic.remakeSegment(heatmap_node, segmentation_node, summary["thresholds"][0]) is segmentation_node
     np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, mrml.ijk_to_ras(node), shape), made)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the child's environment from /proc")
+def test_the_child_uses_the_logics_model_cache(scene, tiny_model, run_folders, tmp_path):
+    """One model cache: a logic given a cache folder hands it to the child (where the ONNX graphs go); without
+    one, the child inherits the per-user default (CDMSEGMENT_CACHE or ~/.cache/CDMSegment/models)."""
+    node = add_volume(scene, phantom(LONG), GEOMETRIES["axial"])
+    for logic, expected in [(CDMSegmentLogic(cacheDir=tmp_path / "cache"), str(tmp_path / "cache")),
+                            (CDMSegmentLogic(), os.environ.get("CDMSEGMENT_CACHE"))]:
+        run = running(logic, node, tiny_model)
+        try:
+            environment = dict(entry.split("=", 1) for entry in Path(f"/proc/{run.process.pid}/environ").read_text()
+                               .split("\0") if "=" in entry)
+        finally:
+            run.close()
+        assert environment.get("CDMSEGMENT_CACHE") == expected
+    assert list(run_folders.iterdir()) == []

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from CDMSegmentLib.core.threshold import make_mask
 from CDMSegmentLib.core.runner import segment_volume
 from conftest import add_volume, make_tiny_classifier_file, mrml_scene, phantom
 from test_mrml import GEOMETRIES
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +240,65 @@ def test_the_segment_editor_edits_the_result_on_the_input_grid_and_the_slider_ke
     np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES[name], shape) > 0,
                                   edited)
 
+
+
+def _paint(segmentation_node, segment_id, grid, shape):
+    """A user's edit: a block painted into the segment."""
+    edited = np.zeros(shape, np.uint8)
+    edited[4, 5:9, 5:9] = 1
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        mrml._oriented_image(edited, grid), segmentation_node, segment_id,
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    return edited
+
+
+def test_a_run_writes_into_the_chosen_segmentation_and_keeps_its_other_segments(scene, tiny_model):
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    chosen = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    other = chosen.GetSegmentation().AddEmptySegment("ventricles", "ventricles")
+    painted = _paint(chosen, other, GEOMETRIES["axial"], phantom().shape)
+    before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    heatmap_node, written = CDMSegmentLogic().process(node, model=tiny_model, device="cpu", outputSegmentation=chosen)
+    assert written is chosen and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
+    segmentation = chosen.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())] == [
+        "ventricles", "Tumour"]
+    expected = segment_volume(tiny_model, [mrml.volume_from_node(node)], device="cpu").mask
+    tumour = segmentation.GetSegmentIdBySegmentName("Tumour")
+    np.testing.assert_array_equal(mrml.segment_mask(chosen, tumour, GEOMETRIES["axial"], expected.shape), expected)
+    np.testing.assert_array_equal(mrml.segment_mask(chosen, other, GEOMETRIES["axial"], expected.shape), painted)
+    # A new threshold re-makes the run's segment, not the first one.
+    assert CDMSegmentLogic.remakeSegment(heatmap_node, chosen, 0.0) is chosen
+    np.testing.assert_array_equal(mrml.segment_mask(chosen, other, GEOMETRIES["axial"], expected.shape), painted)
+    assert mrml.segment_mask(chosen, tumour, GEOMETRIES["axial"], expected.shape).sum() > expected.sum()
+
+
+def test_a_rerun_into_a_segmentation_never_replaces_an_edit_unless_asked(scene, tiny_model):
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    logic, shape = CDMSegmentLogic(), phantom().shape
+    first = logic.process(node, model=tiny_model, device="cpu")[-1]
+    assert logic.editedSegments(first, node, ["tumour"]) == []
+    tumour = first.GetSegmentation().GetSegmentIdBySegmentName("Tumour")
+    edited = _paint(first, tumour, GEOMETRIES["axial"], shape)
+    assert logic.editedSegments(first, node, ["tumour"]) == ["Tumour"]
+
+    kept = logic.process(node, model=tiny_model, device="cpu", outputSegmentation=first)[-1]
+    assert kept is not first and kept.GetScene() is scene
+    np.testing.assert_array_equal(mrml.segment_mask(first, tumour, GEOMETRIES["axial"], shape), edited)
+
+    replaced = logic.process(node, model=tiny_model, device="cpu", outputSegmentation=first, replaceEdited=True)[-1]
+    assert replaced is first and first.GetSegmentation().GetNumberOfSegments() == 1
+    np.testing.assert_array_equal(mrml.segment_mask(first, tumour, GEOMETRIES["axial"], shape),
+                                  mrml.segment_mask(kept, kept.GetSegmentation().GetNthSegmentID(0),
+                                                    GEOMETRIES["axial"], shape))
+    assert logic.editedSegments(first, node, ["tumour"]) == []
+
+
+def test_the_default_input_is_found_without_a_collection_to_release(scene):
+    """scene.GetNodesByClass returns a collection its caller must UnRegister; mrml.default_input_volume walks
+    the scene by index instead, and skips what is not a plain scalar volume."""
+    scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    node = add_volume(scene, phantom(), GEOMETRIES["axial"])
+    assert mrml.default_input_volume(scene) is node
+    sources = [p.read_text() for p in (ROOT / "CDMSegment").rglob("*.py")]
+    assert not any("GetNodesByClass(" in source for source in sources)

@@ -4,10 +4,14 @@ returns (never SkipTest) where torch is missing, and what only Slicer's GUI runs
 
 import ast
 import inspect
+import io
+import re
 import subprocess
 import sys
+import unittest
 from pathlib import Path
 
+import slicer
 import slicer.util
 from slicer.util import VTKObservationMixin
 
@@ -60,6 +64,10 @@ print(CDMSegment.torchStatusText())
 print(panel_choices.registry_text(panel_choices.model_choices()[0]))
 print(panel_choices.cpu_engine_text())
 mrml.default_input_volume(slicer.vtkMRMLScene())
+from CDMSegmentLib.core.registry import default_cache_dir
+shown = panel_choices.peek_metadata(panel_choices.model_file_of(panel_choices.model_choices()[0], default_cache_dir()))
+panel_choices.metadata_text(shown), panel_choices.runs_on_cpu("auto", panel_choices.torch_build())
+CDMSegment.applyProblem(True, [], False)
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
 
@@ -72,8 +80,8 @@ def _run(code, block_torch=False):
 
 def test_opening_the_panel_imports_no_torch():
     """What setup() and enter() reach under slicer-core (the Widget, the Logic, the model list, the PyTorch line,
-    the CPU engine line, the default input) in a fresh interpreter: torch stays unimported, so CUDA is never
-    initialised."""
+    the CPU engine line, the default input, the chosen model's description from its file, Apply's check) in a
+    fresh interpreter: torch stays unimported, so CUDA is never initialised."""
     done = _run(OPEN_PANEL)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -83,15 +91,55 @@ def test_opening_the_panel_imports_no_torch():
     setup_calls = set(_self_calls(_method("CDMSegmentWidget", "setup")))
     setup_calls |= {c for name in ("initializeParameterNode", "populateModels", "enter") for c in
                     _self_calls(_method("CDMSegmentWidget", name))}
-    assert not setup_calls & {"ensureDependencies", "useModel", "onModelChanged"}
+    assert not setup_calls & {"ensureDependencies", "useModel", "onModelChanged", "loadChosenModel"}
 
 
-def test_the_self_test_returns_with_a_message_where_torch_is_missing():
+# What Slicer's CTest runs for slicer_add_python_unittest: slicer.testing.runUnitTest (Slicer 5.6.2 and main) loads
+# the module's tests by name and runs them; runTest is never called, so every test_* method must guard itself.
+RUN_UNIT_TEST = """
+import sys, unittest
+suite = unittest.TestLoader().loadTestsFromName("CDMSegment")
+result = unittest.TextTestRunner(verbosity=2).run(suite)
+print(result.testsRun, len(result.failures), len(result.errors), result.wasSuccessful())
+"""
+
+
+def test_slicers_ctest_passes_with_a_message_where_torch_is_missing():
+    done = _run(RUN_UNIT_TEST, block_torch=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "0", "0", "True"], done.stderr
+    assert "test_sampleEndToEnd" in done.stderr
+    assert "CDMSegment self-test: PyTorch is not installed" in done.stderr and "nothing was tested" in done.stderr
+    assert "skipTest" not in SOURCE and "SkipTest" not in SOURCE.replace("never SkipTest", "")
+
+
+def test_reload_and_test_returns_with_a_message_where_torch_is_missing():
     done = _run("import CDMSegment\nprint(repr(CDMSegment.CDMSegmentTest().runTest()))", block_torch=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "None"
-    assert "CDMSegment self-test: PyTorch is not installed" in done.stderr and "nothing was tested" in done.stderr
-    assert "skipTest" not in SOURCE and "SkipTest" not in SOURCE.replace("never SkipTest", "")
+    assert "CDMSegment self-test: PyTorch is not installed" in done.stderr
+
+
+def _sample_test_with_dice(score, monkeypatch):
+    """CDMSegmentTest.test_sampleEndToEnd as the CTest runs it, where torch and the sample are present, with
+    the sample's Dice (which needs Slicer's SampleData and the application's scene) given."""
+    monkeypatch.setattr(CDMSegment, "selfTestMissing", lambda: "")
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+
+    class GivenDice(CDMSegment.CDMSegmentTest):
+        def sampleDice(self):
+            return score
+
+    return unittest.TextTestRunner(stream=io.StringIO()).run(
+        unittest.TestLoader().loadTestsFromTestCase(GivenDice))
+
+
+def test_the_self_test_fails_below_the_dice_floor_and_passes_at_it(monkeypatch):
+    below = _sample_test_with_dice(CDMSegment.SAMPLE_DICE_FLOOR - 0.01, monkeypatch)
+    assert below.testsRun == 1 and len(below.failures) == 1
+    assert f"the sample's Dice {CDMSegment.SAMPLE_DICE_FLOOR - 0.01:.3f} is below its floor" in below.failures[0][1]
+    at_floor = _sample_test_with_dice(CDMSegment.SAMPLE_DICE_FLOOR, monkeypatch)
+    assert at_floor.testsRun == 1 and at_floor.wasSuccessful()
 
 
 def test_the_category_is_translated_as_slicers_own_modules():
@@ -131,5 +179,86 @@ def test_onnx_runtime_is_installed_only_after_consent_and_a_failure_leaves_the_l
         "slicer.util.tryWithErrorDisplay(")
     assert ast.unparse(guarded.body[0]) == "slicer.util.pip_install(onnx_install_requirements())"
     assert {"self.showCpuEngine()", "importlib.invalidate_caches()"} <= {ast.unparse(s) for s in attempt.finalbody}
-    assert "showCpuEngine" in _self_calls(_method("CDMSegmentWidget", "setup"))
+    assert "showCpuEngine" in _self_calls(_method("CDMSegmentWidget", "updateControls"))
+    assert "updateControls" in _self_calls(_method("CDMSegmentWidget", "setParameterNode"))
+    # One error dialog: Slicer 5.12 and later show pip's own on a failure, so tryWithErrorDisplay stays quiet there.
+    assert [ast.unparse(k) for k in guarded.items[0].context_expr.keywords][0] == "show=not slicerShowsPipErrors()"
     assert SOURCE.count("pip_install(") == 1
+
+
+def _user_text_calls():
+    """(call, its first argument) for every call that shows text to the user in CDMSegment.py: dialogs, the error
+    wrapper, and assignments to a widget's text or toolTip."""
+    shown = {"errorDisplay", "confirmOkCancelDisplay", "tryWithErrorDisplay", "getOpenFileName"}
+    found = []
+    for node in ast.walk(ast.parse(SOURCE)):
+        if isinstance(node, ast.Call) and _called(node) in shown and node.args:
+            argument = node.args[2] if _called(node) == "getOpenFileName" else node.args[0]
+            found.append((ast.unparse(node.func), argument))
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr in ("text", "toolTip")
+                                                for t in node.targets):
+            found.append((ast.unparse(node.targets[0]), node.value))
+    return found
+
+
+def _called(call):
+    return call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+
+
+def _literal_text(node) -> bool:
+    """Whether an expression holds English text not passed through _(): a string literal or f-string (outside
+    a call), also as part of a sum or a conditional."""
+    if isinstance(node, ast.Call):
+        return False
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str) and any(c.isalpha() for c in node.value)
+    if isinstance(node, ast.JoinedStr):
+        return any(_literal_text(v) for v in node.values if isinstance(v, ast.Constant))
+    return any(_literal_text(child) for child in ast.iter_child_nodes(node))
+
+
+def test_the_texts_the_panel_shows_are_translatable():
+    """Slicer's lupdate collects _() (slicer.i18n.tr, in Slicer 5.6 and later) and translate(); a bare string in
+    a dialog, an error or a label would stay English in every language."""
+    calls = _user_text_calls()
+    assert len(calls) > 20, "the scan found too little: the source or the scan changed"
+    bare = [f"{where}: {ast.unparse(text)}" for where, text in calls if _literal_text(text)]
+    allowed = {'self.ui.firstInputLabel.text: f\'{modalities[0]}:\''}  # a model's own modality name
+    assert set(bare) <= allowed, sorted(set(bare) - allowed)
+    planted = ast.parse('slicer.util.errorDisplay("Could not do it")').body[0].value
+    assert _literal_text(planted.args[0])  # the scan sees a bare one
+
+
+def test_help_links_to_the_documentation_and_contributors_name_who_answers():
+    init = ast.unparse(_method("CDMSegment", "__init__"))
+    homepage = re.search(r'EXTENSION_HOMEPAGE "([^"]+)"', (ROOT / "CMakeLists.txt").read_text()).group(1)
+    assert CDMSegment.DOCUMENTATION_URL == homepage and "<a href=" in init and "DOCUMENTATION_URL" in init
+    assert "CDMSegment developers" not in SOURCE
+
+
+def test_the_panel_uses_the_per_user_model_cache_as_the_console_and_the_child():
+    """One cache per user: the panel's logic takes no cache folder of its own (the console's CDMSegmentLogic()
+    and the command line use core.registry.default_cache_dir), and a logic given one hands it to its runs'
+    child process (test_child_process.py checks the child's environment)."""
+    setup = _method("CDMSegmentWidget", "setup")
+    made = [n for n in ast.walk(setup) if isinstance(n, ast.Call) and _called(n) == "CDMSegmentLogic"]
+    assert len(made) == 1 and not made[0].args and not made[0].keywords
+
+
+def test_a_model_chosen_before_pytorch_is_kept_and_is_the_one_apply_runs():
+    """What only Slicer's GUI runs, read from the source: choosing a model (a file among them) without PyTorch
+    describes it and returns before anything imports torch; Apply installs PyTorch, then loads the model shown
+    when the loaded one is another (never refilling the list, which put the bundled model back)."""
+    changed = _method("CDMSegmentWidget", "onModelChanged")
+    guard = next(s for s in changed.body if isinstance(s, ast.If) and ast.unparse(s.test) == "not torchInstalled()")
+    assert isinstance(guard.body[-1], ast.Return)
+    assert changed.body.index(guard) < len(changed.body) - 1 and ast.unparse(changed.body[-1]) == "self.loadChosenModel()"
+    assert "describeChosenModel" in _self_calls(changed)
+    apply = _method("CDMSegmentWidget", "onApplyButton")
+    calls = _self_calls(apply)
+    assert calls.index("ensureDependencies") < calls.index("loadChosenModel") and "populateModels" not in calls
+    assert "self.modelSource != self.chosenSource()" in ast.unparse(apply)
+    load = ast.unparse(_method("CDMSegmentWidget", "loadChosenModel"))
+    assert "source = self.chosenSource()" in load and "self.useModel(self.logic.loadModel(source), source)" in load
+    assert "self.model, self.modelSource, self.classifier = (model, source, None)" in ast.unparse(
+        _method("CDMSegmentWidget", "useModel"))

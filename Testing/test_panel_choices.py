@@ -12,9 +12,10 @@ from CDMSegmentLib.core.engine import ONNX_REQUIREMENTS
 from CDMSegmentLib.core.modelfile import load_model, read_registry, registered_classifier, sha256_of
 from CDMSegmentLib.core.settings import CDMSettings
 from CDMSegmentLib.slicer_adapters.panel_choices import (ONNX_DOWNLOAD_MB, advanced_defaults, cpu_engine_text,
-                                                         model_choices, model_text, onnx_install_question,
-                                                         onnx_install_requirements, progress_text, result_text,
-                                                         settings_from_parameters, slider_range,
+                                                         metadata_text, model_choices, model_file_of, model_text,
+                                                         onnx_install_question, onnx_install_requirements,
+                                                         peek_metadata, progress_text, result_text, runs_on_cpu,
+                                                         settings_from_parameters, slider_range, torch_build,
                                                          torch_version_problem)
 
 
@@ -144,3 +145,48 @@ def test_an_old_torch_is_named_with_what_to_do(installed, ok):
     assert (problem is None) == ok
     if not ok:
         assert installed in problem and "2.1 or newer" in problem
+
+
+def test_a_model_is_described_from_its_file_without_torch(tmp_path, tiny_model_path):
+    """peek_metadata reads what load_model reads, from the archive alone, in a process where torch is blocked:
+    the panel fills the target class and the input rows before PyTorch is installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; sys.modules['torch'] = None\n"
+            "from CDMSegmentLib.slicer_adapters.panel_choices import model_file_of, peek_metadata, metadata_text\n"
+            "bundled = peek_metadata(model_file_of('brain-flair-phantom'))\n"
+            f"given = peek_metadata(model_file_of({str(tiny_model_path)!r}))\n"
+            "print(json.dumps([bundled['class_names'], given['class_names'], given['modalities'], metadata_text(given)]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    bundled_classes, classes, modalities, text = json.loads(done.stdout)
+    model = load_model(tiny_model_path)
+    assert [classes, modalities, text] == [model.class_names, model.modalities, model_text(model)]
+    assert bundled_classes == ["normal", "tumour"]
+    (tmp_path / "not-a-model.pt").write_bytes(b"not a zip")
+    assert peek_metadata(tmp_path / "not-a-model.pt") is None and peek_metadata(None) is None
+    assert model_file_of(str(tmp_path / "missing.pt")) is None
+
+
+def test_a_registered_model_not_downloaded_yet_has_no_file(tmp_path):
+    registry = write_registry(tmp_path, [{"name": "remote", "file": "remote.pt", "kind": "diffusion",
+                                          "url": "https://example.org/remote.pt"}])
+    assert model_file_of("remote", tmp_path / "cache", registry) is None
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "remote.pt").write_bytes(b"")
+    assert model_file_of("remote", tmp_path / "cache", registry) == tmp_path / "cache" / "remote.pt"
+
+
+def test_the_cpu_engine_line_is_for_runs_on_the_cpu():
+    assert runs_on_cpu("cpu", "cuda") and not runs_on_cpu("cuda", "cpu")
+    assert runs_on_cpu("auto", "cpu") and not runs_on_cpu("auto", "cuda") and not runs_on_cpu("auto", "rocm")
+    assert runs_on_cpu("auto", "cuda", last_run_device="cpu") and not runs_on_cpu("auto", "cpu", "cuda:0")
+
+
+def test_the_torch_build_is_read_from_its_package_without_importing_it():
+    """The test environment's torch is the CPU build pinned in the Makefile (torch==2.13.0, +cpu or plain)."""
+    distribution = importlib.metadata.distribution("torch")
+    expected = "cuda" if ("+cu" in distribution.version or any(
+        r.startswith("nvidia-") for r in distribution.requires or [])) else "cpu"
+    assert torch_build() == expected

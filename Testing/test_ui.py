@@ -27,14 +27,16 @@ EXPECTED_CLASSES = {
     "deviceInfoLabel": "QLabel", "firstInputLabel": "QLabel", "statusLabel": "QLabel",
     "noiseLevelSpinBox": "QDoubleSpinBox", "tauSpinBox": "QDoubleSpinBox", "stepsSpinBox": "QSpinBox",
     "noiseDrawsSpinBox": "QSpinBox", "batchSizeSpinBox": "QSpinBox", "progressBar": "QProgressBar",
-    "thresholdSlider": "ctkSliderWidget", "extraInputsWidget": "QWidget", "inputVolumeSelector": "qMRMLNodeComboBox",
+    "thresholdSlider": "ctkSliderWidget", "inputVolumeSelector": "qMRMLNodeComboBox",
+    "outputSegmentationSelector": "qMRMLNodeComboBox", "inputsCollapsibleButton": "ctkCollapsibleButton",
     "hardenTransformCheckBox": "QCheckBox", "advancedCollapsibleButton": "ctkCollapsibleButton",
     "guidanceScaleSpinBox": "QDoubleSpinBox", "cpuEngineLabel": "QLabel", "installOnnxRuntimeButton": "QPushButton",
 }
-# Widget class -> the parameter types Slicer's parameterNodeWrapper (guiConnectors.py) binds it to.
+# Widget class -> the parameter types Slicer's parameterNodeWrapper (guiConnectors.py) binds it to; "enum": an
+# enum.Enum class of CDMSegment.py (QComboBoxToEnumConnector, which shows each member's label()).
 BINDABLE = {"QDoubleSpinBox": {"float"}, "ctkSliderWidget": {"float"}, "QSpinBox": {"int"},
-            "QComboBox": {"str", "int", "float", "bool"}, "QCheckBox": {"bool"},
-            "qMRMLNodeComboBox": {"slicer.vtkMRMLScalarVolumeNode"}}
+            "QComboBox": {"str", "int", "float", "bool", "enum"}, "QCheckBox": {"bool"},
+            "qMRMLNodeComboBox": {"slicer.vtkMRMLScalarVolumeNode", "slicer.vtkMRMLSegmentationNode"}}
 SPIN_BOXES = ("QSpinBox", "QDoubleSpinBox")
 
 
@@ -85,10 +87,19 @@ def _used_names():
             and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
 
 
+def _enums():
+    """The enum.Enum classes of CDMSegment.py, read from the source: {name: [member names]}."""
+    tree = ast.parse(SOURCE.read_text(encoding="utf-8"))
+    return {n.name: [s.targets[0].id for s in n.body if isinstance(s, ast.Assign)] for n in tree.body
+            if isinstance(n, ast.ClassDef) and [ast.unparse(b) for b in n.bases] == ["enum.Enum"]}
+
+
 def _parameters():
     """{name: (type, {annotation: its arguments}, default)} of CDMSegmentParameterNode, read from the source:
-    'Annotated[float, WithinRange(0.0, 1.0)] = 0.5' -> ('float', {'WithinRange': [0.0, 1.0]}, 0.5)."""
+    'Annotated[float, WithinRange(0.0, 1.0)] = 0.5' -> ('float', {'WithinRange': [0.0, 1.0]}, 0.5);
+    'Method = Method.cdm' -> ('enum', {'Enum': ['cdm', 'cg_cdm']}, 'cdm')."""
     tree = ast.parse(SOURCE.read_text(encoding="utf-8"))
+    enums = _enums()
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CDMSegmentParameterNode")
     parameters = {}
     for statement in cls.body:
@@ -98,8 +109,13 @@ def _parameters():
         if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
             annotation, *calls = annotation.slice.elts
             extras = {ast.unparse(c.func): [ast.literal_eval(a) for a in c.args] for c in calls}
-        default = ast.literal_eval(statement.value) if statement.value is not None else None
-        parameters[statement.target.id] = (ast.unparse(annotation), extras, default)
+        kind = ast.unparse(annotation)
+        if kind in enums:
+            assert ast.unparse(statement.value).startswith(f"{kind}."), statement.target.id
+            kind, extras, default = "enum", {"Enum": enums[kind]}, statement.value.attr
+        else:
+            default = ast.literal_eval(statement.value) if statement.value is not None else None
+        parameters[statement.target.id] = (kind, extras, default)
     return parameters
 
 
@@ -135,7 +151,7 @@ def test_bound_widgets_name_parameters_of_a_matching_type(panel):
     parameters = _parameters()
     bound = _bound_widgets(widgets)
     assert {"inputVolume", "noiseLevel", "steps", "tau", "noiseDraws", "guidanceScale", "axis", "batchSize", "device",
-            "method", "hardenTransform", "force"} <= set(bound)
+            "method", "hardenTransform", "force", "outputSegmentation"} <= set(bound)
     for parameter, name in bound.items():
         assert parameter in parameters, f"{name} is bound to unknown parameter {parameter}"
         assert parameters[parameter][0] in BINDABLE[_class_of(name, widgets, requested)], (parameter, name)
@@ -149,8 +165,10 @@ def test_bindings_follow_slicers_connector_rules(panel):
     for parameter, name in _bound_widgets(widgets).items():
         kind, extras, default = parameters[parameter]
         cls = _class_of(name, widgets, requested)
-        if cls == "QComboBox":
-            assert "Choice" in extras, f"{parameter}: a combo box needs Annotated[..., Choice([...])]"
+        if cls == "QComboBox" and kind == "enum":
+            assert default in extras["Enum"], parameter
+        elif cls == "QComboBox":
+            assert "Choice" in extras, f"{parameter}: a combo box needs an enum or Annotated[..., Choice([...])]"
             assert default in extras["Choice"][0], parameter
         if cls in SPIN_BOXES or cls == "ctkSliderWidget":
             assert "WithinRange" in extras, f"{parameter}: a {cls} needs Annotated[..., WithinRange(lo, hi)]"
@@ -190,7 +208,8 @@ def test_volume_selectors_offer_scalar_volumes_only(panel):
     """Labelmap, vector (RGB) and diffusion volumes derive from the scalar volume node: the selector hides
     child classes, so they are never offered instead of being refused after Apply."""
     widgets, requested = panel
-    selectors = [n for n in widgets if requested.get(n) == "qMRMLNodeComboBox"]
+    selectors = [n for n in widgets if requested.get(n) == "qMRMLNodeComboBox"
+                 and "vtkMRMLSegmentationNode" not in widgets[n].property("nodeTypes")]
     assert selectors == ["inputVolumeSelector"]
     for name in selectors:
         assert widgets[name].property("nodeTypes") == ["vtkMRMLScalarVolumeNode"]
@@ -208,13 +227,77 @@ def _form_row(form, widget):
     raise AssertionError(f"{widget.objectName()} is in no row of {form.objectName()}")
 
 
-def test_the_cpu_engine_line_and_its_install_button_sit_under_the_device_line(panel):
-    """The line on what a CPU run uses (panel_choices.cpu_engine_text) is the row under the device line, beside the
-    button that offers ONNX Runtime; the button says what it installs and that PyTorch stays."""
+def test_the_cpu_engine_line_and_its_install_button_sit_in_advanced(panel):
+    """The line on what a CPU run uses (panel_choices.cpu_engine_text) and the button that offers ONNX Runtime are
+    one row of the Advanced section (the code shows them only for a run on the CPU); the button says what it
+    installs and that PyTorch stays."""
     widgets, requested = panel
-    form = widgets["inputsCollapsibleButton"].layout()
-    row = _form_row(form, widgets["deviceInfoLabel"]) + 1
-    assert _form_row(form, widgets["cpuEngineLabel"]) == _form_row(form, widgets["installOnnxRuntimeButton"]) == row
+    form = widgets["advancedCollapsibleButton"].layout()
+    assert _form_row(form, widgets["cpuEngineLabel"]) == _form_row(form, widgets["installOnnxRuntimeButton"])
     assert widgets["cpuEngineLabel"].wordWrap()
     button = widgets["installOnnxRuntimeButton"]
     assert button.text() == "Install ONNX Runtime" and "PyTorch stays installed" in button.toolTip()
+
+
+def test_choices_are_words_with_the_symbols_in_tooltips(panel):
+    """Combo boxes show labels (the enums' label(), Slicer's enum connector), the Advanced labels are words, and
+    the paper's symbols are in the tooltips."""
+    import CDMSegment
+
+    assert [m.label() for m in CDMSegment.Method] == ["CDM", "CG-CDM (classifier-guided)"]
+    assert [m.label() for m in CDMSegment.Device] == ["Automatic", "GPU (CUDA)", "CPU"]
+    assert [m.label() for m in CDMSegment.Axis] == ["Automatic (axial)", "Axial", "Coronal", "Sagittal"]
+    widgets, requested = panel
+    form = widgets["advancedCollapsibleButton"].layout()
+    labels = {name: form.labelForField(widgets[name]).text() for name in ("noiseLevelSpinBox", "stepsSpinBox",
+                                                                          "tauSpinBox", "guidanceScaleSpinBox")}
+    assert labels == {"noiseLevelSpinBox": "Noise level:", "stepsSpinBox": "Denoising steps:",
+                      "tauSpinBox": "Condition mix:", "guidanceScaleSpinBox": "Guidance scale (CG-CDM):"}
+    for name, symbol in [("noiseLevelSpinBox", "alpha_bar(Q)"), ("stepsSpinBox", "R:"), ("tauSpinBox", "tau:"),
+                         ("guidanceScaleSpinBox", "s:")]:
+        assert symbol in widgets[name].toolTip(), name
+    for text in [w.text() for w in widgets.values() if isinstance(w, QtWidgets.QLabel)]:
+        assert not any(symbol in text for symbol in ("alpha_bar", "(R)", "Tau")), text
+
+
+def test_there_is_no_empty_row_for_further_inputs_and_they_go_under_the_first(panel):
+    """A one-modality model shows one input row; CDMSegmentWidget inserts one row per further modality right
+    under the first input's (FIRST_INPUT_ROW)."""
+    import CDMSegment
+
+    widgets, requested = panel
+    form = widgets["inputsCollapsibleButton"].layout()
+    assert _form_row(form, widgets["inputVolumeSelector"]) == CDMSegment.CDMSegmentWidget.FIRST_INPUT_ROW
+    assert "extraInputsWidget" not in widgets  # the empty container that held a blank row
+    for row in range(form.rowCount()):
+        field = form.itemAt(row, QtWidgets.QFormLayout.FieldRole)
+        assert field is not None and (field.layout() is not None or requested[field.widget().objectName()] != "QWidget")
+
+
+def test_the_output_segmentation_is_new_or_existing(panel):
+    widgets, requested = panel
+    selector = widgets["outputSegmentationSelector"]
+    assert selector.property("nodeTypes") == ["vtkMRMLSegmentationNode"]
+    assert selector.property("noneEnabled") is True and selector.property("noneDisplay") == "Create new segmentation"
+    assert selector.property("addEnabled") is False and selector.property("removeEnabled") is False
+
+
+# A long result: what result_text gives for a run with warnings, as the panel shows it after a run.
+LONG_RESULT = ("155 of 155 slices in 103 s on cpu with ONNX Runtime; 10792 voxels (10.8 ml) segmented at threshold "
+               "0.0002\nWarning: the image's intensities do not look like the FLAIR the model was trained on "
+               "(score 1.73 above 1.50); this model takes skull-stripped brain MRI (FLAIR) (run anyway, as asked)")
+
+
+def test_a_long_result_does_not_widen_the_panel():
+    """Before a run the panel's minimum width is W; the status after a long result keeps it at W (the label
+    wraps), where an unwrapped label pushed it from about 500 px to 675 px and the module panel scrolled."""
+    top, widgets, requested = load_ui(UI_FILE)
+    try:
+        before = top.minimumSizeHint().width()
+        widgets["statusLabel"].setText(LONG_RESULT)
+        after = top.minimumSizeHint().width()
+        assert after <= before and before < 560, (before, after)
+        widgets["statusLabel"].setWordWrap(False)  # what the panel did before
+        assert top.minimumSizeHint().width() > before + 300
+    finally:
+        top.deleteLater()

@@ -22,6 +22,7 @@ from filelock import FileLock, Timeout
 from .errors import Cancelled, ModelFileError
 from .files import new_file_mode
 from .modelfile import REGISTRY_FILE, LoadedModel, default_model_name, load_model, read_registry, sha256_of
+from .registry import default_cache_dir
 
 CHUNK_BYTES = 1 << 16
 # Every connect and read waits at most this long, and Cancel is checked between them: a stalled server
@@ -30,11 +31,6 @@ SOCKET_TIMEOUT_S = 0.5
 LOCK_POLL_S = 0.2
 ZIP_MAGIC = b"PK\x03\x04"  # a TorchScript model file is a zip archive
 _verified_files: Dict[tuple, str] = {}  # (path, size, mtime) -> SHA256, so the panel does not hash on every look
-
-
-def default_cache_dir() -> Path:
-    """$CDMSEGMENT_CACHE, else ~/.cache/CDMSegment/models (Slicer passes its own cache path instead)."""
-    return Path(os.environ.get("CDMSEGMENT_CACHE", Path.home() / ".cache" / "CDMSegment" / "models"))
 
 
 def model_file(entry: dict, cache_dir: Path, registry: Path = REGISTRY_FILE) -> Path:
@@ -62,7 +58,8 @@ def _offline_message(entry: dict, reason: str) -> str:
 
 def _cache_message(folder: Path, error: OSError) -> str:
     return (f"cannot write to the model cache {folder} ({error.strerror or error}); make it writable or choose "
-            "another cache folder (CDMSEGMENT_CACHE, or Slicer's cache folder in its Application Settings)")
+            "another cache folder with the environment variable CDMSEGMENT_CACHE (the panel, the Python console and "
+            "the command line share it)")
 
 
 def _check_cancel(cancel: Optional[threading.Event]) -> None:

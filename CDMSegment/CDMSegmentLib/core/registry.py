@@ -5,6 +5,7 @@ The panel lists the registered models from here when it opens, without importing
 """
 
 import json
+import os
 from pathlib import Path
 
 from .errors import ModelFileError
@@ -28,3 +29,9 @@ def default_model_name(kind: str = "diffusion", registry: Path = REGISTRY_FILE) 
     if not entries:
         raise ModelFileError(f"no bundled {kind} model is registered in {registry}; give a model file with --model")
     return next((e for e in entries if e.get("default")), entries[0])["name"]
+
+
+def default_cache_dir() -> Path:
+    """Where downloaded models and ONNX graphs go, one folder per user for the Slicer panel, the Python console
+    and the command line: $CDMSEGMENT_CACHE, else ~/.cache/CDMSegment/models."""
+    return Path(os.environ.get("CDMSEGMENT_CACHE", Path.home() / ".cache" / "CDMSegment" / "models"))

@@ -1,6 +1,8 @@
 """A segmentation run in a child Python process, as Slicer's AI extensions run theirs: the prepared input is
 written to a temporary folder, the command line's ``segment`` runs on it in Slicer's ``PythonSlicer`` (this
 interpreter outside Slicer), and its JSON progress lines (``core.run_events``) are read without blocking.
+The process started is child_guard.py, which runs ``segment`` as its own child: the run ends, and its folder
+with the patient's copy goes, when Slicer is gone, and a run ended by a signal says which and what it means.
 
 The interface stays responsive (the model never holds Slicer's GIL), Cancel ends the child and
 anything it started at once, and a crash or a CUDA fault in torch cannot take Slicer down. No Qt
@@ -25,11 +27,18 @@ import slicer
 from ..core.errors import Cancelled, CDMSegmentError
 from ..core.image import Volume
 from ..core.run_events import ERROR, LOG, PHASE, PROGRESS, SUMMARY, read_event
+from .child_guard import (LIBRARY_PARENT, NOTHING_ADDED, MEMORY_ADVICE, RUN_FOLDER_PREFIX, hidden_console_options,
+                          library_first, remove_orphaned_run_folders, signal_sentence)
 
-# The module the child runs; Testing/test_layering.py adds it to what Slicer installs.
+# The modules the child runs; Testing/test_layering.py adds them to what Slicer installs.
+GUARD_ENTRY = "CDMSegmentLib.slicer_adapters.child_guard"
 SEGMENT_ENTRY = "CDMSegmentLib.cli.segment_command"
-LIBRARY_PARENT = Path(__file__).resolve().parents[2]  # the folder holding CDMSegmentLib
 CANCEL_WAIT_S = 1.0
+# The PythonSlicer launcher (CTK's AppLauncher) reports a child ended by a signal with this on stderr and exits 1:
+# "error: [<python-real>] exit abnormally - Report the problem."
+LAUNCHER_CRASH = "exit abnormally - Report the problem."
+LAUNCHER_CRASH_SENTENCE = (f"the CDMSegment process ended abnormally, killed by the system (most often when memory "
+                           f"runs out) or crashed; {NOTHING_ADDED}; {MEMORY_ADVICE}")
 
 
 def python_executable() -> str:
@@ -43,36 +52,41 @@ def python_executable() -> str:
     return found
 
 
-def _new_process_group() -> dict:
-    """Popen options that put the child in its own process group, so that Cancel ends everything it started."""
+def _popen_options() -> dict:
+    """Popen options that put the child in its own process group, so that Cancel ends everything it started,
+    and hide its console window on Windows."""
     if os.name == "nt":
-        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        options = hidden_console_options()
+        options["creationflags"] |= subprocess.CREATE_NEW_PROCESS_GROUP
+        return options
     return {"start_new_session": True}
 
 
-def _signal_sentence(returncode: int) -> str:
-    """What a child ended by a signal (negative return code on POSIX) means for the user, in one sentence."""
-    number = -returncode
-    try:
-        name = signal.Signals(number).name
-    except ValueError:
-        name = f"signal {number}"
-    if number == getattr(signal, "SIGKILL", None):
-        return ("the CDMSegment process was killed (SIGKILL), most often by the system when memory runs out; "
-                "nothing was added to the scene; try a smaller batch size or close other programs")
-    return f"the CDMSegment process was ended by {name}; nothing was added to the scene"
+def failure_sentence(returncode: int, stderr_lines: Sequence[str]) -> str:
+    """Why a child that wrote no error line failed: a signal or a crash by name, the launcher's report of one
+    (it hides the signal), else the last line it wrote on stderr."""
+    if stderr_lines and stderr_lines[-1].endswith(LAUNCHER_CRASH):
+        return LAUNCHER_CRASH_SENTENCE
+    sentence = signal_sentence(returncode)
+    if sentence:
+        return sentence
+    said = f": {stderr_lines[-1]}" if stderr_lines else ""
+    return f"the CDMSegment process failed (exit code {returncode}){said}"
 
 
 class ChildRun:
     """``cdmsegment segment --progress-lines`` on copies of the input volumes, in a child process.
 
     volumes: the prepared inputs (one per modality, geometry in LPS); arguments: the command line's
-    options after the inputs (model, method, settings...). Progress is read by ``poll()``;
+    options after the inputs (model, method, settings...); cache_dir: the model cache the child uses (default:
+    the per-user one, ``core.registry.default_cache_dir``). Progress is read by ``poll()``;
     ``summary`` holds the run's result, ``error`` its one-line failure. Call ``close()`` when done.
     """
 
-    def __init__(self, volumes: Sequence[Volume], arguments: List[str], python: Optional[str] = None):
-        self.folder = Path(tempfile.mkdtemp(prefix="CDMSegment-"))
+    def __init__(self, volumes: Sequence[Volume], arguments: List[str], python: Optional[str] = None,
+                 cache_dir: Optional[Path] = None):
+        remove_orphaned_run_folders(Path(tempfile.gettempdir()))
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{RUN_FOLDER_PREFIX}{os.getpid()}-"))
         self.ijk_to_lps = volumes[0].ijk_to_lps()  # the grid of the run's outputs
         self.progress = (0, 0)
         self.phase = "starting"
@@ -89,14 +103,15 @@ class ChildRun:
             for n, volume in enumerate(volumes):
                 inputs.append(self.folder / f"input{n}.nrrd")
                 sitk.WriteImage(volume.to_sitk(), str(inputs[-1]), False)  # uncompressed: written and read fast
-            command = [python or python_executable(), "-m", SEGMENT_ENTRY, "segment", *map(str, inputs),
-                       "-o", str(self.folder / "output"), "--progress-lines", *arguments]
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                [str(LIBRARY_PARENT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+            command = library_first(python or python_executable(), GUARD_ENTRY, [
+                os.getpid(), self.folder, "--", SEGMENT_ENTRY, "segment", *inputs, "-o", self.folder / "output",
+                "--progress-lines", *arguments], LIBRARY_PARENT)
+            # The caller's model cache is the child's too (core.registry.default_cache_dir reads it).
+            env = dict(os.environ, CDMSEGMENT_CACHE=str(cache_dir)) if cache_dir is not None else None
             self._stdout_path, self._stderr_path = self.folder / "stdout.jsonl", self.folder / "stderr.txt"
             with open(self._stdout_path, "wb") as stdout, open(self._stderr_path, "wb") as stderr:
                 self.process = subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-                                                cwd=self.folder, env=env, **_new_process_group())
+                                                cwd=self.folder, env=env, **_popen_options())
             self._reader = open(self._stdout_path, "rb")
         except BaseException:
             self.close()
@@ -122,7 +137,8 @@ class ChildRun:
         if self.cancelled:
             self.error = str(Cancelled())
         elif self.error is None and returncode != 0:
-            self.error = _signal_sentence(returncode) if returncode < 0 else self._last_stderr_line(returncode)
+            lines = [l.strip() for l in self._stderr_path.read_text(errors="replace").splitlines() if l.strip()]
+            self.error = failure_sentence(returncode, lines)
         elif self.error is None and self.summary is None:
             self.error = "the CDMSegment process ended without a result; nothing was added to the scene"
         return True
@@ -148,11 +164,6 @@ class ChildRun:
                 self.summary = event
             elif kind == ERROR:
                 self.error = event["message"]
-
-    def _last_stderr_line(self, returncode: int) -> str:
-        lines = [l.strip() for l in self._stderr_path.read_text(errors="replace").splitlines() if l.strip()]
-        said = f": {lines[-1]}" if lines else ""
-        return f"the CDMSegment process failed (exit code {returncode}){said}"
 
     def cancel(self) -> None:
         """End the child and everything it started now, and wait (up to a second) until it has ended. Nothing

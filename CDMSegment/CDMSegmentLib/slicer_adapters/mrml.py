@@ -27,6 +27,7 @@ HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
 HEATMAP_OPACITY = 0.4  # the heatmap as foreground over the input in the slice views
 WRITTEN_ATTRIBUTE = "CDMSegment.written."  # + segment id: digest of the mask CDMSegment last wrote
 MIN_COMPONENT_ATTRIBUTE = "CDMSegment.minComponentVoxels"  # a run's speck removal, which a new threshold keeps
+RESULT_SEGMENT_ATTRIBUTE = "CDMSegment.resultSegment"  # the segment a new threshold re-makes (else the first)
 
 
 def _matrix_to_array(m: vtk.vtkMatrix4x4) -> np.ndarray:
@@ -103,9 +104,10 @@ def default_input_volume(scene, shown=None):
 
     if plain(shown):
         return shown
-    volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-    return next((n for n in (volumes.GetItemAsObject(i) for i in range(volumes.GetNumberOfItems())) if plain(n)),
-                None)
+    # By index, not GetNodesByClass: the collection that returns is the caller's to UnRegister, else it leaks.
+    count = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    return next((n for n in (scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode") for i in range(count))
+                 if plain(n)), None)
 
 
 def volume_from_node(node, harden: bool = False, label: str = "input") -> Volume:
@@ -237,8 +239,49 @@ def study_of(scene, node) -> Optional[int]:
     return hierarchy.GetItemParent(item) if item else None
 
 
+def result_segment_id(segmentation_node) -> str:
+    """The segment of a run's result in a segmentation: the one it was written into, else the first."""
+    segmentation = segmentation_node.GetSegmentation()
+    noted = segmentation_node.GetAttribute(RESULT_SEGMENT_ATTRIBUTE)
+    return noted if noted and segmentation.GetSegment(noted) is not None else segmentation.GetNthSegmentID(0)
+
+
+def edited_segments(segmentation_node, names: Sequence[str], ijk_to_ras_matrix: np.ndarray, shape) -> list:
+    """Those of ``names`` that are segments of the segmentation holding something CDMSegment did not write there
+    (an edit by the user, or a segment that is not ours), on the given grid."""
+    segmentation = segmentation_node.GetSegmentation()
+    found = [(name, segmentation.GetSegmentIdBySegmentName(name)) for name in names]
+    return [name for name, segment_id in found
+            if segment_id and segment_edited(segmentation_node, segment_id, ijk_to_ras_matrix, shape)]
+
+
+def merge_segments(target_node, result_node, ijk_to_ras_matrix: np.ndarray, shape, replace_edited: bool) -> bool:
+    """Write a run's segments (``result_node``) into the segmentation the user chose: a segment of the same name
+    gets the new voxels (its name and colour stay), others are added. False, and nothing written, when that
+    would replace an edited segment and ``replace_edited`` is not set."""
+    names = [result_node.GetSegmentation().GetNthSegment(n).GetName()
+             for n in range(result_node.GetSegmentation().GetNumberOfSegments())]
+    if not replace_edited and edited_segments(target_node, names, ijk_to_ras_matrix, shape):
+        return False
+    source, target = result_node.GetSegmentation(), target_node.GetSegmentation()
+    first = None
+    for name in names:
+        source_id, target_id = source.GetSegmentIdBySegmentName(name), target.GetSegmentIdBySegmentName(name)
+        mask = segment_mask(result_node, source_id, ijk_to_ras_matrix, shape)
+        if target_id:
+            set_segment_mask(target_node, target_id, mask, ijk_to_ras_matrix)
+        else:
+            target.CopySegmentFromSegmentation(source, source_id, False)
+            target_id = target.GetNthSegmentID(target.GetNumberOfSegments() - 1)
+            remember_written(target_node, target_id, mask)
+        first = first or target_id
+    target_node.SetAttribute(RESULT_SEGMENT_ATTRIBUTE, first)
+    target_node.SetAttribute(MIN_COMPONENT_ATTRIBUTE, result_node.GetAttribute(MIN_COMPONENT_ATTRIBUTE) or "0")
+    return True
+
+
 def remake_segment(heatmap_node, segmentation_node, threshold: float):
-    """The first segment re-made from the heatmap node at ``threshold`` (no model run), with the speck removal
+    """The run's segment (``result_segment_id``) re-made from the heatmap node at ``threshold`` (no model run), with the speck removal
     of the run that made it. An edited segment is left as the user made it: the new mask goes into a new
     segmentation beside it, which is returned. A deleted heatmap, segmentation or segment is an error."""
     for node, what in ((heatmap_node, "heatmap volume"), (segmentation_node, "segmentation")):
@@ -251,7 +294,7 @@ def remake_segment(heatmap_node, segmentation_node, threshold: float):
     matrix = ijk_to_ras(heatmap_node)
     # No content mask needed: the heatmap is zero outside the content and thresholds are >= 0.
     mask = make_mask(heatmap, threshold, None, int(segmentation_node.GetAttribute(MIN_COMPONENT_ATTRIBUTE) or 0))
-    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+    segment_id = result_segment_id(segmentation_node)
     if not segment_edited(segmentation_node, segment_id, matrix, heatmap.shape):
         set_segment_mask(segmentation_node, segment_id, mask, matrix)
         return segmentation_node

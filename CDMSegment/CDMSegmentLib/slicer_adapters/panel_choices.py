@@ -5,7 +5,9 @@ texts a user reads are tested by pytest like the rest of the core.
 """
 
 import importlib.metadata
+import json
 import math
+import zipfile
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -48,10 +50,67 @@ def settings_from_parameters(parameters):
     return CDMSettings(**{field: getattr(parameters, name) for name, field in PANEL_SETTINGS.items()})
 
 
+def model_file_of(source: str, cache_dir: Optional[Path] = None, registry: Path = REGISTRY_FILE) -> Optional[Path]:
+    """The file a model choice names, where it is on disk: a registered model's bundled (or already downloaded)
+    file, or the path given; None for a registered model not downloaded yet."""
+    entry = next((e for e in read_registry(registry) if e["name"] == source), None)
+    if entry is None:
+        return Path(source) if Path(source).is_file() else None
+    found = [p for p in (registry.parent / entry["file"], cache_dir and Path(cache_dir) / entry["file"]) if p]
+    return next((p for p in found if p.is_file()), None)
+
+
+def peek_metadata(path: Optional[Path]) -> Optional[dict]:
+    """A model file's metadata, read from its TorchScript archive (a zip holding ``<name>/extra/metadata.json``)
+    without torch, for the panel to describe a model before PyTorch loads it; None when it holds none. Loading
+    (core.modelfile) still checks the file and its metadata before anything runs."""
+    if path is None:
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/extra/metadata.json")), None)
+            metadata = json.loads(archive.read(name)) if name else None
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile):
+        return None
+    fields = ("name", "version", "modalities", "class_names", "image_size")
+    return metadata if isinstance(metadata, dict) and all(f in metadata for f in fields) else None
+
+
+def metadata_text(m: dict) -> str:
+    """What the panel says about a model, from its metadata: name, inputs, classes, slice size, what it takes."""
+    return (f"{m['name']} {m['version']}: {', '.join(m['modalities'])} -> {', '.join(m['class_names'][1:])}, "
+            f"{m['image_size']} px slices\nTakes: {takes(m)}")
+
+
 def model_text(model) -> str:
-    m = model.metadata
-    return (f"{m['name']} {m['version']}: {', '.join(model.modalities)} -> {', '.join(model.class_names[1:])}, "
-            f"{model.image_size} px slices\nTakes: {takes(m)}")
+    return metadata_text(model.metadata)
+
+
+def torch_build() -> str:
+    """Which PyTorch build is installed, from its package metadata without importing it: 'cuda', 'rocm', 'cpu',
+    or '' when none is. PyPI's Linux wheels carry no +cu tag but depend on NVIDIA's CUDA packages."""
+    try:
+        distribution = importlib.metadata.distribution("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    local = distribution.version.partition("+")[2]
+    if local.startswith("cu"):
+        return "cuda"
+    if local.startswith("rocm"):
+        return "rocm"
+    if local == "cpu":
+        return "cpu"
+    return "cuda" if any(r.startswith("nvidia-") for r in distribution.requires or []) else "cpu"
+
+
+def runs_on_cpu(device: str, build: str, last_run_device: Optional[str] = None) -> bool:
+    """Whether a run with the panel's device choice ('auto', 'cuda', 'cpu') will be on the CPU: as the last run
+    was for 'auto' once one ran (the child chose), else as the PyTorch build suggests."""
+    if device in ("cpu", "cuda"):
+        return device == "cpu"
+    if last_run_device:
+        return last_run_device.startswith("cpu")
+    return build not in ("cuda", "rocm")
 
 
 def progress_text(done: float, total: float, unit: str, eta_seconds: Optional[float], message: str = "") -> str:

@@ -9,6 +9,8 @@ inputs are still in the scene and reads the run's files into it through Slicer's
 
 from typing import List, Optional, Sequence, Union
 
+import slicer
+
 from . import mrml
 from .child_process import ChildRun
 from .result_files import add_result_files
@@ -47,9 +49,10 @@ def segment_arguments(model: LoadedModel, *, classifier: Optional[LoadedModel] =
 
 
 def start_run(nodes: Sequence, model: LoadedModel, *, harden: bool = False, python: Optional[str] = None,
-              **options) -> ChildRun:
-    """Check and copy the inputs, then start the run in a child process (options: see segment_arguments)."""
-    return ChildRun(prepare_inputs(nodes, model, harden), segment_arguments(model, **options), python)
+              cache_dir=None, **options) -> ChildRun:
+    """Check and copy the inputs, then start the run in a child process (options: see segment_arguments);
+    cache_dir: the model cache the child uses (its ONNX graphs), default the per-user one."""
+    return ChildRun(prepare_inputs(nodes, model, harden), segment_arguments(model, **options), python, cache_dir)
 
 
 def _in_scene(node) -> bool:
@@ -57,14 +60,24 @@ def _in_scene(node) -> bool:
     return scene is not None and scene.GetNodeByID(node.GetID()) is node
 
 
-def add_results(run: ChildRun, nodes: Sequence, name: Optional[str] = None) -> List:
+def add_results(run: ChildRun, nodes: Sequence, name: Optional[str] = None, into=None,
+                replace_edited: bool = False) -> List:
     """A finished run's heatmap volume(s) and segmentation as new nodes in the first input's study;
-    returns them (heatmaps first). An input deleted during the run is an error and adds nothing."""
+    returns them (heatmaps first). ``into``: a segmentation to write the segments into instead of a new one
+    (mrml.merge_segments); when that would replace a segment the user edited and ``replace_edited`` is not set,
+    the result stays a new segmentation and the edit is kept. An input deleted during the run is an error and
+    adds nothing."""
     for node in nodes:
         if not _in_scene(node):
             raise CDMSegmentError(f"the input volume {node.GetName()!r} was deleted while CDMSegment ran; "
                                   "nothing was added to the scene")
     summary = run.summary
-    return add_result_files(nodes[0], mrml.RAS_FROM_LPS @ run.ijk_to_lps, run.output_paths(), summary["class_names"],
-                            summary["min_component_voxels"], name or nodes[0].GetName())
-
+    grid = mrml.RAS_FROM_LPS @ run.ijk_to_lps
+    outputs = add_result_files(nodes[0], grid, run.output_paths(), summary["class_names"],
+                               summary["min_component_voxels"], name or nodes[0].GetName())
+    if into is not None and _in_scene(into):
+        shape = slicer.util.arrayFromVolume(outputs[0]).shape
+        if mrml.merge_segments(into, outputs[-1], grid, shape, replace_edited):
+            into.GetScene().RemoveNode(outputs[-1])
+            outputs[-1] = into
+    return outputs
