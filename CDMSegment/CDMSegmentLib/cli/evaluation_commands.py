@@ -68,6 +68,10 @@ def add_evaluate_volumes_parser(sub) -> None:
                    help="cases with masks from the training families: fit the calibrated intensity-threshold "
                         "baseline there (default: only the Otsu baseline)")
     p.add_argument("--fit-cases", type=int, default=12, help="cases of TRAINDIR used for the fit")
+    p.add_argument("--grow-above", type=float, default=None,
+                   help="also score the CDM's mask grown through the bright regions it touches, above this many times "
+                        "the brain's median (default: the model's grow_above, else the fitted intensity threshold "
+                        "when --fit-threshold-on is given; 0: not scored)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=16, help="slices per network batch (default: %(default)s)")
     p.set_defaults(func=run_evaluate_volumes)
@@ -112,7 +116,9 @@ def run_evaluate_volumes(args) -> None:
             [(read_volume(c.images[modality]).array, read_volume(c.seg).array > 0) for c in fit_cases])
         print(f"intensity threshold {threshold:.2f} x the brain's median (pooled Dice {pooled:.3f} on {len(fit_cases)} cases "
               f"of {args.fit_threshold_on})", file=sys.stderr)
-    scores = evaluate_volumes(cases, model, families=families, intensity_threshold=threshold, device=args.device,
+    grow_above = args.grow_above if args.grow_above is not None else model.defaults.get("grow_above", threshold)
+    scores = evaluate_volumes(cases, model, families=families, intensity_threshold=threshold, grow_above=grow_above,
+                              device=args.device,
                               batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
     write_scores(scores, args.output, " ".join(["cdmsegment"] + sys.argv[1:]))
     print(summary_table(scores) + "\n" + family_table(scores) + "\n" + size_table(scores))

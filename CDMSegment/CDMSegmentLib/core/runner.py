@@ -24,6 +24,7 @@ from .modelfile import LoadedModel
 from .ood import ood_score
 from .plausibility import check_plausible, ood_finding
 from .slicing import Orientation, extract_slices, insert_slices
+from .refine import grow_through_intensity
 from .threshold import make_mask, resolve_threshold, voxels_for_ml
 from .tissue import slices_with_content, tissue_mask
 
@@ -93,7 +94,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                    device: str = "auto", axis: Union[str, int] = "auto", batch_size: Optional[int] = None,
                    threshold: Union[str, float, None] = None, min_component_voxels: Optional[int] = None,
                    precision: str = "auto", engine: str = "auto", seed: int = 0, crop_margin_px: Optional[int] = None,
-                   force: bool = False,
+                   force: bool = False, grow_above: Optional[float] = None,
                    progress: Optional[Callable[[int, int], None]] = None, cancel=None,
                    log: Callable[[str], None] = print) -> SegmentationResult:
     """Run ``method`` slice by slice over the volume and threshold the heatmap at volume level.
@@ -108,6 +109,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     counts slices with content (tissue: core/tissue.py); cancel (callable or threading.Event) stops between
     batches with Cancelled. force: run on an image the model was not made for (core/plausibility.py).
     engine: 'auto', 'torch' or 'onnxruntime' for the diffusion network of the CDM methods (core/engine.py).
+    grow_above: grow the CDM's mask through the bright components it touches (core/refine.py), in multiples
+    of the brain's median intensity (default: the model's ``grow_above``, else none; 0 turns it off).
     Everything from the input's voxels to the heatmap on the input grid stays on the device: the volumes
     cross to it once, the heatmap and the tissue mask come back once for the threshold and the mask.
     """
@@ -153,6 +156,9 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     heatmap, content_voxels = heatmap.cpu().numpy(), content_voxels.cpu().numpy()
     value = resolve_threshold(heatmap, threshold, content_voxels, calibrated)
     mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
+    grow_above = defaults.get("grow_above", 0.0) if grow_above is None else grow_above
+    if grow_above and method in CDM_METHODS:
+        mask = grow_through_intensity(mask, volumes[0].array, content_voxels, float(grow_above))
     return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), len(with_content),
                               len(with_content) * network_evaluations_per_slice(method, params),
                               time.perf_counter() - start, str(maps.device), min_component_voxels, warnings, engine)

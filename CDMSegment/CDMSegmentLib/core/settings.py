@@ -34,7 +34,8 @@ def _option(help_text: str, type_, default=None, choices=None):
 class CDMSettings:
     """preset: 'model' (the defaults measured for the model) or 'paper'; noise_level: alpha_bar at the start
     (the paper's Q); steps: R; tau; noise_draws; guidance_scale: s (CG-CDM); threshold: 'model', 'otsu' or a
-    number in heatmap units; min_component_ml: 3D components smaller than this (ml) are dropped."""
+    number in heatmap units; min_component_ml: 3D components smaller than this (ml) are dropped; grow_above:
+    the intensity growth threshold (core/refine.py)."""
 
     preset: str = _option("defaults measured for this model, or the paper's (Q~alpha_bar 0.90, R=10, tau=0.95)",
                           str, "model", ("model", "paper"))
@@ -48,6 +49,9 @@ class CDMSettings:
         "'model' (calibrated, default when stored), 'otsu' over the volume, or a number", threshold_rule)
     min_component_ml: Optional[float] = _option(
         "drop 3D components smaller than this many ml (default: the model's)", float)
+    grow_above: Optional[float] = _option(
+        "grow the mask through the bright regions it touches: voxels above this many times the brain's median "
+        "intensity (default: the model's; 0: off)", float)
 
     def params(self, model: LoadedModel, classifier: Optional[LoadedModel] = None) -> CDMParams:
         """The sampler's settings: these values, the model's (or the paper's) where None or not offered here

@@ -21,7 +21,9 @@ from .intensity_baselines import intensity_otsu_mask, intensity_threshold_mask
 from .metrics import dice, nan_mean
 from ..core.modelfile import LoadedModel
 from ..core.slicing import Orientation
+from ..core.refine import grow_through_intensity
 from ..core.runner import segment_volume
+from ..core.tissue import tissue_mask
 
 SIZE_BINS_ML = (0.0, 1.0, 5.0, 20.0, 100.0, np.inf)
 
@@ -54,8 +56,11 @@ def score_volume(case: str, method: str, pred: np.ndarray, truth: np.ndarray, or
 
 def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Optional[Sequence[str]] = None,
                      families: Optional[Dict[str, str]] = None, intensity_threshold: Optional[float] = None,
-                     log: Callable[[str], None] = print, **run_options) -> List[VolumeScore]:
-    """CDM (the model's defaults unless overridden) and the intensity baselines on every case.
+                     grow_above: Optional[float] = None, log: Callable[[str], None] = print,
+                     **run_options) -> List[VolumeScore]:
+    """CDM (the model's defaults unless overridden), with ``grow_above`` also the CDM's mask grown through
+    the intensity (core/refine.py; the model's ``grow_above`` when None, none when 0), and the intensity
+    baselines on every case.
 
     families: case id -> lesion family, for the per-family tables. intensity_threshold: the
     calibrated threshold on relative intensity (``fit_intensity_threshold`` on training
@@ -63,6 +68,7 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
     """
     modalities = list(modalities or model.modalities)
     families = families or {}
+    grow_above = model.defaults.get("grow_above", 0.0) if grow_above is None else grow_above
     scores = []
     for n, case in enumerate(cases, start=1):
         volumes = [read_volume(case.images[m]) for m in modalities]
@@ -71,9 +77,15 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         orientation = Orientation.from_direction(ref.direction, ref.spacing_mm)
         voxel_ml = float(np.prod(ref.spacing_mm)) / 1000
         family = families.get(case.case_id, "")
-        result = segment_volume(model, volumes, log=lambda m: None, **run_options)
+        result = segment_volume(model, volumes, log=lambda m: None, grow_above=0.0, **run_options)
         cdm = score_volume(case.case_id, "CDM", result.mask > 0, truth, orientation, voxel_ml, result.seconds, family)
         scores.append(cdm)
+        if grow_above:  # from the same heatmap and mask: the growth alone makes the difference
+            start = time.perf_counter()
+            grown = grow_through_intensity(result.mask, ref.array, tissue_mask(ref.array).cpu().numpy(),
+                                           grow_above)
+            scores.append(score_volume(case.case_id, f"CDM + intensity growth ({grow_above:g})", grown > 0, truth,
+                                       orientation, voxel_ml, result.seconds + time.perf_counter() - start, family))
         baselines = {"Otsu on intensity": intensity_otsu_mask}
         if intensity_threshold is not None:
             baselines["intensity threshold (calibrated)"] = lambda a: intensity_threshold_mask(a, intensity_threshold)

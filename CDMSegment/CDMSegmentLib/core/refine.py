@@ -1,0 +1,37 @@
+"""Growing the CDM's mask through the lesion's own intensity: the CDM says *which* bright regions are
+lesions, the image says *where their edges are*.
+
+A calibrated intensity threshold on FLAIR delineates a bright lesion well but also takes every bright
+normal structure (a periventricular rim, bright cortex, flow artefacts) and so marks millilitres of
+"lesion" on a healthy brain; the CDM, which has learnt what normal looks like, rarely fires there,
+but its heatmap is made at the model's slice size (96-128 px) and its edges are soft. Together: keep
+the connected components of the bright voxels that the CDM's mask touches, plus the CDM's mask
+itself (a faint lesion under the intensity threshold still counts). Both thresholds are calibrated
+on validation data only (``cdmsegment set-defaults``: ``grow_above`` in the model's defaults).
+"""
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import CDMSegmentError
+
+
+def grow_through_intensity(mask: np.ndarray, image: np.ndarray, content: np.ndarray,
+                           relative_threshold: float) -> np.ndarray:
+    """uint8 (K, J, I): ``mask`` joined with every 3D component (face-connected) of the content voxels brighter
+    than ``relative_threshold`` times the content's median intensity that ``mask`` touches.
+
+    mask, content: (K, J, I) bool or 0/1; image: (K, J, I) intensities on the same grid (the first modality).
+    Raises CDMSegmentError for a threshold that is not a finite number above 0.
+    """
+    if not np.isfinite(relative_threshold) or relative_threshold <= 0:
+        raise CDMSegmentError(f"the intensity growth threshold must be a number above 0 (a multiple of the brain's "
+                              f"median intensity, e.g. 1.5), got {relative_threshold}")
+    mask, content = mask.astype(bool), content.astype(bool)
+    if not mask.any() or not content.any():
+        return mask.astype(np.uint8)
+    bright = (image > relative_threshold * float(np.median(image[content]))) & content
+    labels, _ = ndimage.label(bright)
+    touched = np.unique(labels[mask & bright])
+    grown = np.isin(labels, touched[touched > 0]) | mask
+    return grown.astype(np.uint8)
