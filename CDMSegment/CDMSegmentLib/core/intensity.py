@@ -13,6 +13,25 @@ from .percentile import percentiles
 DEFAULT_NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5}
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_values(a: torch.Tensor) -> None:
+    """Voxel values the float32 computation can hold, judged in their own type: NaN or infinite voxels, and
+    finite ones too large for float32 (a float64 image up to 1e300 would become infinite) are refused, each
+    said as what it is."""
+    if not a.numel() or not a.is_floating_point():  # integers are finite and fit
+        return
+    # One pass for both: the minimum and maximum carry a NaN, and an infinity reaches one of them.
+    low, high = (float(v) for v in torch.stack(torch.aminmax(a)).tolist())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise CDMSegmentError("the image contains NaN or infinite voxels; fix or mask them first")
+    if max(-low, high) > FLOAT32_MAX:
+        raise CDMSegmentError(f"the image holds values from {low:.3g} to {high:.3g}, too large for the 32-bit "
+                              f"floating point the model computes in (at most {FLOAT32_MAX:.3g}); rescale the image "
+                              "to its usual intensity range first")
+
+
 def normalise_volume(array: Union[np.ndarray, torch.Tensor], spec: dict = None,
                      device: Union[str, torch.device, None] = None) -> torch.Tensor:
     """Map one modality of one volume to [-1, 1]: robust percentiles of the non-zero voxels.
@@ -26,10 +45,9 @@ def normalise_volume(array: Union[np.ndarray, torch.Tensor], spec: dict = None,
     spec = spec or DEFAULT_NORMALISATION
     if spec.get("method") != "percentile":
         raise CDMSegmentError(f"unknown intensity normalisation {spec.get('method')!r}; expected 'percentile'")
-    a = voxel_tensor(array, device).float()
-    # One pass for both: the minimum and maximum carry a NaN, and an infinity reaches one of them.
-    if a.numel() and not all(math.isfinite(v) for v in torch.stack(torch.aminmax(a)).tolist()):
-        raise CDMSegmentError("the image contains NaN or infinite voxels; fix or mask them first")
+    a = voxel_tensor(array, device)
+    check_values(a)
+    a = a.float()
     background = a == 0
     foreground = a[~background]
     if foreground.numel() == 0:
