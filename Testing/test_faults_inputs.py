@@ -342,3 +342,32 @@ def test_the_python_api_says_when_a_list_is_expected(tmp_path, model_path):
         segment_volume(load_model(model_path), volume, device="cpu")
     with pytest.raises(CDMSegmentError, match="its voxels are complex numbers"):
         segment_volume(load_model(model_path), [volume.with_array(volume.array.astype(np.complex128))], device="cpu")
+
+
+# ---- skull-stripped volumes with a low noise floor ---------------------------------------------------------
+
+def test_a_skull_stripped_brain_with_a_low_noise_or_ringing_background_passes(model_path):
+    """The foreground is judged above the noise floor: a brain whose background holds small values is a brain."""
+    from CDMSegmentLib.core.plausibility import check_plausible
+    from test_faults import MNI, STEP, head, mni_brain
+
+    brain, spacing = mni_brain()
+    noisy = np.where(brain > 0, brain, np.random.default_rng(0).rayleigh(0.005 * brain.max(), brain.shape))
+    noisy[:3] = noisy[-3:] = 0  # some exact zeros left, as a filter leaves them: 'non-zero' measured the whole box
+    assert np.count_nonzero(noisy) * np.prod(spacing) / 1000 > 7000
+    # ringing: the 1 mm brain resampled onto a 4 mm grid shifted by 1.3 mm with a windowed sinc
+    image = sitk.ReadImage(str(MNI), sitk.sitkFloat32)
+    grid = sitk.Image([n // STEP for n in image.GetSize()], sitk.sitkFloat32)
+    grid.SetSpacing([STEP * s for s in image.GetSpacing()])
+    grid.SetOrigin([o + 1.3 for o in image.GetOrigin()])
+    grid.SetDirection(image.GetDirection())
+    ringing = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLanczosWindowedSinc))
+    assert (ringing < 0).any() and np.count_nonzero(ringing) * np.prod(spacing) / 1000 > 2300
+    metadata = load_model(model_path).metadata
+    for array in (noisy.astype(np.float32), ringing):
+        assert check_plausible(metadata, [Volume(array, spacing)], ["FLAIR"]) == []
+    # and what has to stay refused: a head on a noise background, a head with its skull on a zero one
+    with pytest.raises(CDMSegmentError, match="is not skull-stripped: its background is not dark"):
+        check_plausible(metadata, [Volume(head(3, "noise"), spacing)], ["FLAIR"])
+    with pytest.raises(CDMSegmentError, match="skull and scalp seem to be still on"):
+        check_plausible(metadata, [Volume(noisy + np.where(head(4) == 300, 300, 0), spacing)], ["FLAIR"])
