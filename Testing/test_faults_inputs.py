@@ -127,6 +127,18 @@ def test_a_cohort_summary_never_replaces_its_case_list(tmp_path, model_path, cap
     assert digests(out) == before
 
 
+def test_no_command_writes_over_a_file_it_was_given(tmp_path, model_path, capfd):
+    """set-defaults and calibrate-ood name their output with -o: the model they read is refused there."""
+    model = tmp_path / "model.pt"
+    model.write_bytes(model_path.read_bytes())
+    (tmp_path / "defaults.json").write_text('{"steps": 2}')
+    before = digests(tmp_path)
+    refused(["set-defaults", model, tmp_path / "defaults.json", "-o", model], capfd, f"the output {model} is the input")
+    refused(["calibrate-ood", model, tmp_path, "-o", tmp_path / ".." / tmp_path.name / "model.pt"], capfd,
+            "is the input", "not even with --overwrite")
+    assert digests(tmp_path) == before
+
+
 # ---- output names -------------------------------------------------------------------------------------------
 
 def test_outputs_of_dot_and_dot_dot_are_named_after_the_folder(tmp_path, monkeypatch):
@@ -302,6 +314,8 @@ WRONG_INPUTS = {
     "NIfTI with a NaN block": (lambda t: nifti(t / "nan.nii.gz", nan_block()), "32 of its 2880 voxels are NaN", ""),
     "all-NaN NIfTI": (lambda t: nifti(t / "allnan.nii", np.full((6, 20, 24), np.nan, np.float32)),
                       "all of its 2880 voxels are NaN or infinite", "all zeros"),
+    "NIfTI pair with a NaN block": (lambda t: nifti(t / "pair.hdr", nan_block()) and t / "pair.img",
+                                    "32 of its 2880 voxels are NaN", ""),
     "float64 NIfTI with infinities": (lambda t: nifti(t / "inf.nii", infinities()), "2 of its 2880 voxels", ""),
     "NRRD with a NaN block": (lambda t: nifti(t / "nan.nrrd", nan_block()), "NaN or infinite voxels", ""),
     "float64 up to 1e300": (lambda t: nifti(t / "big.nrrd", phantom((6, 20, 24)) * 1e297),

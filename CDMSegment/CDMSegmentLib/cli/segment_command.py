@@ -19,6 +19,7 @@ from ..core.engine import ENGINES
 from ..core.errors import CDMSegmentError
 from ..core.run_events import ERROR, SUMMARY, EventWriter
 from ..core.settings import CDMSettings
+from .writers import check_command_outputs
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -209,6 +210,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Optional[List[str]] = Non
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
+        check_command_outputs(args)
         args.func(args)
         return 0
     except CDMSegmentError as e:

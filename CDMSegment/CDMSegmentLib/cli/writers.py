@@ -65,6 +65,23 @@ def check_not_inputs(outputs: Sequence[Path], inputs: Sequence) -> None:
                                   "it is never replaced (not even with --overwrite); choose another output folder")
 
 
+# The arguments through which a command names what it writes (-o, a positional OUTDIR, train's run folder).
+OUTPUT_ARGUMENTS = ("output", "run_dir")
+
+
+def check_command_outputs(args) -> None:
+    """Any command, before it runs: what it writes (``OUTPUT_ARGUMENTS``) is none of the existing files its
+    other arguments name (set-defaults MODEL -o MODEL, calibrate MODEL DATA -o DATA)."""
+    given = []
+    for key, value in vars(args).items():
+        if key in OUTPUT_ARGUMENTS:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, Path)) and str(item) and os.path.exists(item):
+                given.append(item)
+    check_not_inputs([Path(getattr(args, k)) for k in OUTPUT_ARGUMENTS if getattr(args, k, None) is not None], given)
+
+
 def _limits(folder: Path) -> Tuple[int, int]:
     """(longest file name, longest path) in bytes that the file system holding ``folder`` takes."""
     existing = Path(folder).absolute()

@@ -141,38 +141,58 @@ def _check_kind(image: sitk.Image, path: Path) -> None:
 
 
 def _check_complete(path: Path) -> None:
-    """A gzip file must decompress to its end with a matching CRC; a NIfTI must hold all the voxels its header
-    declares (SimpleITK fills the missing ones with zeros without a word) and, when they are floating point,
-    only finite ones (SimpleITK's NIfTI reader turns NaN and infinities into 0, so they are looked for in the
-    stored bytes, on the same pass)."""
-    with open(path, "rb") as f:
-        compressed = f.read(2) == b"\x1f\x8b"
-    opener = gzip.open if compressed else open
+    """A gzip file must decompress to its end with a matching CRC; a NIfTI (one file, or a .hdr/.img pair given by
+    either name) must hold all the voxels its header declares (SimpleITK fills the missing ones with zeros without
+    a word) and, when they are floating point, only finite ones (SimpleITK's NIfTI reader turns NaN and
+    infinities into 0, so they are looked for in the stored bytes, on the same pass)."""
     truncated = f"cannot use {path}: the file is truncated or damaged (it holds less data than its header says); " \
                 "copy it again from its source"
     try:
-        with opener(path, "rb") as f:
+        header, voxels = _nifti_pair(path) or (path, path)
+        with _opener(header)(header, "rb") as f:
             layout = _nifti_layout(f.read(540))
+        if layout is not None and layout.paired != (header != voxels):
+            layout, voxels = None, path  # not what its name says: let ITK judge it
+        opener = _opener(voxels)
         scan = layout if layout is not None and layout.dtype is not None else None
-        if compressed or scan:  # only a gzip stream must be read through, and float voxels looked at
-            size, non_finite = _read_through(path, opener, scan)
+        if opener is gzip.open or scan:  # only a gzip stream must be read through, and float voxels looked at
+            size, non_finite = _read_through(voxels, opener, scan)
         else:
-            size, non_finite = path.stat().st_size, 0
+            size, non_finite = voxels.stat().st_size, 0
     except (EOFError, OSError, zlib.error):  # gzip.BadGzipFile is an OSError
         raise CDMSegmentError(truncated) from None
     if layout is not None and size < layout.end:
         raise CDMSegmentError(truncated)
     if non_finite:
-        voxels = (layout.end - layout.offset) // layout.dtype.itemsize
-        share = "all" if non_finite == voxels else f"{non_finite}"
-        raise CDMSegmentError(f"cannot use {path}: {share} of its {voxels} voxels are NaN or infinite (not numbers; "
+        count = (layout.end - layout.offset) // layout.dtype.itemsize
+        share = "all" if non_finite == count else f"{non_finite}"
+        raise CDMSegmentError(f"cannot use {path}: {share} of its {count} voxels are NaN or infinite (not numbers; "
                               "the NIfTI reader would silently read them as 0); fix them or set them to 0 first")
 
 
+def _opener(path: Path) -> Callable:
+    """gzip.open for a gzip file (by its first bytes, not its name), else open."""
+    with open(path, "rb") as f:
+        return gzip.open if f.read(2) == b"\x1f\x8b" else open
+
+
+def _nifti_pair(path: Path) -> Optional[Tuple[Path, Path]]:
+    """(header, voxel file) of a NIfTI pair named by either file, when both are there; else None."""
+    name = path.name.lower()
+    for header, voxels in ((".hdr", ".img"), (".hdr.gz", ".img.gz")):
+        for given, other in ((header, voxels), (voxels, header)):
+            if name.endswith(given):
+                sibling = path.with_name(path.name[:-len(given)] + other)
+                pair = (path, sibling) if given == header else (sibling, path)
+                return pair if sibling.exists() else None
+    return None
+
+
 class _Layout(NamedTuple):
-    offset: int  # where the voxels start (vox_offset)
-    end: int  # bytes the file needs: header, extensions and voxels
+    offset: int  # where the voxels start (vox_offset) in the voxel file
+    end: int  # bytes the voxel file needs: (header, extensions and) voxels
     dtype: Optional[np.dtype]  # the stored floating-point type, None for integers and others
+    paired: bool  # the voxels are in a separate .img file
 
 
 # NIfTI datatype codes of the real floating-point types (nifti1.h: DT_FLOAT32, DT_FLOAT64)
@@ -180,11 +200,11 @@ _NIFTI_FLOATS = {16: np.dtype("<f4"), 64: np.dtype("<f8")}
 
 
 def _nifti_layout(header: bytes) -> Optional[_Layout]:
-    """Where a little-endian NIfTI-1 or NIfTI-2 single file keeps its voxels, or None if not one."""
-    for fmt, size_at, dim_at, type_at, offset_at, magic_at, magics in (
-            ("<i", 0, (40, "<8h"), 70, (108, "<f"), 344, (b"n+1\0",)),
-            ("<i", 0, (16, "<8q"), 12, (168, "<q"), 4, (b"n+2\0",))):
-        if len(header) < 348 or header[magic_at:magic_at + 4] not in magics:
+    """Where a little-endian NIfTI-1 or NIfTI-2 keeps its voxels, or None if not one."""
+    for fmt, size_at, dim_at, type_at, offset_at, magic_at, single, paired in (
+            ("<i", 0, (40, "<8h"), 70, (108, "<f"), 344, b"n+1\0", b"ni1\0"),
+            ("<i", 0, (16, "<8q"), 12, (168, "<q"), 4, b"n+2\0", b"ni2\0")):
+        if len(header) < 348 or header[magic_at:magic_at + 4] not in (single, paired):
             continue
         dims = struct.unpack_from(dim_at[1], header, dim_at[0])
         datatype, bitpix = struct.unpack_from("<hh", header, type_at)
@@ -192,7 +212,7 @@ def _nifti_layout(header: bytes) -> Optional[_Layout]:
         if not 1 <= dims[0] <= 7 or struct.unpack_from(fmt, header, size_at)[0] not in (348, 540):
             return None  # big-endian or odd: let ITK judge it
         end = vox_offset + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]])) * bitpix // 8
-        return _Layout(vox_offset, end, _NIFTI_FLOATS.get(datatype))
+        return _Layout(vox_offset, end, _NIFTI_FLOATS.get(datatype), header[magic_at:magic_at + 4] == paired)
     return None
 
 
