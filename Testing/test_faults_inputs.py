@@ -360,7 +360,7 @@ def test_the_python_api_says_when_a_list_is_expected(tmp_path, model_path):
 
 # ---- skull-stripped volumes with a low noise floor ---------------------------------------------------------
 
-def test_a_skull_stripped_brain_with_a_low_noise_or_ringing_background_passes(model_path):
+def test_a_skull_stripped_brain_with_a_low_noise_or_ringing_background_or_z_scored_passes(model_path):
     """The foreground is judged above the noise floor: a brain whose background holds small values is a brain."""
     from CDMSegmentLib.core.plausibility import check_plausible
     from test_faults import MNI, STEP, head, mni_brain
@@ -377,8 +377,10 @@ def test_a_skull_stripped_brain_with_a_low_noise_or_ringing_background_passes(mo
     grid.SetDirection(image.GetDirection())
     ringing = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLanczosWindowedSinc))
     assert (ringing < 0).any() and np.count_nonzero(ringing) * np.prod(spacing) / 1000 > 2300
+    inside = brain[brain > 0]
+    z_scored = np.where(brain > 0, (brain - inside.mean()) / inside.std(), 0)  # half the brain negative
     metadata = load_model(model_path).metadata
-    for array in (noisy.astype(np.float32), ringing):
+    for array in (noisy.astype(np.float32), ringing, z_scored.astype(np.float32)):
         assert check_plausible(metadata, [Volume(array, spacing)], ["FLAIR"]) == []
     # and what has to stay refused: a head on a noise background, a head with its skull on a zero one
     with pytest.raises(CDMSegmentError, match="is not skull-stripped: its background is not dark"):

@@ -58,27 +58,28 @@ def _ct_intensities(expects: dict, volume: Volume, name: str) -> Optional[Findin
                                              f"are below {CT_AIR_HU:.0f} (air in Hounsfield units)")
 
 
-def _brightness(array: np.ndarray) -> float:
-    """The brain's bright end: the 98th percentile of the positive voxels (of about a million, evenly strided:
-    a percentile needs no more, and a large volume stays fast)."""
-    flat = np.asarray(array).ravel()
+def _brightness(magnitude: np.ndarray) -> float:
+    """The brain's bright end: the 98th percentile of the non-zero voxels' magnitudes (of about a million,
+    evenly strided: a percentile needs no more, and a large volume stays fast)."""
+    flat = magnitude.ravel()
     flat = flat[:: max(1, flat.size // 1_000_000)]
-    positive = flat[flat > 0]
-    return float(np.percentile(positive, 98)) if positive.size else 0.0
+    flat = flat[flat > 0]
+    return float(np.percentile(flat, 98)) if flat.size else 0.0
 
 
 def _skull_stripped(expects: dict, volume: Volume, name: str) -> Optional[Finding]:
     """Judged above the noise floor, not on "non-zero": a skull-stripped brain's background may hold small
-    values (noise, ringing after a resample, a denoising filter) that are no tissue."""
+    values (noise, ringing after a resample, a denoising filter) that are no tissue. Magnitudes, so that a
+    z-scored brain (half of it negative, the background 0) is measured whole."""
     if not expects.get("skull_stripped"):
         return None
-    bright = _brightness(volume.array)
+    magnitude = np.abs(np.asarray(volume.array, dtype=np.float32))
+    bright = _brightness(magnitude)
     if bright <= 0:
-        return None  # nothing positive: normalisation says what the image is (all zeros, constant)
-    a = volume.array
-    foreground = int(np.count_nonzero(a > FOREGROUND_FRACTION * bright))
-    dark = int(np.count_nonzero(np.abs(a) <= NOISE_FLOOR_FRACTION * bright))
-    background = a.size - foreground
+        return None  # nothing but zeros: normalisation says so
+    foreground = int(np.count_nonzero(magnitude > FOREGROUND_FRACTION * bright))
+    dark = int(np.count_nonzero(magnitude <= NOISE_FLOOR_FRACTION * bright))
+    background = magnitude.size - foreground
     if background == 0 or dark < DARK_BACKGROUND_SHARE * background:
         return Finding(True, f"{name} is not skull-stripped: its background is not dark (only "
                              f"{100 * dark / max(background, 1):.0f}% of it is below {100 * NOISE_FLOOR_FRACTION:.0f}% "
