@@ -320,6 +320,10 @@ WRONG_INPUTS = {
     "NRRD with a NaN block": (lambda t: nifti(t / "nan.nrrd", nan_block()), "NaN or infinite voxels", ""),
     "float64 up to 1e300": (lambda t: nifti(t / "big.nrrd", phantom((6, 20, 24)) * 1e297),
                             "too large for the 32-bit floating point", "NaN"),
+    "float64 of 1e-300": (lambda t: nifti(t / "small.nrrd", phantom((6, 20, 24)) * 1e-300),
+                          "too small for the 32-bit floating point", "all zeros"),
+    "float64 of +-3e38": (lambda t: nifti(t / "range.mha", np.where(phantom((6, 20, 24)) > 0, 3e38, -3e38)),
+                          "too large for the 32-bit floating point", "NaN"),
     "complex NIfTI": (lambda t: nifti(t / "complex.nii.gz", phantom((6, 20, 24)).astype(np.complex64)),
                       "its voxels are complex numbers (complex64)", ""),
     "one voxel wide along i": (lambda t: nifti(t / "thin.nrrd", phantom((12, 48, 1))),
@@ -344,6 +348,18 @@ def test_a_wrong_input_is_one_line_saying_what_was_found(name, tmp_path, model_p
     assert not never or never not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     assert digests(inputs) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_an_unreadable_input_says_permission_denied(tmp_path, model_path, capfd):
+    source = write_case(tmp_path / "case_0.nii.gz", phantom((6, 20, 24)))
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for path in (source, folder):
+        path.chmod(0)
+        refused(["segment", path, "-o", tmp_path / "out", "--model", model_path, "--device", "cpu"], capfd,
+                "permission denied")
+        path.chmod(0o700)
 
 
 def test_the_python_api_says_when_a_list_is_expected(tmp_path, model_path):

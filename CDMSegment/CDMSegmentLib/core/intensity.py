@@ -14,22 +14,26 @@ DEFAULT_NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5}
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 
 
 def check_values(a: torch.Tensor) -> None:
     """Voxel values the float32 computation can hold, judged in their own type: NaN or infinite voxels, and
-    finite ones too large for float32 (a float64 image up to 1e300 would become infinite) are refused, each
-    said as what it is."""
+    finite ones too large or too small for float32 (a float64 image up to 1e300 would become infinite, one of
+    1e-300 all zeros) are refused, each said as what it is."""
     if not a.numel() or not a.is_floating_point():  # integers are finite and fit
         return
     # One pass for both: the minimum and maximum carry a NaN, and an infinity reaches one of them.
     low, high = (float(v) for v in torch.stack(torch.aminmax(a)).tolist())
     if not (math.isfinite(low) and math.isfinite(high)):
         raise CDMSegmentError("the image contains NaN or infinite voxels; fix or mask them first")
-    if max(-low, high) > FLOAT32_MAX:
-        raise CDMSegmentError(f"the image holds values from {low:.3g} to {high:.3g}, too large for the 32-bit "
-                              f"floating point the model computes in (at most {FLOAT32_MAX:.3g}); rescale the image "
-                              "to its usual intensity range first")
+    magnitude = max(-low, high)
+    # the normalisation divides by the range high - low, which must stay finite in float32 too
+    if magnitude > FLOAT32_MAX / 2 or 0 < magnitude < FLOAT32_TINY:
+        limit = f"at most {FLOAT32_MAX / 2:.3g}" if magnitude > 1 else f"below {FLOAT32_TINY:.3g} they become 0"
+        raise CDMSegmentError(f"the image holds values from {low:.3g} to {high:.3g}, too "
+                              f"{'large' if magnitude > 1 else 'small'} for the 32-bit floating point the model "
+                              f"computes in ({limit}); rescale the image to its usual intensity range first")
 
 
 def normalise_volume(array: Union[np.ndarray, torch.Tensor], spec: dict = None,

@@ -113,6 +113,9 @@ def read_volume(path, series: Sequence[str] = ()) -> Volume:
     path = Path(path)
     if not path.exists():
         raise CDMSegmentError(f"input not found: {path}")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise CDMSegmentError(f"cannot read {path}: permission denied; ask for read access, or copy it somewhere "
+                              "you can read it")
     if path.is_dir():
         volume = _read_dicom_folder(path, series)
     else:
