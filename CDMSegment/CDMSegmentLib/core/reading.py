@@ -61,13 +61,15 @@ def itk_messages() -> Iterator[List[str]]:
             captured.append(sink.read().decode(errors="replace"))
 
 
-def _series_ids(folder: Path) -> tuple:
-    """The DICOM series in ``folder``, without ITK's WARNING lines on the user's terminal when there is none (the
-    caller says it in words). The global setting is restored after: Slicer's process shares it."""
+@contextlib.contextmanager
+def itk_warnings_off() -> Iterator[None]:
+    """ITK's WARNING lines (an empty folder's "No Series were found") kept off the user's terminal while a DICOM
+    folder is searched and its headers read; the checks here say in words what is wrong. The global setting is
+    restored after: Slicer's process shares it."""
     before = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(before)
 
@@ -247,21 +249,9 @@ def _tag(reader: sitk.ImageFileReader, key: str) -> str:
 
 def _read_dicom_folder(folder: Path, series: Sequence[str]) -> Volume:
     """The one series of the folder, or the one ``series`` names; slices evenly spaced and of one orientation."""
-    ids = _series_ids(folder)
-    if not ids:
-        below = [str(sub) for sub in sorted(folder.iterdir())[:100] if sub.is_dir() and _series_ids(sub)]
-        where = f"; the series are one folder down: give one of {', '.join(below[:5])}" if below else \
-            "; give a file or a DICOM series folder"
-        raise CDMSegmentError(f"no DICOM series in folder {folder}{where}")
-    chosen = [uid for uid in ids if uid in series] if len(ids) > 1 else list(ids)
-    if len(chosen) != 1:
-        listed = "; ".join(f"{uid} '{_tag(_header(names[0]), '0008|103e')}' ({len(names)} slices)"
-                           for uid, names in ((u, sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), u))
-                                              for u in ids))
-        raise CDMSegmentError(f"folder {folder} holds {len(ids)} DICOM series: {listed}; choose one with --series UID")
-    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen[0])
-    headers = [_header(n) for n in names]
-    where = f"DICOM series {chosen[0]} in {folder}"
+    with itk_warnings_off():
+        names, where = _series_files(folder, series)
+        headers = [_header(n) for n in names]
     _check_slice_positions(headers, where)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
@@ -272,6 +262,25 @@ def _read_dicom_folder(folder: Path, series: Sequence[str]) -> Volume:
         raise CDMSegmentError(f"{where}: {e}") from None
     volume.tags = {name: _tag(headers[0], key) for key, name in ACQUISITION_TAGS.items() if _tag(headers[0], key)}
     return volume
+
+
+def _series_files(folder: Path, series: Sequence[str]) -> Tuple[List[str], str]:
+    """(the files of the folder's one series, or of the one ``series`` names; its name for messages)."""
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        below = [str(sub) for sub in sorted(folder.iterdir())[:100]
+                 if sub.is_dir() and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(sub))]
+        where = f"; the series are one folder down: give one of {', '.join(below[:5])}" if below else \
+            "; give a file or a DICOM series folder"
+        raise CDMSegmentError(f"no DICOM series in folder {folder}{where}")
+    chosen = [uid for uid in ids if uid in series] if len(ids) > 1 else list(ids)
+    if len(chosen) != 1:
+        listed = "; ".join(f"{uid} '{_tag(_header(names[0]), '0008|103e')}' ({len(names)} slices)"
+                           for uid, names in ((u, sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), u))
+                                              for u in ids))
+        raise CDMSegmentError(f"folder {folder} holds {len(ids)} DICOM series: {listed}; choose one with --series UID")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen[0])), \
+        f"DICOM series {chosen[0]} in {folder}"
 
 
 def _check_slice_positions(headers: Sequence[sitk.ImageFileReader], where: str) -> None:
