@@ -5,7 +5,6 @@ Each refusal is checked as test_faults.py checks its matrix: one line on stderr,
 every input byte unchanged. The runs that must succeed use tiny volumes and the tiny test model.
 """
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -18,21 +17,11 @@ from CDMSegmentLib.cli.segment_files import segment_files
 from CDMSegmentLib.cli.writers import file_stem, write_segmentation
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
-from CDMSegmentLib.core.modelfile import load_model, save_model
+from CDMSegmentLib.core.modelfile import load_model
 from conftest import make_tiny_model_file, phantom
 from test_cli import assert_one_error_line, run_cli, write_case
-
-EXPECTS = {"modality": "FLAIR", "skull_stripped": True, "description": "skull-stripped brain MRI (FLAIR)"}
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    """The tiny test model, declaring what it takes as the bundled one does."""
-    folder = tmp_path_factory.mktemp("model")
-    make_tiny_model_file(folder / "plain.pt")
-    plain = load_model(folder / "plain.pt")
-    save_model(plain.network, {**plain.metadata, "expects": EXPECTS}, folder / "flair.pt")
-    return folder / "flair.pt"
+from test_faults import MNI, STEP, dicom_series, digests, head, mni_brain
+from test_faults import model_path  # noqa: F401 (a fixture: the tiny model, declaring what it takes)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +29,6 @@ def two_modality_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model2") / "two.pt"
     make_tiny_model_file(path, modalities=("FLAIR", "T1"))
     return path
-
-
-def digests(folder: Path) -> dict:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def refused(argv, capfd, *words, code: int = 1) -> str:
@@ -150,8 +135,6 @@ def test_outputs_of_dot_and_dot_dot_are_named_after_the_folder(tmp_path, monkeyp
 
 
 def test_a_dicom_folder_given_as_dot_writes_outputs_named_after_it(tmp_path, model_path, monkeypatch, capfd):
-    from test_faults import dicom_series
-
     folder = dicom_series(tmp_path / "AX_FLAIR", phantom((6, 20, 24)), "1.2.826.0.1.3680043.2.1125.9.601", "AX FLAIR")
     monkeypatch.chdir(folder)
     code, out, err = run_cli(["segment", ".", "-o", tmp_path / "out", "--model", model_path, "--device", "cpu"],
@@ -295,15 +278,11 @@ def infinities() -> np.ndarray:
 
 
 def dicom_slice(tmp: Path) -> Path:
-    from test_faults import dicom_series
-
     return dicom_series(tmp / "series", phantom((4, 20, 24)), "1.2.826.0.1.3680043.2.1125.9.801", "AX FLAIR") \
         / "801_002.dcm"
 
 
 def series_one_folder_down(tmp: Path) -> Path:
-    from test_faults import dicom_series
-
     (tmp / "study").mkdir()
     dicom_series(tmp / "study" / "AX_FLAIR", phantom((4, 20, 24)), "1.2.826.0.1.3680043.2.1125.9.802", "AX FLAIR")
     return tmp / "study"
@@ -379,7 +358,6 @@ def test_the_python_api_says_when_a_list_is_expected(tmp_path, model_path):
 def test_a_skull_stripped_brain_with_a_low_noise_or_ringing_background_or_z_scored_passes(model_path):
     """The foreground is judged above the noise floor: a brain whose background holds small values is a brain."""
     from CDMSegmentLib.core.plausibility import check_plausible
-    from test_faults import MNI, STEP, head, mni_brain
 
     brain, spacing = mni_brain()
     noisy = np.where(brain > 0, brain, np.random.default_rng(0).rayleigh(0.005 * brain.max(), brain.shape))
