@@ -1,10 +1,12 @@
 """Reading an image file or a DICOM series folder into a Volume, refusing what reads "successfully" but is wrong.
 
-SimpleITK fills a short NIfTI with zeros, reads a DICOM folder's first series of several, puts a series
-with a missing slice on a uniform grid and guesses the voxel size of a self-contradicting NIfTI header,
-each time with at most a raw C++ warning on stderr. Here the file is checked to be complete, a folder with
-several series must be told which one, slice positions must be evenly spaced, and ITK's messages are
-captured and turned into one sentence a radiologist can act on.
+SimpleITK fills a short NIfTI with zeros, reads a NIfTI's NaN and infinities as 0, reads a DICOM folder's
+first series of several, puts a series with a missing slice on a uniform grid and guesses the voxel size of
+a self-contradicting NIfTI header, each time with at most a raw C++ warning on stderr. Here the file is
+checked to be complete and its stored floats finite, a folder with several series must be told which one,
+slice positions must be evenly spaced (within the rounding of how they are stored), a segmentation or a
+single DICOM slice is named as such, and ITK's messages are captured and turned into one sentence a
+radiologist can act on.
 """
 
 import contextlib
@@ -28,7 +30,8 @@ from .image import Volume, check_geometry, check_voxel_type
 # DICOM tags kept with a volume for the plausibility check (core/plausibility.py).
 ACQUISITION_TAGS = {"0008|0060": "Modality", "0008|103e": "SeriesDescription", "0018|0080": "RepetitionTime",
                     "0018|0081": "EchoTime", "0018|0082": "InversionTime"}
-# A gap between slice positions may differ from the usual one by this fraction before the series is refused.
+# A gap between slice positions may differ from the usual one by this fraction, plus the rounding of the stored
+# positions (_rounding_mm), before the series is refused.
 SLICE_GAP_TOLERANCE = 0.01
 
 # ITK's words -> what they mean for the user. The first that matches the captured text is used.
@@ -140,7 +143,7 @@ def _check_kind(image: sitk.Image, path: Path) -> None:
     if image.HasMetaDataKey("Segmentation_MasterRepresentation") or image.HasMetaDataKey("Segment0_ID"):
         raise CDMSegmentError(f"cannot use {path}: it is a segmentation (a Slicer .seg.nrrd), not an image; give the "
                               "image it was made on")
-    if image.HasMetaDataKey("0020|000e") and image.GetDimension() == 3 and image.GetSize()[2] == 1:
+    if image.HasMetaDataKey("0020|000e") and image.GetSize()[2:3] in ((), (1,)):  # 2D, or 3D of one slice
         raise CDMSegmentError(f"cannot use {path}: it is a single DICOM slice (one file of a series); give the "
                               f"folder holding the whole series ({path.parent})")
 
