@@ -154,6 +154,15 @@ def test_an_output_name_too_long_for_the_file_system_is_refused_before_the_run(t
     assert digests(tmp_path) == before and not (tmp_path / "out").exists()
 
 
+def test_an_output_folder_name_too_long_for_the_file_system_is_refused_before_the_run(tmp_path, model_path, capfd):
+    source = write_case(tmp_path / "case_0.nii", phantom((6, 20, 24)))
+    out = tmp_path / ("o" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1)) / "results"
+    before = digests(tmp_path)
+    refused(["segment", source, "-o", out, "--model", model_path, "--device", "cpu"], capfd,
+            "choose an output folder with a shorter name")
+    assert digests(tmp_path) == before and sorted(tmp_path.iterdir()) == [source]
+
+
 def test_an_output_name_that_just_fits_is_written(tmp_path, model_path, capfd):
     """The longest name the file system takes: the temporary name beside it must fit too."""
     name_max = os.pathconf(tmp_path, "PC_NAME_MAX")

@@ -82,11 +82,18 @@ def check_command_outputs(args) -> None:
     check_not_inputs([Path(getattr(args, k)) for k in OUTPUT_ARGUMENTS if getattr(args, k, None) is not None], given)
 
 
+def _existing_ancestor(folder) -> Path:
+    """``folder`` or the nearest of its parents that exists (os.path.exists: a name too long is not there, where
+    Path.exists would raise)."""
+    existing = Path(folder).absolute()
+    while not os.path.exists(existing):
+        existing = existing.parent
+    return existing
+
+
 def _limits(folder: Path) -> Tuple[int, int]:
     """(longest file name, longest path) in bytes that the file system holding ``folder`` takes."""
-    existing = Path(folder).absolute()
-    while not existing.exists():
-        existing = existing.parent
+    existing = _existing_ancestor(folder)
     try:
         return os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
     except (OSError, ValueError):  # no pathconf (Windows): the common limits
@@ -94,8 +101,8 @@ def _limits(folder: Path) -> Tuple[int, int]:
 
 
 def check_output_names(outputs: Sequence[Path]) -> None:
-    """Before any work: each output's name and path fit the file system (the names come from the input's, so a
-    long input name can make an output name too long)."""
+    """Before any work: each output's name, the names of the folders to make for it, and its path fit the file
+    system (the names come from the input's, so a long input name can make an output name too long)."""
     for out in outputs:
         name_max, path_max = _limits(out.parent)
         name_bytes, path_bytes = len(os.fsencode(out.name)), len(os.fsencode(str(Path(out).absolute())))
@@ -103,6 +110,11 @@ def check_output_names(outputs: Sequence[Path]) -> None:
             raise CDMSegmentError(f"cannot write the output {out.name[:40]}...{out.name[-20:]}: its name is "
                                   f"{name_bytes} bytes long, and the file system of {out.parent} takes at most "
                                   f"{name_max}; give the input a shorter name (the outputs are named after it)")
+        folder = next((part for part in Path(out.parent).absolute().parts if len(os.fsencode(part)) > name_max), None)
+        if folder is not None:
+            raise CDMSegmentError(f"cannot make the output folder {folder[:40]}...{folder[-20:]}: its name is "
+                                  f"{len(os.fsencode(folder))} bytes long, and the file system takes at most "
+                                  f"{name_max}; choose an output folder with a shorter name")
         if path_bytes > path_max:
             raise CDMSegmentError(f"cannot write the output {out.name}: its path is {path_bytes} bytes long, and "
                                   f"the file system takes at most {path_max}; choose a shorter output folder")
@@ -124,9 +136,7 @@ def _partial_suffix(final: Path) -> str:
 def check_output_folder(folder: Path, needed_bytes: int = 0) -> None:
     """Before any work: ``folder`` is a folder (or can be made in one) where a file can be created, with
     ``needed_bytes`` free. Nothing is left behind by the check."""
-    existing = Path(folder).absolute()
-    while not existing.exists():
-        existing = existing.parent
+    existing = _existing_ancestor(folder)
     if not existing.is_dir():
         raise CDMSegmentError(f"cannot write outputs to {folder}: {existing} is a file, not a folder; "
                               "choose another output folder")
