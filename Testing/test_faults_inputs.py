@@ -163,6 +163,19 @@ def test_an_output_folder_name_too_long_for_the_file_system_is_refused_before_th
     assert digests(tmp_path) == before and sorted(tmp_path.iterdir()) == [source]
 
 
+def test_a_path_too_long_for_the_file_system_is_one_line_wherever_it_is_given(tmp_path, model_path, capfd):
+    """As the input, the model, the case list: Path.exists raises on such a name."""
+    source = write_case(tmp_path / "case_0.nii", phantom((6, 20, 24)))
+    long = tmp_path / ("a" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1))
+    refused(["segment", long, "-o", tmp_path / "out", "--model", model_path, "--device", "cpu"], capfd,
+            "cannot use", "File name too long")
+    refused(["segment", source, "-o", tmp_path / "out", "--model", long, "--device", "cpu"], capfd,
+            "File name too long")
+    refused(["segment-cohort", "--list", long, "-o", tmp_path / "out", "--model", model_path], capfd,
+            "File name too long")
+    assert sorted(tmp_path.iterdir()) == [source]
+
+
 def test_an_output_name_that_just_fits_is_written(tmp_path, model_path, capfd):
     """The longest name the file system takes: the temporary name beside it must fit too."""
     name_max = os.pathconf(tmp_path, "PC_NAME_MAX")

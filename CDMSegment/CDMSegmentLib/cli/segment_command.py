@@ -215,6 +215,8 @@ def run_command(parser: argparse.ArgumentParser, argv: Optional[List[str]] = Non
         return 0
     except CDMSegmentError as e:
         reason, prefix, code = str(e), "error: ", 1
+    except OSError as e:  # what the file system refuses where no check foresaw it (a name too long for it)
+        reason, prefix, code = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", "error: ", 1
     except KeyboardInterrupt:
         reason, prefix, code = "interrupted; no partial output was kept", "", 130
     except Terminated:

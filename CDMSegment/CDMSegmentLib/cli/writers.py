@@ -47,7 +47,7 @@ def input_files(inputs: Sequence) -> Dict[Tuple[int, int], Path]:
     files = {}
     for given in inputs:
         path = Path(given)
-        for f in (sorted(c for c in path.iterdir() if c.is_file()) if path.is_dir() else [path]):
+        for f in (sorted(c for c in path.iterdir() if c.is_file()) if os.path.isdir(path) else [path]):
             identity = _identity(f)
             if identity is not None:
                 files.setdefault(identity, f)

@@ -116,7 +116,11 @@ def read_volume(path, series: Sequence[str] = ()) -> Volume:
     Raises CDMSegmentError with one sentence for a missing, truncated, ambiguous or ill-defined input.
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        found = path.exists()
+    except OSError as e:  # a name too long for the file system, a loop of links: Path.exists raises
+        raise CDMSegmentError(f"cannot use {path}: {e.strerror}; check the path") from None
+    if not found:
         raise CDMSegmentError(f"input not found: {path}")
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         raise CDMSegmentError(f"cannot read {path}: permission denied; ask for read access, or copy it somewhere "
