@@ -371,6 +371,8 @@ def test_the_python_api_says_when_a_list_is_expected(tmp_path, model_path):
     volume = Volume(phantom((6, 20, 24)).astype(np.float32))
     with pytest.raises(CDMSegmentError, match=r"volumes must be a list of Volume.*got Volume; write \[volume\]"):
         segment_volume(load_model(model_path), volume, device="cpu")
+    with pytest.raises(CDMSegmentError, match="its voxels are a list, not an array"):
+        segment_volume(load_model(model_path), [Volume(phantom((6, 20, 24)).tolist())], device="cpu")
     with pytest.raises(CDMSegmentError, match="its voxels are complex numbers"):
         segment_volume(load_model(model_path), [volume.with_array(volume.array.astype(np.complex128))], device="cpu")
 

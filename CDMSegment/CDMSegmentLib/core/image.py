@@ -84,6 +84,9 @@ def check_voxel_type(array, where: str) -> None:
     """Real grey levels only: complex voxels (k-space, or magnitude and phase in one number), text or Python
     objects are refused saying what was found (numpy would take the real part with only a warning)."""
     dtype = getattr(array, "dtype", None)
+    if dtype is None:
+        raise CDMSegmentError(f"cannot use {where}: its voxels are a {type(array).__name__}, not an array; give a "
+                              "numpy array (K, J, I)")
     kind = dtype.kind if isinstance(dtype, np.dtype) else ("c" if "complex" in str(dtype) else "f")
     if kind == "c":
         raise CDMSegmentError(f"cannot use {where}: its voxels are complex numbers ({dtype}), not grey levels; give "

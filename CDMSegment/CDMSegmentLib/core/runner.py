@@ -62,6 +62,7 @@ def check_inputs(model: LoadedModel, volumes: Sequence[Volume]) -> None:
                               f"{'y' if len(names) == 1 else 'ies'} ({', '.join(names)}), got {len(volumes)} input"
                               f"{'' if len(volumes) == 1 else 's'}")
     for v, n in zip(volumes, names):
+        check_voxel_type(v.array, n)
         if v.array.ndim != 3:
             raise CDMSegmentError(f"{n}: expected a 3D volume, got an array of shape {v.array.shape}")
         thin = [axis for axis, size in zip("kji", v.array.shape) if size < 2]
@@ -70,7 +71,6 @@ def check_inputs(model: LoadedModel, volumes: Sequence[Volume]) -> None:
             raise CDMSegmentError(f"{n}: the volume is one voxel wide along {' and '.join(reversed(thin))} (its size "
                                   f"is {i} x {j} x {k} voxels along i, j, k), so it is a single slice, not a volume; "
                                   "give a 3D volume")
-        check_voxel_type(v.array, n)
         check_geometry(v, n)
     check_same_grid(volumes, names)
 
