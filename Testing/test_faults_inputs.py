@@ -331,6 +331,8 @@ WRONG_INPUTS = {
                                "one voxel wide along i (its size is 1 x 48 x 12 voxels along i, j, k)", ""),
     "a single DICOM file": (dicom_slice, "a single DICOM slice", "give a 3D volume"),
     "a segmentation as the input": (lambda t: segmentation_file(t / "case.seg.nrrd"), "it is a segmentation", ""),
+    "a mask as the image": (lambda t: nifti(t / "mask.nrrd", (phantom((6, 20, 24)) > 500).astype(np.uint8)),
+                            "non-zero voxels are 1, as in a mask or a label map", ""),
     "an empty folder": (lambda t: (t / "empty").mkdir() or t / "empty", "no DICOM series in folder", "WARNING"),
     "a series one folder down": (series_one_folder_down, "the series are one folder down: give one of", "WARNING"),
 }

@@ -58,6 +58,7 @@ def normalise_volume(array: Union[np.ndarray, torch.Tensor], spec: dict = None,
         raise CDMSegmentError("the image is all zeros; nothing to segment")
     lo, hi = percentiles(foreground, [spec["low"], spec["high"]])
     if hi <= lo:
-        raise CDMSegmentError("the image has a constant intensity; nothing to segment")
+        raise CDMSegmentError(f"the image has a constant intensity (nearly all its non-zero voxels are {lo:g}, as in "
+                              "a mask or a label map); nothing to segment: give the grey-level image")
     out = (a - lo).div_(hi - lo).clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
     return out.masked_fill_(background, -1.0)
