@@ -11,7 +11,7 @@ beside the result.
 """
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -58,13 +58,24 @@ def _ct_intensities(expects: dict, volume: Volume, name: str) -> Optional[Findin
                                              f"are below {CT_AIR_HU:.0f} (air in Hounsfield units)")
 
 
-def _brightness(magnitude: np.ndarray) -> float:
+def _brightness(array: np.ndarray) -> float:
     """The brain's bright end: the 98th percentile of the non-zero voxels' magnitudes (of about a million,
     evenly strided: a percentile needs no more, and a large volume stays fast)."""
-    flat = magnitude.ravel()
-    flat = flat[:: max(1, flat.size // 1_000_000)]
+    flat = np.asarray(array).ravel()
+    flat = np.abs(flat[:: max(1, flat.size // 1_000_000)].astype(np.float64))
     flat = flat[flat > 0]
     return float(np.percentile(flat, 98)) if flat.size else 0.0
+
+
+def _count_magnitudes(array: np.ndarray, above: float, at_most: float) -> Tuple[int, int]:
+    """(voxels whose magnitude is above ``above``, voxels whose magnitude is at most ``at_most``), a few slices
+    at a time so a large volume needs no full-size copy."""
+    counts = [0, 0]
+    for k in range(0, array.shape[0], 16):
+        magnitude = np.abs(np.asarray(array[k:k + 16], dtype=np.float64))
+        counts[0] += int(np.count_nonzero(magnitude > above))
+        counts[1] += int(np.count_nonzero(magnitude <= at_most))
+    return counts[0], counts[1]
 
 
 def _skull_stripped(expects: dict, volume: Volume, name: str) -> Optional[Finding]:
@@ -73,13 +84,11 @@ def _skull_stripped(expects: dict, volume: Volume, name: str) -> Optional[Findin
     z-scored brain (half of it negative, the background 0) is measured whole."""
     if not expects.get("skull_stripped"):
         return None
-    magnitude = np.abs(np.asarray(volume.array, dtype=np.float32))
-    bright = _brightness(magnitude)
+    bright = _brightness(volume.array)
     if bright <= 0:
         return None  # nothing but zeros: normalisation says so
-    foreground = int(np.count_nonzero(magnitude > FOREGROUND_FRACTION * bright))
-    dark = int(np.count_nonzero(magnitude <= NOISE_FLOOR_FRACTION * bright))
-    background = magnitude.size - foreground
+    foreground, dark = _count_magnitudes(volume.array, FOREGROUND_FRACTION * bright, NOISE_FLOOR_FRACTION * bright)
+    background = volume.array.size - foreground
     if background == 0 or dark < DARK_BACKGROUND_SHARE * background:
         return Finding(True, f"{name} is not skull-stripped: its background is not dark (only "
                              f"{100 * dark / max(background, 1):.0f}% of it is below {100 * NOISE_FLOOR_FRACTION:.0f}% "
