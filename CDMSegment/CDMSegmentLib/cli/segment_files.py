@@ -16,7 +16,8 @@ from ..core.modelfile import load_model, registered_classifier
 from ..core.reading import read_volume
 from ..core.runner import segment_volume
 from ..core.settings import CDMSettings
-from .writers import atomic_outputs, check_output_folder, file_stem, write_heatmap, write_segmentation
+from .writers import (atomic_outputs, check_not_inputs, check_output_folder, check_output_names, file_stem,
+                      write_heatmap, write_segmentation)
 
 
 @dataclass
@@ -50,19 +51,41 @@ class SegmentSummary:
                 for k, v in asdict(self).items()}
 
 
+def input_list(inputs) -> list:
+    """The inputs as a list of paths, one per modality; a lone path (a str or Path, which would be read letter
+    by letter) or anything else is refused with a line saying what to write."""
+    if isinstance(inputs, (str, bytes, Path)):
+        raise CDMSegmentError(f"inputs must be a list of paths, one per modality, not a single "
+                              f"{type(inputs).__name__}: write [{str(inputs)!r}]")
+    try:
+        paths = list(inputs)
+    except TypeError:
+        raise CDMSegmentError(f"inputs must be a list of paths, one per modality, got {type(inputs).__name__}") \
+            from None
+    wrong = [p for p in paths if not isinstance(p, (str, Path))]
+    if wrong or not paths:
+        raise CDMSegmentError(f"inputs must be a list of paths (str or Path), one per modality, got "
+                              f"{type(wrong[0]).__name__ if wrong else 'an empty list'}")
+    return paths
+
+
 def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path], *, model=None,
                   classifier=None, target_class: Optional[int] = None, settings: CDMSettings = CDMSettings(),
-                  overwrite: bool = False, series: Sequence[str] = (), log: Callable[[str], None] = print,
+                  overwrite: bool = False, series: Sequence[str] = (), keep: Sequence[Union[str, Path]] = (),
+                  log: Callable[[str], None] = print,
                   phase: Callable[[str], None] = lambda name: None,
                   progress: Optional[Callable[[int, int], None]] = None, **run_options) -> SegmentSummary:
     """Read one case (one input per model modality), segment each class, write ``<stem>_heatmap.nrrd``
     (``<stem>_<class>_heatmap.nrrd`` for several classes) and ``<stem>.seg.nrrd`` in ``output_dir``.
 
-    series: SeriesInstanceUIDs choosing among the series of a DICOM folder. The output folder is checked
-    before the model loads; run_options go to segment_volume (``force`` among them). phase(name) says
-    what the run does now; progress(done, total) counts slices over all classes.
+    series: SeriesInstanceUIDs choosing among the series of a DICOM folder. keep: other files (or DICOM
+    folders) no output may replace, besides the inputs (the other cases of a cohort). The output folder is
+    checked before the model loads, the output names before it runs; run_options go to segment_volume
+    (``force`` among them). phase(name) says what the run does now; progress(done, total) counts slices
+    over all classes.
     """
     start = time.perf_counter()
+    inputs = input_list(inputs)
     phase("reading the input")
     output_dir = Path(output_dir)
     volumes = [read_volume(p, series) for p in inputs]
@@ -80,6 +103,8 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     heatmap_paths = [output_dir / (f"{stem}_heatmap.nrrd" if len(classes) == 1 else f"{stem}_{n}_heatmap.nrrd")
                      for n in names]
     seg_path = output_dir / f"{stem}.seg.nrrd"
+    check_not_inputs(heatmap_paths + [seg_path], [*inputs, *keep])
+    check_output_names(heatmap_paths + [seg_path])
     existing = [p for p in heatmap_paths + [seg_path] if p.exists()]
     if existing and not overwrite:
         raise CDMSegmentError(f"{existing[0]} already exists; choose another output folder or pass --overwrite")
@@ -93,7 +118,7 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
                                       threshold=settings.threshold, min_component_voxels=min_voxels,
                                       grow_above=settings.grow_above, progress=class_progress if progress else None, **run_options))
     phase("writing the results")
-    with atomic_outputs(heatmap_paths + [seg_path], overwrite) as tmp:
+    with atomic_outputs(heatmap_paths + [seg_path], overwrite, inputs=[*inputs, *keep]) as tmp:
         for path, result in zip(tmp, results):
             write_heatmap(path, result.heatmap, volumes[0])
         write_segmentation(tmp[-1], {n: r.mask for n, r in zip(names, results)}, volumes[0])

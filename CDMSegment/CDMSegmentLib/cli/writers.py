@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,20 +23,120 @@ from ..core.terminology import segment_style
 
 
 def file_stem(path) -> str:
-    """case_0.nii.gz -> case_0; a DICOM folder -> its name."""
-    name = Path(path).name
+    """case_0.nii.gz -> case_0; a DICOM folder -> its name, also when given as '.', '..' or 'folder/'
+    (named after the folder they resolve to, never '.' or '..', which would make hidden outputs)."""
+    name = Path(os.path.abspath(path)).name  # lexical: a symbolic link keeps the name the user gave it
     for ext in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".gz"):
         if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+            name = name[: -len(ext)]
+            break
+    return name or "image"  # '/' or a file named only '.nii.gz'
+
+
+def _identity(path) -> Optional[Tuple[int, int]]:
+    """(device, inode) of the file ``path`` names (through links), or None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def input_files(inputs: Sequence) -> Dict[Tuple[int, int], Path]:
+    """Every file the inputs consist of, by identity: an image file itself, a DICOM folder's files."""
+    files = {}
+    for given in inputs:
+        path = Path(given)
+        for f in (sorted(c for c in path.iterdir() if c.is_file()) if os.path.isdir(path) else [path]):
+            identity = _identity(f)
+            if identity is not None:
+                files.setdefault(identity, f)
+    return files
+
+
+def check_not_inputs(outputs: Sequence[Path], inputs: Sequence) -> None:
+    """No output may be written over an input, whatever --overwrite says: an output naming the same file as an
+    input (the same path spelled otherwise, a hard or symbolic link to it) is refused with one line."""
+    files = input_files(inputs)
+    for out in outputs:
+        found = files.get(_identity(out))
+        if found is not None:
+            raise CDMSegmentError(f"the output {out} is the input {found}: writing it would destroy the input, so "
+                                  "it is never replaced (not even with --overwrite); choose another output folder")
+
+
+# The arguments through which a command names what it writes (-o, a positional OUTDIR, train's run folder).
+OUTPUT_ARGUMENTS = ("output", "run_dir")
+
+
+def check_command_outputs(args) -> None:
+    """Any command, before it runs: what it writes (``OUTPUT_ARGUMENTS``) is none of the existing files its
+    other arguments name (set-defaults MODEL -o MODEL, calibrate MODEL DATA -o DATA)."""
+    given = []
+    for key, value in vars(args).items():
+        if key in OUTPUT_ARGUMENTS:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, Path)) and str(item) and os.path.exists(item):
+                given.append(item)
+    check_not_inputs([Path(getattr(args, k)) for k in OUTPUT_ARGUMENTS if getattr(args, k, None) is not None], given)
+
+
+def _existing_ancestor(folder) -> Path:
+    """``folder`` or the nearest of its parents that exists (os.path.exists: a name too long is not there, where
+    Path.exists would raise)."""
+    existing = Path(folder).absolute()
+    while not os.path.exists(existing):
+        existing = existing.parent
+    return existing
+
+
+def _limits(folder: Path) -> Tuple[int, int]:
+    """(longest file name, longest path) in bytes that the file system holding ``folder`` takes."""
+    existing = _existing_ancestor(folder)
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):  # no pathconf (Windows): the common limits
+        return 255, 4096
+
+
+def check_output_names(outputs: Sequence[Path]) -> None:
+    """Before any work: each output's name, the names of the folders to make for it, and its path fit the file
+    system (the names come from the input's, so a long input name can make an output name too long)."""
+    for out in outputs:
+        name_max, path_max = _limits(out.parent)
+        name_bytes, path_bytes = len(os.fsencode(out.name)), len(os.fsencode(str(Path(out).absolute())))
+        if name_bytes > name_max:
+            raise CDMSegmentError(f"cannot write the output {out.name[:40]}...{out.name[-20:]}: its name is "
+                                  f"{name_bytes} bytes long, and the file system of {out.parent} takes at most "
+                                  f"{name_max}; give the input a shorter name (the outputs are named after it)")
+        folder = next((part for part in Path(out.parent).absolute().parts if len(os.fsencode(part)) > name_max), None)
+        if folder is not None:
+            raise CDMSegmentError(f"cannot make the output folder {folder[:40]}...{folder[-20:]}: its name is "
+                                  f"{len(os.fsencode(folder))} bytes long, and the file system takes at most "
+                                  f"{name_max}; choose an output folder with a shorter name")
+        if path_bytes > path_max:
+            raise CDMSegmentError(f"cannot write the output {out.name}: its path is {path_bytes} bytes long, and "
+                                  f"the file system takes at most {path_max}; choose a shorter output folder")
+
+
+PARTIAL_PREFIX = ".partial-"
+
+
+def _partial_suffix(final: Path) -> str:
+    """'-' + the end of the final name that fits beside mkstemp's prefix and 8 random characters, so the
+    temporary name is never longer than the file system takes, and keeps the extension its writer needs."""
+    budget = _limits(final.parent)[0] - len(PARTIAL_PREFIX) - 8 - 1
+    tail = final.name
+    while len(os.fsencode(tail)) > budget:
+        tail = tail[1:]
+    return "-" + tail
 
 
 def check_output_folder(folder: Path, needed_bytes: int = 0) -> None:
     """Before any work: ``folder`` is a folder (or can be made in one) where a file can be created, with
     ``needed_bytes`` free. Nothing is left behind by the check."""
-    existing = Path(folder).absolute()
-    while not existing.exists():
-        existing = existing.parent
+    existing = _existing_ancestor(folder)
     if not existing.is_dir():
         raise CDMSegmentError(f"cannot write outputs to {folder}: {existing} is a file, not a folder; "
                               "choose another output folder")
@@ -64,9 +164,10 @@ def _advice(e: OSError) -> str:
 
 
 @contextlib.contextmanager
-def atomic_outputs(paths: List[Path], overwrite: bool = False) -> Iterator[List[Path]]:
+def atomic_outputs(paths: List[Path], overwrite: bool = False, inputs: Sequence = ()) -> Iterator[List[Path]]:
     """Yield temporary paths, unique to this run, beside the targets; on success move each onto its target,
-    on any failure or interruption delete them all. Every OSError becomes one CDMSegmentError line.
+    on any failure or interruption delete them all. Every OSError becomes one CDMSegmentError line. A target
+    that is one of ``inputs`` (files or DICOM folders) is refused, checked again just before publishing.
 
     Without ``overwrite`` a target that appeared during the run is never replaced: the file is hard-linked to
     its name (which fails when the name exists) and the temporary name removed; all-or-nothing."""
@@ -74,11 +175,12 @@ def atomic_outputs(paths: List[Path], overwrite: bool = False) -> Iterator[List[
     try:
         for p in paths:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=".partial-", suffix="-" + p.name, dir=p.parent)
+            fd, name = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=_partial_suffix(p), dir=p.parent)
             os.close(fd)
             tmps.append(Path(name))
             os.chmod(name, new_file_mode())  # mkstemp makes 0600; results are read by others, as any new file
         yield tmps
+        check_not_inputs(paths, inputs)
         _publish(tmps, paths, overwrite)
     except FileExistsError as e:
         raise CDMSegmentError(f"{e.filename2 or e.filename} appeared while this run was writing and was kept; "

@@ -80,6 +80,22 @@ def check_geometry(volume: Volume, where: str) -> None:
                               "scanner's DICOM")
 
 
+def check_voxel_type(array, where: str) -> None:
+    """Real grey levels only: complex voxels (k-space, or magnitude and phase in one number), text or Python
+    objects are refused saying what was found (numpy would take the real part with only a warning)."""
+    dtype = getattr(array, "dtype", None)
+    if dtype is None:
+        raise CDMSegmentError(f"cannot use {where}: its voxels are a {type(array).__name__}, not an array; give a "
+                              "numpy array (K, J, I)")
+    kind = dtype.kind if isinstance(dtype, np.dtype) else ("c" if "complex" in str(dtype) else "f")
+    if kind == "c":
+        raise CDMSegmentError(f"cannot use {where}: its voxels are complex numbers ({dtype}), not grey levels; give "
+                              "the magnitude image (for example np.abs of it, or the scanner's magnitude series)")
+    if kind not in "biuf":
+        raise CDMSegmentError(f"cannot use {where}: its voxels are of type {dtype}, not numbers; give an image of "
+                              "integer or floating-point grey levels")
+
+
 def check_same_grid(volumes: Sequence[Volume], names: Sequence[str]) -> None:
     """Modalities of one case must share one voxel grid (resample them in Slicer or with SimpleITK first)."""
     for v, n in zip(volumes[1:], names[1:]):
