@@ -21,6 +21,8 @@ from .intensity_baselines import intensity_otsu_mask, intensity_threshold_mask
 from .metrics import dice, nan_mean
 from ..core.modelfile import LoadedModel
 from ..core.slicing import Orientation
+from ..core.ood import ood_score
+from ..core.plausibility import ood_finding
 from ..core.refine import grow_through_intensity
 from ..core.runner import segment_volume
 from ..core.tissue import tissue_mask
@@ -40,6 +42,8 @@ class VolumeScore:
     seconds: float
     family: str = ""  # lesion family of a randomised phantom, else ""
     detected: float = float("nan")  # 1 when the prediction touches the lesion, 0 when not; NaN on lesion-free cases
+    ood_score: float = float("nan")  # the model's OOD score of the volume (core/ood.py), NaN without a reference
+    ood_flag: str = ""  # "warned" or "refused" where the tool would have said so, else ""
 
 
 def score_volume(case: str, method: str, pred: np.ndarray, truth: np.ndarray, orientation: Orientation,
@@ -77,8 +81,13 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         orientation = Orientation.from_direction(ref.direction, ref.spacing_mm)
         voxel_ml = float(np.prod(ref.spacing_mm)) / 1000
         family = families.get(case.case_id, "")
-        result = segment_volume(model, volumes, log=lambda m: None, grow_above=0.0, **run_options)
+        # every volume is scored (force), and its OOD score reported beside: a warning should mean a worse result
+        ood = ood_score(model, volumes, device=run_options.get("device", "cpu"))
+        result = segment_volume(model, volumes, log=lambda m: None, grow_above=0.0, force=True, **run_options)
         cdm = score_volume(case.case_id, "CDM", result.mask > 0, truth, orientation, voxel_ml, result.seconds, family)
+        if ood is not None:
+            finding = ood_finding(ood)
+            cdm.ood_score, cdm.ood_flag = ood.score, "" if finding is None else ("refused" if finding.clear else "warned")
         scores.append(cdm)
         if grow_above:  # from the same heatmap and mask: the growth alone makes the difference
             start = time.perf_counter()
@@ -95,7 +104,8 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
             scores.append(score_volume(case.case_id, name, mask, truth, orientation, voxel_ml,
                                        time.perf_counter() - start, family))
         log(f"{n}/{len(cases)} {case.case_id} {family}: CDM 3D Dice {cdm.dice_3d:.3f}, "
-            f"false positives {cdm.false_positive_ml:.2f} ml, {result.seconds:.1f} s")
+            f"false positives {cdm.false_positive_ml:.2f} ml, OOD score {cdm.ood_score:.2f} {cdm.ood_flag}, "
+            f"{result.seconds:.1f} s")
     return scores
 
 
