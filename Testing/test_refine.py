@@ -6,7 +6,7 @@ import pytest
 from conftest import phantom
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
-from CDMSegmentLib.core.refine import grow_through_intensity
+from CDMSegmentLib.core.refine import grow_through_intensity, supported_components
 from CDMSegmentLib.core.runner import segment_volume
 
 
@@ -47,3 +47,11 @@ def test_the_runner_grows_the_cdm_mask_when_asked_and_not_by_default(tiny_model)
                            log=lambda m: None)
     assert grown.mask.sum() >= plain.mask.sum()
     np.testing.assert_array_equal(grown.mask[plain.mask > 0], 1)
+
+
+def test_the_supported_components_are_the_grown_mask_without_the_cdms_own_voxels():
+    image, content = brain_with_two_bright_regions()
+    mask = np.zeros(image.shape, bool)
+    mask[4, 5, 5] = mask[7, 10, 10] = True
+    supported = supported_components(mask, image, content, 1.5)
+    assert supported.dtype == bool and supported.sum() == 48 and supported[3:6, 4:8, 4:8].all()

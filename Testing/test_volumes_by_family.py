@@ -75,9 +75,10 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
     assert "| healthy | Otsu on intensity | 0 | - | - | 1 |" in out.out
     with open(tmp_path / "out" / "volumes.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    # CDM, CDM grown through the intensity at the fitted threshold, and the two baselines, on each case
-    assert len(rows) == 2 * 4 and {r["family"] for r in rows} == {"cortical", "healthy"}
-    methods = [r["method"] for r in rows[:4]]
-    assert methods[0] == "CDM" and methods[1].startswith("CDM + intensity growth (") and len(set(methods)) == 4
+    # CDM, CDM grown through the intensity and the intensity components it touches (at the fitted threshold), and
+    # the two baselines, on each case
+    assert len(rows) == 2 * 5 and {r["family"] for r in rows} == {"cortical", "healthy"}
+    methods = [r["method"] for r in rows[:5]]
+    assert methods[0] == "CDM" and methods[1].startswith("CDM + intensity growth (") and len(set(methods)) == 5
     assert all(r["ood_score"] == "nan" for r in rows)  # the tiny model has no OOD reference
     assert "| family |" in (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")

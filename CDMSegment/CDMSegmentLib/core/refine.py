@@ -6,7 +6,8 @@ normal structure (a periventricular rim, bright cortex, flow artefacts) and so m
 "lesion" on a healthy brain; the CDM, which has learnt what normal looks like, rarely fires there,
 but its heatmap is made at the model's slice size (96-128 px) and its edges are soft. Together: keep
 the connected components of the bright voxels that the CDM's mask touches, plus the CDM's mask
-itself (a faint lesion under the intensity threshold still counts). Both thresholds are calibrated
+itself (a faint lesion under the intensity threshold still counts); ``supported_components`` is the
+variant without the CDM's own voxels (the threshold's result minus what the CDM does not support). Both thresholds are calibrated
 on validation data only (``cdmsegment set-defaults``: ``grow_above`` in the model's defaults).
 """
 
@@ -16,10 +17,11 @@ from scipy import ndimage
 from .errors import CDMSegmentError
 
 
-def grow_through_intensity(mask: np.ndarray, image: np.ndarray, content: np.ndarray,
-                           relative_threshold: float) -> np.ndarray:
-    """uint8 (K, J, I): ``mask`` joined with every 3D component (face-connected) of the content voxels brighter
-    than ``relative_threshold`` times the content's median intensity that ``mask`` touches.
+def supported_components(mask: np.ndarray, image: np.ndarray, content: np.ndarray,
+                         relative_threshold: float) -> np.ndarray:
+    """bool (K, J, I): the 3D components (face-connected) of the content voxels brighter than
+    ``relative_threshold`` times the content's median intensity that ``mask`` touches: the intensity
+    threshold's result without the bright regions the CDM does not support.
 
     mask, content: (K, J, I) bool or 0/1; image: (K, J, I) intensities on the same grid (the first modality).
     Raises CDMSegmentError for a threshold that is not a finite number above 0.
@@ -29,9 +31,14 @@ def grow_through_intensity(mask: np.ndarray, image: np.ndarray, content: np.ndar
                               f"median intensity, e.g. 1.5), got {relative_threshold}")
     mask, content = mask.astype(bool), content.astype(bool)
     if not mask.any() or not content.any():
-        return mask.astype(np.uint8)
+        return np.zeros(mask.shape, bool)
     bright = (image > relative_threshold * float(np.median(image[content]))) & content
     labels, _ = ndimage.label(bright)
     touched = np.unique(labels[mask & bright])
-    grown = np.isin(labels, touched[touched > 0]) | mask
-    return grown.astype(np.uint8)
+    return np.isin(labels, touched[touched > 0])
+
+
+def grow_through_intensity(mask: np.ndarray, image: np.ndarray, content: np.ndarray,
+                           relative_threshold: float) -> np.ndarray:
+    """uint8 (K, J, I): ``mask`` joined with its ``supported_components`` (same arguments and errors)."""
+    return (supported_components(mask, image, content, relative_threshold) | mask.astype(bool)).astype(np.uint8)

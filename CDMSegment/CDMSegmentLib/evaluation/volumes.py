@@ -23,7 +23,7 @@ from ..core.modelfile import LoadedModel
 from ..core.slicing import Orientation
 from ..core.ood import ood_score
 from ..core.plausibility import ood_finding
-from ..core.refine import grow_through_intensity
+from ..core.refine import grow_through_intensity, supported_components
 from ..core.runner import segment_volume
 from ..core.tissue import tissue_mask
 
@@ -89,12 +89,14 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
             finding = ood_finding(ood)
             cdm.ood_score, cdm.ood_flag = ood.score, "" if finding is None else ("refused" if finding.clear else "warned")
         scores.append(cdm)
-        if grow_above:  # from the same heatmap and mask: the growth alone makes the difference
-            start = time.perf_counter()
-            grown = grow_through_intensity(result.mask, ref.array, tissue_mask(ref.array).cpu().numpy(),
-                                           grow_above)
-            scores.append(score_volume(case.case_id, f"CDM + intensity growth ({grow_above:g})", grown > 0, truth,
-                                       orientation, voxel_ml, result.seconds + time.perf_counter() - start, family))
+        if grow_above:  # from the same heatmap and mask: the refinement alone makes the difference
+            content = tissue_mask(ref.array).cpu().numpy()
+            for name, refine in ((f"CDM + intensity growth ({grow_above:g})", grow_through_intensity),
+                                 (f"intensity components the CDM touches ({grow_above:g})", supported_components)):
+                start = time.perf_counter()
+                refined = refine(result.mask, ref.array, content, grow_above)
+                scores.append(score_volume(case.case_id, name, refined > 0, truth, orientation, voxel_ml,
+                                           result.seconds + time.perf_counter() - start, family))
         baselines = {"Otsu on intensity": intensity_otsu_mask}
         if intensity_threshold is not None:
             baselines["intensity threshold (calibrated)"] = lambda a: intensity_threshold_mask(a, intensity_threshold)
