@@ -17,6 +17,7 @@ from typing import Callable, List, Optional
 
 from ..core.engine import ENGINES
 from ..core.errors import CDMSegmentError
+from ..core.ranges import option
 from ..core.run_events import ERROR, SUMMARY, EventWriter
 from ..core.settings import CDMSettings
 
@@ -59,15 +60,15 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--method", default="cdm", help="cdm, cg-cdm (guided by the model's registered classifier or "
                    "--classifier), or a baseline: gradcam, gradcam++, scorecam, layercam, cg-diff (need --classifier)")
     p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm and the baselines (name or file)")
-    p.add_argument("--target-class", type=int, default=None,
+    p.add_argument("--target-class", type=option("target_class"), default=None,
                    help="class index to segment (default: every class except 0 = normal)")
     CDMSettings.add_arguments(p)
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=option("batch_size"), default=None,
                    help="slices per network batch (default: the model's measured value for the device, else 4 on "
                         "a CPU and 64 on a GPU)")
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), fp32, bf16 or fp16")
     p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
-    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    p.add_argument("--seed", type=option("seed"), default=0, help=SEED_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--progress-lines", action="store_true",
                    help="report on stdout in JSON lines (phase, slices done of N and time left, summary or error) "
