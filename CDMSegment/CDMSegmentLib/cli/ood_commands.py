@@ -40,7 +40,7 @@ def add_calibrate_ood_parser(sub) -> None:
     p.add_argument("data", type=Path, help="folder of held-out cases in the BraTS layout (phantoms of every family)")
     p.add_argument("-o", "--output", type=Path, required=True, help="OOD reference JSON")
     p.add_argument("--cases", type=option("count"), default=None, help="only the first N cases")
-    p.add_argument("--false-alarm", type=option("rate"), default=0.05, help="allowed share of valid inputs flagged")
+    p.add_argument("--false-alarm", type=option("false_alarm"), default=0.05, help="allowed share of valid inputs flagged")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.set_defaults(func=run_calibrate_ood)
 

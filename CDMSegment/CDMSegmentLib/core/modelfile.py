@@ -18,17 +18,12 @@ from typing import Optional, Union
 import torch
 
 from .errors import CDMSegmentError, ModelFileError
+from .model_metadata import check_metadata
 from .registry import MODELS_DIR, REGISTRY_FILE, default_model_name, read_registry  # noqa: F401 (also used from here)
 from .schedule import NoiseSchedule
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
-REQUIRED_KEYS = {
-    "diffusion": ("format_version", "kind", "name", "version", "image_size", "in_channels", "modalities",
-                  "class_names", "schedule", "num_timesteps", "defaults", "normalisation", "training"),
-    "classifier": ("format_version", "kind", "name", "version", "image_size", "in_channels", "modalities",
-                   "class_names", "schedule", "num_timesteps", "normalisation", "training"),
-}
 
 
 @dataclass
@@ -64,8 +59,9 @@ class LoadedModel:
         """[target_class], or every class but 0 (normal) when None; a class the model lacks is an error."""
         last = len(self.class_names) - 1
         classes = [target_class] if target_class is not None else list(range(1, last + 1))
-        if not classes or not all(0 < c <= last for c in classes):
-            raise CDMSegmentError(f"target class must be one of 1..{last} ({', '.join(self.class_names[1:])})")
+        if not all(0 < c <= last for c in classes):  # the metadata's schema holds at least one class beside normal
+            choices = ", ".join(f"{n} ({name})" for n, name in enumerate(self.class_names) if n > 0)
+            raise CDMSegmentError(f"target class {target_class} is not one of this model's classes: {choices}")
         return classes
 
     def schedule(self) -> NoiseSchedule:
@@ -82,7 +78,7 @@ def sha256_of(path: Union[str, Path]) -> str:
 
 def save_model(network: torch.nn.Module, metadata: dict, path: Union[str, Path]) -> str:
     """Script ``network`` and write it with ``metadata`` inside, atomically; returns the file's SHA256."""
-    _check_metadata(metadata, str(path))
+    check_metadata(metadata, str(path), FORMAT_VERSION)
     path = Path(path)
     scripted = torch.jit.script(network.eval().cpu())
     tmp = path.with_name(path.name + ".partial")
@@ -129,6 +125,8 @@ def load_model(name_or_path: Union[str, Path, None] = None, kind: str = "diffusi
     """Load and check a model file; registered models must match their SHA256."""
     path, registered_sha = resolve_model_path(name_or_path, kind, registry)
     expected_sha256 = expected_sha256 or registered_sha
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder, not a model file; give the model's .pt file")
     if not path.is_file():
         raise ModelFileError(f"model file missing: {path}; reinstall the extension or load the model from a file")
     digest = sha256_of(path)
@@ -151,10 +149,48 @@ def load_model(name_or_path: Union[str, Path, None] = None, kind: str = "diffusi
         metadata = json.loads(extra[METADATA_FILE])
     except ValueError:
         raise ModelFileError(f"{path.name} has unreadable metadata; re-export it with 'cdmsegment export'") from None
-    _check_metadata(metadata, path.name)
+    check_metadata(metadata, path.name, FORMAT_VERSION)
     if metadata["kind"] != kind:
         raise ModelFileError(f"{path.name} is a {metadata['kind']} model, but a {kind} model is needed here")
+    if not expected_sha256:
+        check_not_impostor(path, metadata, registry)
     return LoadedModel(network.eval(), metadata, path, digest)
+
+
+def _weights(path: Path) -> dict:
+    """{storage name: (CRC32, size)} of a TorchScript archive's tensors (``<root>/data/<n>``), from its zip
+    directory alone: equal for files holding the same weights, whatever their metadata or root folder name."""
+    with zipfile.ZipFile(path) as archive:
+        return {i.filename.split("/", 1)[-1]: (i.CRC, i.file_size) for i in archive.infolist()
+                if i.filename.split("/", 1)[-1].startswith("data/")}
+
+
+def _metadata_in(path: Path) -> dict:
+    """A model file's metadata read from its archive alone, without loading the network."""
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(f"/extra/{METADATA_FILE}"))
+        return json.loads(archive.read(name))
+
+
+def check_not_impostor(path: Path, metadata: dict, registry: Path = REGISTRY_FILE) -> None:
+    """A file that is not registered must not carry the name and version of a registered model unless it holds
+    that model's weights (its defaults may differ: ``cdmsegment set-defaults`` keeps the name): the run's
+    summary names the model by them."""
+    for entry in read_registry(registry):
+        registered = registry.parent / entry["file"]
+        if entry["name"] != metadata["name"] or entry.get("kind", "diffusion") != metadata["kind"] or \
+                not registered.is_file():
+            continue
+        try:
+            same_version = str(_metadata_in(registered).get("version")) == str(metadata["version"])
+            same_weights = same_version and _weights(registered) == _weights(path)
+        except (OSError, ValueError, StopIteration, zipfile.BadZipFile):
+            continue  # the registered file is itself damaged: its own load says so
+        if same_version and not same_weights:
+            raise ModelFileError(f"{path.name} calls itself {metadata['name']} {metadata['version']}, a registered "
+                                 f"model, but does not hold its weights (the registered file is {registered}, SHA256 "
+                                 f"{entry['sha256'][:12]}...); give the new model a name or version of its own "
+                                 "('cdmsegment export --name/--version') or use the registered one")
 
 
 def check_archive(path: Path) -> None:
@@ -173,18 +209,3 @@ def check_archive(path: Path) -> None:
     if not has_metadata:
         raise ModelFileError(f"{path.name} is a TorchScript file without CDMSegment metadata; "
                              "use a model exported by 'cdmsegment export'")
-
-
-def _check_metadata(metadata: dict, where: str) -> None:
-    kind = metadata.get("kind")
-    if kind not in REQUIRED_KEYS:
-        raise ModelFileError(f"{where}: unknown model kind {kind!r}; expected one of {', '.join(REQUIRED_KEYS)}")
-    missing = [k for k in REQUIRED_KEYS[kind] if k not in metadata]
-    if missing:
-        raise ModelFileError(f"{where}: metadata lacks {', '.join(missing)}; re-export the model with 'cdmsegment export'")
-    if metadata["format_version"] > FORMAT_VERSION:
-        raise ModelFileError(f"{where} needs a newer CDMSegment (model format {metadata['format_version']}, "
-                             f"this version reads {FORMAT_VERSION}); update the extension")
-    if len(metadata["modalities"]) != metadata["in_channels"]:
-        raise ModelFileError(f"{where}: metadata names {len(metadata['modalities'])} modalities for "
-                             f"{metadata['in_channels']} input channels")

@@ -113,7 +113,7 @@ OPTIONS = {
     "image_size": Range(integer=True, low=8, high=4096),
     "learning_rate": Range(low=0.0, high=1.0, low_open=True),
     "fraction": Range(low=0.0, high=1.0),
-    "rate": Range(low=0.0, high=1.0, low_open=True, high_open=True),  # a false-alarm rate
+    "false_alarm": Range(low=0.0, high=0.5, low_open=True, high_open=True),
     "positive": Range(low=0.0, low_open=True),  # spacings in mm, intensity ratios
     "volume_ml": Range(low=0.0),
 }
