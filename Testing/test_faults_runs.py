@@ -89,3 +89,118 @@ def test_a_setting_outside_its_meaning_is_one_usage_line_before_anything_runs(na
     assert_one_error_line(err)
     assert "must be" in err
     assert not (tmp_path / "out").exists()
+
+
+def _segment(source: Path, out: Path, model: Path, *options, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "CDMSegmentLib.cli.main", "segment", str(source), "-o", str(out),
+                             "--model", str(model), "--device", "cpu", "--engine", "torch", *options],
+                            stdout=subprocess.PIPE, stderr=popen.pop("stderr", subprocess.PIPE), text=True, env=ENV,
+                            **popen)
+
+
+def _wait_for(condition, run: subprocess.Popen, timeout_s: float = 120) -> None:
+    start = time.monotonic()
+    while not condition():
+        assert run.poll() is None, run.communicate()
+        assert time.monotonic() - start < timeout_s
+        time.sleep(0.002)
+
+
+def test_ctrl_c_while_torch_is_importing_is_one_line(tmp_path, tiny_model_path):
+    """The parser needs no torch: the command imports it under the same handling as the run itself."""
+    run = _segment(case(tmp_path), tmp_path / "out", tiny_model_path)
+    _wait_for(lambda: "libtorch" in Path(f"/proc/{run.pid}/maps").read_text(), run)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert err == "cdmsegment segment: interrupted; no partial output was kept\n"
+
+
+def test_the_parser_imports_nothing_heavy():
+    code = ("import sys; from CDMSegmentLib.cli.main import build_parser; build_parser(); "
+            "print(sorted({'torch', 'numpy', 'SimpleITK', 'scipy'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV).stdout == "[]\n"
+
+
+def big_case(tmp: Path) -> Path:
+    """Few slices (the tiny model runs them in a moment) of many voxels (their outputs take a while to write)."""
+    noise = np.random.default_rng(0).integers(100, 1000, (4, 768, 768)).astype(np.int16)
+    return write_case(tmp / "big.nii.gz", noise)
+
+
+def partials(folder: Path) -> list:
+    return sorted(folder.glob(".partial-*")) if folder.exists() else []
+
+
+@pytest.mark.parametrize("signals, code", [((signal.SIGINT, signal.SIGINT), 130),
+                                           ((signal.SIGTERM, signal.SIGINT), 143),
+                                           ((signal.SIGHUP,), 129)])
+def test_signals_during_the_write_leave_one_line_and_no_partial_file(signals, code, tmp_path, tiny_model_path):
+    """stderr is a terminal, so tqdm draws its bar (whose destructor a second Ctrl-C used to interrupt)."""
+    import pty
+
+    out = tmp_path / "out"
+    terminal, child_side = pty.openpty()
+    run = _segment(big_case(tmp_path), out, tiny_model_path, stderr=child_side)
+    os.close(child_side)
+    _wait_for(lambda: partials(out), run)
+    for s in signals:
+        run.send_signal(s)
+        time.sleep(0.01)
+    err = b""
+    with pytest.raises(OSError):  # EIO once the child has closed its side
+        while chunk := os.read(terminal, 1 << 16):
+            err += chunk
+    os.close(terminal)
+    run.wait(timeout=60)
+    lines = [line for line in err.decode().replace("\r", "\n").splitlines() if line.strip()]
+    assert "Traceback" not in err.decode() and "Exception ignored" not in err.decode(), err.decode()
+    if run.returncode == 0:  # the write finished before the signal: a whole result, nothing half-written
+        assert sorted(p.name for p in out.iterdir()) == ["big.seg.nrrd", "big_heatmap.nrrd"]
+        return
+    assert run.returncode == code
+    assert lines[-1].endswith("no partial output was kept"), lines
+    assert list(out.iterdir()) == []
+
+
+def test_partial_files_of_a_killed_run_are_removed_by_the_next_run_into_the_folder(tmp_path, tiny_model_path):
+    out = tmp_path / "out"
+    source = big_case(tmp_path)
+    run = _segment(source, out, tiny_model_path)
+    _wait_for(lambda: partials(out), run)
+    run.kill()  # SIGKILL: no clean-up runs
+    run.wait()
+    left = partials(out)
+    assert left and all(f".partial-{run.pid}-" in p.name for p in left)  # recognisably ours, and whose
+    older = out / ".partial-k2j4x9ab-big.seg.nrrd"  # an older version's name: no process to ask
+    older.write_bytes(b"half a file")
+    again = _segment(source, out, tiny_model_path)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert f"removed {len(left)} partial output file(s) that a run killed before its clean-up left in {out}" in err
+    assert f"1 partial output file(s) of another run are in {out} (first: {older.name}); delete them" in err
+    assert partials(out) == [older]
+
+
+def test_running_out_of_memory_on_the_cpu_says_what_ran_out_and_what_to_do(tmp_path, tiny_model_path):
+    """An address-space limit a little above what the program needs before reading the image (measured here,
+    as it differs between torch builds), and a volume that needs far more."""
+    code = ("from CDMSegmentLib.cli import segment_files; "
+            "print(open('/proc/self/status').read().split('VmPeak:')[1].split()[0])")
+    needed_kib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV).stdout)
+    limit = (needed_kib << 10) + (300 << 20)
+    volume = np.zeros((60, 768, 768), np.int16)
+    volume[:, 100:600, 100:600] = np.arange(500, dtype=np.int16)[None, None] + 100  # compresses: written quickly
+    source = write_case(tmp_path / "large.nii.gz", volume)
+
+    def limited():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    run = _segment(source, tmp_path / "out", tiny_model_path, preexec_fn=limited)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 1, err
+    assert_one_error_line(err)
+    assert "out of memory (RAM)" in err and "fewer slices per batch (--batch-size 1), crop the volume" in err
+    assert partials(tmp_path / "out") == [] and not list((tmp_path / "out").glob("*.nrrd"))

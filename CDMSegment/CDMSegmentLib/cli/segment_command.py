@@ -7,6 +7,7 @@ progress bar and a summary line: what the program that started it reads.
 """
 
 import argparse
+import contextlib
 import json
 import shlex
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from ..core.engine import ENGINES
-from ..core.errors import CDMSegmentError
+from ..core.errors import CDMSegmentError, out_of_memory
 from ..core.ranges import option
 from ..core.run_events import ERROR, SUMMARY, EventWriter
 from ..core.settings import CDMSettings
@@ -103,7 +104,8 @@ def run_segment(args) -> None:
     try:
         summary = run(progress, lambda m: tqdm.write(m, file=sys.stderr))
     finally:
-        bar.close()
+        with contextlib.suppress(OSError):  # the terminal closed (SIGHUP): the bar has nowhere to go
+            bar.close()
     print(summary.line())
 
 
@@ -194,36 +196,67 @@ def make_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so that every clean-up (temporary outputs) runs."""
+# The signals that stop a run, and what each means to the user. SIGHUP is the terminal closing (not on Windows).
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+if hasattr(signal, "SIGHUP"):
+    STOP_SIGNALS[signal.SIGHUP] = "stopped: its terminal was closed"
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised like KeyboardInterrupt so that every clean-up (temporary outputs) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    """The first stop signal unwinds the run; any later one (a second Ctrl-C, SIGTERM then Ctrl-C) is ignored, so
+    the clean-up it started runs to its end: interrupted halfway it left partial files, and an interrupted
+    destructor (tqdm's bar) prints Python's "Exception ignored" traceback."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Stopped(signum)
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> int:
     """Parse and run one command: an error a user can act on is one line on stderr (and, with
     --progress-lines, one error event on stdout, the reason alone) and a non-zero exit, never a traceback.
-    SIGTERM cleans up as SIGINT does."""
-    args = parser.parse_args(argv)
+    SIGTERM and SIGHUP clean up as SIGINT does."""
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if in_main_thread else {}
     try:
+        return _run(parser, argv)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> int:
+    args = None
+    try:
+        args = parser.parse_args(argv)
         args.func(args)
         return 0
     except CDMSegmentError as e:
         reason, prefix, code = str(e), "error: ", 1
+    except Exception as e:  # memory ran out in any library, anywhere in the run; any other error is a bug: raised
+        if out_of_memory(e) is None:
+            raise
+        reason, prefix, code = str(out_of_memory(e)), "error: ", 1
     except KeyboardInterrupt:
-        reason, prefix, code = "interrupted; no partial output was kept", "", 130
-    except Terminated:
-        reason, prefix, code = "terminated; no partial output was kept", "", 128 + signal.SIGTERM
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    if getattr(args, "progress_lines", False):
-        EventWriter(sys.stdout).emit(ERROR, message=reason)
-    print(f"cdmsegment {args.command}: {prefix}{reason}", file=sys.stderr)
+        reason, prefix, code = f"{STOP_SIGNALS[signal.SIGINT]}; no partial output was kept", "", 128 + signal.SIGINT
+    except Stopped as e:
+        reason, prefix, code = f"{STOP_SIGNALS[e.signum]}; no partial output was kept", "", 128 + e.signum
+    try:  # after SIGHUP the terminal may be gone
+        if getattr(args, "progress_lines", False):
+            EventWriter(sys.stdout).emit(ERROR, message=reason)
+        command = " ".join(filter(None, [parser.prog, getattr(args, "command", None)]))
+        print(f"{command}: {prefix}{reason}", file=sys.stderr)
+    except OSError:
+        pass
     return code
 
 

@@ -7,11 +7,14 @@ appeared meanwhile is never replaced.
 
 import contextlib
 import errno
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,10 +34,52 @@ def file_stem(path) -> str:
     return name
 
 
-def check_output_folder(folder: Path, needed_bytes: int = 0) -> None:
+# A run's temporary outputs: .partial-<pid>-<host>-<random>-<final name>. The process id and a tag of the machine
+# tell a later run whether the run that wrote them is gone (SIGKILL, a power cut), so that it can remove them.
+PARTIAL_PREFIX = ".partial-"
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+PARTIAL_NAME = re.compile(r"\.partial-(\d+)-([0-9a-f]{8})-")
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine (False when it cannot be told: Windows)."""
+    if os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process
+        return False
+    return False
+
+
+def clean_stale_partials(folder: Path, log: Callable[[str], None]) -> None:
+    """Remove the temporary outputs that runs killed before their clean-up (SIGKILL) left in ``folder``, when their
+    process is gone; say where the ones that cannot be judged are (another machine's, or an older version's)."""
+    removed, unknown = [], []
+    for path in sorted(Path(folder).glob(PARTIAL_PREFIX + "*")):
+        match = PARTIAL_NAME.match(path.name)
+        if match and match[2] == HOST_TAG and _process_gone(int(match[1])):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+        elif not match or match[2] != HOST_TAG:
+            unknown.append(path)
+    if removed:
+        log(f"removed {len(removed)} partial output file(s) that a run killed before its clean-up left in {folder}")
+    if unknown:
+        log(f"{len(unknown)} partial output file(s) of another run are in {folder} (first: {unknown[0].name}); "
+            "delete them if no run is writing there")
+
+
+def check_output_folder(folder: Path, needed_bytes: int = 0, log: Callable[[str], None] = lambda m: None) -> None:
     """Before any work: ``folder`` is a folder (or can be made in one) where a file can be created, with
-    ``needed_bytes`` free. Nothing is left behind by the check."""
+    ``needed_bytes`` free, once the partial files of killed runs are removed from it. Nothing is left behind
+    by the check."""
     existing = Path(folder).absolute()
+    if existing.is_dir():
+        clean_stale_partials(existing, log)
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
@@ -74,7 +119,8 @@ def atomic_outputs(paths: List[Path], overwrite: bool = False) -> Iterator[List[
     try:
         for p in paths:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=".partial-", suffix="-" + p.name, dir=p.parent)
+            fd, name = tempfile.mkstemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-{HOST_TAG}-", suffix="-" + p.name,
+                                        dir=p.parent)
             os.close(fd)
             tmps.append(Path(name))
             os.chmod(name, new_file_mode())  # mkstemp makes 0600; results are read by others, as any new file

@@ -16,7 +16,7 @@ import torch
 from .device import PRECISIONS, autocast, check_finite, choose_device, cpu_has_bf16, is_out_of_memory, voxel_tensor
 from .engine import choose_engine, with_engine
 from . import ranges
-from .errors import Cancelled, CDMSegmentError
+from .errors import MEMORY_ADVICE, Cancelled, CDMSegmentError
 from .image import Volume, check_geometry, check_same_grid
 from .intensity import normalise_volume
 from .crop import crop_window, tissue_boxes
@@ -214,7 +214,7 @@ def _run_batches(model, classifier, method, params, target_class, seed, slices, 
 def after_out_of_memory(batch_size: int, device: torch.device, log: Callable[[str], None]):
     """The next try after running out of GPU memory: half the batch, then batch 1 on the CPU; says which."""
     if device.type == "cpu" and batch_size == 1:
-        raise CDMSegmentError("out of memory even on the CPU with one slice at a time; close other programs")
+        raise CDMSegmentError(f"out of memory even on the CPU with one slice at a time; {MEMORY_ADVICE}")
     if batch_size > 1:
         log(f"out of GPU memory: retrying with batch size {batch_size // 2}")
         return batch_size // 2, device
