@@ -204,3 +204,32 @@ def test_running_out_of_memory_on_the_cpu_says_what_ran_out_and_what_to_do(tmp_p
     assert_one_error_line(err)
     assert "out of memory (RAM)" in err and "fewer slices per batch (--batch-size 1), crop the volume" in err
     assert partials(tmp_path / "out") == [] and not list((tmp_path / "out").glob("*.nrrd"))
+
+
+@pytest.mark.parametrize("argv", [["info", "--json"], ["info"]])
+def test_a_reader_that_went_away_ends_the_command_quietly(argv, tiny_model_path):
+    """'cdmsegment info | head -1', or a parent that died: no BrokenPipeError traceback, SIGPIPE's exit status."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    run = subprocess.run([sys.executable, "-m", "CDMSegmentLib.cli.main", *argv, str(tiny_model_path)],
+                         stdout=write_end, stderr=subprocess.PIPE, text=True, env=ENV, timeout=120)
+    os.close(write_end)
+    assert (run.returncode, run.stderr) == (141, "")
+
+
+def test_a_broken_model_registry_is_one_line(tmp_path):
+    from CDMSegmentLib.core.errors import ModelFileError
+
+    registry = tmp_path / "models.json"
+    for content in ('{"models": [{"name": "x"}]}', '{"models": 3}', '[]'):
+        registry.write_text(content)
+        with pytest.raises(ModelFileError, match="is not a valid model registry"):
+            load_model("x", registry=registry)
+
+
+@pytest.mark.parametrize("target_class", ["1", 1.5, 0, True])
+def test_a_target_class_that_is_not_a_class_number_is_refused_by_the_python_api(target_class, tiny_model):
+    from CDMSegmentLib.core.errors import CDMSegmentError
+
+    with pytest.raises(CDMSegmentError, match="^target_class must be a whole number >= 1"):
+        tiny_model.target_classes(target_class)

@@ -175,3 +175,14 @@ def test_a_file_with_a_registered_name_and_version_but_other_weights_is_refused(
     assert load_model(tmp_path / "recalibrated.pt", registry=reg).defaults["steps"] == 5
     with_metadata(tmp_path / "other.pt", tmp_path / "renamed.pt", edit(version="2"))  # a version of its own
     assert load_model(tmp_path / "renamed.pt", registry=reg).metadata["version"] == "2"
+
+
+@pytest.mark.parametrize("change, words", [
+    (edit(in_channels=2, modalities=["FLAIR", "T1"]), "its network has 1 input channels where its metadata says 2"),
+    (edit(class_names=["normal", "tumour", "oedema"]), "its network has 2 classes where its metadata says 3"),
+])
+def test_metadata_that_does_not_fit_the_network_is_refused_when_loaded(change, words, tmp_path, tiny_model_path):
+    """Such a file used to load and end the run's first batch in a TorchScript traceback."""
+    with_metadata(tiny_model_path, tmp_path / "edited.pt", change)
+    with pytest.raises(ModelFileError, match=f"^edited.pt: {words}; the metadata was edited"):
+        load_model(tmp_path / "edited.pt")

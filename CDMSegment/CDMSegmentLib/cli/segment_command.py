@@ -9,6 +9,7 @@ progress bar and a summary line: what the program that started it reads.
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import signal
 import sys
@@ -242,6 +243,9 @@ def _run(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> int:
         return 0
     except CDMSegmentError as e:
         reason, prefix, code = str(e), "error: ", 1
+    except BrokenPipeError:  # what reads the output went away ('| head', a parent that died): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit fails no more
+        return 128 + 13  # as SIGPIPE would end it
     except Exception as e:  # memory ran out in any library, anywhere in the run; any other error is a bug: raised
         if out_of_memory(e) is None:
             raise

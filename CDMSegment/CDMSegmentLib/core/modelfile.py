@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import ranges
 from .errors import CDMSegmentError, ModelFileError
 from .model_metadata import check_metadata
 from .registry import MODELS_DIR, REGISTRY_FILE, default_model_name, read_registry  # noqa: F401 (also used from here)
@@ -58,6 +59,7 @@ class LoadedModel:
     def target_classes(self, target_class: Optional[int] = None) -> list:
         """[target_class], or every class but 0 (normal) when None; a class the model lacks is an error."""
         last = len(self.class_names) - 1
+        target_class = ranges.check_optional("target_class", target_class)
         classes = [target_class] if target_class is not None else list(range(1, last + 1))
         if not all(0 < c <= last for c in classes):  # the metadata's schema holds at least one class beside normal
             choices = ", ".join(f"{n} ({name})" for n, name in enumerate(self.class_names) if n > 0)
@@ -129,7 +131,10 @@ def load_model(name_or_path: Union[str, Path, None] = None, kind: str = "diffusi
         raise ModelFileError(f"{path} is a folder, not a model file; give the model's .pt file")
     if not path.is_file():
         raise ModelFileError(f"model file missing: {path}; reinstall the extension or load the model from a file")
-    digest = sha256_of(path)
+    try:
+        digest = sha256_of(path)
+    except OSError as e:
+        raise ModelFileError(f"cannot read model file {path}: {e.strerror or e}; check its permissions") from None
     if expected_sha256 and digest != expected_sha256:
         raise ModelFileError(f"model file {path} is corrupt or was replaced (SHA256 {digest[:12]}... "
                              f"expected {expected_sha256[:12]}...); delete it and reinstall or re-download it")
@@ -154,7 +159,27 @@ def load_model(name_or_path: Union[str, Path, None] = None, kind: str = "diffusi
         raise ModelFileError(f"{path.name} is a {metadata['kind']} model, but a {kind} model is needed here")
     if not expected_sha256:
         check_not_impostor(path, metadata, registry)
-    return LoadedModel(network.eval(), metadata, path, digest)
+    check_network(network.eval(), metadata, path.name)
+    return LoadedModel(network, metadata, path, digest)
+
+
+# Where CDMSegment's networks (core/unet.py, training/classifier.py) hold their sizes: parameter -> (dimension,
+# the metadata's number it must equal). A network without these names is not judged here.
+SIZES = {"stem.weight": (1, "input channels"), "head.2.weight": (0, "input channels"),
+         "class_emb.weight": (0, "classes"), "linear.weight": (0, "classes")}
+
+
+def check_network(network: torch.jit.ScriptModule, metadata: dict, where: str) -> None:
+    """The network's weights have the input channels and classes the metadata says: a file whose metadata was
+    edited, or put on another network, fails here in one line, not at the first batch of a run in a traceback.
+    Read from the parameters' shapes (a test pass through a freshly loaded TorchScript network costs seconds)."""
+    expected = {"input channels": metadata["in_channels"], "classes": len(metadata["class_names"])}
+    shapes = {name: tuple(p.shape) for name, p in network.named_parameters() if name in SIZES}
+    for name, shape in shapes.items():
+        dim, what = SIZES[name]
+        if shape[dim] != expected[what]:
+            raise ModelFileError(f"{where}: its network has {shape[dim]} {what} where its metadata says "
+                                 f"{expected[what]}; the metadata was edited or belongs to another network")
 
 
 def _weights(path: Path) -> dict:
