@@ -223,7 +223,8 @@ def test_every_option_of_every_command_says_what_it_does():
 
 def test_info_prints_a_short_summary_of_the_model(tiny_model_path, tmp_path, capsys):
     tiny = load_model(tiny_model_path)
-    metadata = {**tiny.metadata, "ood": {"threshold": 2.5}, "intended_use": "Research use only.",
+    metadata = {**tiny.metadata, "ood": {"threshold": 2.5, "mean": [0.0], "covariance": [[1.0]]},
+                "intended_use": "Research use only.",
                 "expects": {"description": "skull-stripped brain MRI (FLAIR)"},
                 "defaults": {**tiny.defaults, "batch_size": {"cpu": 4, "cuda": 64}, "min_component_ml": 0.25,
                              "calibration": {"data": "held-out phantoms"}}}

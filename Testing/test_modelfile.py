@@ -96,3 +96,93 @@ def test_newer_format_and_incomplete_metadata_are_refused(tmp_path):
 def test_save_reports_the_sha256(tmp_path):
     sha = make_tiny_model_file(tmp_path / "m.pt")
     assert sha == sha256_of(tmp_path / "m.pt")
+
+
+def with_metadata(source, path, change) -> str:
+    """A copy of model file ``source`` at ``path`` whose metadata is ``change(metadata)``, written past save_model's
+    checks, as a hand edit or another exporter would; returns the file's SHA256."""
+    model = load_model(source)
+    torch.jit.save(model.network, str(path), _extra_files={"metadata.json": json.dumps(change(dict(model.metadata)))})
+    return sha256_of(path)
+
+
+def edit(**fields):
+    return lambda m: {**m, **fields}
+
+
+def edit_defaults(**fields):
+    return lambda m: {**m, "defaults": {**m["defaults"], **fields}}
+
+
+BROKEN = {
+    "threshold a word": (edit_defaults(threshold="high"), "'defaults.threshold' must be a finite number >= 0, got 'high'"),
+    "negative threshold": (edit_defaults(threshold=-1), "'defaults.threshold' must be a finite number >= 0, got -1"),
+    "zero noise draws": (edit_defaults(noise_draws=0), "'defaults.noise_draws' must be a whole number in [1, 1000]"),
+    "steps as text": (edit_defaults(steps="2"), "'defaults.steps' must be a whole number in [1, 10000], got '2'"),
+    "batch size per device": (edit_defaults(batch_size={"cpu": 0}), "'defaults.batch_size.cpu' must be a whole number"),
+    "expects as a string": (edit(expects="FLAIR"), "'expects' must be an object ({...}), got 'FLAIR'"),
+    "training as a string": (edit(training="phantoms"), "'training' must be an object ({...}), got 'phantoms'"),
+    "one class": (edit(class_names=["normal"]), "'class_names' must hold at least 2 class names (normal and a class "
+                                                "to segment), got ['normal']"),
+    "no timesteps": (edit(num_timesteps=0), "'num_timesteps' must be a whole number in [2, 100000], got 0"),
+    "image size as text": (edit(image_size="32"), "'image_size' must be a whole number in [8, 4096], got '32'"),
+    "format version as text": (edit(format_version="1"), "'format_version' must be a whole number >= 1, got '1'"),
+    "modalities as a string": (edit(modalities="FLAIR"), "'modalities' must be a list ([...]), got 'FLAIR'"),
+    "unknown schedule": (edit(schedule="quadratic"), "'schedule' must be one of linear, cosine, got 'quadratic'"),
+    "normalisation without high": (edit(normalisation={"method": "percentile", "low": 1}),
+                                   "'normalisation.high' is missing;"),
+    "percentiles crossed": (edit(normalisation={"method": "percentile", "low": 99, "high": 1}),
+                            "'normalisation' has low percentile 99 not below high 1"),
+    "skull_stripped as text": (edit(expects={"skull_stripped": "yes"}), "'expects.skull_stripped' must be true or false"),
+    "OOD threshold NaN": (edit(ood={"threshold": float("nan"), "mean": [0.0], "covariance": [[1.0]]}),
+                          "'ood.threshold' must be a finite number > 0, got nan"),
+    "OOD covariance of another size": (edit(ood={"threshold": 1.0, "mean": [0.0, 1.0], "covariance": [[1.0]]}),
+                                       "do not match its 2 noise levels"),
+    "metadata a list": (lambda m: [m], "its metadata is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_broken_metadata_is_one_line_naming_the_file_and_the_field(name, tmp_path, tiny_model_path):
+    change, words = BROKEN[name]
+    with_metadata(tiny_model_path, tmp_path / "broken.pt", change)
+    with pytest.raises(ModelFileError) as caught:
+        load_model(tmp_path / "broken.pt")
+    message = str(caught.value)
+    assert message.startswith("broken.pt: ") and words in message and "\n" not in message, message
+
+
+def test_a_one_class_model_is_refused_when_loaded_and_a_missing_class_names_the_classes(tiny_model):
+    with pytest.raises(Exception, match=r"^target class 3 is not one of this model's classes: 1 \(tumour\)$"):
+        tiny_model.target_classes(3)
+
+
+def test_a_folder_given_as_a_model_is_called_a_folder(tmp_path):
+    with pytest.raises(ModelFileError, match=f"^{tmp_path} is a folder, not a model file; give the model's .pt file$"):
+        load_model(tmp_path)
+
+
+def test_a_file_with_a_registered_name_and_version_but_other_weights_is_refused(tmp_path, tiny_model_path):
+    reg = registry_with(tmp_path, tiny_model_path)
+    registered = json.loads(reg.read_text())
+    registered["models"][0]["name"] = "tiny-test"  # the name inside the file
+    reg.write_text(json.dumps(registered))
+    make_tiny_model_file(tmp_path / "other.pt", seed=5)  # the same name and version, other weights
+    with pytest.raises(ModelFileError, match="^other.pt calls itself tiny-test 0, a registered model, but does not "
+                                             "hold its weights"):
+        load_model(tmp_path / "other.pt", registry=reg)
+    with_metadata(tiny_model_path, tmp_path / "recalibrated.pt", edit_defaults(steps=5))  # its weights, new defaults
+    assert load_model(tmp_path / "recalibrated.pt", registry=reg).defaults["steps"] == 5
+    with_metadata(tmp_path / "other.pt", tmp_path / "renamed.pt", edit(version="2"))  # a version of its own
+    assert load_model(tmp_path / "renamed.pt", registry=reg).metadata["version"] == "2"
+
+
+@pytest.mark.parametrize("change, words", [
+    (edit(in_channels=2, modalities=["FLAIR", "T1"]), "its network has 1 input channels where its metadata says 2"),
+    (edit(class_names=["normal", "tumour", "oedema"]), "its network has 2 classes where its metadata says 3"),
+])
+def test_metadata_that_does_not_fit_the_network_is_refused_when_loaded(change, words, tmp_path, tiny_model_path):
+    """Such a file used to load and end the run's first batch in a TorchScript traceback."""
+    with_metadata(tiny_model_path, tmp_path / "edited.pt", change)
+    with pytest.raises(ModelFileError, match=f"^edited.pt: {words}; the metadata was edited"):
+        load_model(tmp_path / "edited.pt")

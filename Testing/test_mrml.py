@@ -182,3 +182,17 @@ def test_an_edit_is_recognised(scene):
         mrml._oriented_image(edited, mrml.ijk_to_ras(node)), segmentation_node, segment_id,
         slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     assert mrml.segment_edited(segmentation_node, segment_id, mrml.ijk_to_ras(node), mask.shape)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, float("nan"), float("inf"), "high"])
+def test_a_threshold_outside_its_meaning_is_refused_and_the_segment_kept(scene, threshold):
+    """-1 from the Python console would paint the whole box (the heatmap is >= 0), NaN would empty the segment."""
+    heatmap = np.where(phantom() > 600, 1.0, 0.0).astype(np.float32)
+    heatmap_node = add_volume(scene, heatmap, GEOMETRIES["axial"], "heatmap")
+    segmentation_node = mrml.add_segmentation_node(scene, {"tumour": (heatmap > 0.5).astype(np.uint8)},
+                                                   GEOMETRIES["axial"], "seg")
+    segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
+    with pytest.raises(CDMSegmentError, match="^threshold must be a finite number >= 0, got "):
+        mrml.remake_segment(heatmap_node, segmentation_node, threshold)
+    kept = mrml.segment_mask(segmentation_node, segment_id, GEOMETRIES["axial"], heatmap.shape)
+    np.testing.assert_array_equal(kept > 0, heatmap > 0.5)

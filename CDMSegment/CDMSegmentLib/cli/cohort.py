@@ -20,8 +20,8 @@ from typing import List, Sequence
 
 from ..core.errors import CDMSegmentError
 from ..core.engine import ENGINES
+from ..core.ranges import option
 from .segment_command import ENGINE_HELP, SEED_HELP
-from .writers import check_not_inputs, file_stem
 
 SUMMARY_FILE = "cohort_summary.csv"
 COLUMNS = ("case", "inputs", "slices_total", "slices_run", "voxels_segmented", "volume_ml", "seconds", "device",
@@ -38,15 +38,16 @@ def add_segment_cohort_parser(sub) -> None:
                         "cohort_summary.csv")
     p.add_argument("--model", default=None, help="registered model name or model file (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto (each rank's own CUDA GPU when there is one), cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=None, help="slices per network batch (default: per device)")
+    p.add_argument("--batch-size", type=option("batch_size"), default=None, help="slices per network batch (default: per device)")
     p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
-    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    p.add_argument("--seed", type=option("seed"), default=0, help=SEED_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run_segment_cohort)
 
 
 def read_cases(cases: Sequence[str], list_file: Path = None) -> List[List[str]]:
     """Each case as its list of input paths; refuses an empty cohort and two cases with one output stem."""
+    from .writers import file_stem  # numpy and SimpleITK: imported once the command runs, as torch is
     lines = list(cases)
     if list_file is not None:
         if not list_file.is_file():
@@ -87,6 +88,7 @@ def segment_cohort(cases: List[List[str]], output_dir: Path, *, rank: int = 0, w
     """This rank's share of ``cases`` (every ``world``-th from ``rank``): one summary row per case. No case's
     output may replace any case's input (one case's heatmap can be named as another's image)."""
     from .segment_files import segment_files
+    from .writers import file_stem
 
     every_input = [p for c in cases for p in c]
     rows = []
@@ -117,6 +119,8 @@ def summary_csv(rows: List[dict], case_order: List[str]) -> str:
 
 
 def run_segment_cohort(args) -> None:
+    from .writers import check_not_inputs, file_stem
+
     cases = read_cases(args.cases, args.list)
     summary = args.output / SUMMARY_FILE
     check_not_inputs([summary], [p for c in cases for p in c] + ([args.list] if args.list else []))

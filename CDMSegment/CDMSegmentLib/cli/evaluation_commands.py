@@ -4,6 +4,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ..core.ranges import option
 from .training_commands import comma_list
 
 
@@ -20,19 +21,19 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--threshold-rule", type=comma_list(str), default=["otsu-slice", "volume-otsu"],
                    help="comma-separated: otsu-slice (the paper's), volume-otsu (the tool's), "
                         "model (calibrated: CDM's, and CG-CDM's when the classifier stores one)")
-    p.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
+    p.add_argument("--cases", type=option("count"), default=None, help="evaluate only the first N cases")
     p.add_argument("--preset", default="model", choices=("model", "paper"), help="base CDM settings")
-    p.add_argument("--noise-level", type=comma_list(float), default=[None], help="CDM alpha_bar at the start; a list sweeps")
-    p.add_argument("--steps", type=comma_list(int), default=[None], help="CDM DDIM steps R; a list sweeps")
-    p.add_argument("--tau", type=comma_list(float), default=[None], help="CDM tau; a list sweeps")
-    p.add_argument("--guidance-scale", type=comma_list(float), default=[None], help="CG-CDM scale s; a list sweeps")
-    p.add_argument("--cgdiff-level", type=float, default=None, help="CG-Diff alpha_bar at L (Wolleb: 0.0786, L=500/1000)")
-    p.add_argument("--cgdiff-steps", type=int, default=None,
+    p.add_argument("--noise-level", type=comma_list(option("noise_level")), default=[None], help="CDM alpha_bar at the start; a list sweeps")
+    p.add_argument("--steps", type=comma_list(option("steps")), default=[None], help="CDM DDIM steps R; a list sweeps")
+    p.add_argument("--tau", type=comma_list(option("tau")), default=[None], help="CDM tau; a list sweeps")
+    p.add_argument("--guidance-scale", type=comma_list(option("guidance_scale")), default=[None], help="CG-CDM scale s; a list sweeps")
+    p.add_argument("--cgdiff-level", type=option("noise_level"), default=None, help="CG-Diff alpha_bar at L (Wolleb: 0.0786, L=500/1000)")
+    p.add_argument("--cgdiff-steps", type=option("steps"), default=None,
                    help="CG-Diff DDIM steps each way (Wolleb: 500, 1500 network passes per slice; fewer are strided)")
-    p.add_argument("--cgdiff-scale", type=float, default=None, help="CG-Diff classifier scale s (Wolleb: 100)")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per network batch (default: %(default)s)")
+    p.add_argument("--cgdiff-scale", type=option("guidance_scale"), default=None, help="CG-Diff classifier scale s (Wolleb: 100)")
+    p.add_argument("--batch-size", type=option("batch_size"), default=16, help="slices per network batch (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=option("seed"), default=0,
                    help="seed of the noise drawn for each slice (default: %(default)s)")
     p.set_defaults(func=run_evaluate)
 
@@ -61,19 +62,19 @@ def add_evaluate_volumes_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
                    help="folder for volumes.csv (per case) and volumes.md (the tables)")
     p.add_argument("--model", default=None, help="diffusion model (name or file; default: the bundled model)")
-    p.add_argument("--cases", type=int, default=None, help="only the first N cases")
-    p.add_argument("--per-family", type=int, default=None,
+    p.add_argument("--cases", type=option("count"), default=None, help="only the first N cases")
+    p.add_argument("--per-family", type=option("count"), default=None,
                    help="only the first N cases of each lesion family (randomised phantoms' cases.csv)")
     p.add_argument("--fit-threshold-on", type=Path, default=None, metavar="TRAINDIR",
                    help="cases with masks from the training families: fit the calibrated intensity-threshold "
                         "baseline there (default: only the Otsu baseline)")
-    p.add_argument("--fit-cases", type=int, default=12, help="cases of TRAINDIR used for the fit")
-    p.add_argument("--grow-above", type=float, default=None,
+    p.add_argument("--fit-cases", type=option("count"), default=12, help="cases of TRAINDIR used for the fit")
+    p.add_argument("--grow-above", type=option("grow_above"), default=None,
                    help="also score the CDM's mask grown through the bright regions it touches, above this many times "
                         "the brain's median (default: the model's grow_above, else the fitted intensity threshold "
                         "when --fit-threshold-on is given; 0: not scored)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per network batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=option("batch_size"), default=16, help="slices per network batch (default: %(default)s)")
     p.set_defaults(func=run_evaluate_volumes)
 
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import CDMSegmentError
+from ..core.ranges import option
 
 
 def add_ood_parser(sub) -> None:
@@ -38,8 +39,8 @@ def add_calibrate_ood_parser(sub) -> None:
     p.add_argument("model", help="model file or registered name")
     p.add_argument("data", type=Path, help="folder of held-out cases in the BraTS layout (phantoms of every family)")
     p.add_argument("-o", "--output", type=Path, required=True, help="OOD reference JSON")
-    p.add_argument("--cases", type=int, default=None, help="only the first N cases")
-    p.add_argument("--false-alarm", type=float, default=0.05, help="allowed share of valid inputs flagged")
+    p.add_argument("--cases", type=option("count"), default=None, help="only the first N cases")
+    p.add_argument("--false-alarm", type=option("false_alarm"), default=0.05, help="allowed share of valid inputs flagged")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.set_defaults(func=run_calibrate_ood)
 

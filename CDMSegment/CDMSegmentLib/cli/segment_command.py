@@ -7,7 +7,9 @@ progress bar and a summary line: what the program that started it reads.
 """
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
 import signal
 import sys
@@ -16,10 +18,10 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from ..core.engine import ENGINES
-from ..core.errors import CDMSegmentError
+from ..core.errors import CDMSegmentError, out_of_memory
+from ..core.ranges import option
 from ..core.run_events import ERROR, SUMMARY, EventWriter
 from ..core.settings import CDMSettings
-from .writers import check_command_outputs
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -60,15 +62,15 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--method", default="cdm", help="cdm, cg-cdm (guided by the model's registered classifier or "
                    "--classifier), or a baseline: gradcam, gradcam++, scorecam, layercam, cg-diff (need --classifier)")
     p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm and the baselines (name or file)")
-    p.add_argument("--target-class", type=int, default=None,
+    p.add_argument("--target-class", type=option("target_class"), default=None,
                    help="class index to segment (default: every class except 0 = normal)")
     CDMSettings.add_arguments(p)
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=option("batch_size"), default=None,
                    help="slices per network batch (default: the model's measured value for the device, else 4 on "
                         "a CPU and 64 on a GPU)")
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), fp32, bf16 or fp16")
     p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
-    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    p.add_argument("--seed", type=option("seed"), default=0, help=SEED_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--progress-lines", action="store_true",
                    help="report on stdout in JSON lines (phase, slices done of N and time left, summary or error) "
@@ -103,7 +105,8 @@ def run_segment(args) -> None:
     try:
         summary = run(progress, lambda m: tqdm.write(m, file=sys.stderr))
     finally:
-        bar.close()
+        with contextlib.suppress(OSError):  # the terminal closed (SIGHUP): the bar has nowhere to go
+            bar.close()
     print(summary.line())
 
 
@@ -194,39 +197,75 @@ def make_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so that every clean-up (temporary outputs) runs."""
+# The signals that stop a run, and what each means to the user. SIGHUP is the terminal closing (not on Windows).
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+if hasattr(signal, "SIGHUP"):
+    STOP_SIGNALS[signal.SIGHUP] = "stopped: its terminal was closed"
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised like KeyboardInterrupt so that every clean-up (temporary outputs) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    """The first stop signal unwinds the run; any later one (a second Ctrl-C, SIGTERM then Ctrl-C) is ignored, so
+    the clean-up it started runs to its end: interrupted halfway it left partial files, and an interrupted
+    destructor (tqdm's bar) prints Python's "Exception ignored" traceback."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Stopped(signum)
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> int:
     """Parse and run one command: an error a user can act on is one line on stderr (and, with
     --progress-lines, one error event on stdout, the reason alone) and a non-zero exit, never a traceback.
-    SIGTERM cleans up as SIGINT does."""
-    args = parser.parse_args(argv)
+    SIGTERM and SIGHUP clean up as SIGINT does."""
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if in_main_thread else {}
     try:
+        return _run(parser, argv)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> int:
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        from .writers import check_command_outputs  # numpy and SimpleITK: once the command line is parsed
+
         check_command_outputs(args)
         args.func(args)
         return 0
     except CDMSegmentError as e:
         reason, prefix, code = str(e), "error: ", 1
+    except BrokenPipeError:  # what reads the output went away ('| head', a parent that died): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit fails no more
+        return 128 + 13  # as SIGPIPE would end it
     except OSError as e:  # what the file system refuses where no check foresaw it (a name too long for it)
         reason, prefix, code = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", "error: ", 1
+    except Exception as e:  # memory ran out in any library, anywhere in the run; any other error is a bug: raised
+        if out_of_memory(e) is None:
+            raise
+        reason, prefix, code = str(out_of_memory(e)), "error: ", 1
     except KeyboardInterrupt:
-        reason, prefix, code = "interrupted; no partial output was kept", "", 130
-    except Terminated:
-        reason, prefix, code = "terminated; no partial output was kept", "", 128 + signal.SIGTERM
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    if getattr(args, "progress_lines", False):
-        EventWriter(sys.stdout).emit(ERROR, message=reason)
-    print(f"cdmsegment {args.command}: {prefix}{reason}", file=sys.stderr)
+        reason, prefix, code = f"{STOP_SIGNALS[signal.SIGINT]}; no partial output was kept", "", 128 + signal.SIGINT
+    except Stopped as e:
+        reason, prefix, code = f"{STOP_SIGNALS[e.signum]}; no partial output was kept", "", 128 + e.signum
+    try:  # after SIGHUP the terminal may be gone
+        if getattr(args, "progress_lines", False):
+            EventWriter(sys.stdout).emit(ERROR, message=reason)
+        command = " ".join(filter(None, [parser.prog, getattr(args, "command", None)]))
+        print(f"{command}: {prefix}{reason}", file=sys.stderr)
+    except OSError:
+        pass
     return code
 
 

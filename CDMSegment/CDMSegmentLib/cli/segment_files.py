@@ -89,7 +89,7 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     phase("reading the input")
     output_dir = Path(output_dir)
     volumes = [read_volume(p, series) for p in inputs]
-    check_output_folder(output_dir, volumes[0].array.size * 5)  # float32 heatmap + uint8 labels, uncompressed
+    check_output_folder(output_dir, volumes[0].array.size * 5, log)  # float32 heatmap + uint8 labels, uncompressed
     phase("loading the model")
     diffusion = load_model(model)
     if classifier is None and run_options.get("method") == "cg-cdm":

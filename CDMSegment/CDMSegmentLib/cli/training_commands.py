@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..core.errors import CDMSegmentError
+from ..core.ranges import option
 
 
 def comma_list(kind):
@@ -16,6 +17,7 @@ def comma_list(kind):
             return [kind(v.strip()) for v in value.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}") from None
+    parse.range = getattr(kind, "range", None)  # numbers are checked per item (core/ranges.py)
     return parse
 
 
@@ -28,26 +30,26 @@ def add_phantom_parser(sub) -> None:
     p = sub.add_parser("phantom", help="write phantom brain-tumour cases (BraTS layout) from the MNI152 anatomy")
     p.add_argument("output", type=Path, metavar="OUTDIR",
                    help="folder for the cases, one sub-folder each in the BraTS layout (images and *_seg.nii.gz)")
-    p.add_argument("--cases", type=int, default=10, help="number of cases to write (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--cases", type=option("count"), default=10, help="number of cases to write (default: %(default)s)")
+    p.add_argument("--seed", type=option("seed"), default=0,
                    help="seed of the set: case i depends only on the seed and i (default: %(default)s)")
     p.add_argument("--modalities", type=comma_list(str), default=("flair",), help="comma-separated: flair,t1,t1ce,t2")
-    p.add_argument("--lesion-free-fraction", type=float, default=0.25,
+    p.add_argument("--lesion-free-fraction", type=option("fraction"), default=0.25,
                    help="share of cases without a lesion (default: %(default)s; randomised phantoms use the "
                         "'healthy' family instead)")
-    p.add_argument("--in-plane-mm", type=float, default=None, help="fixed in-plane spacing (default: random 1-2 mm)")
-    p.add_argument("--slice-mm", type=float, default=None, help="fixed slice thickness (default: random up to 5 mm)")
+    p.add_argument("--in-plane-mm", type=option("positive"), default=None, help="fixed in-plane spacing (default: random 1-2 mm)")
+    p.add_argument("--slice-mm", type=option("positive"), default=None, help="fixed slice thickness (default: random up to 5 mm)")
     r = p.add_argument_group("domain-randomised FLAIR phantoms (chosen by --families; see data/randomised.py)")
     r.add_argument("--families", type=comma_list(str), default=None,
                    help="lesion families taken in turn: core-oedema,infiltrative,multifocal,ms,cortical,healthy "
                         "(or 'all'); contrast, artefacts and acquisition are drawn per case")
-    r.add_argument("--grey-white", type=comma_list(float), default=None, metavar="LO,HI",
+    r.add_argument("--grey-white", type=comma_list(option("positive")), default=None, metavar="LO,HI",
                    help="grey/white matter ratio range (default 1.0,1.4)")
-    r.add_argument("--csf", type=comma_list(float), default=None, metavar="LO,HI",
+    r.add_argument("--csf", type=comma_list(option("positive")), default=None, metavar="LO,HI",
                    help="CSF / grey matter range (default 0.05,0.35)")
-    r.add_argument("--lesion-contrast", type=comma_list(float), default=None, metavar="LO,HI",
+    r.add_argument("--lesion-contrast", type=comma_list(option("positive")), default=None, metavar="LO,HI",
                    help="lesion / grey matter range (default 1.1,2.5)")
-    r.add_argument("--lesion-ml", type=comma_list(float), default=None, metavar="LO,HI",
+    r.add_argument("--lesion-ml", type=comma_list(option("volume_ml")), default=None, metavar="LO,HI",
                    help="total lesion volume per case (default: the family's range)")
     r.add_argument("--acquisitions", type=comma_list(str), default=("axial", "coronal", "sagittal"),
                    help="slice directions drawn from (the thick axis)")
@@ -93,7 +95,7 @@ def _add_data_arguments(p) -> None:
                    help="CSV of per-slice labels (case or file, slice, label) for a folder of single-modality volumes")
     p.add_argument("--modalities", type=comma_list(str), default=("flair",),
                    help="comma-separated modalities read per case, in the model's input order (default: flair)")
-    p.add_argument("--image-size", type=int, default=128,
+    p.add_argument("--image-size", type=option("image_size"), default=128,
                    help="edge of the square model slices in pixels (default: %(default)s; a .npz keeps its own)")
     p.add_argument("--split", type=Path, default=None,
                    help="split JSON (train/val/test case ids); made and written beside the output when absent")
@@ -145,27 +147,27 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train the class-conditional diffusion model on image-level slice labels")
     _add_data_arguments(p)
     p.add_argument("-o", "--run-dir", type=Path, required=True, help="checkpoints go here; an existing run resumes")
-    p.add_argument("--steps", type=int, default=20000, help="optimiser steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="per process (torchrun multiplies by processes)")
-    p.add_argument("--lr", type=float, default=2e-4,
+    p.add_argument("--steps", type=option("count"), default=20000, help="optimiser steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=option("batch_size"), default=32, help="per process (torchrun multiplies by processes)")
+    p.add_argument("--lr", type=option("learning_rate"), default=2e-4,
                    help="peak AdamW learning rate, after warm-up and before cosine decay (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise (default: %(default)s)")
+    p.add_argument("--seed", type=option("seed"), default=0, help="seed of the weights, batches and noise (default: %(default)s)")
     p.add_argument("--schedule", default="linear", choices=("linear", "cosine"),
                    help="noise schedule (default: %(default)s, the paper's)")
-    p.add_argument("--timesteps", type=int, default=1000,
+    p.add_argument("--timesteps", type=option("timesteps"), default=1000,
                    help="diffusion timesteps T (default: %(default)s; the paper: 4000)")
-    p.add_argument("--base-channels", type=int, default=32,
+    p.add_argument("--base-channels", type=option("count"), default=32,
                    help="UNet channels at full resolution (default: %(default)s)")
-    p.add_argument("--channel-mults", type=comma_list(int), default=(1, 2, 2, 4),
+    p.add_argument("--channel-mults", type=comma_list(option("count")), default=(1, 2, 2, 4),
                    help="comma-separated channel multiplier of each UNet level (default: 1,2,2,4)")
-    p.add_argument("--attention-levels", type=comma_list(int), default=(3,),
+    p.add_argument("--attention-levels", type=comma_list(option("level")), default=(3,),
                    help="comma-separated UNet levels with self-attention, 0 = full resolution (default: 3)")
-    p.add_argument("--blocks-per-level", type=int, default=1,
+    p.add_argument("--blocks-per-level", type=option("count"), default=1,
                    help="residual blocks per UNet level (default: %(default)s)")
     p.add_argument("--class-names", type=comma_list(str), default=("normal", "tumour"),
                    help="comma-separated class names, the normal class first (default: normal,tumour)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=TRAINING_PRECISION)
-    p.add_argument("--checkpoint-every", type=int, default=1000,
+    p.add_argument("--checkpoint-every", type=option("count"), default=1000,
                    help="steps between checkpoints in the run folder (default: %(default)s)")
     p.add_argument("--t-range", type=comma_list(int), default=None, metavar="LO,HI",
                    help="train on timesteps LO..HI only (inclusive; default: all of 0..T-1); recorded in the model, "
@@ -254,16 +256,16 @@ def add_calibrate_parser(sub) -> None:
                    help="defaults JSON for 'cdmsegment export' or 'cdmsegment set-defaults'")
     grid = ("a list sweeps (default: " + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in CALIBRATION_GRID.items())
             + "; with --classifier: the model's own)")
-    p.add_argument("--noise-level", type=comma_list(float), default=None, help=grid)
-    p.add_argument("--tau", type=comma_list(float), default=None,
+    p.add_argument("--noise-level", type=comma_list(option("noise_level")), default=None, help=grid)
+    p.add_argument("--tau", type=comma_list(option("tau")), default=None,
                    help="tau values to sweep (default: see --noise-level)")
-    p.add_argument("--steps", type=comma_list(int), default=None,
+    p.add_argument("--steps", type=comma_list(option("steps")), default=None,
                    help="DDIM steps R to sweep (default: see --noise-level)")
-    p.add_argument("--noise-draws", type=comma_list(int), default=None,
+    p.add_argument("--noise-draws", type=comma_list(option("noise_draws")), default=None,
                    help="noise draws to sweep (default: see --noise-level)")
     p.add_argument("--classifier", default=None,
                    help="noise-aware classifier: calibrate CG-CDM's guidance scale and threshold for it")
-    p.add_argument("--guidance-scale", type=comma_list(float), default=[1.0, 3.0, 10.0, 30.0, 100.0],
+    p.add_argument("--guidance-scale", type=comma_list(option("guidance_scale")), default=[1.0, 3.0, 10.0, 30.0, 100.0],
                    help="CG-CDM scales s to sweep (with --classifier)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--precision", default="fp16", choices=("fp32", "bf16", "fp16"),
@@ -349,12 +351,12 @@ def add_train_classifier_parser(sub) -> None:
     p.add_argument("--run-dir", required=True, type=Path, help="checkpoint folder (an interrupted run resumes)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL.pt",
                    help="the classifier model file to write")
-    p.add_argument("--steps", type=int, default=5000, help="optimiser steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate (default: %(default)s)")
-    p.add_argument("--base-channels", type=int, default=32,
+    p.add_argument("--steps", type=option("count"), default=5000, help="optimiser steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=option("batch_size"), default=32, help="slices per step (default: %(default)s)")
+    p.add_argument("--lr", type=option("learning_rate"), default=3e-4, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--base-channels", type=option("count"), default=32,
                    help="network channels at full resolution (default: %(default)s)")
-    p.add_argument("--channel-mults", type=comma_list(int), default=[1, 2, 2, 4],
+    p.add_argument("--channel-mults", type=comma_list(option("count")), default=[1, 2, 2, 4],
                    help="comma-separated channel multiplier of each level (default: 1,2,2,4)")
     p.add_argument("--class-names", type=comma_list(str), default=["normal", "lesion"],
                    help="comma-separated class names, the normal class first (default: normal,lesion)")
@@ -362,7 +364,7 @@ def add_train_classifier_parser(sub) -> None:
                    help="the classifier's name, stored in its metadata (default: %(default)s)")
     p.add_argument("--version", default="0.1.0",
                    help="the classifier's version, stored in its metadata (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise (default: %(default)s)")
+    p.add_argument("--seed", type=option("seed"), default=0, help="seed of the weights, batches and noise (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=TRAINING_PRECISION)
     p.set_defaults(func=run_train_classifier)
 

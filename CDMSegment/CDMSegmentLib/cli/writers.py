@@ -7,11 +7,14 @@ appeared meanwhile is never replaced.
 
 import contextlib
 import errno
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -120,23 +123,62 @@ def check_output_names(outputs: Sequence[Path]) -> None:
                                   f"the file system takes at most {path_max}; choose a shorter output folder")
 
 
-PARTIAL_PREFIX = ".partial-"
-
-
-def _partial_suffix(final: Path) -> str:
-    """'-' + the end of the final name that fits beside mkstemp's prefix and 8 random characters, so the
+def _partial_suffix(final: Path, prefix: str) -> str:
+    """'-' + the end of the final name that fits beside mkstemp's ``prefix`` and 8 random characters, so the
     temporary name is never longer than the file system takes, and keeps the extension its writer needs."""
-    budget = _limits(final.parent)[0] - len(PARTIAL_PREFIX) - 8 - 1
+    budget = _limits(final.parent)[0] - len(prefix) - 8 - 1
     tail = final.name
     while len(os.fsencode(tail)) > budget:
         tail = tail[1:]
     return "-" + tail
 
 
-def check_output_folder(folder: Path, needed_bytes: int = 0) -> None:
+# A run's temporary outputs: .partial-<pid>-<host>-<random>-<final name>. The process id and a tag of the machine
+# tell a later run whether the run that wrote them is gone (SIGKILL, a power cut), so that it can remove them.
+PARTIAL_PREFIX = ".partial-"
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+PARTIAL_NAME = re.compile(r"\.partial-(\d+)-([0-9a-f]{8})-")
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine (False when it cannot be told: Windows)."""
+    if os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process
+        return False
+    return False
+
+
+def clean_stale_partials(folder: Path, log: Callable[[str], None]) -> None:
+    """Remove the temporary outputs that runs killed before their clean-up (SIGKILL) left in ``folder``, when their
+    process is gone; say where the ones that cannot be judged are (another machine's, or an older version's)."""
+    removed, unknown = [], []
+    for path in sorted(Path(folder).glob(PARTIAL_PREFIX + "*")):
+        match = PARTIAL_NAME.match(path.name)
+        if match and match[2] == HOST_TAG and _process_gone(int(match[1])):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+        elif not match or match[2] != HOST_TAG:
+            unknown.append(path)
+    if removed:
+        log(f"removed {len(removed)} partial output file(s) that a run killed before its clean-up left in {folder}")
+    if unknown:
+        log(f"{len(unknown)} partial output file(s) of another run are in {folder} (first: {unknown[0].name}); "
+            "delete them if no run is writing there")
+
+
+def check_output_folder(folder: Path, needed_bytes: int = 0, log: Callable[[str], None] = lambda m: None) -> None:
     """Before any work: ``folder`` is a folder (or can be made in one) where a file can be created, with
-    ``needed_bytes`` free. Nothing is left behind by the check."""
+    ``needed_bytes`` free, once the partial files of killed runs are removed from it. Nothing is left behind
+    by the check."""
     existing = _existing_ancestor(folder)
+    if existing == Path(folder).absolute() and existing.is_dir():
+        clean_stale_partials(existing, log)
     if not existing.is_dir():
         raise CDMSegmentError(f"cannot write outputs to {folder}: {existing} is a file, not a folder; "
                               "choose another output folder")
@@ -175,7 +217,8 @@ def atomic_outputs(paths: List[Path], overwrite: bool = False, inputs: Sequence 
     try:
         for p in paths:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=_partial_suffix(p), dir=p.parent)
+            prefix = f"{PARTIAL_PREFIX}{os.getpid()}-{HOST_TAG}-"
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=_partial_suffix(p, prefix), dir=p.parent)
             os.close(fd)
             tmps.append(Path(name))
             os.chmod(name, new_file_mode())  # mkstemp makes 0600; results are read by others, as any new file

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import ranges
 from .cdm import cdm_heatmap
 from .device import autocast
 from .errors import CDMSegmentError
@@ -34,6 +35,12 @@ class CDMParams:
     noise_draws: int = 1
     guidance_scale: float = PAPER_DEFAULTS["guidance_scale"]
     antithetic: bool = False
+
+    def __post_init__(self):
+        """Evaluation sweeps and the baselines build these directly: the same ranges as every other way in."""
+        for f in fields(self):
+            if f.name != "antithetic":
+                object.__setattr__(self, f.name, ranges.check(f.name, getattr(self, f.name)))
 
     @classmethod
     def for_model(cls, model: LoadedModel, preset: str = "model", classifier: Optional[LoadedModel] = None,

@@ -17,18 +17,14 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import ranges
 from .errors import CDMSegmentError, ModelFileError
+from .model_metadata import check_metadata
 from .registry import MODELS_DIR, REGISTRY_FILE, default_model_name, read_registry  # noqa: F401 (also used from here)
 from .schedule import NoiseSchedule
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
-REQUIRED_KEYS = {
-    "diffusion": ("format_version", "kind", "name", "version", "image_size", "in_channels", "modalities",
-                  "class_names", "schedule", "num_timesteps", "defaults", "normalisation", "training"),
-    "classifier": ("format_version", "kind", "name", "version", "image_size", "in_channels", "modalities",
-                   "class_names", "schedule", "num_timesteps", "normalisation", "training"),
-}
 
 
 @dataclass
@@ -63,9 +59,11 @@ class LoadedModel:
     def target_classes(self, target_class: Optional[int] = None) -> list:
         """[target_class], or every class but 0 (normal) when None; a class the model lacks is an error."""
         last = len(self.class_names) - 1
+        target_class = ranges.check_optional("target_class", target_class)
         classes = [target_class] if target_class is not None else list(range(1, last + 1))
-        if not classes or not all(0 < c <= last for c in classes):
-            raise CDMSegmentError(f"target class must be one of 1..{last} ({', '.join(self.class_names[1:])})")
+        if not all(0 < c <= last for c in classes):  # the metadata's schema holds at least one class beside normal
+            choices = ", ".join(f"{n} ({name})" for n, name in enumerate(self.class_names) if n > 0)
+            raise CDMSegmentError(f"target class {target_class} is not one of this model's classes: {choices}")
         return classes
 
     def schedule(self) -> NoiseSchedule:
@@ -102,7 +100,7 @@ def sha256_of(path: Union[str, Path]) -> str:
 
 def save_model(network: torch.nn.Module, metadata: dict, path: Union[str, Path]) -> str:
     """Script ``network`` and write it with ``metadata`` inside, atomically; returns the file's SHA256."""
-    _check_metadata(metadata, str(path))
+    check_metadata(metadata, str(path), FORMAT_VERSION)
     path = Path(path)
     scripted = torch.jit.script(network.eval().cpu())
     tmp = path.with_name(path.name + ".partial")
@@ -149,9 +147,14 @@ def load_model(name_or_path: Union[str, Path, None] = None, kind: str = "diffusi
     """Load and check a model file; registered models must match their SHA256."""
     path, registered_sha = resolve_model_path(name_or_path, kind, registry)
     expected_sha256 = expected_sha256 or registered_sha
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder, not a model file; give the model's .pt file")
     if not path.is_file():
         raise ModelFileError(f"model file missing: {path}; reinstall the extension or load the model from a file")
-    digest = sha256_of(path)
+    try:
+        digest = sha256_of(path)
+    except OSError as e:
+        raise ModelFileError(f"cannot read model file {path}: {e.strerror or e}; check its permissions") from None
     if expected_sha256 and digest != expected_sha256:
         raise ModelFileError(f"model file {path} is corrupt or was replaced (SHA256 {digest[:12]}... "
                              f"expected {expected_sha256[:12]}...); delete it and reinstall or re-download it")
@@ -171,10 +174,68 @@ def load_model(name_or_path: Union[str, Path, None] = None, kind: str = "diffusi
         metadata = json.loads(extra[METADATA_FILE])
     except ValueError:
         raise ModelFileError(f"{path.name} has unreadable metadata; re-export it with 'cdmsegment export'") from None
-    _check_metadata(metadata, path.name)
+    check_metadata(metadata, path.name, FORMAT_VERSION)
     if metadata["kind"] != kind:
         raise ModelFileError(f"{path.name} is a {metadata['kind']} model, but a {kind} model is needed here")
-    return LoadedModel(network.eval(), metadata, path, digest)
+    if not expected_sha256:
+        check_not_impostor(path, metadata, registry)
+    check_network(network.eval(), metadata, path.name)
+    return LoadedModel(network, metadata, path, digest)
+
+
+# Where CDMSegment's networks (core/unet.py, training/classifier.py) hold their sizes: parameter -> (dimension,
+# the metadata's number it must equal). A network without these names is not judged here.
+SIZES = {"stem.weight": (1, "input channels"), "head.2.weight": (0, "input channels"),
+         "class_emb.weight": (0, "classes"), "linear.weight": (0, "classes")}
+
+
+def check_network(network: torch.jit.ScriptModule, metadata: dict, where: str) -> None:
+    """The network's weights have the input channels and classes the metadata says: a file whose metadata was
+    edited, or put on another network, fails here in one line, not at the first batch of a run in a traceback.
+    Read from the parameters' shapes (a test pass through a freshly loaded TorchScript network costs seconds)."""
+    expected = {"input channels": metadata["in_channels"], "classes": len(metadata["class_names"])}
+    shapes = {name: tuple(p.shape) for name, p in network.named_parameters() if name in SIZES}
+    for name, shape in shapes.items():
+        dim, what = SIZES[name]
+        if shape[dim] != expected[what]:
+            raise ModelFileError(f"{where}: its network has {shape[dim]} {what} where its metadata says "
+                                 f"{expected[what]}; the metadata was edited or belongs to another network")
+
+
+def _weights(path: Path) -> dict:
+    """{storage name: (CRC32, size)} of a TorchScript archive's tensors (``<root>/data/<n>``), from its zip
+    directory alone: equal for files holding the same weights, whatever their metadata or root folder name."""
+    with zipfile.ZipFile(path) as archive:
+        return {i.filename.split("/", 1)[-1]: (i.CRC, i.file_size) for i in archive.infolist()
+                if i.filename.split("/", 1)[-1].startswith("data/")}
+
+
+def _metadata_in(path: Path) -> dict:
+    """A model file's metadata read from its archive alone, without loading the network."""
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(f"/extra/{METADATA_FILE}"))
+        return json.loads(archive.read(name))
+
+
+def check_not_impostor(path: Path, metadata: dict, registry: Path = REGISTRY_FILE) -> None:
+    """A file that is not registered must not carry the name and version of a registered model unless it holds
+    that model's weights (its defaults may differ: ``cdmsegment set-defaults`` keeps the name): the run's
+    summary names the model by them."""
+    for entry in read_registry(registry):
+        registered = registry.parent / entry["file"]
+        if entry["name"] != metadata["name"] or entry.get("kind", "diffusion") != metadata["kind"] or \
+                not registered.is_file():
+            continue
+        try:
+            same_version = str(_metadata_in(registered).get("version")) == str(metadata["version"])
+            same_weights = same_version and _weights(registered) == _weights(path)
+        except (OSError, ValueError, StopIteration, zipfile.BadZipFile):
+            continue  # the registered file is itself damaged: its own load says so
+        if same_version and not same_weights:
+            raise ModelFileError(f"{path.name} calls itself {metadata['name']} {metadata['version']}, a registered "
+                                 f"model, but does not hold its weights (the registered file is {registered}, SHA256 "
+                                 f"{entry['sha256'][:12]}...); give the new model a name or version of its own "
+                                 "('cdmsegment export --name/--version') or use the registered one")
 
 
 def check_archive(path: Path) -> None:
@@ -193,18 +254,3 @@ def check_archive(path: Path) -> None:
     if not has_metadata:
         raise ModelFileError(f"{path.name} is a TorchScript file without CDMSegment metadata; "
                              "use a model exported by 'cdmsegment export'")
-
-
-def _check_metadata(metadata: dict, where: str) -> None:
-    kind = metadata.get("kind")
-    if kind not in REQUIRED_KEYS:
-        raise ModelFileError(f"{where}: unknown model kind {kind!r}; expected one of {', '.join(REQUIRED_KEYS)}")
-    missing = [k for k in REQUIRED_KEYS[kind] if k not in metadata]
-    if missing:
-        raise ModelFileError(f"{where}: metadata lacks {', '.join(missing)}; re-export the model with 'cdmsegment export'")
-    if metadata["format_version"] > FORMAT_VERSION:
-        raise ModelFileError(f"{where} needs a newer CDMSegment (model format {metadata['format_version']}, "
-                             f"this version reads {FORMAT_VERSION}); update the extension")
-    if len(metadata["modalities"]) != metadata["in_channels"]:
-        raise ModelFileError(f"{where}: metadata names {len(metadata['modalities'])} modalities for "
-                             f"{metadata['in_channels']} input channels")

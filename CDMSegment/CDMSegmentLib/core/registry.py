@@ -19,9 +19,14 @@ def read_registry(registry: Path = REGISTRY_FILE) -> list:
     if not registry.exists():
         return []
     try:
-        return json.loads(registry.read_text())["models"]
-    except (ValueError, KeyError) as e:
-        raise ModelFileError(f"{registry} is not a valid model registry ({e}); restore it from the extension")
+        entries = json.loads(registry.read_text())["models"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ModelFileError(f"{registry} is not a valid model registry ({e}); restore it from the extension") from None
+    for n, entry in enumerate(entries if isinstance(entries, list) else [None]):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("name", "file", "sha256")):
+            raise ModelFileError(f"{registry} is not a valid model registry (entry {n} lacks a name, file or sha256); "
+                                 "restore it from the extension")
+    return entries
 
 
 def default_model_name(kind: str = "diffusion", registry: Path = REGISTRY_FILE) -> str:

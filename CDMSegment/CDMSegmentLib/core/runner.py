@@ -15,7 +15,8 @@ import torch
 
 from .device import PRECISIONS, autocast, check_finite, choose_device, cpu_has_bf16, is_out_of_memory, voxel_tensor
 from .engine import choose_engine, with_engine
-from .errors import Cancelled, CDMSegmentError
+from . import ranges
+from .errors import MEMORY_ADVICE, Cancelled, CDMSegmentError
 from .image import Volume, check_geometry, check_same_grid, check_voxel_type
 from .intensity import normalise_volume
 from .crop import crop_window, tissue_boxes
@@ -23,6 +24,7 @@ from .methods import CDM_METHODS, CDMParams, build_method, calibrated_threshold,
 from .modelfile import LoadedModel
 from .ood import ood_score
 from .plausibility import check_plausible, ood_finding
+from .settings import check_threshold
 from .slicing import Orientation, extract_slices, insert_slices
 from .refine import grow_through_intensity
 from .threshold import make_mask, resolve_threshold, voxels_for_ml
@@ -132,8 +134,10 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     if precision not in PRECISIONS:
         raise CDMSegmentError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     requested, engine = engine, choose_engine(engine, dev, precision) if method in CDM_METHODS else "torch"
-    if batch_size is not None and batch_size < 1:
-        raise CDMSegmentError(f"batch size must be at least 1, got {batch_size}")
+    batch_size, seed = ranges.check_optional("batch_size", batch_size), ranges.check("seed", seed)
+    threshold, crop_margin_px = check_threshold(threshold), ranges.check_optional("crop_margin_px", crop_margin_px)
+    min_component_voxels = ranges.check_optional("min_component_voxels", min_component_voxels)
+    grow_above = ranges.check_optional("grow_above", grow_above)
     raw = [voxel_tensor(v.array, dev) for v in volumes]
     arrays = _normalised(model, raw)  # the OOD check's input too
     warnings = check_plausible(model.metadata, volumes, model.modalities, force,
@@ -228,7 +232,7 @@ def _run_batches(model, classifier, method, params, target_class, seed, slices, 
 def after_out_of_memory(batch_size: int, device: torch.device, log: Callable[[str], None]):
     """The next try after running out of GPU memory: half the batch, then batch 1 on the CPU; says which."""
     if device.type == "cpu" and batch_size == 1:
-        raise CDMSegmentError("out of memory even on the CPU with one slice at a time; close other programs")
+        raise CDMSegmentError(f"out of memory even on the CPU with one slice at a time; {MEMORY_ADVICE}")
     if batch_size > 1:
         log(f"out of GPU memory: retrying with batch size {batch_size // 2}")
         return batch_size // 2, device

@@ -8,22 +8,43 @@ default" (or the paper's, with ``preset='paper'``).
 
 import argparse
 from dataclasses import dataclass, field, fields
-from typing import List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 
+from . import ranges
 from .errors import CDMSegmentError
-from .methods import CDMParams
-from .modelfile import LoadedModel
-from .threshold import voxels_for_ml
+
+if TYPE_CHECKING:  # torch: the command line builds its parser from these fields before importing it
+    from .methods import CDMParams
+    from .modelfile import LoadedModel
+
+THRESHOLD_RULES = ("otsu", "model")
 
 
 def threshold_rule(value: str) -> Union[str, float]:
-    """'otsu', 'model' or a number (the --threshold option)."""
-    if value in ("otsu", "model"):
+    """'otsu', 'model' or a finite number >= 0 (the --threshold option)."""
+    if value in THRESHOLD_RULES:
         return value
     try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected otsu, model or a number, got {value!r}") from None
+        return ranges.option("threshold")(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be otsu, model or {ranges.SETTINGS['threshold']}, "
+                                         f"got {value!r}") from None
+
+
+threshold_rule.range = ranges.SETTINGS["threshold"]
+
+
+def check_threshold(value) -> Union[str, float, None]:
+    """A threshold rule as the Python API or the panel gives it: None, 'otsu', 'model' or a number in range."""
+    if value is None or value in THRESHOLD_RULES:
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise CDMSegmentError(f"threshold must be otsu, model or {ranges.SETTINGS['threshold']}, "
+                                  f"got {value!r}") from None
+    return ranges.check("threshold", value)
 
 
 def _option(help_text: str, type_, default=None, choices=None):
@@ -39,32 +60,50 @@ class CDMSettings:
 
     preset: str = _option("defaults measured for this model, or the paper's (Q~alpha_bar 0.90, R=10, tau=0.95)",
                           str, "model", ("model", "paper"))
-    noise_level: Optional[float] = _option("alpha_bar at the start (paper: 0.896)", float)
-    steps: Optional[int] = _option("DDIM steps R (2R network evaluations per slice)", int)
-    tau: Optional[float] = _option("condition interpolation tau in [0, 1)", float)
-    noise_draws: Optional[int] = _option("average the heatmap over this many noise draws", int)
+    noise_level: Optional[float] = _option("alpha_bar at the start, in (0, 1) (paper: 0.896)",
+                                                   ranges.option("noise_level"))
+    steps: Optional[int] = _option("DDIM steps R (2R network evaluations per slice)",
+                                             ranges.option("steps"))
+    tau: Optional[float] = _option("condition interpolation tau in [0, 1)", ranges.option("tau"))
+    noise_draws: Optional[int] = _option("average the heatmap over this many noise draws",
+                                                   ranges.option("noise_draws"))
     guidance_scale: Optional[float] = _option(
-        "classifier guidance scale s (cg-cdm; default: the scale measured for the classifier)", float)
+        "classifier guidance scale s >= 0 (cg-cdm; default: the scale measured for the classifier)",
+        ranges.option("guidance_scale"))
     threshold: Union[str, float, None] = _option(
-        "'model' (calibrated, default when stored), 'otsu' over the volume, or a number", threshold_rule)
+        "'model' (calibrated, default when stored), 'otsu' over the volume, or a finite number >= 0 in heatmap units",
+        threshold_rule)
     min_component_ml: Optional[float] = _option(
-        "drop 3D components smaller than this many ml (default: the model's)", float)
+        "drop 3D components smaller than this many ml, 0 or more (default: the model's)",
+        ranges.option("min_component_ml"))
     grow_above: Optional[float] = _option(
         "grow the mask through the bright regions it touches: voxels above this many times the brain's median "
-        "intensity (default: the model's; 0: off)", float)
+        "intensity (default: the model's; 0: off)", ranges.option("grow_above"))
 
-    def params(self, model: LoadedModel, classifier: Optional[LoadedModel] = None) -> CDMParams:
+    def __post_init__(self):
+        """The Python API and the panel's parameter node reach the core through here: each value is checked
+        against its range (core/ranges.py), as the command line's parser checks it."""
+        if self.preset not in ("model", "paper"):
+            raise CDMSegmentError(f"preset must be model or paper, got {self.preset!r}")
+        for f in fields(self):
+            if f.name not in ("preset", "threshold"):
+                object.__setattr__(self, f.name, ranges.check_optional(f.name, getattr(self, f.name)))
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
+
+    def params(self, model: "LoadedModel", classifier: Optional["LoadedModel"] = None) -> "CDMParams":
         """The sampler's settings: these values, the model's (or the paper's) where None or not offered here
         (antithetic draws: only a model's measured default turns them on)."""
+        from .methods import CDMParams
+
         overrides = {f.name: getattr(self, f.name, None) for f in fields(CDMParams)}
         return CDMParams.for_model(model, self.preset, classifier, **overrides)
 
-    def min_component_voxels(self, model: LoadedModel, spacing_mm: Sequence[float]) -> int:
+    def min_component_voxels(self, model: "LoadedModel", spacing_mm: Sequence[float]) -> int:
         """The minimum component size in voxels of this spacing (the model's ``min_component_ml`` when None)."""
+        from .threshold import voxels_for_ml
+
         ml = self.min_component_ml if self.min_component_ml is not None else model.defaults.get("min_component_ml", 0.0)
-        if ml < 0:
-            raise CDMSegmentError(f"the minimum component size must be 0 ml or more, got {ml}")
-        return voxels_for_ml(ml, spacing_mm)
+        return voxels_for_ml(ranges.check("min_component_ml", ml), spacing_mm)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

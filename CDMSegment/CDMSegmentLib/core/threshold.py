@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from . import ranges
 from .errors import CDMSegmentError
 
 
@@ -42,9 +43,7 @@ def resolve_threshold(heatmap: np.ndarray, rule: Union[str, float], content: Opt
             rule = float(rule)
         except ValueError:
             raise CDMSegmentError(f"threshold must be 'otsu', 'model' or a number, got {rule!r}") from None
-    if not np.isfinite(rule):
-        raise CDMSegmentError(f"threshold must be a finite number, got {rule}")
-    return float(rule)
+    return float(ranges.check("threshold", rule))
 
 
 def voxels_for_ml(ml: float, spacing_mm: Sequence[float]) -> int:

@@ -16,6 +16,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from ..core import ranges
 from ..core.errors import CDMSegmentError
 from ..core.image import Volume
 from ..core.terminology import segment_style
@@ -290,6 +291,7 @@ def remake_segment(heatmap_node, segmentation_node, threshold: float):
     if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
         raise CDMSegmentError(f"{segmentation_node.GetName()!r} has no segment any more (it was deleted); "
                               "press Apply to make a new result")
+    threshold = ranges.check("threshold", threshold)  # -1 would paint the whole box, NaN empty the segment
     heatmap = slicer.util.arrayFromVolume(heatmap_node)
     matrix = ijk_to_ras(heatmap_node)
     # No content mask needed: the heatmap is zero outside the content and thresholds are >= 0.
