@@ -108,7 +108,7 @@ def test_input_errors_are_plain_sentences(scene, tiny_model):
     node = add_volume(scene, phantom(), GEOMETRIES["axial"])
     with pytest.raises(CDMSegmentError, match=r"expects 1 modality \(FLAIR\), got 2 inputs"):
         CDMSegmentLogic().process([node, node], model=tiny_model, device="cpu")
-    with pytest.raises(CDMSegmentError, match="target class must be one of 1..1 \\(tumour\\)"):
+    with pytest.raises(CDMSegmentError, match="target class 2 is not one of this model's classes: 1 \\(tumour\\)"):
         CDMSegmentLogic().process(node, model=tiny_model, targetClass=2, device="cpu")
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
     node.SetAndObserveTransformNodeID(transform.GetID())

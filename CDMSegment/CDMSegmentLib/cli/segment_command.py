@@ -247,14 +247,16 @@ def _run(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> int:
     except CDMSegmentError as e:
         reason, prefix, code = str(e), "error: ", 1
     except BrokenPipeError:  # what reads the output went away ('| head', a parent that died): end quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit fails no more
+        with contextlib.suppress(OSError):  # so that the flush at exit fails no more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # as SIGPIPE would end it
     except OSError as e:  # what the file system refuses where no check foresaw it (a name too long for it)
         reason, prefix, code = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", "error: ", 1
     except Exception as e:  # memory ran out in any library, anywhere in the run; any other error is a bug: raised
-        if out_of_memory(e) is None:
+        memory = out_of_memory(e)
+        if memory is None:
             raise
-        reason, prefix, code = str(out_of_memory(e)), "error: ", 1
+        reason, prefix, code = str(memory), "error: ", 1
     except KeyboardInterrupt:
         reason, prefix, code = f"{STOP_SIGNALS[signal.SIGINT]}; no partial output was kept", "", 128 + signal.SIGINT
     except Stopped as e:

@@ -10,8 +10,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from . import ranges
 from .errors import CDMSegmentError
+from .settings import check_threshold
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -29,21 +29,17 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 def resolve_threshold(heatmap: np.ndarray, rule: Union[str, float], content: Optional[np.ndarray] = None,
                       calibrated: Optional[float] = None) -> float:
     """rule: 'otsu' (over the volume's content voxels), 'model' (the value calibrated on held-out
-    data and stored in the model), or a number in heatmap units."""
-    if isinstance(rule, str):
-        if rule == "otsu":
-            values = heatmap[content] if content is not None else heatmap
-            return otsu_threshold(values)
-        if rule == "model":
-            if calibrated is None:
-                raise CDMSegmentError("no calibrated threshold is stored for this method and model; "
-                                      "use --threshold otsu or a number")
-            return float(calibrated)
-        try:
-            rule = float(rule)
-        except ValueError:
-            raise CDMSegmentError(f"threshold must be 'otsu', 'model' or a number, got {rule!r}") from None
-    return float(ranges.check("threshold", rule))
+    data and stored in the model), or a number in heatmap units (checked: core/ranges.py)."""
+    rule = check_threshold(rule)
+    if rule == "otsu":
+        values = heatmap[content] if content is not None else heatmap
+        return otsu_threshold(values)
+    if rule == "model":
+        if calibrated is None:
+            raise CDMSegmentError("no calibrated threshold is stored for this method and model; "
+                                  "use --threshold otsu or a number")
+        return float(calibrated)
+    return float(rule)
 
 
 def voxels_for_ml(ml: float, spacing_mm: Sequence[float]) -> int:
