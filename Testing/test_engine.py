@@ -61,7 +61,7 @@ def test_onnxruntime_on_a_gpu_or_in_reduced_precision_is_refused(device, precisi
 
 
 @pytest.mark.parametrize("options, message", [({"engine": "onnxruntime", "precision": "fp16"}, "CPU in fp32 only"),
-                                              ({"batch_size": 0}, "batch size must be at least 1")])
+                                              ({"batch_size": 0}, "batch_size must be a whole number in \\[1, 65536\\], got 0")])
 def test_conflicting_choices_are_refused_before_the_image_is_scored(bundled, options, message):
     """A noise volume the plausibility checks would refuse: the choices' own error comes first."""
     noise = np.random.default_rng(0).integers(1, 1000, (4, 64, 64)).astype(np.int16)

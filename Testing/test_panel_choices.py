@@ -20,8 +20,9 @@ from CDMSegmentLib.slicer_adapters.panel_choices import (ONNX_DOWNLOAD_MB, advan
 
 
 def write_registry(tmp_path, entries):
+    """A models.json of these entries, each with a SHA256 (a registry entry must have one)."""
     path = tmp_path / "models.json"
-    path.write_text(json.dumps({"models": entries}))
+    path.write_text(json.dumps({"models": [{"sha256": "0" * 64, **e} for e in entries]}))
     return path
 
 

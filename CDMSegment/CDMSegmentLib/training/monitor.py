@@ -19,7 +19,6 @@ import torch
 from ..core.errors import CDMSegmentError
 from ..core.schedule import NoiseSchedule
 from ..data.slicesets import SliceDataset
-from ..evaluation.metrics import pixel_auroc
 
 CONTENT = -1 + 1e-3  # [-1, 1] slices: background is -1
 
@@ -77,13 +76,14 @@ class HeldOutMonitor:
         return torch.cat(out).numpy()
 
     def measure(self, network: torch.nn.Module) -> dict:
-        """{alpha_bar: {"auroc", "inside", "outside"}} for the network as it is."""
+        """{alpha_bar: {"auroc", "inside", "outside"}} for the network as it is (AUROC: scikit-learn's)."""
+        from sklearn.metrics import roc_auc_score
         network.eval()
         figures = {}
         for level, t in zip(self.levels, self.timesteps):
             diff = self.class_difference(network, t)
             outside = self.content & ~self.masks
-            figures[level] = {"auroc": pixel_auroc(diff[self.content], self.masks[self.content]),
+            figures[level] = {"auroc": float(roc_auc_score(self.masks[self.content], diff[self.content])),
                               "inside": float(np.abs(diff[self.masks]).mean()),
                               "outside": float(np.abs(diff[outside]).mean())}
         return figures
