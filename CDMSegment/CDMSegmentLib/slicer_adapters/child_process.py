@@ -178,10 +178,19 @@ class ChildRun:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:  # it ended meanwhile
                 pass
+        deadline = time.monotonic() + CANCEL_WAIT_S
         try:
             self.process.wait(CANCEL_WAIT_S)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        # the guard's worker got the same SIGKILL, but a large process can take a moment to exit on a busy
+        # machine: wait (within the same second) until nothing of the group is left
+        while os.name != "nt" and time.monotonic() < deadline:
+            try:
+                os.killpg(self.process.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.01)
 
     def wait(self, cancel=None, progress=None, log=None, poll_s: float = 0.05) -> dict:
         """Block until the child ends, ending it when ``cancel`` (threading.Event or callable) says so;
