@@ -1,8 +1,10 @@
 """CDMSegment: weakly supervised segmentation with a conditional diffusion model (Hu et al., MICCAI 2023).
 
 Thin Slicer layer over CDMSegmentLib: the Widget owns Qt, the Logic owns MRML through
-CDMSegmentLib.slicer_adapters.mrml, the core does the rest. Model and torch imports happen inside methods,
-after the dependency check, so the module loads in a Slicer without torch.
+CDMSegmentLib.slicer_adapters.mrml, the core does the rest. Slicer's process never imports torch: models are
+described from their files (CDMSegmentLib.core.model_description), and the network is loaded only in the
+run's child process. Importing torch here would initialise CUDA and, on Windows, lock torch's files against an
+upgrade by the PyTorch extension until Slicer restarts.
 """
 
 # Annotations stay strings until Slicer's parameterNodeWrapper resolves them (typing.get_type_hints):
@@ -220,8 +222,8 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
     """Everything the panel does, callable from the Python console without it (CDMSegmentLib.slicer_adapters.run_on_nodes).
 
     The model runs in a child process (``startRun``), which the panel polls from a timer and ``process`` waits
-    for; ``addResults`` then reads its files into the scene. The core is imported inside the methods: it needs
-    torch, which may not be installed yet.
+    for; ``addResults`` then reads its files into the scene. Models are described and checked here without torch
+    (``fetchModel``); only the child process loads their networks.
     """
 
     def __init__(self, cacheDir=None, registry=None):
@@ -250,13 +252,15 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         return download_needed(nameOrPath, self.cacheDir, self.registry)
 
     def classifierFor(self, model):
-        """The name of the classifier registered to guide a loaded model (CG-CDM), or None."""
-        from CDMSegmentLib.core.modelfile import registered_classifier
+        """The name of the classifier registered to guide a model (CG-CDM), or None."""
+        from CDMSegmentLib.core.model_description import registered_classifier
         return registered_classifier(model, *([self.registry] if self.registry else []))
 
-    def loadModel(self, nameOrPath=None, progress=None, cancel=None, kind="diffusion"):
-        """A registered model (bundled, or downloaded into the cache on first use) or a model file; kind:
-        'diffusion' or 'classifier'. progress(bytes done, bytes total) and cancel (threading.Event): downloads."""
+    def fetchModel(self, nameOrPath=None, progress=None, cancel=None, kind="diffusion"):
+        """A registered model (bundled, or downloaded into the cache on first use) or a model file, checked and
+        described without torch (CDMSegmentLib.core.model_description.ModelDescription: metadata, path, SHA256);
+        kind: 'diffusion' or 'classifier'. progress(bytes done, bytes total) and cancel (threading.Event):
+        downloads. Raises ModelFileError (one line) for a missing, corrupt or foreign file."""
         from CDMSegmentLib.core.download import fetch_model
         return fetch_model(nameOrPath, kind, self.cacheDir, self.registry, progress, cancel)
 
@@ -266,23 +270,23 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
         (CDMSegmentLib.slicer_adapters.child_process.ChildRun: poll(), progress, eta_seconds(), cancel(), close()).
 
         inputVolumeNodes: one scalar volume node per model modality (or a single node); model / classifier: a
-        registered name, a file path or a loaded model (method 'cg-cdm' needs the classifier; by default the one
-        registered with the model); settings: CDMSettings, None fields (or None) meaning the model's measured
-        defaults; batchSize: slices per batch, 0 (or None) for automatic: the model's measured value for the
-        device, else 4 on a CPU and 64 on a GPU (CDMSegmentLib.core.runner.default_batch_size); force: run on an
-        image that does not look like what the model takes (otherwise refused in one line). The inputs are never
-        modified.
+        registered name, a file path or a described (``fetchModel``) or loaded model (method 'cg-cdm' needs the
+        classifier; by default the one registered with the model); settings: CDMSettings, None fields (or None)
+        meaning the model's measured defaults; batchSize: slices per batch, 0 (or None) for automatic: the model's
+        measured value for the device, else 4 on a CPU and 64 on a GPU (core.runner.default_batch_size); force:
+        run on an image that does not look like what the model takes (otherwise refused in one line). The inputs
+        are never modified.
         """
-        from CDMSegmentLib.core.modelfile import LoadedModel
+        from CDMSegmentLib.core.model_description import ModelDescription
         from CDMSegmentLib.core.settings import CDMSettings
         from CDMSegmentLib.slicer_adapters.run_on_nodes import start_run
 
         nodes = self.inputList(inputVolumeNodes)
-        model = model if isinstance(model, LoadedModel) else self.loadModel(model)
+        model = model if isinstance(model, ModelDescription) else self.fetchModel(model)
         if method == "cg-cdm" and classifier is None:
             classifier = self.classifierFor(model)
-        if classifier is not None and not isinstance(classifier, LoadedModel):
-            classifier = self.loadModel(classifier, kind="classifier")
+        if classifier is not None and not isinstance(classifier, ModelDescription):
+            classifier = self.fetchModel(classifier, kind="classifier")
         return start_run(nodes, model, harden=hardenTransform, classifier=classifier, method=method, device=device,
                          axis=axis, batch_size=batchSize, target_class=targetClass, settings=settings or CDMSettings(),
                          force=force, cache_dir=self.cacheDir)
@@ -345,9 +349,9 @@ class CDMSegmentLogic(ScriptedLoadableModuleLogic):
 class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel. Only this class touches Qt; a run happens in a child process polled by a timer.
 
-    The chosen model is described from its file's metadata (panel_choices.peek_metadata) without torch; it is
-    loaded (torch imported, never CUDA initialised) when chosen once PyTorch is installed, or at Apply. Apply
-    runs only the model shown.
+    The model shown is described from its file's metadata (panel_choices.peek_metadata); choosing it checks its
+    file (downloading it first when needed) and fills in its defaults, without torch, which only the run's child
+    process imports. Apply runs only the model shown.
     """
 
     # The row of the first input volume in the Inputs form; one selector per further modality goes below it.
@@ -372,8 +376,8 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.onPoll)
-        # The list is filled before onModelChanged listens: a model is loaded (torch imported) only when
-        # the user picks one or presses Apply, never by opening the panel.
+        # The list is filled before onModelChanged listens: a model is checked (its file hashed, or downloaded)
+        # only when the user picks one or presses Apply, never by opening the panel.
         self.populateModels()
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelFile)
@@ -471,7 +475,7 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return applyProblem(self.ui.modelSelector.currentIndex >= 0, missing, classifierMissing)
 
     def modalities(self):
-        """The chosen model's modality names (from its file before it is loaded), else one unnamed input."""
+        """The chosen model's modality names (from its file before it is checked), else one unnamed input."""
         metadata = self.model.metadata if self.model is not None else self.shownMetadata
         return list(metadata["modalities"]) if metadata else [_("input volume")]
 
@@ -544,22 +548,22 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.describeChosenModel()
 
     def describeChosenModel(self):
-        """Describe the model shown from its file's metadata, read without torch: its classes fill the target
-        class, its modalities the input rows. A model not at hand yet (to download) is described by the registry."""
+        """Describe the model shown from its file's metadata: its classes fill the target class, its modalities
+        the input rows. A model not at hand yet (to download) is described by the registry."""
         from CDMSegmentLib.core.registry import default_cache_dir
         from CDMSegmentLib.slicer_adapters.panel_choices import (metadata_text, model_file_of, peek_metadata,
                                                                  registry_text)
 
         source = self.chosenSource()
-        loaded = self.model is not None and self.modelSource == source
+        checked = self.model is not None and self.modelSource == source
         cacheDir = self.logic.cacheDir or default_cache_dir()
-        metadata = self.model.metadata if loaded else peek_metadata(source and model_file_of(source, cacheDir))
+        metadata = self.model.metadata if checked else peek_metadata(source and model_file_of(source, cacheDir))
         self.shownMetadata = metadata
         if metadata is not None:
             self.ui.modelInfoLabel.text = metadata_text(metadata)
         elif source:
             self.ui.modelInfoLabel.text = registry_text(source) if not Path(source).is_file() else _(
-                "{name}: described once PyTorch loads it").format(name=Path(source).name)
+                "{name}: no CDMSegment model metadata in this file").format(name=Path(source).name)
         classes = list(metadata["class_names"][1:]) if metadata else []
         if classes != [self.ui.targetClassSelector.itemText(i) for i in range(self.ui.targetClassSelector.count)]:
             self.ui.targetClassSelector.clear()
@@ -599,46 +603,43 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelSelector.currentIndex = self.ui.modelSelector.count - 1
 
     def onModelChanged(self, index):
-        """Describe the chosen model; load it now when PyTorch is installed, else keep it for Apply, which offers
-        the install and then loads this model, never another."""
+        """Describe the chosen model and check it (PyTorch need not be installed: Apply offers the install, then
+        runs this model, never another)."""
         if self.job is not None:
             return
         self.model = self.classifier = self.modelSource = None
         self.describeChosenModel()
-        if not torchInstalled():
-            self.ui.modelInfoLabel.text += "\n" + _("Loaded once PyTorch is installed: Apply offers to install it.")
-            return
-        self.loadChosenModel()
+        self.fetchChosenModel()
 
-    def loadChosenModel(self) -> bool:
-        """Load the model shown, downloading it first (with consent, in the background) when not cached.
-        True when it is loaded now; False when it failed, was declined, or is downloading."""
+    def fetchChosenModel(self) -> bool:
+        """Check and describe the model shown, downloading it first (with consent, in the background) when not
+        cached. True when it is ready now; False when it failed, was declined, or is downloading."""
         source = self.chosenSource()
         if not source:
             return False
         entry = self.logic.downloadNeeded(source)
         if entry is None:
             with slicer.util.tryWithErrorDisplay(_("Could not load the model."), waitCursor=True):
-                self.useModel(self.logic.loadModel(source), source)
+                self.useModel(self.logic.fetchModel(source), source)
             return self.model is not None and self.modelSource == source
         if slicer.util.confirmOkCancelDisplay(_("Download model {name} ({size:.0f} MB) from {url}?").format(
                 name=entry["name"], size=entry.get("size_bytes", 0) / 1e6, url=entry["url"])):
             from CDMSegmentLib.slicer_adapters.worker_thread import BackgroundJob
 
-            self.startJob(BackgroundJob(lambda progress, cancel: self.logic.loadModel(source, progress, cancel)),
+            self.startJob(BackgroundJob(lambda progress, cancel: self.logic.fetchModel(source, progress, cancel)),
                           "MB", lambda job: self.useModel(job.result, source))
         return False
 
     def useModel(self, model, source):
-        """Show the loaded model (``source``: its entry in the model list): classes, measured defaults, inputs.
-        A classifier registered with the model is loaded too: it makes CG-CDM available."""
+        """Show the checked model (a ModelDescription; ``source``: its entry in the model list): classes, measured
+        defaults, inputs. A classifier registered with the model is checked too: it makes CG-CDM available."""
         from CDMSegmentLib.slicer_adapters.panel_choices import advanced_defaults
 
         classifierName = self.logic.classifierFor(model)
         self.model, self.modelSource, self.classifier = model, source, None
         if classifierName and self.logic.downloadNeeded(classifierName) is None:
             with slicer.util.tryWithErrorDisplay(_("Could not load the model's classifier."), waitCursor=True):
-                self.classifier = self.logic.loadModel(classifierName, kind="classifier")
+                self.classifier = self.logic.fetchModel(classifierName, kind="classifier")
         if self.classifier is None:
             self.parameterNode.method = Method.cdm
         for name, value in advanced_defaults(model, self.classifier).items():
@@ -652,8 +653,8 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not self.ensureDependencies():
             return
-        if (self.model is None or self.modelSource != self.chosenSource()) and not self.loadChosenModel():
-            return  # failed, declined, or downloading: Apply again once it is loaded
+        if (self.model is None or self.modelSource != self.chosenSource()) and not self.fetchChosenModel():
+            return  # failed, declined, or downloading: Apply again once it is ready
         p = self.parameterNode
         nodes = [p.inputVolume] + [selector.currentNode() for selector in self.extraInputSelectors]
         targetClass = self.ui.targetClassSelector.currentIndex + 1

@@ -134,7 +134,7 @@ def test_a_registered_model_is_downloaded_once_then_used(scene, tiny_model_path,
     logic = CDMSegmentLogic(cacheDir=tmp_path / "cache", registry=registry)
     assert logic.downloadNeeded("remote-tiny")["name"] == "remote-tiny"
     reports = []
-    model = logic.loadModel(progress=lambda done, total: reports.append((done, total)))
+    model = logic.fetchModel(progress=lambda done, total: reports.append((done, total)))
     assert model.sha256 == sha256_of(tiny_model_path) and reports[-1][0] == reports[-1][1]
     assert logic.downloadNeeded("remote-tiny") is None
     (http_server.directory / "tiny.pt").unlink()
@@ -148,7 +148,7 @@ def test_a_tampered_download_is_refused(tiny_model_path, http_server, tmp_path):
                                            tiny_model_path.stat().st_size)
     logic = CDMSegmentLogic(cacheDir=tmp_path / "cache", registry=registry)
     with pytest.raises(ModelFileError, match="does not match its SHA256"):
-        logic.loadModel("remote-tiny")
+        logic.fetchModel("remote-tiny")
     assert logic.downloadNeeded("remote-tiny") is not None
 
 
@@ -179,7 +179,7 @@ def guided_registry(tmp_path, tiny_model_path):
 def test_cgcdm_uses_the_registered_classifier_with_its_measured_scale_and_threshold(scene, guided_registry):
     node = add_volume(scene, phantom(), np.diag([1.0, 1.0, 2.0, 1.0]))
     logic = CDMSegmentLogic(registry=guided_registry)
-    assert logic.classifierFor(logic.loadModel("tiny")) == "tiny-classifier"
+    assert logic.classifierFor(logic.fetchModel("tiny")) == "tiny-classifier"
     run = dict(model="tiny", device="cpu")
     heatmap_node, segmentation_node = logic.process(node, method="cg-cdm", settings=CDMSettings(steps=1), **run)
     guided = slicer.util.arrayFromVolume(heatmap_node)

@@ -5,6 +5,7 @@ returns (never SkipTest) where torch is missing, and what only Slicer's GUI runs
 import ast
 import inspect
 import io
+import json
 import re
 import subprocess
 import sys
@@ -72,10 +73,11 @@ print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
 
 
-def _run(code, block_torch=False):
+def _run(code, block_torch=False, extra_args=()):
     prelude = "import sys; sys.modules['torch'] = None\n" if block_torch else ""
-    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT / "CDMSegment", env={"PYTHONPATH": str(ROOT / "CDMSegment"), "PATH": "/usr/bin"})
+    return subprocess.run([sys.executable, "-c", prelude + code, *extra_args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT / "CDMSegment",
+                          env={"PYTHONPATH": str(ROOT / "CDMSegment"), "PATH": "/usr/bin"})
 
 
 def test_opening_the_panel_imports_no_torch():
@@ -91,7 +93,53 @@ def test_opening_the_panel_imports_no_torch():
     setup_calls = set(_self_calls(_method("CDMSegmentWidget", "setup")))
     setup_calls |= {c for name in ("initializeParameterNode", "populateModels", "enter") for c in
                     _self_calls(_method("CDMSegmentWidget", name))}
-    assert not setup_calls & {"ensureDependencies", "useModel", "onModelChanged", "loadChosenModel"}
+    assert not setup_calls & {"ensureDependencies", "useModel", "onModelChanged", "fetchChosenModel"}
+
+
+# What choosing a model and pressing Apply reach in Slicer's process, under slicer-core: the model and its
+# classifier checked and described, the Advanced defaults, the input rows and the target class, Apply's check of
+# the output segmentation, the inputs checked against the model, the child's arguments, and a run started in its
+# child process (then cancelled). The child imports torch; this process must not.
+APPLY_IN_THE_PANEL = """
+import json, sys
+import numpy as np
+import CDMSegment
+from CDMSegmentLib.slicer_adapters import child_guard, child_process, mrml, panel_choices, result_files, worker_thread
+from CDMSegmentLib.slicer_adapters.run_on_nodes import prepare_inputs, segment_arguments
+sys.path.insert(0, sys.argv[1])
+from scene_fixtures import add_volume, mrml_scene, phantom
+
+logic = CDMSegment.CDMSegmentLogic()
+assert logic.downloadNeeded(panel_choices.model_choices()[0]) is None
+model = logic.fetchModel(panel_choices.model_choices()[0])
+classifier = logic.fetchModel(logic.classifierFor(model), kind="classifier")
+defaults = panel_choices.advanced_defaults(model, classifier)
+with mrml_scene() as scene:
+    node = add_volume(scene, phantom(), np.eye(4))
+    output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert logic.editedSegments(output, node, [model.class_names[1]]) == []
+    assert prepare_inputs([node], model)[0].array.shape == phantom().shape
+    settings = panel_choices.settings_from_parameters(type("Parameters", (), defaults))
+    arguments = segment_arguments(model, classifier=classifier, method="cg-cdm", settings=settings, target_class=1)
+    assert arguments[:2] == ["--model", str(model.path)] and str(classifier.path) in arguments, arguments
+    run = logic.startRun(node, model.path, 1, "cg-cdm", "cpu", settings)
+    run.cancel()
+    run.close()
+print(json.dumps([panel_choices.model_text(model), defaults,
+                  sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))]))
+"""
+
+
+def test_choosing_a_model_and_applying_import_no_torch_in_slicers_process():
+    """The issue behind it: every Apply imported torch and initialised CUDA in Slicer's process, which on Windows
+    locks torch's files, so the PyTorch extension could not upgrade torch without a restart. In a fresh
+    interpreter with torch installed, nothing of it is imported (the run's child process loads the network)."""
+    done = _run(APPLY_IN_THE_PANEL, extra_args=[str(ROOT / "Testing")])
+    assert done.returncode == 0, done.stderr
+    text, defaults, imported = json.loads(done.stdout.splitlines()[-1])
+    assert imported == []
+    assert text.startswith("brain-flair-phantom ") and set(defaults) == {"noiseLevel", "steps", "tau", "noiseDraws",
+                                                                          "guidanceScale"}
 
 
 # What Slicer's CTest runs for slicer_add_python_unittest: slicer.testing.runUnitTest (Slicer 5.6.2 and main) loads
@@ -245,20 +293,19 @@ def test_the_panel_uses_the_per_user_model_cache_as_the_console_and_the_child():
     assert len(made) == 1 and not made[0].args and not made[0].keywords
 
 
-def test_a_model_chosen_before_pytorch_is_kept_and_is_the_one_apply_runs():
-    """What only Slicer's GUI runs, read from the source: choosing a model (a file among them) without PyTorch
-    describes it and returns before anything imports torch; Apply installs PyTorch, then loads the model shown
-    when the loaded one is another (never refilling the list, which put the bundled model back)."""
+def test_a_model_chosen_before_pytorch_is_checked_and_is_the_one_apply_runs():
+    """What only Slicer's GUI runs, read from the source: choosing a model (a file among them) describes it and
+    checks it whether PyTorch is installed or not (neither imports torch); Apply installs PyTorch, then checks
+    the model shown when the checked one is another (never refilling the list, which put the bundled model
+    back)."""
     changed = _method("CDMSegmentWidget", "onModelChanged")
-    guard = next(s for s in changed.body if isinstance(s, ast.If) and ast.unparse(s.test) == "not torchInstalled()")
-    assert isinstance(guard.body[-1], ast.Return)
-    assert changed.body.index(guard) < len(changed.body) - 1 and ast.unparse(changed.body[-1]) == "self.loadChosenModel()"
-    assert "describeChosenModel" in _self_calls(changed)
+    assert "torchInstalled" not in ast.unparse(changed)
+    assert ast.unparse(changed.body[-1]) == "self.fetchChosenModel()" and "describeChosenModel" in _self_calls(changed)
     apply = _method("CDMSegmentWidget", "onApplyButton")
     calls = _self_calls(apply)
-    assert calls.index("ensureDependencies") < calls.index("loadChosenModel") and "populateModels" not in calls
+    assert calls.index("ensureDependencies") < calls.index("fetchChosenModel") and "populateModels" not in calls
     assert "self.modelSource != self.chosenSource()" in ast.unparse(apply)
-    load = ast.unparse(_method("CDMSegmentWidget", "loadChosenModel"))
-    assert "source = self.chosenSource()" in load and "self.useModel(self.logic.loadModel(source), source)" in load
+    fetch = ast.unparse(_method("CDMSegmentWidget", "fetchChosenModel"))
+    assert "source = self.chosenSource()" in fetch and "self.useModel(self.logic.fetchModel(source), source)" in fetch
     assert "self.model, self.modelSource, self.classifier = (model, source, None)" in ast.unparse(
         _method("CDMSegmentWidget", "useModel"))

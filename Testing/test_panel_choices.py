@@ -9,7 +9,8 @@ import pytest
 from packaging.requirements import Requirement  # pip's own parser (pytest depends on packaging)
 
 from CDMSegmentLib.core.engine import ONNX_REQUIREMENTS
-from CDMSegmentLib.core.modelfile import load_model, read_registry, registered_classifier, sha256_of
+from CDMSegmentLib.core.model_description import registered_classifier
+from CDMSegmentLib.core.modelfile import load_model, read_registry, sha256_of
 from CDMSegmentLib.core.settings import CDMSettings
 from CDMSegmentLib.slicer_adapters.panel_choices import (ONNX_DOWNLOAD_MB, advanced_defaults, cpu_engine_text,
                                                          metadata_text, model_choices, model_file_of, model_text,

@@ -5,8 +5,7 @@ import pytest
 
 from CDMSegmentLib.cli.segment_command import SEGMENT_COMMANDS, make_parser
 from CDMSegmentLib.core.errors import CDMSegmentError
-from CDMSegmentLib.core.methods import PAPER_DEFAULTS
-from CDMSegmentLib.core.settings import CDMSettings
+from CDMSegmentLib.core.settings import PAPER_DEFAULTS, CDMSettings
 
 
 @pytest.mark.parametrize("settings", [

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 
 from CDMSegmentLib.core.reading import read_volume  # noqa: E402
 from CDMSegmentLib.evaluation.metrics import dice  # noqa: E402
-from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model, registered_classifier  # noqa: E402
+from CDMSegmentLib.core.model_description import registered_classifier  # noqa: E402
+from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model  # noqa: E402
 from CDMSegmentLib.core.runner import segment_volume  # noqa: E402
 
 SAMPLE = MODELS_DIR.parent / "Sample"

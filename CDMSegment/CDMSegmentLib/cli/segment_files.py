@@ -12,7 +12,8 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..core.errors import CDMSegmentError
-from ..core.modelfile import load_model, registered_classifier
+from ..core.model_description import registered_classifier
+from ..core.modelfile import load_model
 from ..core.reading import read_volume
 from ..core.runner import segment_volume
 from ..core.settings import CDMSettings

@@ -21,8 +21,8 @@ from filelock import FileLock, Timeout
 
 from .errors import Cancelled, ModelFileError
 from .files import new_file_mode
-from .modelfile import REGISTRY_FILE, LoadedModel, default_model_name, load_model, read_registry, sha256_of
-from .registry import default_cache_dir
+from .model_description import ModelDescription, describe_model, sha256_of
+from .registry import REGISTRY_FILE, default_cache_dir, default_model_name, read_registry
 
 CHUNK_BYTES = 1 << 16
 # Every connect and read waits at most this long, and Cancel is checked between them: a stalled server
@@ -201,15 +201,16 @@ def _to_download(entry: dict, path: Path, registry: Path) -> bool:
 
 def fetch_model(name_or_path=None, kind: str = "diffusion", cache_dir: Optional[Path] = None,
                 registry: Optional[Path] = None, progress=None, cancel=None, log: Callable[[str], None] = print
-                ) -> LoadedModel:
-    """Load a registered model (bundled, or downloaded into the cache on first use) or a model file;
-    None: the registry's default model of ``kind``. registry: models.json, the bundled one by default;
-    progress and cancel apply to a download."""
+                ) -> ModelDescription:
+    """A registered model (bundled, or downloaded into the cache on first use) or a model file, described and
+    checked without torch (model_description.describe_model; ``modelfile.load_network`` loads its network where
+    it runs). None: the registry's default model of ``kind``. registry: models.json, the bundled one by default;
+    progress and cancel apply to a download. Raises ModelFileError, or Cancelled."""
     registry = registry or REGISTRY_FILE
     name_or_path = name_or_path or default_model_name(kind, registry)
     entry, path = _registered(name_or_path, cache_dir, registry)
     if entry is None:
-        return load_model(name_or_path, kind, registry)
+        return describe_model(name_or_path, kind, registry)
     if _to_download(entry, path, registry):
         path = download_model(entry, path.parent, progress=progress, cancel=cancel, log=log)
-    return load_model(path, kind, registry, expected_sha256=entry["sha256"])
+    return describe_model(path, kind, registry, expected_sha256=entry["sha256"])

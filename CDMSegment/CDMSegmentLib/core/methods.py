@@ -8,54 +8,15 @@ The CDM methods also take ``noise=`` (draws, B, C, H, W) already on the device: 
 runner draws it for all slices before its loop, so no host-device copy sits inside it.
 """
 
-from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional
 
 import torch
 
-from . import ranges
 from .cdm import cdm_heatmap
 from .device import autocast
 from .errors import CDMSegmentError
 from .modelfile import LoadedModel
-
-# The paper's settings (Q = 400 of T = 4000 linear ~ alpha_bar 0.90, R = 10, tau = 0.95).
-PAPER_DEFAULTS = {"noise_level": 0.896, "steps": 10, "tau": 0.95, "noise_draws": 1, "guidance_scale": 100.0}
-
-
-@dataclass(frozen=True)
-class CDMParams:
-    """noise_level: alpha_bar at the start (the paper's Q, chosen by alpha_bar so any T works);
-    steps: R; tau; noise_draws: heatmaps averaged over this many noise draws; guidance_scale: s (CG-CDM);
-    antithetic: draws come in pairs eps, -eps (the noise's odd terms cancel within a pair)."""
-
-    noise_level: float = PAPER_DEFAULTS["noise_level"]
-    steps: int = PAPER_DEFAULTS["steps"]
-    tau: float = PAPER_DEFAULTS["tau"]
-    noise_draws: int = 1
-    guidance_scale: float = PAPER_DEFAULTS["guidance_scale"]
-    antithetic: bool = False
-
-    def __post_init__(self):
-        """Evaluation sweeps and the baselines build these directly: the same ranges as every other way in."""
-        for f in fields(self):
-            if f.name != "antithetic":
-                object.__setattr__(self, f.name, ranges.check(f.name, getattr(self, f.name)))
-
-    @classmethod
-    def for_model(cls, model: LoadedModel, preset: str = "model", classifier: Optional[LoadedModel] = None,
-                  **overrides) -> "CDMParams":
-        """The model's own measured defaults ('model') or the paper's ('paper'); None overrides are ignored.
-        With the 'model' preset, a classifier's measured guidance scale replaces the paper's s."""
-        if preset not in ("model", "paper"):
-            raise CDMSegmentError(f"unknown preset {preset!r}; use 'model' or 'paper'")
-        names = {f.name for f in fields(cls)}
-        base = {k: v for k, v in (model.defaults if preset == "model" else PAPER_DEFAULTS).items() if k in names}
-        if preset == "model" and classifier is not None and "guidance_scale" in classifier.defaults:
-            base["guidance_scale"] = float(classifier.defaults["guidance_scale"])
-        params = replace(cls(), **base)
-        return replace(params, **{k: v for k, v in overrides.items() if v is not None})
-
+from .settings import CDMParams
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CDM_METHODS = ("cdm", "cg-cdm")

@@ -11,7 +11,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import ranges
 from .errors import CDMSegmentError, ModelFileError
-from .schedule import SCHEDULES
+
+# The noise schedules core/schedule.py computes, by the name a model file stores. Defined here, without torch:
+# Slicer's process checks a model file's metadata and never imports torch (model_description.py).
+SCHEDULES = ("linear", "cosine")
 
 # A check returns what is wrong with a value ('must be ...'), or None when it is fine.
 Check = Callable[[Any], Optional[str]]

@@ -17,10 +17,11 @@ from .device import PRECISIONS, autocast, check_finite, choose_device, cpu_has_b
 from .engine import choose_engine, with_engine
 from . import ranges
 from .errors import MEMORY_ADVICE, Cancelled, CDMSegmentError
-from .image import Volume, check_geometry, check_same_grid, check_voxel_type
+from .image import Volume
 from .intensity import normalise_volume
 from .crop import crop_window, tissue_boxes
 from .methods import CDM_METHODS, CDMParams, build_method, calibrated_threshold, draw_noise, network_evaluations_per_slice
+from .model_description import check_inputs
 from .modelfile import LoadedModel
 from .ood import ood_score
 from .plausibility import check_plausible, ood_finding
@@ -49,33 +50,6 @@ def _is_cancelled(cancel) -> bool:
     if cancel is None:
         return False
     return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
-
-
-def check_inputs(model: LoadedModel, volumes: Sequence[Volume]) -> None:
-    """One volume per modality the model declares, all 3D scalar images on one grid."""
-    names = model.modalities
-    if not isinstance(volumes, (list, tuple)) or not all(isinstance(v, Volume) for v in volumes):
-        wrong = next((v for v in volumes if not isinstance(v, Volume)), None) \
-            if isinstance(volumes, (list, tuple)) else volumes
-        raise CDMSegmentError(f"volumes must be a list of Volume, one per modality ({', '.join(names)}), got "
-                              f"{'a list holding ' if wrong is not volumes else ''}{type(wrong).__name__}"
-                              f"{'; write [volume]' if isinstance(volumes, Volume) else ''}")
-    if len(volumes) != len(names):
-        raise CDMSegmentError(f"model {model.metadata['name']} expects {len(names)} modalit"
-                              f"{'y' if len(names) == 1 else 'ies'} ({', '.join(names)}), got {len(volumes)} input"
-                              f"{'' if len(volumes) == 1 else 's'}")
-    for v, n in zip(volumes, names):
-        check_voxel_type(v.array, n)
-        if v.array.ndim != 3:
-            raise CDMSegmentError(f"{n}: expected a 3D volume, got an array of shape {v.array.shape}")
-        thin = [axis for axis, size in zip("kji", v.array.shape) if size < 2]
-        if thin:
-            k, j, i = v.array.shape
-            raise CDMSegmentError(f"{n}: the volume is one voxel wide along {' and '.join(reversed(thin))} (its size "
-                                  f"is {i} x {j} x {k} voxels along i, j, k), so it is a single slice, not a volume; "
-                                  "give a 3D volume")
-        check_geometry(v, n)
-    check_same_grid(volumes, names)
 
 
 def _normalised(model: LoadedModel, raw: Sequence[torch.Tensor]) -> torch.Tensor:

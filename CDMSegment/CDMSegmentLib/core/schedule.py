@@ -10,8 +10,7 @@ import math
 import torch
 
 from .errors import CDMSegmentError
-
-SCHEDULES = ("linear", "cosine")
+from .model_metadata import SCHEDULES
 
 
 class NoiseSchedule:

@@ -1,21 +1,61 @@
 """The CDM settings a user chooses, as one object: from the panel's parameter node through the logic to the
-command line of the child process, and from there to the runner.
+command line of the child process, and from there to the runner; and the sampler's settings they resolve to.
 
 Each field knows its command-line option, so the parser, the launcher and the runner read one
 definition instead of spelling the settings out at every hop. None means "the model's measured
-default" (or the paper's, with ``preset='paper'``).
+default" (or the paper's, with ``preset='paper'``). No torch here: the command line builds its parser from
+these fields before importing it, and the Slicer panel fills its Advanced section from them (``CDMParams``
+of a model described without torch).
 """
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 
 from . import ranges
 from .errors import CDMSegmentError
 
-if TYPE_CHECKING:  # torch: the command line builds its parser from these fields before importing it
-    from .methods import CDMParams
-    from .modelfile import LoadedModel
+if TYPE_CHECKING:
+    from .model_description import ModelDescription
+
+# The paper's settings (Q = 400 of T = 4000 linear ~ alpha_bar 0.90, R = 10, tau = 0.95).
+PAPER_DEFAULTS = {"noise_level": 0.896, "steps": 10, "tau": 0.95, "noise_draws": 1, "guidance_scale": 100.0}
+
+
+@dataclass(frozen=True)
+class CDMParams:
+    """noise_level: alpha_bar at the start (the paper's Q, chosen by alpha_bar so any T works);
+    steps: R; tau; noise_draws: heatmaps averaged over this many noise draws; guidance_scale: s (CG-CDM);
+    antithetic: draws come in pairs eps, -eps (the noise's odd terms cancel within a pair)."""
+
+    noise_level: float = PAPER_DEFAULTS["noise_level"]
+    steps: int = PAPER_DEFAULTS["steps"]
+    tau: float = PAPER_DEFAULTS["tau"]
+    noise_draws: int = 1
+    guidance_scale: float = PAPER_DEFAULTS["guidance_scale"]
+    antithetic: bool = False
+
+    def __post_init__(self):
+        """Evaluation sweeps and the baselines build these directly: the same ranges as every other way in."""
+        for f in fields(self):
+            if f.name != "antithetic":
+                object.__setattr__(self, f.name, ranges.check(f.name, getattr(self, f.name)))
+
+    @classmethod
+    def for_model(cls, model: "ModelDescription", preset: str = "model",
+                  classifier: Optional["ModelDescription"] = None, **overrides) -> "CDMParams":
+        """The model's own measured defaults ('model') or the paper's ('paper'); None overrides are ignored.
+        With the 'model' preset, a classifier's measured guidance scale replaces the paper's s. model and
+        classifier: described (model_description.py) or loaded model files; only their metadata is read."""
+        if preset not in ("model", "paper"):
+            raise CDMSegmentError(f"unknown preset {preset!r}; use 'model' or 'paper'")
+        names = {f.name for f in fields(cls)}
+        base = {k: v for k, v in (model.defaults if preset == "model" else PAPER_DEFAULTS).items() if k in names}
+        if preset == "model" and classifier is not None and "guidance_scale" in classifier.defaults:
+            base["guidance_scale"] = float(classifier.defaults["guidance_scale"])
+        params = replace(cls(), **base)
+        return replace(params, **{k: v for k, v in overrides.items() if v is not None})
+
 
 THRESHOLD_RULES = ("otsu", "model")
 
@@ -90,15 +130,13 @@ class CDMSettings:
                 object.__setattr__(self, f.name, ranges.check_optional(f.name, getattr(self, f.name)))
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
 
-    def params(self, model: "LoadedModel", classifier: Optional["LoadedModel"] = None) -> "CDMParams":
+    def params(self, model: "ModelDescription", classifier: Optional["ModelDescription"] = None) -> CDMParams:
         """The sampler's settings: these values, the model's (or the paper's) where None or not offered here
         (antithetic draws: only a model's measured default turns them on)."""
-        from .methods import CDMParams
-
         overrides = {f.name: getattr(self, f.name, None) for f in fields(CDMParams)}
         return CDMParams.for_model(model, self.preset, classifier, **overrides)
 
-    def min_component_voxels(self, model: "LoadedModel", spacing_mm: Sequence[float]) -> int:
+    def min_component_voxels(self, model: "ModelDescription", spacing_mm: Sequence[float]) -> int:
         """The minimum component size in voxels of this spacing (the model's ``min_component_ml`` when None)."""
         from .threshold import voxels_for_ml
 

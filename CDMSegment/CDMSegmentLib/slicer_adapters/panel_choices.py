@@ -5,15 +5,17 @@ texts a user reads are tested by pytest like the rest of the core.
 """
 
 import importlib.metadata
-import json
 import math
 import zipfile
+import zlib
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..core.engine import ONNX_REQUIREMENTS, onnxruntime_available
+from ..core.model_description import read_metadata
 from ..core.plausibility import takes
 from ..core.registry import REGISTRY_FILE, read_registry
+from ..core.settings import CDMSettings
 
 
 def model_choices(registry: Path = REGISTRY_FILE) -> List[str]:
@@ -25,9 +27,11 @@ def model_choices(registry: Path = REGISTRY_FILE) -> List[str]:
 
 
 def registry_text(name: str, registry: Path = REGISTRY_FILE) -> str:
-    """A registered model's description, shown until the model is loaded (when the user picks it or runs)."""
+    """A registered model's description, shown until its file is at hand (downloaded and checked when the user
+    picks it or runs)."""
     entry = next((e for e in read_registry(registry) if e["name"] == name), {})
-    return f"{name}: {entry.get('description', 'registered model')} Loaded when chosen or at the first Apply."
+    return (f"{name}: {entry.get('description', 'registered model')} Downloaded and checked when chosen or at the "
+            "first Apply.")
 
 
 # The parameter node's names (Slicer's camelCase) of the CDM settings the panel's Advanced section shows.
@@ -36,17 +40,14 @@ PANEL_SETTINGS = {"noiseLevel": "noise_level", "steps": "steps", "tau": "tau", "
 
 
 def advanced_defaults(model, classifier=None) -> dict:
-    """The Advanced section's values for a LoadedModel: its measured defaults (and the classifier's scale)."""
-    from ..core.settings import CDMSettings  # torch: imported when a model is loaded, never when the panel opens
-
+    """The Advanced section's values for a model (core.model_description.ModelDescription): its measured defaults
+    (and the classifier's scale)."""
     p = CDMSettings().params(model, classifier)
     return {name: getattr(p, field) for name, field in PANEL_SETTINGS.items()}
 
 
 def settings_from_parameters(parameters):
     """The ``core.settings.CDMSettings`` a parameter node (or any object with the PANEL_SETTINGS attributes) holds."""
-    from ..core.settings import CDMSettings
-
     return CDMSettings(**{field: getattr(parameters, name) for name, field in PANEL_SETTINGS.items()})
 
 
@@ -61,16 +62,14 @@ def model_file_of(source: str, cache_dir: Optional[Path] = None, registry: Path 
 
 
 def peek_metadata(path: Optional[Path]) -> Optional[dict]:
-    """A model file's metadata, read from its TorchScript archive (a zip holding ``<name>/extra/metadata.json``)
-    without torch, for the panel to describe a model before PyTorch loads it; None when it holds none. Loading
-    (core.modelfile) still checks the file and its metadata before anything runs."""
+    """A model file's metadata, read from its TorchScript archive without checking the file (no SHA256 to
+    compute), for the panel to describe the model shown before it is chosen; None when it holds none. Choosing
+    the model describes it with every check (core.model_description.describe_model)."""
     if path is None:
         return None
     try:
-        with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.endswith("/extra/metadata.json")), None)
-            metadata = json.loads(archive.read(name)) if name else None
-    except (OSError, ValueError, TypeError, zipfile.BadZipFile):
+        metadata = read_metadata(path)
+    except (OSError, EOFError, ValueError, TypeError, zlib.error, zipfile.BadZipFile):
         return None
     fields = ("name", "version", "modalities", "class_names", "image_size")
     return metadata if isinstance(metadata, dict) and all(f in metadata for f in fields) else None

@@ -16,12 +16,11 @@ from .child_process import ChildRun
 from .result_files import add_result_files
 from ..core.errors import CDMSegmentError
 from ..core.image import Volume
-from ..core.modelfile import LoadedModel
-from ..core.runner import check_inputs
+from ..core.model_description import ModelDescription, check_inputs
 from ..core.settings import CDMSettings
 
 
-def prepare_inputs(nodes: Sequence, model: LoadedModel, harden: bool = False) -> List[Volume]:
+def prepare_inputs(nodes: Sequence, model: ModelDescription, harden: bool = False) -> List[Volume]:
     """Copies of the input nodes as Volumes (world geometry), checked against the model."""
     labels = model.modalities + [f"input {n + 1}" for n in range(len(model.modalities), len(nodes))]
     volumes = [mrml.volume_from_node(node, harden, label) for node, label in zip(nodes, labels)]
@@ -29,13 +28,14 @@ def prepare_inputs(nodes: Sequence, model: LoadedModel, harden: bool = False) ->
     return volumes
 
 
-def segment_arguments(model: LoadedModel, *, classifier: Optional[LoadedModel] = None, method: str = "cdm",
-                      device: str = "auto", axis: Union[str, int] = "auto", batch_size: Optional[int] = None,
-                      target_class: Optional[int] = None, settings: CDMSettings = CDMSettings(),
-                      force: bool = False) -> List[str]:
-    """The ``cdmsegment segment`` options for a run with these loaded models and settings. batch_size: 0 or None
-    leaves it to the child (``core.runner.default_batch_size`` for the device it runs on). force: run on an
-    input that does not look like what the model takes (otherwise the child refuses it in one line)."""
+def segment_arguments(model: ModelDescription, *, classifier: Optional[ModelDescription] = None,
+                      method: str = "cdm", device: str = "auto", axis: Union[str, int] = "auto",
+                      batch_size: Optional[int] = None, target_class: Optional[int] = None,
+                      settings: CDMSettings = CDMSettings(), force: bool = False) -> List[str]:
+    """The ``cdmsegment segment`` options for a run with these models and settings: the models are passed by
+    path, and the child process loads their networks (Slicer's process holds only their descriptions). batch_size:
+    0 or None leaves it to the child (``core.runner.default_batch_size`` for the device it runs on). force: run on
+    an input that does not look like what the model takes (otherwise the child refuses it in one line)."""
     arguments = ["--model", str(model.path), "--method", method, "--device", device, "--axis", str(axis)]
     if batch_size:
         arguments += ["--batch-size", str(batch_size)]
@@ -48,7 +48,7 @@ def segment_arguments(model: LoadedModel, *, classifier: Optional[LoadedModel] =
     return arguments + settings.command_line()
 
 
-def start_run(nodes: Sequence, model: LoadedModel, *, harden: bool = False, python: Optional[str] = None,
+def start_run(nodes: Sequence, model: ModelDescription, *, harden: bool = False, python: Optional[str] = None,
               cache_dir=None, **options) -> ChildRun:
     """Check and copy the inputs, then start the run in a child process (options: see segment_arguments);
     cache_dir: the model cache the child uses (its ONNX graphs), default the per-user one."""

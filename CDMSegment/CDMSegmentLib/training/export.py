@@ -5,8 +5,8 @@ from typing import Optional, Sequence
 
 from .classifier import load_classifier_checkpoint
 from ..core.intensity import DEFAULT_NORMALISATION
-from ..core.methods import PAPER_DEFAULTS
 from ..core.modelfile import FORMAT_VERSION, save_model
+from ..core.settings import PAPER_DEFAULTS
 from .train import load_checkpoint
 
 NOT_CLINICAL = "Research use only; not a medical device and not for clinical decisions."
