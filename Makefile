@@ -49,17 +49,23 @@ test-newest-slicer: $(NEWEST_VENV)/.installed
 bench: venv
 	$(PY) bench/bench_speed.py
 
-# Resources/screenshot.png: the demo's result rendered by Slicer's own views (slicer-core through
-# trame-slicer, offscreen), in a separate environment so the test environment stays as it is.
+# Resources/screenshot.png: the demo's run, its result rendered by Slicer's own views (slicer-core through
+# trame-slicer, offscreen, in a separate environment so the test environment stays as it is), with the module's
+# panel to their left as it stands after that run: CDMSegment.ui built by Qt's loader (PySide6, offscreen) and
+# filled from the run's summary line (--progress-lines) by tools/render_panel.py.
 VIEWS_VENV := .venv-views
 STEM := CDMSegmentSample_flair
 
-screenshot: demo
+screenshot: venv
+	mkdir -p demo-output
+	$(VENV)/bin/cdmsegment segment $(SAMPLE) -o demo-output --overwrite --progress-lines > demo-output/run.jsonl
 	test -x $(VIEWS_VENV)/bin/python || $(PYTHON) -m venv $(VIEWS_VENV)
 	$(VIEWS_VENV)/bin/python -m pip install --quiet "trame-slicer[standalone]==2.0.0" "slicer-core>=5.11,<5.12" numpy pillow \
 		simpleitk scipy  # what CDMSegmentLib.slicer_adapters.mrml imports
 	$(VIEWS_VENV)/bin/python tools/render_screenshot.py $(SAMPLE) demo-output/$(STEM)_heatmap.nrrd \
-		demo-output/$(STEM).seg.nrrd Resources/screenshot.png
+		demo-output/$(STEM).seg.nrrd demo-output/views.png
+	$(PY) tools/render_panel.py $(SAMPLE) demo-output/run.jsonl demo-output/$(STEM)_heatmap.nrrd demo-output/views.png \
+		Resources/screenshot.png
 
 # `make retrain`: the bundled model's recipe, end to end (README, "Train your own model"). Domain-randomised
 # phantoms; whole lesion families (ms, cortical) and the subtlest lesion contrast (1.1-1.3 x grey matter) are held
