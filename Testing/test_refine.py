@@ -6,8 +6,9 @@ import pytest
 from conftest import phantom
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
-from CDMSegmentLib.core.refine import grow_through_intensity, supported_components
+from CDMSegmentLib.core.refine import grow_through_intensity, lesion_intensity_components, supported_components
 from CDMSegmentLib.core.runner import segment_volume
+from CDMSegmentLib.core.tissue import tissue_mask
 
 
 def brain_with_two_bright_regions():
@@ -55,3 +56,68 @@ def test_the_supported_components_are_the_grown_mask_without_the_cdms_own_voxels
     mask[4, 5, 5] = mask[7, 10, 10] = True
     supported = supported_components(mask, image, content, 1.5)
     assert supported.dtype == bool and supported.sum() == 48 and supported[3:6, 4:8, 4:8].all()
+
+
+def brain_with_a_lesion(contrast: float):
+    """(10, 24, 24): brain at 100 with a bright normal rim at 250, and a 4x6x6 lesion at ``contrast`` x 100
+    whose inner 2x4x4 is brighter still (a core): the level must come from the lesion, not a fixed number."""
+    image = np.zeros((10, 24, 24), np.float32)
+    image[1:9, 2:22, 2:22] = 100
+    image[1:9, 19:21, 2:22] = 250  # bright normal rim, never touched by the CDM
+    image[3:7, 4:10, 4:10] = 100 * contrast
+    image[4:6, 5:9, 5:9] = 100 * contrast * 1.2
+    return image, image > 0
+
+
+@pytest.mark.parametrize("contrast", [1.3, 2.5])
+def test_the_lesion_intensity_level_follows_the_lesion_found_faint_or_bright(contrast):
+    image, content = brain_with_a_lesion(contrast)
+    mask = np.zeros(image.shape, bool)
+    mask[4:6, 5:9, 5:9] = True  # the CDM found the core only
+    refined = lesion_intensity_components(mask, image, content, fraction=0.7, floor=1.1)
+    assert refined.dtype == np.uint8
+    lesion = np.zeros(image.shape, bool)
+    lesion[3:7, 4:10, 4:10] = True
+    np.testing.assert_array_equal(refined > 0, lesion)  # the whole lesion, not the rim, not the brain
+    # a fixed level suits only one of the two contrasts
+    fixed = supported_components(mask, image, content, 1.64)
+    assert fixed.sum() == (lesion.sum() if contrast > 1.64 else 0)
+
+
+def test_the_floor_keeps_the_level_above_the_brain_and_support_drops_components_the_cdm_barely_touches():
+    image, content = brain_with_a_lesion(2.5)
+    mask = np.zeros(image.shape, bool)
+    mask[2, 10, 10] = True  # one brain voxel at 1.0 x the median: without a floor the whole brain joins
+    assert lesion_intensity_components(mask, image, content, 0.7, floor=0.0).sum() == content.sum()
+    assert lesion_intensity_components(mask, image, content, 0.7, floor=1.1).sum() == 0
+    mask = np.zeros(image.shape, bool)
+    mask[4, 5, 5] = True  # 1 of the lesion's 144 voxels (its core's level sets the threshold)
+    assert lesion_intensity_components(mask, image, content, 0.5, floor=1.1, min_support=0.0).sum() == 144
+    assert lesion_intensity_components(mask, image, content, 0.5, floor=1.1, min_support=0.1).sum() == 0
+
+
+def test_lesion_intensity_refuses_meaningless_numbers_and_keeps_an_empty_mask_empty():
+    image, content = brain_with_a_lesion(2.0)
+    assert lesion_intensity_components(np.zeros(image.shape, bool), image, content, 0.7).sum() == 0
+    for fraction, floor, support in ((0.0, 1.0, 0.1), (1.5, 1.0, 0.1), (float("nan"), 1.0, 0.1),
+                                     (0.7, -1.0, 0.1), (0.7, 1.0, 1.5)):
+        with pytest.raises(CDMSegmentError, match="lesion intensity"):
+            lesion_intensity_components(np.ones(image.shape, bool), image, content, fraction, floor, support)
+
+
+def test_the_runner_applies_the_models_lesion_intensity_by_default_and_not_when_turned_off(tiny_model):
+    volume = Volume(phantom((6, 20, 24)))
+    options = dict(device="cpu", threshold=0.0, force=True, log=lambda m: None)
+    plain = segment_volume(tiny_model, [volume], **options)
+    tiny_model.metadata["defaults"] = {**tiny_model.defaults, "lesion_intensity": 0.9, "lesion_intensity_floor": 1.0}
+    try:
+        by_default = segment_volume(tiny_model, [volume], **options)
+        off = segment_volume(tiny_model, [volume], lesion_intensity=0.0, **options)
+    finally:
+        tiny_model.metadata["defaults"].pop("lesion_intensity")
+    expected = lesion_intensity_components(plain.mask, volume.array, tissue_mask(volume.array).cpu().numpy(), 0.9, 1.0)
+    np.testing.assert_array_equal(by_default.mask, expected)
+    np.testing.assert_array_equal(off.mask, plain.mask)
+    assert not np.array_equal(by_default.mask, plain.mask)
+    with pytest.raises(CDMSegmentError, match="lesion_intensity"):
+        segment_volume(tiny_model, [volume], lesion_intensity=1.5, **options)

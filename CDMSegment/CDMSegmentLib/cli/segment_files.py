@@ -117,7 +117,7 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
 
         results.append(segment_volume(diffusion, volumes, target_class=c, params=params, classifier=guide, log=log,
                                       threshold=settings.threshold, min_component_voxels=min_voxels,
-                                      grow_above=settings.grow_above, progress=class_progress if progress else None, **run_options))
+                                      grow_above=settings.grow_above, lesion_intensity=settings.lesion_intensity, progress=class_progress if progress else None, **run_options))
     phase("writing the results")
     with atomic_outputs(heatmap_paths + [seg_path], overwrite, inputs=[*inputs, *keep]) as tmp:
         for path, result in zip(tmp, results):

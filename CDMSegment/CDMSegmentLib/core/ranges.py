@@ -97,6 +97,11 @@ SETTINGS = {
     "cg_cdm_threshold": Range(low=0.0),
     "min_component_ml": Range(low=0.0),
     "grow_above": Range(low=0.0),  # multiples of the brain's median intensity; 0: no growth (core/refine.py)
+    # core/refine.lesion_intensity_components: a share of the median intensity under the CDM's mask (0: off), a
+    # floor in multiples of the brain's median, and the share of a component the CDM must cover
+    "lesion_intensity": Range(low=0.0, high=1.0),
+    "lesion_intensity_floor": Range(low=0.0),
+    "lesion_support": Range(low=0.0, high=1.0),
     "min_component_voxels": Range(integer=True, low=0),
     "batch_size": Range(integer=True, low=1, high=65_536),
     # the noise of slice s, draw d is seeded seed * 1_000_003 + ...: torch's seeds hold 64 bits

@@ -9,6 +9,12 @@ the connected components of the bright voxels that the CDM's mask touches, plus 
 itself (a faint lesion under the intensity threshold still counts); ``supported_components`` is the
 variant without the CDM's own voxels (the threshold's result minus what the CDM does not support). Both thresholds are calibrated
 on validation data only (``cdmsegment set-defaults``: ``grow_above`` in the model's defaults).
+
+A fixed threshold cannot suit a faint lesion (1.2 x the brain's median) and a bright one (2.5 x) at once:
+``lesion_intensity_components`` takes its level from the lesion the CDM found, a fraction of the median
+intensity under the CDM's mask (never below a floor), and keeps the components the CDM covers enough of.
+Its three numbers are the model's ``lesion_intensity``, ``lesion_intensity_floor`` and ``lesion_support``
+defaults, calibrated on validation volumes of the training families.
 """
 
 import numpy as np
@@ -42,3 +48,34 @@ def grow_through_intensity(mask: np.ndarray, image: np.ndarray, content: np.ndar
                            relative_threshold: float) -> np.ndarray:
     """uint8 (K, J, I): ``mask`` joined with its ``supported_components`` (same arguments and errors)."""
     return (supported_components(mask, image, content, relative_threshold) | mask.astype(bool)).astype(np.uint8)
+
+
+def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: np.ndarray, fraction: float,
+                                floor: float = 0.0, min_support: float = 0.0) -> np.ndarray:
+    """uint8 (K, J, I): the lesion the CDM found, delineated by its own intensity.
+
+    level = max(``floor``, ``fraction`` x the median intensity under ``mask``), both in multiples of the
+    content's median intensity; the result is the 3D components (face-connected) of the content voxels
+    brighter than that level of which ``mask`` covers at least ``min_support`` (0-1) of the voxels (and at
+    least one). An empty ``mask`` gives an empty result.
+
+    mask, content: (K, J, I) bool or 0/1; image: (K, J, I) intensities on the same grid (the first modality).
+    Raises CDMSegmentError for a fraction outside (0, 1], a floor below 0 or a support outside [0, 1].
+    """
+    if not (np.isfinite(fraction) and 0 < fraction <= 1):
+        raise CDMSegmentError(f"the lesion intensity fraction must be in (0, 1] (a share of the median intensity "
+                              f"under the CDM's mask, e.g. 0.7), got {fraction}")
+    if not (np.isfinite(floor) and floor >= 0) or not (np.isfinite(min_support) and 0 <= min_support <= 1):
+        raise CDMSegmentError(f"the lesion intensity floor must be 0 or more and the support in [0, 1], got "
+                              f"{floor} and {min_support}")
+    mask, content = mask.astype(bool) & content.astype(bool), content.astype(bool)
+    if not mask.any():
+        return np.zeros(mask.shape, np.uint8)
+    brain = float(np.median(image[content]))
+    level = max(floor * brain, fraction * float(np.median(image[mask])))
+    labels, count = ndimage.label((image > level) & content)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    covered = np.bincount(labels[mask].ravel(), minlength=count + 1)
+    keep = (covered > 0) & (covered >= min_support * sizes)
+    keep[0] = False
+    return keep[labels].astype(np.uint8)

@@ -27,7 +27,7 @@ from .ood import ood_score
 from .plausibility import check_plausible, ood_finding
 from .settings import check_threshold
 from .slicing import Orientation, extract_slices, insert_slices
-from .refine import grow_through_intensity
+from .refine import grow_through_intensity, lesion_intensity_components
 from .threshold import make_mask, resolve_threshold, voxels_for_ml
 from .tissue import slices_with_content, tissue_mask
 
@@ -81,7 +81,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                    device: str = "auto", axis: Union[str, int] = "auto", batch_size: Optional[int] = None,
                    threshold: Union[str, float, None] = None, min_component_voxels: Optional[int] = None,
                    precision: str = "auto", engine: str = "auto", seed: int = 0, crop_margin_px: Optional[int] = None,
-                   force: bool = False, grow_above: Optional[float] = None,
+                   force: bool = False, grow_above: Optional[float] = None, lesion_intensity: Optional[float] = None,
                    progress: Optional[Callable[[int, int], None]] = None, cancel=None,
                    log: Callable[[str], None] = print) -> SegmentationResult:
     """Run ``method`` slice by slice over the volume and threshold the heatmap at volume level.
@@ -98,6 +98,10 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     engine: 'auto', 'torch' or 'onnxruntime' for the diffusion network of the CDM methods (core/engine.py).
     grow_above: grow the CDM's mask through the bright components it touches (core/refine.py), in multiples
     of the brain's median intensity (default: the model's ``grow_above``, else none; 0 turns it off).
+    lesion_intensity: make the CDM's mask the bright components it covers, above this share of the median
+    intensity under it (core/refine.lesion_intensity_components, with the model's ``lesion_intensity_floor``
+    and ``lesion_support``; default: the model's ``lesion_intensity``, else none; 0 turns it off); applied
+    before ``grow_above``.
     Everything from the input's voxels to the heatmap on the input grid stays on the device: the volumes
     cross to it once, the heatmap and the tissue mask come back once for the threshold and the mask.
     """
@@ -112,6 +116,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     threshold, crop_margin_px = check_threshold(threshold), ranges.check_optional("crop_margin_px", crop_margin_px)
     min_component_voxels = ranges.check_optional("min_component_voxels", min_component_voxels)
     grow_above = ranges.check_optional("grow_above", grow_above)
+    lesion_intensity = ranges.check_optional("lesion_intensity", lesion_intensity)
     raw = [voxel_tensor(v.array, dev) for v in volumes]
     arrays = _normalised(model, raw)  # the OOD check's input too
     warnings = check_plausible(model.metadata, volumes, model.modalities, force,
@@ -145,12 +150,26 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     heatmap, content_voxels = heatmap.cpu().numpy(), content_voxels.cpu().numpy()
     value = resolve_threshold(heatmap, threshold, content_voxels, calibrated)
     mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
+    mask = refine_mask(mask, volumes[0].array, content_voxels, defaults, method, lesion_intensity)
     grow_above = defaults.get("grow_above", 0.0) if grow_above is None else grow_above
     if grow_above and method in CDM_METHODS:
         mask = grow_through_intensity(mask, volumes[0].array, content_voxels, float(grow_above))
     return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), len(with_content),
                               len(with_content) * network_evaluations_per_slice(method, params),
                               time.perf_counter() - start, str(maps.device), min_component_voxels, warnings, engine)
+
+
+def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaults: dict, method: str,
+                lesion_intensity: Optional[float] = None) -> np.ndarray:
+    """The CDM methods' mask delineated by the lesion's intensity (core/refine.lesion_intensity_components)
+    with ``lesion_intensity`` (default: the model's, none without one; 0: off) and the model's floor and
+    support; other methods' masks, and a mask with the refinement off, unchanged. Shapes as the runner's."""
+    fraction = defaults.get("lesion_intensity", 0.0) if lesion_intensity is None else lesion_intensity
+    if not fraction or method not in CDM_METHODS:
+        return mask
+    return lesion_intensity_components(mask, image, content, float(fraction),
+                                       float(defaults.get("lesion_intensity_floor", 0.0)),
+                                       float(defaults.get("lesion_support", 0.0)))
 
 
 def _tissue_boxes(content_voxels: torch.Tensor, orientation: Orientation, axis: int, size: int,

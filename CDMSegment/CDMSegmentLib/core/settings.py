@@ -96,7 +96,8 @@ class CDMSettings:
     """preset: 'model' (the defaults measured for the model) or 'paper'; noise_level: alpha_bar at the start
     (the paper's Q); steps: R; tau; noise_draws; guidance_scale: s (CG-CDM); threshold: 'model', 'otsu' or a
     number in heatmap units; min_component_ml: 3D components smaller than this (ml) are dropped; grow_above:
-    the intensity growth threshold (core/refine.py)."""
+    the intensity growth threshold; lesion_intensity: the share of the lesion's intensity that delineates it
+    (both core/refine.py)."""
 
     preset: str = _option("defaults measured for this model, or the paper's (Q~alpha_bar 0.90, R=10, tau=0.95)",
                           str, "model", ("model", "paper"))
@@ -119,6 +120,10 @@ class CDMSettings:
     grow_above: Optional[float] = _option(
         "grow the mask through the bright regions it touches: voxels above this many times the brain's median "
         "intensity (default: the model's; 0: off)", ranges.option("grow_above"))
+    lesion_intensity: Optional[float] = _option(
+        "delineate the lesion by its own intensity: the bright components the mask covers, above this share "
+        "(0-1] of the median intensity under the mask (default: the model's; 0: off)",
+        ranges.option("lesion_intensity"))
 
     def __post_init__(self):
         """The Python API and the panel's parameter node reach the core through here: each value is checked

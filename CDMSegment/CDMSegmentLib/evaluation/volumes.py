@@ -24,7 +24,7 @@ from ..core.slicing import Orientation
 from ..core.ood import ood_score
 from ..core.plausibility import ood_finding
 from ..core.refine import grow_through_intensity, supported_components
-from ..core.runner import segment_volume
+from ..core.runner import refine_mask, segment_volume
 from ..core.tissue import tissue_mask
 
 SIZE_BINS_ML = (0.0, 1.0, 5.0, 20.0, 100.0, np.inf)
@@ -62,9 +62,10 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
                      families: Optional[Dict[str, str]] = None, intensity_threshold: Optional[float] = None,
                      grow_above: Optional[float] = None, log: Callable[[str], None] = print,
                      **run_options) -> List[VolumeScore]:
-    """CDM (the model's defaults unless overridden), with ``grow_above`` also the CDM's mask grown through
-    the intensity (core/refine.py; the model's ``grow_above`` when None, none when 0), and the intensity
-    baselines on every case.
+    """CDM (the model's defaults unless overridden, without refinement), the same mask delineated by the
+    lesion's intensity when the model stores ``lesion_intensity`` (what ``segment`` gives by default), with
+    ``grow_above`` also the CDM's mask grown through the intensity (core/refine.py; the model's
+    ``grow_above`` when None, none when 0), and the intensity baselines on every case.
 
     families: case id -> lesion family, for the per-family tables. intensity_threshold: the
     calibrated threshold on relative intensity (``fit_intensity_threshold`` on training
@@ -83,14 +84,22 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         family = families.get(case.case_id, "")
         # every volume is scored (force), and its OOD score reported beside: a warning should mean a worse result
         ood = ood_score(model, volumes, device=run_options.get("device", "cpu"))
-        result = segment_volume(model, volumes, log=lambda m: None, grow_above=0.0, force=True, **run_options)
+        result = segment_volume(model, volumes, log=lambda m: None, grow_above=0.0, lesion_intensity=0.0, force=True,
+                                **run_options)
         cdm = score_volume(case.case_id, "CDM", result.mask > 0, truth, orientation, voxel_ml, result.seconds, family)
         if ood is not None:
             finding = ood_finding(ood)
             cdm.ood_score, cdm.ood_flag = ood.score, "" if finding is None else ("refused" if finding.clear else "warned")
         scores.append(cdm)
+        content = tissue_mask(ref.array).cpu().numpy()
+        fraction = model.defaults.get("lesion_intensity", 0.0)
+        if fraction:  # the model's default refinement, from the same heatmap and mask
+            start = time.perf_counter()
+            refined = refine_mask(result.mask, ref.array, content, model.defaults, "cdm")
+            scores.append(score_volume(
+                case.case_id, f"CDM + lesion intensity ({fraction:g}, floor {model.defaults.get('lesion_intensity_floor', 0):g})",
+                refined > 0, truth, orientation, voxel_ml, result.seconds + time.perf_counter() - start, family))
         if grow_above:  # from the same heatmap and mask: the refinement alone makes the difference
-            content = tissue_mask(ref.array).cpu().numpy()
             for name, refine in ((f"CDM + intensity growth ({grow_above:g})", grow_through_intensity),
                                  (f"intensity components the CDM touches ({grow_above:g})", supported_components)):
                 start = time.perf_counter()
