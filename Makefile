@@ -67,7 +67,7 @@ screenshot: venv
 	$(PY) tools/render_panel.py $(SAMPLE) demo-output/run.jsonl demo-output/$(STEM)_heatmap.nrrd demo-output/views.png \
 		Resources/screenshot.png
 
-# `make retrain`: the bundled model's recipe, end to end (README, "Train your own model"). Domain-randomised
+# `make retrain`: brain-flair-cpu's recipe, end to end (README, "Train your own model"). Domain-randomised
 # phantoms; whole lesion families (ms, cortical) and the subtlest lesion contrast (1.1-1.3 x grey matter) are held
 # out of training and used only for evaluation. Sized for two CPU cores: a compact network (base 16, 96 px, 0.79
 # GFLOP per evaluation) trained on the noise band the CDM uses (timesteps 40-599 of 1000), with held-out figures
@@ -88,9 +88,10 @@ NETWORK ?= --base-channels 16 --channel-mults 1,2,2,4 --attention-levels 3
 DEVICE ?= auto
 IMAGE_SIZE ?= 96
 PHANTOM_OPTS ?=
-CALIBRATE_OPTS ?=
+CALIBRATE_OPTS ?= --tau 0 --steps 1 --noise-draws 2 --noise-level 0.9,0.8,0.7,0.6,0.5 --precision fp32
 EVAL_OPTS ?=
-MODEL_NAME ?= brain-flair-phantom
+# not a registered model's name: a file that calls itself a registered model with other weights is refused
+MODEL_NAME ?= brain-flair-retrained
 TRAIN_FAMILIES := core-oedema,infiltrative,multifocal,healthy
 TRAIN_CONTRAST := 1.3,2.5
 HELD_OUT_FAMILIES := ms,cortical,healthy
@@ -130,8 +131,12 @@ $(R)/ood.json: $(R)/trained.pt $(R)/ood/cases.csv
 	$(CDM) calibrate-ood $< $(R)/ood -o $@ --device $(DEVICE)
 $(R)/expects.json:
 	mkdir -p $(@D) && echo '$(EXPECTS)' > $@
-$(R)/$(MODEL_NAME).pt: $(R)/trained.pt $(R)/defaults.json $(R)/ood.json $(R)/expects.json
-	$(CDM) set-defaults $< $(R)/defaults.json --ood $(R)/ood.json --expects $(R)/expects.json -o $@
+$(R)/calibrated.pt: $(R)/trained.pt $(R)/defaults.json
+	$(CDM) set-defaults $^ -o $@
+$(R)/refined.json: $(R)/calibrated.pt $(R)/val/cases.csv
+	$(CDM) calibrate-refinement $< $(R)/val -o $@ --device $(DEVICE)
+$(R)/$(MODEL_NAME).pt: $(R)/trained.pt $(R)/refined.json $(R)/ood.json $(R)/expects.json
+	$(CDM) set-defaults $< $(R)/refined.json --ood $(R)/ood.json --expects $(R)/expects.json -o $@
 
 clean:
 	rm -rf $(VENV) $(VIEWS_VENV) $(NEWEST_VENV) demo-output .pytest_cache Testing/.data

@@ -21,7 +21,7 @@ from CDMSegmentLib.core.modelfile import load_model
 d = Path(sys.argv[1])
 meta = load_model(d / "toy.pt").metadata
 assert meta["ood"]["reference_volumes"] == 9 and meta["expects"]["modality"] == "FLAIR", meta
-assert "threshold" in meta["defaults"] and meta["training"]["steps"] == 4
+assert "threshold" in meta["defaults"] and "lesion_intensity" in meta["defaults"] and meta["training"]["steps"] == 4
 for table in ("families", "contrast"):
     text = (d / "results" / table / "volumes.md").read_text()
     assert "intensity threshold (calibrated)" in text and "| family |" in text, text

@@ -1,5 +1,6 @@
 """Command-line front ends for evaluation: ``evaluate`` (slices, every method) and ``evaluate-volumes`` (3D)."""
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -76,6 +77,42 @@ def add_evaluate_volumes_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--batch-size", type=option("batch_size"), default=16, help="slices per network batch (default: %(default)s)")
     p.set_defaults(func=run_evaluate_volumes)
+
+
+def add_calibrate_refinement_parser(sub) -> None:
+    p = sub.add_parser("calibrate-refinement", help="choose the model's lesion-intensity refinement (lesion_intensity, "
+                                                    "its floor and support) on validation volumes; write the "
+                                                    "model's defaults with it, for set-defaults")
+    p.add_argument("model", help="model file or registered name, with its calibrated defaults (set-defaults)")
+    p.add_argument("data", type=Path, help="validation cases with masks (BraTS layout), of the training families")
+    p.add_argument("-o", "--output", type=Path, required=True, help="defaults JSON for 'cdmsegment set-defaults'")
+    p.add_argument("--per-family", type=int, default=6, help="cases per lesion family (from cases.csv; default 6)")
+    p.add_argument("--max-fp-ml", type=float, default=0.5,
+                   help="most mean false positives (ml) allowed on the lesion-free volumes (default 0.5)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.set_defaults(func=run_calibrate_refinement)
+
+
+def run_calibrate_refinement(args) -> None:
+    from ..core.errors import CDMSegmentError
+    from ..core.modelfile import load_model
+    from ..evaluation.refine_calibration import choose_refinement, refinement_runs
+
+    model = load_model(args.model)
+    cases, _ = _cases_with_masks(args.data, None, args.per_family if (args.data / "cases.csv").exists() else None)
+    runs = refinement_runs(cases, model, args.device, log=lambda m: print(m, file=sys.stderr))
+    try:
+        best, scores = choose_refinement(runs, args.max_fp_ml)
+    except ValueError as e:
+        raise CDMSegmentError(f"{args.data}: {e}") from None
+    for s in sorted(scores, key=lambda s: -s.mean_dice)[:5]:
+        print(f"{s.settings}: mean 3D Dice {s.mean_dice:.3f}, false positives {s.false_positive_ml:.2f} ml",
+              file=sys.stderr)
+    args.output.write_text(json.dumps({**model.defaults, **best.settings, "refinement_calibration": {
+        "mean_dice": round(best.mean_dice, 4), "false_positive_ml": round(best.false_positive_ml, 3),
+        "volumes": len(runs)}}, indent=1))
+    print(f"chosen {best.settings}: mean 3D Dice {best.mean_dice:.3f}, false positives "
+          f"{best.false_positive_ml:.2f} ml on {len(runs)} volumes -> {args.output}")
 
 
 def _cases_with_masks(folder: Path, limit=None, per_family=None):

@@ -1,0 +1,81 @@
+"""Choosing a model's lesion-intensity refinement (core/refine.lesion_intensity_components) on validation volumes.
+
+The CDM runs once per volume with the model's defaults and no refinement; every combination of the grid is
+then applied to the same masks. The choice is the best mean 3D Dice on the volumes with a lesion among the
+combinations whose mean false-positive volume on the lesion-free ones stays within ``max_fp_ml`` (the least
+false positives when none does). Only validation volumes of the training families belong here: the held-out
+sets measure the result.
+"""
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from ..core.reading import read_volume
+from ..core.refine import lesion_intensity_components
+from ..core.runner import segment_volume
+from ..core.tissue import tissue_mask
+from ..data.cases import Case
+from .metrics import dice
+
+GRID = {"lesion_intensity": (0.6, 0.7, 0.8), "lesion_intensity_floor": (1.2, 1.3, 1.4, 1.5),
+        "lesion_support": (0.0, 0.1, 0.2)}
+
+
+@dataclass
+class RefinementRun:
+    """One validation volume, run once: (K, J, I) CDM mask, image, content and truth; voxel volume in ml."""
+    mask: np.ndarray
+    image: np.ndarray
+    content: np.ndarray
+    truth: np.ndarray
+    voxel_ml: float
+
+
+@dataclass
+class RefinementScore:
+    settings: Dict[str, float]
+    mean_dice: float  # over the volumes with a lesion
+    false_positive_ml: float  # mean over the lesion-free volumes (0 without any)
+
+
+def refinement_runs(cases: Sequence[Case], model, device: str = "cpu",
+                    log: Callable[[str], None] = print) -> List[RefinementRun]:
+    """The CDM's mask of every case (the model's defaults, no refinement, forced past the plausibility checks)."""
+    runs = []
+    for n, case in enumerate(cases, start=1):
+        volume = read_volume(case.images[model.modalities[0]])
+        volumes = [volume] + [read_volume(case.images[m]) for m in model.modalities[1:]]
+        result = segment_volume(model, volumes, device=device, lesion_intensity=0.0, grow_above=0.0, force=True,
+                                log=lambda m: None)
+        runs.append(RefinementRun(result.mask > 0, volume.array, tissue_mask(volume.array).cpu().numpy(),
+                                  read_volume(case.seg).array > 0, float(np.prod(volume.spacing_mm)) / 1000))
+        log(f"{n}/{len(cases)} {case.case_id}: CDM run in {result.seconds:.1f} s")
+    return runs
+
+
+def score_refinement(runs: Sequence[RefinementRun], settings: Dict[str, float]) -> RefinementScore:
+    dices, false_ml = [], []
+    for run in runs:
+        refined = lesion_intensity_components(run.mask, run.image, run.content, settings["lesion_intensity"],
+                                              settings["lesion_intensity_floor"], settings["lesion_support"]) > 0
+        if run.truth.any():
+            dices.append(dice(refined, run.truth))
+        else:
+            false_ml.append(float(refined.sum() * run.voxel_ml))
+    return RefinementScore(dict(settings), float(np.mean(dices)), float(np.mean(false_ml)) if false_ml else 0.0)
+
+
+def choose_refinement(runs: Sequence[RefinementRun], max_fp_ml: float = 0.5,
+                      grid: Dict[str, Sequence[float]] = GRID) -> Tuple[RefinementScore, List[RefinementScore]]:
+    """(the chosen settings' score, every combination's score). Raises ValueError without a lesion volume."""
+    if not any(run.truth.any() for run in runs):
+        raise ValueError("the refinement is chosen on validation volumes with lesion masks; none has a lesion")
+    names = list(grid)
+    scores = [score_refinement(runs, dict(zip(names, values))) for values in itertools.product(*grid.values())]
+    allowed = [s for s in scores if s.false_positive_ml <= max_fp_ml]
+    best = (max(allowed, key=lambda s: s.mean_dice) if allowed
+            else min(scores, key=lambda s: (s.false_positive_ml, -s.mean_dice)))
+    return best, scores
