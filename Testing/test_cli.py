@@ -258,6 +258,19 @@ def test_info_prints_a_short_summary_of_the_model(tiny_model_path, tmp_path, cap
         f"All its metadata: cdmsegment info '{path}' --json"]
 
 
+def test_info_gives_the_noise_band_a_model_was_trained_on(tiny_model_path, tmp_path, capsys):
+    tiny = load_model(tiny_model_path)
+    path = tmp_path / "band.pt"
+    save_model(tiny.network, {**tiny.metadata, "t_range": [40, 599]}, path)
+    code, out, _ = run_cli(["info", path], capsys)
+    schedule = load_model(path).schedule()
+    expected = (f"trained on timesteps 40..599 (alpha_bar {float(schedule.alpha_bar(40)):.2f} to "
+                f"{float(schedule.alpha_bar(599)):.2f})")
+    assert code == 0 and expected in " ".join(out.split())
+    code, out, _ = run_cli(["info", tiny_model_path], capsys)
+    assert "trained on timesteps" not in out
+
+
 def test_info_says_when_cpu_runs_would_go_faster_with_onnxruntime(tiny_model_path, capsys, monkeypatch):
     from CDMSegmentLib.core import engine
 

@@ -1,6 +1,7 @@
 """Speed against today's default, in one run: seconds, network evaluations, GFLOP, GFLOP/s, memory and Dice.
 
-Two volumes: the bundled sample (82 slices, 66 with content) and a 155-slice phantom with tissue on
+The last setting is another model, ``brain-flair-cpu``, at its own defaults: its ratio is against the bundled
+model in the same run. Two volumes: the bundled sample (82 slices, 66 with content) and a 155-slice phantom with tissue on
 every slice (``generate_case`` seed 7100, 1 mm, never used in training, calibration or testing), each
 with its ground truth. Every setting runs in a fresh process (its peak RSS is its own) through the
 volume runner, ``--repeats`` times; the table gives the median seconds and the ratios against the
@@ -44,6 +45,9 @@ SETTINGS = {
     "batch 4, ONNX Runtime, crop 8 px": ({"batch_size": 4, "crop_margin_px": 8, "engine": "onnxruntime"}, {}),
     "batch 4, ONNX Runtime, crop 8 px, 2 antithetic draws": (
         {"batch_size": 4, "crop_margin_px": 8, "engine": "onnxruntime"}, {"noise_draws": 2, "antithetic": True}),
+    # the compact network trained on two CPU cores, at its own defaults (96 px, 2 draws, lesion intensity)
+    "brain-flair-cpu, batch 4, ONNX Runtime, crop 8 px": (
+        {"batch_size": 4, "crop_margin_px": 8, "engine": "onnxruntime", "model": "brain-flair-cpu"}, {}),
 }
 BF16_SETTING = ("batch 4, torch, bf16 autocast", ({"batch_size": 4, "precision": "bf16", "engine": "torch"}, {}))
 
@@ -91,7 +95,8 @@ def measure(image: str, truth: str, options: dict, overrides: dict, device: str)
     from CDMSegmentLib.core.runner import segment_volume
     from CDMSegmentLib.evaluation.metrics import dice
 
-    model = load_model()
+    options = dict(options)
+    model = load_model(options.pop("model", None))
     volume, mask = read_volume(image), read_volume(truth).array > 0
     params = CDMParams.for_model(model, **overrides)
     if options.get("engine") == "onnxruntime":

@@ -152,6 +152,18 @@ def _default_text(key: str, value) -> str:
     return " ".join(filter(None, [NAMES.get(key, name.replace("_", " ")), str(value), unit]))
 
 
+def _band_text(model) -> str:
+    """', trained on timesteps 40..599 (alpha_bar 0.98 to 0.03)...' for a model trained on part of the schedule, else ''."""
+    if model.kind != "diffusion":
+        return ""
+    lo, hi = model.noise_band()
+    if (lo, hi) == (0, int(model.metadata["num_timesteps"]) - 1):
+        return ""
+    schedule = model.schedule()
+    return (f", trained on timesteps {lo}..{hi} (alpha_bar {float(schedule.alpha_bar(lo)):.2f} to "
+            f"{float(schedule.alpha_bar(hi)):.2f}): noise levels outside are refused")
+
+
 def model_summary(model) -> List[str]:
     """A LoadedModel in a few readable lines: what it is, takes and gives, its defaults, OOD threshold, hash and
     intended use (``cdmsegment info``; the whole metadata is ``--json``)."""
@@ -162,12 +174,12 @@ def model_summary(model) -> List[str]:
     m = model.metadata
     defaults = model.defaults
     shown = [k for k in DEFAULTS_ORDER if k in defaults] + sorted(
-        k for k in defaults if k not in DEFAULTS_ORDER and k != "calibration")
+        k for k in defaults if k not in DEFAULTS_ORDER and k not in ("calibration", "refinement_calibration"))
     rows = [("SHA256", model.sha256), ("takes", takes(m)),
             ("modalities", ", ".join(model.modalities)),
             ("classes", ", ".join(f"{n} {name}" for n, name in enumerate(model.class_names))),
             ("image size", f"{model.image_size} x {model.image_size} px slices"),
-            ("schedule", f"{m['schedule']}, T = {m['num_timesteps']}"),
+            ("schedule", f"{m['schedule']}, T = {m['num_timesteps']}" + _band_text(model)),
             ("defaults", ", ".join(_default_text(k, defaults[k]) for k in shown) or "none stored")]
     if "ood" in m:
         threshold = float(m["ood"]["threshold"])
