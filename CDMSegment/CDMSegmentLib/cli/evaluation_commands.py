@@ -86,8 +86,9 @@ def add_calibrate_refinement_parser(sub) -> None:
     p.add_argument("model", help="model file or registered name, with its calibrated defaults (set-defaults)")
     p.add_argument("data", type=Path, help="validation cases with masks (BraTS layout), of the training families")
     p.add_argument("-o", "--output", type=Path, required=True, help="defaults JSON for 'cdmsegment set-defaults'")
-    p.add_argument("--per-family", type=int, default=6, help="cases per lesion family (from cases.csv; default 6)")
-    p.add_argument("--max-fp-ml", type=float, default=0.5,
+    p.add_argument("--per-family", type=option("count"), default=6,
+                   help="cases per lesion family (from cases.csv; default 6)")
+    p.add_argument("--max-fp-ml", type=option("volume_ml"), default=0.5,
                    help="most mean false positives (ml) allowed on the lesion-free volumes (default 0.5)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.set_defaults(func=run_calibrate_refinement)
