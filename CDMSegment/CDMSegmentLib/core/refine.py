@@ -38,10 +38,18 @@ def supported_components(mask: np.ndarray, image: np.ndarray, content: np.ndarra
     mask, content = mask.astype(bool), content.astype(bool)
     if not mask.any() or not content.any():
         return np.zeros(mask.shape, bool)
-    bright = (image > relative_threshold * float(np.median(image[content]))) & content
-    labels, _ = ndimage.label(bright)
-    touched = np.unique(labels[mask & bright])
-    return np.isin(labels, touched[touched > 0])
+    return _covered_components((image > relative_threshold * float(np.median(image[content]))) & content, mask)
+
+
+def _covered_components(bright: np.ndarray, mask: np.ndarray, min_support: float = 0.0) -> np.ndarray:
+    """bool: the 3D components (face-connected) of ``bright`` that ``mask`` touches, and of which it covers at
+    least ``min_support`` (0-1) of the voxels."""
+    labels, count = ndimage.label(bright)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    covered = np.bincount(labels[mask].ravel(), minlength=count + 1)
+    keep = (covered > 0) & (covered >= min_support * sizes)
+    keep[0] = False
+    return keep[labels]
 
 
 def grow_through_intensity(mask: np.ndarray, image: np.ndarray, content: np.ndarray,
@@ -73,9 +81,4 @@ def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: np
         return np.zeros(mask.shape, np.uint8)
     brain = float(np.median(image[content]))
     level = max(floor * brain, fraction * float(np.median(image[mask])))
-    labels, count = ndimage.label((image > level) & content)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    covered = np.bincount(labels[mask].ravel(), minlength=count + 1)
-    keep = (covered > 0) & (covered >= min_support * sizes)
-    keep[0] = False
-    return keep[labels].astype(np.uint8)
+    return _covered_components((image > level) & content, mask, min_support).astype(np.uint8)
