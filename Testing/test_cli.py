@@ -14,6 +14,7 @@ import slicerio
 
 from CDMSegmentLib.cli.main import build_parser, main
 from CDMSegmentLib.core.modelfile import load_model, save_model, sha256_of
+from CDMSegmentLib.core.registry import REGISTRY_FILE
 from conftest import phantom
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "CDMSegment"
@@ -278,6 +279,21 @@ def test_info_says_when_cpu_runs_would_go_faster_with_onnxruntime(tiny_model_pat
     code, out, _ = run_cli(["info", tiny_model_path], capsys)
     assert code == 0
     assert "  CPU engine     torch; pip install onnx onnxruntime makes CPU runs about 1.3x faster" in out.splitlines()
+
+
+def test_info_on_a_registered_classifier_or_a_classifier_file_needs_no_kind(capsys):
+    code, out, err = run_cli(["info", "brain-flair-phantom-classifier"], capsys)
+    assert code == 0, err
+    assert out.startswith("brain-flair-phantom-classifier ") and "--kind classifier --json" not in out
+    path = str(REGISTRY_FILE.parent / "brain-flair-phantom-classifier.pt")
+    code, out, err = run_cli(["info", path, "--json"], capsys)
+    assert code == 0 and json.loads(out)["kind"] == "classifier"
+
+
+def test_an_unknown_model_lists_the_registered_models_of_its_kind_only(capsys):
+    code, _, err = run_cli(["info", "brain-flair-nonexistent"], capsys)
+    registered = err.split("(registered: ")[1]
+    assert code == 1 and "brain-flair-phantom" in registered and "classifier" not in registered
 
 
 def test_info_json_prints_the_models_whole_metadata_alone(tiny_model_path, capsys):

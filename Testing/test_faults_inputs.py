@@ -333,6 +333,8 @@ WRONG_INPUTS = {
     "a segmentation as the input": (lambda t: segmentation_file(t / "case.seg.nrrd"), "it is a segmentation", ""),
     "a mask as the image": (lambda t: nifti(t / "mask.nrrd", (phantom((6, 20, 24)) > 500).astype(np.uint8)),
                             "non-zero voxels are 1, as in a mask or a label map", ""),
+    "text named .nrrd": (lambda t: (t / "notes.nrrd").write_text("not an image\n") and t / "notes.nrrd",
+                         "its content is in no image format SimpleITK knows", "ImageIO"),
     "an empty folder": (lambda t: (t / "empty").mkdir() or t / "empty", "no DICOM series in folder", "WARNING"),
     "a series one folder down": (series_one_folder_down, "the series are one folder down: give one of", "WARNING"),
 }

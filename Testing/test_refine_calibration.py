@@ -44,6 +44,11 @@ def test_without_a_lesion_volume_there_is_nothing_to_choose_on():
         choose_refinement([run_with(0.0)])
 
 
+def test_without_a_lesion_free_volume_the_false_positive_limit_cannot_be_checked():
+    with pytest.raises(ValueError, match="all 2 have a lesion; add lesion-free cases"):
+        choose_refinement([run_with(140.0), run_with(250.0)])
+
+
 def test_calibrate_refinement_writes_the_models_defaults_with_the_choice(tmp_path, capsys):
     pytest.importorskip("nilearn")
     from CDMSegmentLib.data.randomised import generate_randomised
@@ -61,3 +66,44 @@ def test_calibrate_refinement_writes_the_models_defaults_with_the_choice(tmp_pat
     assert written["refinement_calibration"]["volumes"] == 2
     code = main(["set-defaults", str(model), str(out), "-o", str(tmp_path / "refined.pt")])
     assert code == 0, capsys.readouterr().err
+
+
+def brats_case(folder, name: str, lesion: bool) -> None:
+    """One case in the BraTS layout, no cases.csv: a bright box in a brain, masked when ``lesion``."""
+    import SimpleITK as sitk
+
+    run = run_with(250.0 if lesion else 0.0)
+    (folder / name).mkdir(parents=True)
+    sitk.WriteImage(sitk.GetImageFromArray(run.image), str(folder / name / f"{name}_flair.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(run.truth.astype(np.uint8)), str(folder / name / f"{name}_seg.nii.gz"))
+
+
+def test_calibrate_refinement_refuses_a_set_without_lesion_free_volumes_before_any_run(tmp_path, capsys):
+    data = tmp_path / "val"
+    for n in range(2):
+        brats_case(data, f"case_{n}", lesion=True)
+    model = tmp_path / "tiny.pt"
+    make_tiny_model_file(model, modalities=("flair",))
+    code = main(["calibrate-refinement", str(model), str(data), "-o", str(tmp_path / "r.json"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no cases.csv" in err and "all 2 have a lesion; add lesion-free cases" in err
+    assert "CDM run" not in err and not (tmp_path / "r.json").exists()
+
+
+def test_calibrate_refinement_refuses_an_output_path_through_a_file_before_any_run(tmp_path, capsys):
+    data = tmp_path / "val"
+    brats_case(data, "case_0", lesion=True)
+    brats_case(data, "case_1", lesion=False)
+    (tmp_path / "notes.txt").write_text("a file\n")
+    model = tmp_path / "tiny.pt"
+    make_tiny_model_file(model, modalities=("flair",))
+    code = main(["calibrate-refinement", str(model), str(data), "-o", str(tmp_path / "notes.txt" / "sub" / "r.json"),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "notes.txt is a file, not a folder; choose another output path" in err
+    assert "CDM run" not in err
+    # a folder that does not exist yet is made, as segment makes its output folder
+    out = tmp_path / "new" / "sub" / "r.json"
+    assert main(["calibrate-refinement", str(model), str(data), "-o", str(out), "--device", "cpu"]) == 0
+    written = json.loads(out.read_text())
+    assert written["refinement_calibration"]["volumes"] == 2 and not list(out.parent.glob(".*partial*"))

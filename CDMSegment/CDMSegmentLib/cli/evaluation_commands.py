@@ -97,23 +97,30 @@ def add_calibrate_refinement_parser(sub) -> None:
 def run_calibrate_refinement(args) -> None:
     from ..core.errors import CDMSegmentError
     from ..core.modelfile import load_model
-    from ..evaluation.refine_calibration import choose_refinement, refinement_runs
+    from ..core.reading import read_volume
+    from ..evaluation.refine_calibration import check_validation_set, choose_refinement, refinement_runs
+    from .writers import write_text_outputs
 
     model = load_model(args.model)
-    cases, _ = _cases_with_masks(args.data, None, args.per_family if (args.data / "cases.csv").exists() else None)
-    runs = refinement_runs(cases, model, args.device, log=lambda m: print(m, file=sys.stderr))
-    try:
+    listed = (args.data / "cases.csv").exists()
+    cases, _ = _cases_with_masks(args.data, None, args.per_family if listed else None)
+    if not listed:
+        print(f"{args.data} has no cases.csv (written by 'cdmsegment phantom'): all {len(cases)} cases with a mask "
+              "are used, whatever --per-family says", file=sys.stderr)
+    try:  # before the runs: a set that cannot measure the choice is refused before hours of work
+        check_validation_set([bool(read_volume(case.seg).array.any()) for case in cases])
+        runs = refinement_runs(cases, model, args.device, log=lambda m: print(m, file=sys.stderr))
         best, scores = choose_refinement(runs, args.max_fp_ml)
     except ValueError as e:
         raise CDMSegmentError(f"{args.data}: {e}") from None
     for s in sorted(scores, key=lambda s: -s.mean_dice)[:5]:
         print(f"{s.settings}: mean 3D Dice {s.mean_dice:.3f}, false positives {s.false_positive_ml:.2f} ml",
               file=sys.stderr)
-    args.output.write_text(json.dumps({**model.defaults, **best.settings, "refinement_calibration": {
+    write_text_outputs({args.output: json.dumps({**model.defaults, **best.settings, "refinement_calibration": {
         "mean_dice": round(best.mean_dice, 4), "false_positive_ml": round(best.false_positive_ml, 3),
-        "volumes": len(runs)}}, indent=1))
+        "volumes": len(runs)}}, indent=1)})
     print(f"chosen {best.settings}: mean 3D Dice {best.mean_dice:.3f}, false positives "
-          f"{best.false_positive_ml:.2f} ml on {len(runs)} volumes -> {args.output}")
+          f"{best.false_positive_ml:.2f} ml on the lesion-free ones, {len(runs)} volumes in all -> {args.output}")
 
 
 def _cases_with_masks(folder: Path, limit=None, per_family=None):

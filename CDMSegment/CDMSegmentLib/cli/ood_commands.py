@@ -50,13 +50,14 @@ def run_calibrate_ood(args) -> None:
     from ..core.modelfile import load_model
     from ..data.cases import find_brats_cases
     from ..training.calibrate_ood import calibrate_ood
+    from .writers import write_text_outputs
 
     model = load_model(args.model)
     cases = find_brats_cases(args.data)[:args.cases]
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731  (progress on stderr, the result on stdout)
     reference, rows = calibrate_ood(model, cases, false_alarm=args.false_alarm, device=choose_device(args.device, say),
                                     data=f"{len(cases)} held-out volumes of {args.data}", log=say)
-    args.output.write_text(json.dumps(reference, indent=1))
-    args.output.with_suffix(".cases.json").write_text(json.dumps(rows, indent=1))
+    write_text_outputs({args.output: json.dumps(reference, indent=1),
+                        args.output.with_suffix(".cases.json"): json.dumps(rows, indent=1)})
     print(f"threshold {reference['threshold']:.2f}, {reference['calibration']['false_alarms']} of {len(rows)} "
           f"held-out volumes over it -> {args.output}")

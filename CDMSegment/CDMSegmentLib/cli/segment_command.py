@@ -114,17 +114,19 @@ def add_info_parser(sub) -> None:
     p = sub.add_parser("info", help="what a model is, takes and does by default (--json: all its metadata)")
     p.add_argument("model", nargs="?", default=None,
                    help="registered model name or model file (default: the bundled model)")
-    p.add_argument("--kind", default="diffusion", choices=("diffusion", "classifier"),
-                   help="what the model is: a diffusion model (default) or a noise-aware classifier")
+    p.add_argument("--kind", default=None, choices=("diffusion", "classifier"),
+                   help="what the model is: a diffusion model or a noise-aware classifier (default: what the "
+                        "registry or the file says)")
     p.add_argument("--json", action="store_true",
                    help="print the model's whole metadata as JSON, and nothing else, for a program to read")
     p.set_defaults(func=run_info)
 
 
 def run_info(args) -> None:
+    from ..core.model_description import kind_of
     from ..core.modelfile import load_model
 
-    model = load_model(args.model, kind=args.kind)
+    model = load_model(args.model, kind=args.kind or kind_of(args.model))
     if args.json:
         print(json.dumps(model.metadata, indent=2, sort_keys=True))
         return

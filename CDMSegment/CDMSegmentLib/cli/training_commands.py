@@ -278,6 +278,7 @@ def run_calibrate(args) -> None:
     from ..core.modelfile import load_model
     from ..data.slicesets import load_slices
     from ..core.device import choose_device
+    from .writers import write_text_outputs
 
     model = load_model(args.model)
     classifier = load_model(args.classifier, kind="classifier") if args.classifier else None
@@ -296,8 +297,8 @@ def run_calibrate(args) -> None:
         model.check_noise_level(alpha_bar, max(grid["steps"]))
     rows = sweep(model, data.as_float(), data.masks, data.case_ids, grid, choose_device(args.device),
                  classifier=classifier, precision=args.precision)
-    args.output.write_text(json.dumps(defaults_from(rows[0]), indent=1))
-    args.output.with_suffix(".sweep.json").write_text(json.dumps(rows, indent=1))
+    write_text_outputs({args.output: json.dumps(defaults_from(rows[0]), indent=1),
+                        args.output.with_suffix(".sweep.json"): json.dumps(rows, indent=1)})
     print(f"best: {json.dumps(rows[0])}\n-> {args.output}")
 
 

@@ -82,7 +82,29 @@ def check_command_outputs(args) -> None:
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, (str, Path)) and str(item) and os.path.exists(item):
                 given.append(item)
-    check_not_inputs([Path(getattr(args, k)) for k in OUTPUT_ARGUMENTS if getattr(args, k, None) is not None], given)
+    outputs = [Path(getattr(args, k)) for k in OUTPUT_ARGUMENTS if getattr(args, k, None) is not None]
+    check_not_inputs(outputs, given)
+    for out in outputs:
+        check_output_location(out)
+
+
+def check_output_location(out: Path) -> None:
+    """Before any work: the folder that will hold ``out`` exists or can be made, and can be written to, so that a
+    long run does not end on a path it could never have written."""
+    existing = _existing_ancestor(out.parent)
+    if not existing.is_dir():
+        raise CDMSegmentError(f"cannot write {out}: {existing} is a file, not a folder; choose another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CDMSegmentError(f"cannot write {out}: {existing} is not writable; choose a folder you can write to")
+
+
+def write_text_outputs(texts: Dict[Path, str]) -> None:
+    """Each text to its path, all or nothing (atomic_outputs: missing folders made, a same-named file replaced,
+    nothing half-written left on an error)."""
+    paths = list(texts)
+    with atomic_outputs(paths, overwrite=True) as tmps:
+        for tmp, path in zip(tmps, paths):
+            tmp.write_text(texts[path])
 
 
 def _existing_ancestor(folder) -> Path:

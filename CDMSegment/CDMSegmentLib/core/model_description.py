@@ -102,10 +102,26 @@ def resolve_model_path(name_or_path: Union[str, Path, None], kind: str = "diffus
         return registry.parent / entry["file"], entry["sha256"]
     path = Path(name_or_path)
     if not path.exists():
-        names = ", ".join(e["name"] for e in entries) or "none"
-        raise ModelFileError(f"model {name_or_path!r} not found: not a file and not a registered model (registered: {names})")
+        names = ", ".join(e["name"] for e in entries if e.get("kind", "diffusion") == kind) or "none"
+        raise ModelFileError(f"model {name_or_path!r} not found: not a file and not a registered {kind} model "
+                             f"(registered: {names})")
     entry = next((e for e in entries if (registry.parent / e["file"]).resolve() == path.resolve()), None)
     return path, entry["sha256"] if entry else None
+
+
+def kind_of(name_or_path: Union[str, Path, None], registry: Path = REGISTRY_FILE) -> str:
+    """'diffusion' or 'classifier': a registered name's kind, else what a model file's metadata says (diffusion
+    when it says nothing readable: describe_model then says what is wrong with the file)."""
+    if name_or_path is None:
+        return "diffusion"
+    entry = next((e for e in read_registry(registry) if e["name"] == str(name_or_path)), None)
+    if entry is not None:
+        return entry.get("kind", "diffusion")
+    try:
+        kind = (read_metadata(Path(name_or_path)) or {}).get("kind")
+    except (OSError, EOFError, ValueError, zlib.error, zipfile.BadZipFile):
+        kind = None
+    return kind if kind in ("diffusion", "classifier") else "diffusion"
 
 
 def describe_model(name_or_path: Union[str, Path, None] = None, kind: str = "diffusion",

@@ -45,6 +45,8 @@ _ITK_MEANINGS = [
      "(for example with dcm2niix)"),
     (r"fread got only|expected \d+ bytes but received|not read completely|unexpected end|truncated",
      "the file is truncated or damaged (it holds less data than its header says); copy it again from its source"),
+    (r"Unable to determine ImageIO reader", "its content is in no image format SimpleITK knows, whatever its "
+     "extension says; give a NIfTI, NRRD or MHA file, or the folder of a DICOM series"),
 ]
 
 

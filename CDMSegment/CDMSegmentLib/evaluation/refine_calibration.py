@@ -38,7 +38,7 @@ class RefinementRun:
 class RefinementScore:
     settings: Dict[str, float]
     mean_dice: float  # over the volumes with a lesion
-    false_positive_ml: float  # mean over the lesion-free volumes (0 without any)
+    false_positive_ml: float  # mean over the lesion-free volumes
 
 
 def refinement_runs(cases: Sequence[Case], model, device: str = "cpu",
@@ -68,11 +68,21 @@ def score_refinement(runs: Sequence[RefinementRun], settings: Dict[str, float]) 
     return RefinementScore(dict(settings), float(np.mean(dices)), float(np.mean(false_ml)) if false_ml else 0.0)
 
 
+def check_validation_set(with_lesion: Sequence[bool]) -> None:
+    """Raises ValueError unless some volumes have a lesion (Dice is measured there) and some have none (the
+    false-positive limit is measured there); with_lesion: one bool per validation volume."""
+    if not any(with_lesion):
+        raise ValueError("the refinement is chosen on validation volumes with lesion masks; none has a lesion")
+    if all(with_lesion):
+        raise ValueError(f"the false-positive limit is measured on lesion-free volumes, and all {len(with_lesion)} "
+                         "have a lesion; add lesion-free cases (cdmsegment phantom --families ...,healthy)")
+
+
 def choose_refinement(runs: Sequence[RefinementRun], max_fp_ml: float = 0.5,
                       grid: Dict[str, Sequence[float]] = GRID) -> Tuple[RefinementScore, List[RefinementScore]]:
-    """(the chosen settings' score, every combination's score). Raises ValueError without a lesion volume."""
-    if not any(run.truth.any() for run in runs):
-        raise ValueError("the refinement is chosen on validation volumes with lesion masks; none has a lesion")
+    """(the chosen settings' score, every combination's score). Raises ValueError without a volume with a lesion
+    or without a lesion-free one (the false-positive limit is measured there)."""
+    check_validation_set([run.truth.any() for run in runs])
     names = list(grid)
     scores = [score_refinement(runs, dict(zip(names, values))) for values in itertools.product(*grid.values())]
     allowed = [s for s in scores if s.false_positive_ml <= max_fp_ml]

@@ -22,7 +22,9 @@ def diffusion_metadata(train_cfg, *, name: str, version: str, training: dict, im
         "image_size": int(image_size or train_cfg.image_size), "in_channels": train_cfg.unet.in_channels,
         "modalities": list(modalities or train_cfg.modalities), "class_names": list(class_names or train_cfg.class_names),
         "schedule": train_cfg.schedule, "num_timesteps": train_cfg.num_timesteps, "t_range": list(train_cfg.t_band),
-        "defaults": dict(defaults if defaults is not None else PAPER_DEFAULTS),
+        # CG-CDM's guidance scale is measured for, and stored in, its classifier (calibrate --classifier)
+        "defaults": dict(defaults if defaults is not None else {k: v for k, v in PAPER_DEFAULTS.items()
+                                                                if k != "guidance_scale"}),
         "normalisation": dict(DEFAULT_NORMALISATION), "training": dict(training),
         "architecture": {"type": "ConditionalUNet", **train_cfg.unet.to_dict()},
         "intended_use": intended_use, "heatmap_sign": float(heatmap_sign),
