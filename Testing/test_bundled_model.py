@@ -1,4 +1,4 @@
-"""The bundled model and sample: registered correctly, and as good as measured (README, 'Quality').
+"""The bundled models and sample: registered correctly, and as good as measured (README, 'The bundled models').
 
 Floors and ceilings are set from the README's measurements with margin, so a regression in
 the model, the runner or the thresholds cannot land.
@@ -19,6 +19,7 @@ from CDMSegmentLib.core.ood import ood_score
 from CDMSegmentLib.core.runner import segment_volume
 
 SAMPLE = MODELS_DIR.parent / "Sample"
+PHANTOM_MODEL = "brain-flair-phantom"  # the GPU-trained 128 px model, the default before brain-flair-cpu
 HEALTHY_FP_CEILING_ML = 9.0  # measured 0.9-5.8 ml (mean 2.3) on 6 lesion-free held-out phantoms
 MAX_MODEL_BYTES = 15 * 2 ** 20
 
@@ -33,15 +34,23 @@ def test_registry_matches_the_files_and_stays_small():
         assert path.stat().st_size == e["size_bytes"] < MAX_MODEL_BYTES
 
 
-def test_metadata_says_what_it_was_trained_on_and_that_it_is_not_clinical():
-    model = load_model()
+def test_the_default_is_the_model_trained_on_two_cpu_cores():
+    assert load_model().metadata["name"] == "brain-flair-cpu"
+
+
+@pytest.mark.parametrize("name", ["brain-flair-cpu", PHANTOM_MODEL])
+def test_metadata_says_what_it_was_trained_on_and_that_it_is_not_clinical(name):
+    model = load_model(name)
     meta = model.metadata
-    assert meta["name"] == "brain-flair-phantom" and model.modalities == ["flair"]
+    assert meta["name"] == name and model.modalities == ["flair"]
     assert "phantom" in meta["training"]["data"] and "not for clinical use" in meta["training"]["data"]
     assert "not a medical device" in meta["intended_use"]
     assert {"noise_level", "steps", "tau", "noise_draws", "threshold"} <= set(meta["defaults"])
-    classifier = load_model("brain-flair-phantom-classifier", kind="classifier")
+    assert "guidance_scale" not in meta["defaults"]  # CG-CDM's is its classifier's
+    entry = next(e for e in read_registry() if e["name"] == name)
+    classifier = load_model(entry["classifier"], kind="classifier")
     assert (classifier.image_size, classifier.modalities) == (model.image_size, model.modalities)
+    assert classifier.defaults["guidance_scale"] >= 0 and classifier.defaults["cg_cdm_threshold"] > 0
 
 
 def test_sample_files_match_their_description():
@@ -53,7 +62,7 @@ def test_sample_files_match_their_description():
 def test_sample_segmentation_clears_the_dice_floor():
     flair = read_volume(SAMPLE / "CDMSegmentSample_flair.nrrd")
     truth = read_volume(SAMPLE / "CDMSegmentSample_seg.nrrd").array > 0
-    result = segment_volume(load_model(), [flair], device="cpu", log=lambda m: None)
+    result = segment_volume(load_model(PHANTOM_MODEL), [flair], device="cpu", log=lambda m: None)
     assert result.mask.shape == truth.shape
     assert dice(result.mask > 0, truth) >= SAMPLE_DICE_FLOOR
 
@@ -65,18 +74,18 @@ def test_a_lesion_free_volume_stays_nearly_empty(tmp_path):
     record = generate_case(tmp_path, seed=424242, index=0, lesion_free_fraction=1.0, in_plane_mm=1.5, slice_mm=3.0)
     assert record["lesion_voxels"] == 0
     flair = read_volume(Path(record["images"]["flair"]))
-    result = segment_volume(load_model(), [flair], device="cpu", log=lambda m: None)
+    result = segment_volume(load_model(PHANTOM_MODEL), [flair], device="cpu", log=lambda m: None)
     false_positive_ml = result.mask.sum() * np.prod(flair.spacing_mm) / 1000
     assert false_positive_ml < HEALTHY_FP_CEILING_ML
 
 
 def test_the_model_says_what_it_takes():
-    assert load_model().metadata["expects"] == {"modality": "FLAIR", "skull_stripped": True,
+    assert load_model(PHANTOM_MODEL).metadata["expects"] == {"modality": "FLAIR", "skull_stripped": True,
                                                 "description": "skull-stripped brain MRI (FLAIR)"}
 
 
 def test_the_bundled_sample_is_not_flagged_out_of_distribution():
-    result = ood_score(load_model(), [read_volume(SAMPLE / "CDMSegmentSample_flair.nrrd")])
+    result = ood_score(load_model(PHANTOM_MODEL), [read_volume(SAMPLE / "CDMSegmentSample_flair.nrrd")])
     assert not result.flagged
 
 
@@ -91,7 +100,7 @@ def _mni_t1():
 
 
 def test_a_t1_volume_is_flagged_out_of_distribution():
-    result = ood_score(load_model(), [_mni_t1()])
+    result = ood_score(load_model(PHANTOM_MODEL), [_mni_t1()])
     assert result.flagged and result.score > 1.5 * result.threshold
 
 
@@ -100,9 +109,9 @@ def test_a_skull_stripped_t1_is_refused_by_the_runner_unless_forced():
     refuses before the run (the segmentation would be 'tumour' on white matter)."""
     t1 = _mni_t1()
     with pytest.raises(CDMSegmentError, match="out-of-distribution score .* refuses above .*--force"):
-        segment_volume(load_model(), [t1], device="cpu", log=lambda m: None, cancel=lambda: True)
+        segment_volume(load_model(PHANTOM_MODEL), [t1], device="cpu", log=lambda m: None, cancel=lambda: True)
     with pytest.raises(Cancelled):  # forced: it passes the check and reaches the run, which is cancelled at once
-        segment_volume(load_model(), [t1], device="cpu", log=lambda m: None, cancel=lambda: True, force=True)
+        segment_volume(load_model(PHANTOM_MODEL), [t1], device="cpu", log=lambda m: None, cancel=lambda: True, force=True)
 
 
 # The compact model trained on two CPU cores (README, "On two CPU cores"), with its default refinement: the

@@ -17,6 +17,7 @@ from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.files import new_file_mode
 from CDMSegmentLib.core.image import Volume
 from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model
+from CDMSegmentLib.core.registry import default_model_name
 from CDMSegmentLib.core.reading import read_volume
 from CDMSegmentLib.core.runner import segment_volume
 from CDMSegmentLib.evaluation.metrics import dice
@@ -190,9 +191,9 @@ def test_the_cli_names_the_engine_in_its_summary_and_refuses_an_unknown_one(tmp_
                "-o", str(tmp_path / "out"), "--force"]
     done = subprocess.run(command + ["--engine", "onnxruntime"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    assert "s on cpu (onnxruntime) with model brain-flair-phantom" in done.stdout
+    assert f"s on cpu (onnxruntime) with model {default_model_name()} " in done.stdout
     on_torch = subprocess.run(command + ["--engine", "torch", "--overwrite"], capture_output=True, text=True, env=env)
-    assert on_torch.returncode == 0 and "s on cpu (torch) with model brain-flair-phantom" in on_torch.stdout
+    assert on_torch.returncode == 0 and f"s on cpu (torch) with model {default_model_name()} " in on_torch.stdout
     refused = subprocess.run(command + ["--engine", "tensorrt"], capture_output=True, text=True, env=env)
     assert refused.returncode != 0
     assert "invalid choice: 'tensorrt'" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1

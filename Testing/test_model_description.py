@@ -17,6 +17,7 @@ import torch
 from CDMSegmentLib.core.errors import ModelFileError
 from CDMSegmentLib.core.model_description import ModelDescription, describe_model
 from CDMSegmentLib.core.modelfile import LoadedModel, load_model
+from CDMSegmentLib.core.registry import default_model_name
 
 from conftest import make_tiny_model_file
 from test_modelfile import edit, edit_defaults, registry_with, with_metadata
@@ -68,7 +69,7 @@ def test_the_bundled_model_is_described_without_torch_as_it_loads():
     classifier = load_model(Path(described["classifier"][1]), kind="classifier")
     assert described["guidance_scale"] == classifier.defaults["guidance_scale"]
     assert described["steps"] == loaded.defaults["steps"]
-    assert described["refused"] == "model brain-flair-phantom expects 1 modality (flair), got 2 inputs"
+    assert described["refused"] == f"model {default_model_name()} expects 1 modality (flair), got 2 inputs"
 
 
 def _flip_a_weight_byte(source: Path, path: Path) -> None:

@@ -20,6 +20,7 @@ from slicer.util import VTKObservationMixin
 
 import CDMSegment
 from CDMSegment import CDMSegmentWidget, ScriptedLoadableModuleWidget
+from CDMSegmentLib.core.registry import default_model_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = (ROOT / "CDMSegment" / "CDMSegment.py").read_text(encoding="utf-8")
@@ -91,7 +92,7 @@ def test_opening_the_panel_imports_no_torch():
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1] == "[]"
-    assert lines[-3].startswith("brain-flair-phantom: ") and lines[-3].endswith("at the first Apply.")
+    assert lines[-3].startswith(f"{default_model_name()}: ") and lines[-3].endswith("at the first Apply.")
     assert lines[-2].startswith("('CPU engine: ")
     setup_calls = set(_self_calls(_method("CDMSegmentWidget", "setup")))
     setup_calls |= {c for name in ("initializeParameterNode", "populateModels", "enter") for c in
@@ -145,7 +146,7 @@ def test_choosing_a_model_and_applying_import_no_torch_in_slicers_process():
     assert done.returncode == 0, done.stderr
     text, defaults, imported = json.loads(done.stdout.splitlines()[-1])
     assert imported == []
-    assert text.startswith("brain-flair-phantom ") and set(defaults) == {"noiseLevel", "steps", "tau", "noiseDraws",
+    assert text.startswith(f"{default_model_name()} ") and set(defaults) == {"noiseLevel", "steps", "tau", "noiseDraws",
                                                                           "guidanceScale"}
 
 

@@ -4,7 +4,7 @@ Qt's own loader (PySide6's QUiLoader, as Testing/test_ui.py) builds CDMSegment/R
 offscreen. PySide6 lacks Slicer's and CTK's widgets, so each is built as the plain Qt widgets it shows: a node
 selector as a combo box holding the node's name, a collapsible section as a group box (its contents hidden when
 collapsed), the slider widget as a slider beside a spin box. The panel is then filled as CDMSegmentWidget fills
-it, from the same functions: the bundled model described from its file, the input volume, the classes and the
+it, from the same functions: the run's model described from its file, the input volume, the classes and the
 Advanced defaults, the device line and the status line from the run's summary (``cdmsegment segment
 --progress-lines``), the threshold slider over the heatmap's range at the run's threshold.
 
@@ -94,9 +94,9 @@ def load_panel():
 
 
 def fill_after_run(ui: dict, summary: dict, heatmap_max: float, input_name: str) -> None:
-    """What CDMSegmentWidget shows once the bundled model was chosen (useModel) and a run on ``input_name``
+    """What CDMSegmentWidget shows once the summary's model was chosen (useModel) and a run on ``input_name``
     finished (showResult)."""
-    model = describe_model()
+    model = describe_model(summary["model"].rsplit(" ", 1)[0])  # "name version"
     classifier = describe_model(registered_classifier(model), kind="classifier")
     ui["modelSelector"].addItems(panel_choices.model_choices())
     ui["modelInfoLabel"].setText(panel_choices.model_text(model))

@@ -36,7 +36,7 @@ def add_segment_cohort_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
                    help="folder for every case's heatmap and .seg.nrrd (as 'cdmsegment segment' names them) and "
                         "cohort_summary.csv")
-    p.add_argument("--model", default=None, help="registered model name or model file (default: the bundled model)")
+    p.add_argument("--model", default=None, help="registered model name or model file (default: the registry's default model)")
     p.add_argument("--device", default="auto", help="auto (each rank's own CUDA GPU when there is one), cpu or cuda")
     p.add_argument("--batch-size", type=option("batch_size"), default=None, help="slices per network batch (default: per device)")
     p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)

@@ -15,7 +15,7 @@ def add_evaluate_parser(sub) -> None:
                    "or a .npz slice set with masks")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
                    help="folder for results.csv, results.md, heatmaps.png and dice_vs_time.png")
-    p.add_argument("--model", default=None, help="diffusion model (name or file; default: the bundled model)")
+    p.add_argument("--model", default=None, help="diffusion model (name or file; default: the registry's default model)")
     p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm, cg-diff and the CAMs")
     p.add_argument("--methods", type=comma_list(str), default=["cdm"],
                    help="comma-separated: cdm, cg-cdm, gradcam, gradcam++, scorecam, layercam, cg-diff")
@@ -62,7 +62,7 @@ def add_evaluate_volumes_parser(sub) -> None:
     p.add_argument("data", type=Path, metavar="DATA", help="folder of cases in the BraTS layout (phantoms included)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
                    help="folder for volumes.csv (per case) and volumes.md (the tables)")
-    p.add_argument("--model", default=None, help="diffusion model (name or file; default: the bundled model)")
+    p.add_argument("--model", default=None, help="diffusion model (name or file; default: the registry's default model)")
     p.add_argument("--cases", type=option("count"), default=None, help="only the first N cases")
     p.add_argument("--per-family", type=option("count"), default=None,
                    help="only the first N cases of each lesion family (randomised phantoms' cases.csv)")

@@ -11,7 +11,7 @@ from ..core.ranges import option
 def add_ood_parser(sub) -> None:
     p = sub.add_parser("ood", help="is this input like the model's training data? its out-of-distribution score")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file or DICOM folder, one per model modality")
-    p.add_argument("--model", default=None, help="registered model name or model file (default: the bundled model)")
+    p.add_argument("--model", default=None, help="registered model name or model file (default: the registry's default model)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.set_defaults(func=run_ood)
 

@@ -55,7 +55,7 @@ def add_segment_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
                    help="folder for the results, made when missing: <input>_heatmap.nrrd (one per class when the model "
                         "has several) and <input>.seg.nrrd; existing files are kept unless --overwrite")
-    p.add_argument("--model", default=None, help="registered model name or model file (default: the bundled model)")
+    p.add_argument("--model", default=None, help="registered model name or model file (default: the registry's default model)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--axis", type=_axis, default="auto",
                    help="slice axis: auto (axial), axial, coronal, sagittal, or voxel axis 0 (I), 1 (J), 2 (K)")
@@ -113,7 +113,7 @@ def run_segment(args) -> None:
 def add_info_parser(sub) -> None:
     p = sub.add_parser("info", help="what a model is, takes and does by default (--json: all its metadata)")
     p.add_argument("model", nargs="?", default=None,
-                   help="registered model name or model file (default: the bundled model)")
+                   help="registered model name or model file (default: the registry's default model)")
     p.add_argument("--kind", default=None, choices=("diffusion", "classifier"),
                    help="what the model is: a diffusion model or a noise-aware classifier (default: what the "
                         "registry or the file says)")

@@ -36,7 +36,7 @@ ONNX_PACKAGES = ("onnx", "onnxruntime")  # the exporter needs onnx, the run onnx
 ONNX_REQUIREMENTS = ("onnx>=1.14", "onnxruntime>=1.16")
 ONNX_OPSET = 17
 # Largest deviation of ONNX Runtime's class difference from torch's, relative to its largest value, that a graph
-# may show before use (measured: 1.3e-4 to 2.2e-4 on the bundled model, bench/bench_engines.py)
+# may show before use (measured: 1.3e-4 to 2.2e-4 on brain-flair-phantom, bench/bench_engines.py)
 AGREEMENT = 2e-3
 
 

@@ -9,7 +9,7 @@ The model's metadata (``metadata["ood"]``) holds the mean and covariance of ``e`
 held-out data and a threshold on the Mahalanobis distance of a volume's ``e`` from them,
 chosen there to give few false alarms. The covariance matters: on valid inputs the levels'
 errors rise and fall together (with the image's own noise), while a T1 or a CT changes how
-the error falls from level to level (measured: README, "The bundled model").
+the error falls from level to level (measured: README, "The bundled models").
 Deterministic by seed (fixed slices, seeded eps).
 """
 

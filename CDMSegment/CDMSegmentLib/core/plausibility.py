@@ -129,7 +129,7 @@ def _acquisition(expects: dict, volume: Volume, name: str) -> Optional[Finding]:
 
 
 # The model's own out-of-distribution score (core/ood.py) above its threshold is a warning; above this many
-# times the threshold, a refusal. Measured with the bundled model: held-out phantoms of every family score at
+# times the threshold, a refusal. Measured with brain-flair-phantom: held-out phantoms of every family score at
 # most 1.02x its threshold and the bundled sample 0.91x; T1 (MNI152, Colin27 with and without skull) and a
 # head CT score 2.5-4.7x.
 OOD_REFUSAL_FACTOR = 2.0
