@@ -356,3 +356,18 @@ def test_cgcdm_without_a_registered_or_given_classifier_is_one_line(tmp_path, ti
     assert code == 1 and "needs a noise-aware classifier" in err
     assert_one_error_line(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_summary_says_when_the_lesion_was_delineated_by_its_intensity(tmp_path, capsys):
+    from conftest import make_tiny_model_file
+
+    model = tmp_path / "refining.pt"
+    make_tiny_model_file(model, defaults={"noise_level": 0.9, "steps": 1, "tau": 0.0, "noise_draws": 1,
+                                          "lesion_intensity": 0.7, "lesion_intensity_floor": 1.2})
+    case = write_case(tmp_path / "case_0.nii.gz", phantom((3, 20, 24)))
+    said = "; the CDM's mask delineated by the lesion's intensity)"
+    code, out, err = run_cli(segment_args([case], tmp_path / "out", model, "--threshold", "otsu", "--force"), capsys)
+    assert code == 0 and said in out, err
+    code, out, err = run_cli(segment_args([case], tmp_path / "off", model, "--threshold", "otsu", "--force",
+                                          "--lesion-intensity", "0"), capsys)
+    assert code == 0 and said not in out and "voxels segmented (" in out, err

@@ -6,7 +6,8 @@ import pytest
 from conftest import phantom
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
-from CDMSegmentLib.core.refine import grow_through_intensity, lesion_intensity_components, supported_components
+from CDMSegmentLib.core.refine import (apply_refinement, grow_through_intensity, lesion_intensity_components,
+                                       supported_components)
 from CDMSegmentLib.core.runner import segment_volume
 from CDMSegmentLib.core.tissue import tissue_mask
 
@@ -119,5 +120,28 @@ def test_the_runner_applies_the_models_lesion_intensity_by_default_and_not_when_
     np.testing.assert_array_equal(by_default.mask, expected)
     np.testing.assert_array_equal(off.mask, plain.mask)
     assert not np.array_equal(by_default.mask, plain.mask)
+    median = float(np.median(volume.array[tissue_mask(volume.array).cpu().numpy()]))
+    assert by_default.refinement == {"lesion_intensity": 0.9, "lesion_intensity_floor": 1.0, "lesion_support": 0.0,
+                                     "brain_median": median}
+    assert plain.refinement is None and off.refinement is None
     with pytest.raises(CDMSegmentError, match="lesion_intensity"):
         segment_volume(tiny_model, [volume], lesion_intensity=1.5, **options)
+
+
+@pytest.mark.parametrize("floor", [1.0, 1.4])
+def test_a_mask_re_made_from_the_brains_median_alone_is_the_runs(floor):
+    """What a new threshold in Slicer does: no tissue mask, the run's brain median; with a floor of 1 or more the
+    voxels above the level all lie in the tissue, so the result is the run's."""
+    image, _ = brain_with_a_lesion(1.6)
+    image = image + 30.0  # a background that is not zero: the tissue is found by its level, not by exact zeros
+    content = tissue_mask(image).cpu().numpy()
+    mask = np.zeros(image.shape, bool)
+    mask[4:6, 5:9, 5:9] = True
+    mask[2, 20, 5] = True  # and a voxel of the bright rim
+    run = lesion_intensity_components(mask, image, content, 0.7, floor)
+    refinement = {"lesion_intensity": 0.7, "lesion_intensity_floor": floor, "lesion_support": 0.0,
+                  "brain_median": float(np.median(image[content]))}
+    assert run.sum() > 144
+    np.testing.assert_array_equal(apply_refinement(mask, image, None, refinement), run)
+    with pytest.raises(CDMSegmentError, match="needs the brain's median intensity or its tissue mask"):
+        lesion_intensity_components(mask, image, None, 0.7, floor)

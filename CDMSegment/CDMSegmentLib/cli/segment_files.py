@@ -38,12 +38,14 @@ class SegmentSummary:
     model_sha256: str
     warnings: list  # the input's borderline plausibility findings, shown beside the result
     engine: str = "torch"  # what evaluated the network (core/engine.py)
+    refinement: Optional[dict] = None  # the lesion-intensity refinement of the mask (core/runner.refine_mask)
 
     def line(self) -> str:
         files = ", ".join(str(p) for p in self.heatmap_paths + [self.segmentation_path])
         warned = "".join(f"; warning: {w}" for w in self.warnings)
+        refined = "; the CDM's mask delineated by the lesion's intensity" if self.refinement else ""
         return (f"{self.slices_run} of {self.slices_total} slices run, {self.voxels_segmented} voxels segmented "
-                f"({self.volume_ml:.1f} ml), {self.seconds:.1f} s on {self.device} ({self.engine}) with model {self.model} "
+                f"({self.volume_ml:.1f} ml{refined}), {self.seconds:.1f} s on {self.device} ({self.engine}) with model {self.model} "
                 f"(SHA256 {self.model_sha256}): {files}{warned}")
 
     def to_json(self) -> dict:
@@ -129,4 +131,4 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
                           results[0].slices_total, results[0].slices_run, voxels, voxels * voxel_ml,
                           time.perf_counter() - start, results[0].device,
                           f"{diffusion.metadata['name']} {diffusion.metadata['version']}", diffusion.sha256,
-                          results[0].warnings, results[0].engine)
+                          results[0].warnings, results[0].engine, results[0].refinement)

@@ -17,6 +17,8 @@ Its three numbers are the model's ``lesion_intensity``, ``lesion_intensity_floor
 defaults, calibrated on validation volumes of the training families.
 """
 
+from typing import Optional
+
 import numpy as np
 from scipy import ndimage
 
@@ -58,8 +60,9 @@ def grow_through_intensity(mask: np.ndarray, image: np.ndarray, content: np.ndar
     return (supported_components(mask, image, content, relative_threshold) | mask.astype(bool)).astype(np.uint8)
 
 
-def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: np.ndarray, fraction: float,
-                                floor: float = 0.0, min_support: float = 0.0) -> np.ndarray:
+def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: Optional[np.ndarray], fraction: float,
+                                floor: float = 0.0, min_support: float = 0.0, *,
+                                brain_median: Optional[float] = None) -> np.ndarray:
     """uint8 (K, J, I): the lesion the CDM found, delineated by its own intensity.
 
     level = max(``floor``, ``fraction`` x the median intensity under ``mask``), both in multiples of the
@@ -68,7 +71,12 @@ def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: np
     least one). An empty ``mask`` gives an empty result.
 
     mask, content: (K, J, I) bool or 0/1; image: (K, J, I) intensities on the same grid (the first modality).
-    Raises CDMSegmentError for a fraction outside (0, 1], a floor below 0 or a support outside [0, 1].
+    brain_median: the content's median intensity (default: computed from ``content``). A mask re-made later
+    from the heatmap alone (a new threshold in Slicer) gives the run's ``brain_median`` and no content: with a
+    floor of 1 or more every voxel above the level lies in the content anyway (it is brighter than the brain's
+    median, and the content is every voxel above a level below that median), so the result is the same.
+    Raises CDMSegmentError for a fraction outside (0, 1], a floor below 0, a support outside [0, 1], or neither
+    content nor brain_median.
     """
     if not (np.isfinite(fraction) and 0 < fraction <= 1):
         raise CDMSegmentError(f"the lesion intensity fraction must be in (0, 1] (a share of the median intensity "
@@ -76,9 +84,21 @@ def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: np
     if not (np.isfinite(floor) and floor >= 0) or not (np.isfinite(min_support) and 0 <= min_support <= 1):
         raise CDMSegmentError(f"the lesion intensity floor must be 0 or more and the support in [0, 1], got "
                               f"{floor} and {min_support}")
-    mask, content = mask.astype(bool) & content.astype(bool), content.astype(bool)
+    if content is None and brain_median is None:
+        raise CDMSegmentError("the lesion intensity needs the brain's median intensity or its tissue mask")
+    mask = mask.astype(bool) if content is None else mask.astype(bool) & content.astype(bool)
     if not mask.any():
         return np.zeros(mask.shape, np.uint8)
-    brain = float(np.median(image[content]))
+    brain = float(np.median(image[content.astype(bool)])) if brain_median is None else float(brain_median)
     level = max(floor * brain, fraction * float(np.median(image[mask])))
-    return _covered_components((image > level) & content, mask, min_support).astype(np.uint8)
+    bright = image > level if content is None else (image > level) & content.astype(bool)
+    return _covered_components(bright, mask, min_support).astype(np.uint8)
+
+
+def apply_refinement(mask: np.ndarray, image: np.ndarray, content: Optional[np.ndarray], refinement: dict) -> np.ndarray:
+    """uint8: ``mask`` delineated as a run's ``refinement`` says (core/runner.refine_mask: lesion_intensity,
+    lesion_intensity_floor, lesion_support, brain_median); content None for a mask re-made from the heatmap
+    alone (a new threshold in Slicer; lesion_intensity_components says why that gives the same)."""
+    return lesion_intensity_components(mask, image, content, refinement["lesion_intensity"],
+                                       refinement["lesion_intensity_floor"], refinement["lesion_support"],
+                                       brain_median=refinement["brain_median"])

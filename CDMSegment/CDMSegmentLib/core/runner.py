@@ -8,7 +8,7 @@ back onto the input grid -> one volume-level threshold -> mask.
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from .ood import ood_score
 from .plausibility import check_plausible, ood_finding
 from .settings import check_threshold
 from .slicing import Orientation, extract_slices, insert_slices
-from .refine import grow_through_intensity, lesion_intensity_components
+from .refine import apply_refinement, grow_through_intensity
 from .threshold import make_mask, resolve_threshold, voxels_for_ml
 from .tissue import slices_with_content, tissue_mask
 
@@ -44,6 +44,9 @@ class SegmentationResult:
     min_component_voxels: int = 0  # the speck removal the mask was made with (a later threshold keeps it)
     warnings: list = field(default_factory=list)  # borderline plausibility findings, shown beside the result
     engine: str = "torch"  # what evaluated the network: torch or onnxruntime (core/engine.py)
+    # the lesion-intensity refinement the mask was delineated with (refine_mask), None without one: a new
+    # threshold re-makes the mask the same way from it
+    refinement: Optional[dict] = None
 
 
 def _is_cancelled(cancel) -> bool:
@@ -150,26 +153,31 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     heatmap, content_voxels = heatmap.cpu().numpy(), content_voxels.cpu().numpy()
     value = resolve_threshold(heatmap, threshold, content_voxels, calibrated)
     mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
-    mask = refine_mask(mask, volumes[0].array, content_voxels, defaults, method, lesion_intensity)
+    mask, refinement = refine_mask(mask, volumes[0].array, content_voxels, defaults, method, lesion_intensity)
     grow_above = defaults.get("grow_above", 0.0) if grow_above is None else grow_above
     if grow_above and method in CDM_METHODS:
         mask = grow_through_intensity(mask, volumes[0].array, content_voxels, float(grow_above))
     return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), len(with_content),
                               len(with_content) * network_evaluations_per_slice(method, params),
-                              time.perf_counter() - start, str(maps.device), min_component_voxels, warnings, engine)
+                              time.perf_counter() - start, str(maps.device), min_component_voxels, warnings, engine,
+                              refinement)
 
 
 def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaults: dict, method: str,
-                lesion_intensity: Optional[float] = None) -> np.ndarray:
-    """The CDM methods' mask delineated by the lesion's intensity (core/refine.lesion_intensity_components)
-    with ``lesion_intensity`` (default: the model's, none without one; 0: off) and the model's floor and
-    support; other methods' masks, and a mask with the refinement off, unchanged. Shapes as the runner's."""
+                lesion_intensity: Optional[float] = None) -> Tuple[np.ndarray, Optional[dict]]:
+    """(mask, refinement): the CDM methods' mask delineated by the lesion's intensity
+    (core/refine.lesion_intensity_components) with ``lesion_intensity`` (default: the model's, none without
+    one; 0: off) and the model's floor and support; other methods' masks, and a mask with the refinement off,
+    unchanged (refinement None). refinement: lesion_intensity, lesion_intensity_floor, lesion_support and
+    brain_median (the content's median intensity), what remaking the mask at another threshold needs."""
     fraction = defaults.get("lesion_intensity", 0.0) if lesion_intensity is None else lesion_intensity
     if not fraction or method not in CDM_METHODS:
-        return mask
-    return lesion_intensity_components(mask, image, content, float(fraction),
-                                       float(defaults.get("lesion_intensity_floor", 0.0)),
-                                       float(defaults.get("lesion_support", 0.0)))
+        return mask, None
+    refinement = {"lesion_intensity": float(fraction),
+                  "lesion_intensity_floor": float(defaults.get("lesion_intensity_floor", 0.0)),
+                  "lesion_support": float(defaults.get("lesion_support", 0.0)),
+                  "brain_median": float(np.median(image[content.astype(bool)])) if content.any() else 0.0}
+    return apply_refinement(mask, image, content, refinement), refinement
 
 
 def _tissue_boxes(content_voxels: torch.Tensor, orientation: Orientation, axis: int, size: int,

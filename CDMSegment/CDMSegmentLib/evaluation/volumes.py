@@ -95,7 +95,7 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         fraction = model.defaults.get("lesion_intensity", 0.0)
         if fraction:  # the model's default refinement, from the same heatmap and mask
             start = time.perf_counter()
-            refined = refine_mask(result.mask, ref.array, content, model.defaults, "cdm")
+            refined, _ = refine_mask(result.mask, ref.array, content, model.defaults, "cdm")
             scores.append(score_volume(
                 case.case_id, f"CDM + lesion intensity ({fraction:g}, floor {model.defaults.get('lesion_intensity_floor', 0):g})",
                 refined > 0, truth, orientation, voxel_ml, result.seconds + time.perf_counter() - start, family))

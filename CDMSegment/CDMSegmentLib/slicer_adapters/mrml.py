@@ -9,6 +9,7 @@ of the first two rows of IJK-to-physical, nothing else.
 """
 
 import hashlib
+import json
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ from vtk.util import numpy_support
 from ..core import ranges
 from ..core.errors import CDMSegmentError
 from ..core.image import Volume
+from ..core.refine import apply_refinement
 from ..core.terminology import segment_style
 from ..core.threshold import make_mask
 
@@ -29,6 +31,10 @@ HEATMAP_OPACITY = 0.4  # the heatmap as foreground over the input in the slice v
 WRITTEN_ATTRIBUTE = "CDMSegment.written."  # + segment id: digest of the mask CDMSegment last wrote
 MIN_COMPONENT_ATTRIBUTE = "CDMSegment.minComponentVoxels"  # a run's speck removal, which a new threshold keeps
 RESULT_SEGMENT_ATTRIBUTE = "CDMSegment.resultSegment"  # the segment a new threshold re-makes (else the first)
+# a run's lesion-intensity refinement (JSON, core/runner.refine_mask), which a new threshold applies again to the
+# voxels of the run's input, referenced by the segmentation under this role
+REFINEMENT_ATTRIBUTE = "CDMSegment.refinement"
+INPUT_REFERENCE_ROLE = "CDMSegment.input"
 
 
 def _matrix_to_array(m: vtk.vtkMatrix4x4) -> np.ndarray:
@@ -277,14 +283,33 @@ def merge_segments(target_node, result_node, ijk_to_ras_matrix: np.ndarray, shap
             remember_written(target_node, target_id, mask)
         first = first or target_id
     target_node.SetAttribute(RESULT_SEGMENT_ATTRIBUTE, first)
-    target_node.SetAttribute(MIN_COMPONENT_ATTRIBUTE, result_node.GetAttribute(MIN_COMPONENT_ATTRIBUTE) or "0")
+    copy_remake_settings(result_node, target_node)
     return True
+
+
+def remember_refinement(segmentation_node, refinement: dict, input_node) -> None:
+    """Keep a run's lesion-intensity refinement and its input with the segmentation, for remake_segment."""
+    segmentation_node.SetAttribute(REFINEMENT_ATTRIBUTE, json.dumps(refinement))
+    segmentation_node.SetNodeReferenceID(INPUT_REFERENCE_ROLE, input_node.GetID() if input_node is not None else None)
+
+
+def copy_remake_settings(source_node, target_node) -> None:
+    """What remake_segment re-makes a segment with (speck removal, refinement, its input), from one
+    segmentation to another (a result written into a chosen segmentation, or beside an edited one)."""
+    target_node.SetAttribute(MIN_COMPONENT_ATTRIBUTE, source_node.GetAttribute(MIN_COMPONENT_ATTRIBUTE) or "0")
+    refinement = source_node.GetAttribute(REFINEMENT_ATTRIBUTE)
+    if refinement:
+        remember_refinement(target_node, json.loads(refinement), source_node.GetNodeReference(INPUT_REFERENCE_ROLE))
+    else:
+        target_node.RemoveAttribute(REFINEMENT_ATTRIBUTE)
+        target_node.SetNodeReferenceID(INPUT_REFERENCE_ROLE, None)
 
 
 def remake_segment(heatmap_node, segmentation_node, threshold: float):
     """The run's segment (``result_segment_id``) re-made from the heatmap node at ``threshold`` (no model run), with the speck removal
-    of the run that made it. An edited segment is left as the user made it: the new mask goes into a new
-    segmentation beside it, which is returned. A deleted heatmap, segmentation or segment is an error."""
+    and the lesion-intensity refinement of the run that made it (the latter from the run's input volume). An
+    edited segment is left as the user made it: the new mask goes into a new segmentation beside it, which is
+    returned. A deleted heatmap, segmentation, segment or (for a refined result) input volume is an error."""
     for node, what in ((heatmap_node, "heatmap volume"), (segmentation_node, "segmentation")):
         if node is None or node.GetScene() is None:
             raise CDMSegmentError(f"the {what} of this result was deleted; press Apply to make a new result")
@@ -296,6 +321,13 @@ def remake_segment(heatmap_node, segmentation_node, threshold: float):
     matrix = ijk_to_ras(heatmap_node)
     # No content mask needed: the heatmap is zero outside the content and thresholds are >= 0.
     mask = make_mask(heatmap, threshold, None, int(segmentation_node.GetAttribute(MIN_COMPONENT_ATTRIBUTE) or 0))
+    refinement = segmentation_node.GetAttribute(REFINEMENT_ATTRIBUTE)
+    if refinement:
+        source = segmentation_node.GetNodeReference(INPUT_REFERENCE_ROLE)
+        if source is None or source.GetScene() is None or source.GetImageData() is None:
+            raise CDMSegmentError("the input volume this result was delineated on was deleted, so a new threshold "
+                                  "cannot delineate the lesion the same way; press Apply to make a new result")
+        mask = apply_refinement(mask, slicer.util.arrayFromVolume(source), None, json.loads(refinement))
     segment_id = result_segment_id(segmentation_node)
     if not segment_edited(segmentation_node, segment_id, matrix, heatmap.shape):
         set_segment_mask(segmentation_node, segment_id, mask, matrix)
@@ -303,6 +335,6 @@ def remake_segment(heatmap_node, segmentation_node, threshold: float):
     scene = heatmap_node.GetScene()
     class_name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
     copy = add_segmentation_node(scene, {class_name: mask}, matrix, scene.GenerateUniqueName(segmentation_node.GetName()))
-    copy.SetAttribute(MIN_COMPONENT_ATTRIBUTE, segmentation_node.GetAttribute(MIN_COMPONENT_ATTRIBUTE) or "0")
+    copy_remake_settings(segmentation_node, copy)
     place_beside(scene, [copy], heatmap_node)
     return copy

@@ -8,7 +8,7 @@ is saved with the scene like any new node.
 """
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import slicer
@@ -54,9 +54,11 @@ def _onto_grid(node, ijk_to_ras: np.ndarray) -> None:
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(flipped))
 
 
-def read_segmentation(scene, path: Path, name: str, heatmap_node, min_component_voxels: int):
+def read_segmentation(scene, path: Path, name: str, heatmap_node, min_component_voxels: int,
+                      refinement: Optional[dict] = None, input_node=None):
     """A segmentation node read from ``path``. Each segment is remembered as written (an edit is then
-    recognised) on the heatmap's grid, with the speck removal it was made with."""
+    recognised) on the heatmap's grid, with the speck removal and the lesion-intensity refinement (of
+    ``input_node``'s voxels) it was made with, which a new threshold applies again (mrml.remake_segment)."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
     node.CreateDefaultDisplayNodes()
     _read(slicer.vtkMRMLSegmentationStorageNode(), path, node)
@@ -66,13 +68,16 @@ def read_segmentation(scene, path: Path, name: str, heatmap_node, min_component_
         segment_id = segmentation.GetNthSegmentID(n)
         mrml.remember_written(node, segment_id, mrml.segment_mask(node, segment_id, grid, shape))
     node.SetAttribute(mrml.MIN_COMPONENT_ATTRIBUTE, str(int(min_component_voxels)))
+    if refinement:
+        mrml.remember_refinement(node, refinement, input_node)
     return node
 
 
 def add_result_files(reference_node, ijk_to_ras: np.ndarray, paths: Sequence[Path], class_names: Sequence[str],
-                     min_component_voxels: int, name: str) -> List:
+                     min_component_voxels: int, name: str, refinement: Optional[dict] = None) -> List:
     """Heatmap file(s) and the .seg.nrrd (last), made on the grid ``ijk_to_ras``, as new nodes beside
-    ``reference_node``: [heatmaps..., segmentation]. A file Slicer cannot read leaves the scene as it was."""
+    ``reference_node`` (the run's first input): [heatmaps..., segmentation]. A file Slicer cannot read leaves the
+    scene as it was. refinement: the run's lesion-intensity refinement (its summary's), None without one."""
     scene = reference_node.GetScene()
     before = node_ids(scene)
     several = len(class_names) > 1
@@ -81,7 +86,8 @@ def add_result_files(reference_node, ijk_to_ras: np.ndarray, paths: Sequence[Pat
         for path, class_name in zip(paths[:-1], class_names):
             nodes.append(read_heatmap(scene, path, f"{name} {class_name} heatmap" if several else f"{name} heatmap",
                                       ijk_to_ras))
-        nodes.append(read_segmentation(scene, paths[-1], f"{name} segmentation", nodes[0], min_component_voxels))
+        nodes.append(read_segmentation(scene, paths[-1], f"{name} segmentation", nodes[0], min_component_voxels,
+                                       refinement, reference_node))
         mrml.place_beside(scene, nodes, reference_node)
     except BaseException:
         for node_id in reversed(node_ids(scene)):

@@ -74,7 +74,7 @@ def add_results(run: ChildRun, nodes: Sequence, name: Optional[str] = None, into
     summary = run.summary
     grid = mrml.RAS_FROM_LPS @ run.ijk_to_lps
     outputs = add_result_files(nodes[0], grid, run.output_paths(), summary["class_names"],
-                               summary["min_component_voxels"], name or nodes[0].GetName())
+                               summary["min_component_voxels"], name or nodes[0].GetName(), summary.get("refinement"))
     if into is not None and _in_scene(into):
         shape = slicer.util.arrayFromVolume(outputs[0]).shape
         if mrml.merge_segments(into, outputs[-1], grid, shape, replace_edited):
