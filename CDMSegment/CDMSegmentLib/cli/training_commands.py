@@ -359,8 +359,8 @@ def add_train_classifier_parser(sub) -> None:
                    help="network channels at full resolution (default: %(default)s)")
     p.add_argument("--channel-mults", type=comma_list(option("count")), default=[1, 2, 2, 4],
                    help="comma-separated channel multiplier of each level (default: 1,2,2,4)")
-    p.add_argument("--class-names", type=comma_list(str), default=["normal", "lesion"],
-                   help="comma-separated class names, the normal class first (default: normal,lesion)")
+    p.add_argument("--class-names", type=comma_list(str), default=("normal", "tumour"),
+                   help="comma-separated class names, the normal class first (default: normal,tumour, as train's)")
     p.add_argument("--name", default="cdmsegment-classifier",
                    help="the classifier's name, stored in its metadata (default: %(default)s)")
     p.add_argument("--version", default="0.1.0",
@@ -381,7 +381,8 @@ def run_train_classifier(args) -> None:
     unet = UNetConfig(in_channels=data.data.shape[1], num_classes=len(args.class_names),
                       base_channels=args.base_channels, channel_mults=args.channel_mults, attention_levels=())
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      precision=args.precision, unet=unet)
+                      precision=args.precision, unet=unet, image_size=data.data.shape[-1],
+                      class_names=tuple(args.class_names))
     checkpoint = train_classifier(data.data, data.labels, cfg, args.run_dir)
     sha = export_checkpoint(checkpoint, args.output, kind="classifier", name=args.name, version=args.version,
                             image_size=data.data.shape[-1], modalities=data.meta.get("modalities", ["image"]),
