@@ -225,12 +225,18 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+def _ignore(signum, frame):
+    """A stop signal after the first. A Python handler, not SIG_IGN: two signals that arrive together (both
+    pending while a C call writes the output) are handled one after the other, and the second one finding SIG_IGN
+    would make Python raise "Signal N ignored due to race condition" in the middle of the clean-up."""
+
+
 def _stop(signum, frame):
     """The first stop signal unwinds the run; any later one (a second Ctrl-C, SIGTERM then Ctrl-C) is ignored, so
     the clean-up it started runs to its end: interrupted halfway it left partial files, and an interrupted
     destructor (tqdm's bar) prints Python's "Exception ignored" traceback."""
     for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, _ignore)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise Stopped(signum)
@@ -245,7 +251,10 @@ def run_command(parser: argparse.ArgumentParser, argv: Optional[List[str]] = Non
     try:
         return _run(parser, argv)
     finally:
-        for s, handler in previous.items():
+        # After a stop signal the command is over and its process exits: the handlers stay _ignore, so a second
+        # signal arriving after this point (SIGTERM then Ctrl-C) cannot interrupt the exit with a traceback.
+        stopped = any(signal.getsignal(s) is _ignore for s in previous)
+        for s, handler in previous.items() if not stopped else ():
             signal.signal(s, handler)
 
 

@@ -45,9 +45,10 @@ _ITK_MEANINGS = [
      "(for example with dcm2niix)"),
     (r"fread got only|expected \d+ bytes but received|not read completely|unexpected end|truncated",
      "the file is truncated or damaged (it holds less data than its header says); copy it again from its source"),
-    (r"Unable to determine ImageIO reader", "its content is in no image format SimpleITK knows, whatever its "
-     "extension says; give a NIfTI, NRRD or MHA file, or the folder of a DICOM series"),
 ]
+# An unreadable file that no ITK reader recognises: not an image at all, whatever its extension says.
+_NO_READER = (r"Unable to determine ImageIO reader", "its content is in no image format SimpleITK knows, whatever "
+              "its extension says; give a NIfTI, NRRD or MHA file, or the folder of a DICOM series")
 
 
 @contextlib.contextmanager
@@ -106,6 +107,8 @@ def _execute(read: Callable[[], sitk.Image], where: str) -> sitk.Image:
     meaning = itk_sentence(text)
     if meaning:
         raise CDMSegmentError(f"cannot use {where}: {meaning}")
+    if image is None and re.search(_NO_READER[0], text):
+        raise CDMSegmentError(f"cannot read {where}: {_NO_READER[1]}")
     if image is None:
         raise CDMSegmentError(f"cannot read {where}: not an image SimpleITK can read ({_itk_reason(text)})")
     return image
