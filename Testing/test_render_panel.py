@@ -17,10 +17,10 @@ from CDMSegmentLib.slicer_adapters.panel_choices import result_text  # noqa: E40
 
 # A run's summary line as `cdmsegment segment --progress-lines` writes it (the sample with the default model).
 SUMMARY = {"event": "summary", "class_names": ["tumour"], "thresholds": [0.0003394], "min_component_voxels": 47,
-           "slices_total": 82, "slices_run": 66, "voxels_segmented": 13344, "volume_ml": 70.75, "seconds": 8.1,
+           "slices_total": 82, "slices_run": 66, "voxels_segmented": 13344, "volume_ml": 70.75, "seconds": 6.9,
            "device": "cpu", "model": "brain-flair-cpu 1", "warnings": [], "engine": "onnxruntime",
            "refinement": {"lesion_intensity": 0.7, "lesion_intensity_floor": 1.4, "lesion_support": 0.1,
-                          "brain_median": 402.5}}
+                          "brain_median": 538.0}}
 
 
 def test_the_panel_shows_the_run_in_the_widgets_the_ui_declares():
