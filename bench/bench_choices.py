@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--settings", default=";".join(SETTINGS), help="names separated by semicolons, from: "
                         + "; ".join(SETTINGS))
     args = parser.parse_args()
-    model = load_model()
+    model = load_model("brain-flair-phantom")  # the README's figures were measured on it
     names = ["uncropped"] + [n for n in args.settings.split(";") if n != "uncropped"]
     folders = sorted(p for p in args.cases.iterdir() if p.is_dir())
     print(f"{len(folders)} cases in {args.cases}; torch {torch.__version__}, {torch.get_num_threads()} threads")

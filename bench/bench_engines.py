@@ -89,7 +89,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = load_model()
+    model = load_model("brain-flair-phantom")  # the README's figures were measured on it
     b = args.batch
     t_q = model.schedule().timestep_for_alpha_bar(model.defaults["noise_level"])
     f1, f0 = model.network.class_embedding(torch.tensor([1, 0])).detach()
