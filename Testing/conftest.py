@@ -138,6 +138,19 @@ def make_tiny_classifier_file(path: Path, *, defaults=None, seed: int = 1):
     return save_model(NoiseAwareClassifier(TINY_UNET), meta, path)
 
 
+def randomised_cases_and_tiny_model(folder: Path, cases: int, seed: int):
+    """(cases folder, model path): ``cases`` randomised cortical and healthy phantoms (coarse, quick) under
+    ``folder``/data and a tiny FLAIR model beside them, for the whole-volume evaluation commands."""
+    pytest.importorskip("nilearn")
+    from CDMSegmentLib.data.randomised import generate_randomised
+
+    data = folder / "data"
+    generate_randomised(data, cases, seed, families=("cortical", "healthy"), in_plane_mm=3.0, slice_mm=4.0)
+    model = folder / "tiny.pt"
+    make_tiny_model_file(model, modalities=("flair",))
+    return data, model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.pt"

@@ -8,7 +8,7 @@ import pytest
 from CDMSegmentLib.cli.main import main
 from CDMSegmentLib.evaluation.refine_calibration import GRID, RefinementRun, choose_refinement, score_refinement
 
-from conftest import make_tiny_model_file
+from conftest import make_tiny_model_file, randomised_cases_and_tiny_model
 
 
 def run_with(lesion_value: float, cdm_false_spot: bool = False) -> RefinementRun:
@@ -50,13 +50,7 @@ def test_without_a_lesion_free_volume_the_false_positive_limit_cannot_be_checked
 
 
 def test_calibrate_refinement_writes_the_models_defaults_with_the_choice(tmp_path, capsys):
-    pytest.importorskip("nilearn")
-    from CDMSegmentLib.data.randomised import generate_randomised
-
-    data = tmp_path / "val"
-    generate_randomised(data, 2, 5, families=("cortical", "healthy"), in_plane_mm=3.0, slice_mm=4.0)
-    model = tmp_path / "tiny.pt"
-    make_tiny_model_file(model, modalities=("flair",))
+    data, model = randomised_cases_and_tiny_model(tmp_path, 2, 5)
     out = tmp_path / "defaults.json"
     code = main(["calibrate-refinement", str(model), str(data), "-o", str(out), "--per-family", "1", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err

@@ -11,7 +11,7 @@ from CDMSegmentLib.evaluation.intensity_baselines import (fit_intensity_threshol
                                                           intensity_threshold_mask)
 from CDMSegmentLib.evaluation.volumes import VolumeScore, family_table, size_table
 
-from conftest import make_tiny_model_file
+from conftest import randomised_cases_and_tiny_model
 
 
 def bright_lesion_volume(lesion_value: float, seed: int):
@@ -60,13 +60,7 @@ def test_tables_group_by_family_and_by_lesion_volume():
 
 
 def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, capsys):
-    pytest.importorskip("nilearn")
-    from CDMSegmentLib.data.randomised import generate_randomised
-
-    data = tmp_path / "test"
-    generate_randomised(data, 4, 3, families=("cortical", "healthy"), in_plane_mm=3.0, slice_mm=4.0)
-    model = tmp_path / "tiny.pt"
-    make_tiny_model_file(model, modalities=("flair",))
+    data, model = randomised_cases_and_tiny_model(tmp_path, 4, 3)
     code = main(["evaluate-volumes", str(data), "-o", str(tmp_path / "out"), "--model", str(model), "--device", "cpu",
                  "--per-family", "1", "--fit-threshold-on", str(data)])
     out = capsys.readouterr()
