@@ -71,8 +71,9 @@ screenshot: venv
 # phantoms; whole lesion families (ms, cortical) and the subtlest lesion contrast (1.1-1.3 x grey matter) are held
 # out of training and used only for evaluation. Sized for two CPU cores: a compact network (base 16, 96 px, 0.79
 # GFLOP per evaluation) trained on the noise band the CDM uses (timesteps 40-599 of 1000), with held-out figures
-# logged at every checkpoint. The same command resumes an interrupted run from its checkpoint (the run folder is
-# $(RETRAIN_DIR)/run; its progress.jsonl says how far it is). On a GPU, scale it up: STEPS, BATCH, NETWORK, DEVICE.
+# logged at every checkpoint. The same command resumes an interrupted run from its checkpoint, and a larger STEPS
+# extends a finished one (the run folder is $(RETRAIN_DIR)/run; its progress.jsonl says how far it is). On a GPU,
+# scale it up: STEPS, BATCH, NETWORK, DEVICE.
 RETRAIN_DIR ?= work/retrain
 CDM ?= $(VENV)/bin/cdmsegment
 TRAIN_CASES ?= 160

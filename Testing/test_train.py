@@ -61,6 +61,24 @@ def test_a_changed_configuration_in_the_same_run_folder_is_refused(tmp_path):
         train_diffusion(images, labels, cfg(steps=1, lr=5e-4), tmp_path, progress=False)
 
 
+def test_a_finished_run_resumed_with_more_steps_continues_on_the_longer_schedule(tmp_path):
+    images, labels = data()
+    train_diffusion(images, labels, cfg(steps=3), tmp_path, progress=False)
+    messages = []
+    path = train_diffusion(images, labels, cfg(steps=6), tmp_path, progress=False, log=messages.append)
+    assert messages[0] == "resuming at step 3"
+    # step 3 ends the 3-step cosine (a tenth of the peak, 1e-4); on the 6-step one it is a quarter of the way
+    # down: 1e-3 * (0.1 + 0.45 * (1 + cos(pi / 4))) = 8.7e-4
+    assert messages[1] == ("the schedule goes from 3 to 6 steps: the learning rate follows the longer cosine "
+                           "from here (0.0001 -> 0.00087)")
+    state = torch.load(path, weights_only=False)
+    assert state["step"] == 6 and state["config"]["steps"] == 6
+    assert [json.loads(line)["step"] for line in (tmp_path / "progress.jsonl").read_text().splitlines()] == [2, 3, 4, 6]
+    with pytest.raises(CDMSegmentError, match="is already at step 6; ask for at least that many steps"):
+        train_diffusion(images, labels, cfg(steps=5), tmp_path, progress=False)
+    assert torch.load(path, weights_only=False)["step"] == 6
+
+
 def test_labels_beyond_the_network_classes_are_refused(tmp_path):
     images, labels = data()
     labels[0] = 2

@@ -146,7 +146,8 @@ def run_slices(args) -> None:
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train the class-conditional diffusion model on image-level slice labels")
     _add_data_arguments(p)
-    p.add_argument("-o", "--run-dir", type=Path, required=True, help="checkpoints go here; an existing run resumes")
+    p.add_argument("-o", "--run-dir", type=Path, required=True,
+                   help="checkpoints go here; an existing run resumes (with a larger --steps, a finished one is extended)")
     p.add_argument("--steps", type=option("count"), default=20000, help="optimiser steps (default: %(default)s)")
     p.add_argument("--batch-size", type=option("batch_size"), default=32, help="per process (torchrun multiplies by processes)")
     p.add_argument("--lr", type=option("learning_rate"), default=2e-4,

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Tuple
@@ -188,13 +189,20 @@ def train_network(build: Callable[[], torch.nn.Module], loss_fn: LossFn, images:
     step, seconds = 0, 0.0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if TrainConfig.from_dict(state["config"]).to_dict() != cfg.to_dict() or state.get("kind", "diffusion") != kind:
+        saved = TrainConfig.from_dict(state["config"])
+        if dataclasses.replace(saved, steps=cfg.steps).to_dict() != cfg.to_dict() or state.get("kind", "diffusion") != kind:
             raise CDMSegmentError(f"{ckpt_path} was made with another configuration; use a new run folder")
+        if cfg.steps < state["step"]:
+            raise CDMSegmentError(f"{ckpt_path} is already at step {state['step']}; ask for at least that many steps "
+                                  f"(--steps) to resume it, or use a new run folder")
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         step, seconds = state["step"], state["seconds"]
         log(f"resuming at step {step}")
+        if cfg.steps != saved.steps:
+            log(f"the schedule goes from {saved.steps} to {cfg.steps} steps: the learning rate follows the longer "
+                f"cosine from here ({lr_at(step, saved):.2g} -> {lr_at(step, cfg):.2g})")
     # channels-last pays on CUDA; on an AVX2 CPU in fp32 a training step took 2.2x as long with it (measured)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     net = net.to(memory_format=memory_format)
