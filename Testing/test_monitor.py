@@ -46,8 +46,12 @@ def test_a_network_that_uses_the_label_shows_it_and_one_that_ignores_it_does_not
         assert aware[level]["inside"] > 0.45 and aware[level]["outside"] < 0.05
     blind = monitor.measure(ZeroEps())
     assert blind[0.95]["auroc"] == pytest.approx(0.5) and blind[0.95]["inside"] == blind[0.95]["outside"] == 0
-    line = monitor(7, LabelAwareEps(), 0.1)
+    line, figures = monitor(7, LabelAwareEps(), 0.1)
     assert line.startswith("alpha_bar 0.99: AUROC ") and "class difference in/out 0.5" in line
+    assert list(figures) == ["alpha_bar 0.99", "alpha_bar 0.95"]
+    assert figures["alpha_bar 0.95"]["auroc"] == pytest.approx(aware[0.95]["auroc"], abs=1e-4)
+    assert figures["alpha_bar 0.95"]["class_difference_inside"] == pytest.approx(aware[0.95]["inside"], abs=1e-5)
+    assert f"AUROC {figures['alpha_bar 0.99']['auroc']:.3f}" in line
     assert monitor.history[0]["step"] == 7
 
 

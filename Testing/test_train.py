@@ -210,12 +210,13 @@ def test_every_checkpoint_logs_its_progress_and_keeps_the_ema_weights(tmp_path):
     lines = []
     seen = []
     train_diffusion(images, labels, cfg(), tmp_path, progress=False, log=lines.append,
-                    on_checkpoint=lambda step, net, loss: seen.append((step, loss)) or f"measured at {step}")
+                    on_checkpoint=lambda step, net, loss: seen.append((step, loss)) or (f"measured at {step}",
+                                                                                       {"auroc": step / 10}))
     assert [s for s, _ in seen] == [2, 4] and all(loss > 0 for _, loss in seen)
     assert lines[0].startswith("step 2/4, 8 samples, 0.00 h, loss ") and lines[0].endswith(", measured at 2")
     records = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4] and records[1]["samples"] == 16
-    assert records[1]["held_out"] == "measured at 4" and records[1]["loss"] == pytest.approx(seen[1][1], abs=1e-5)
+    assert records[1]["held_out"] == {"auroc": 0.4} and records[1]["loss"] == pytest.approx(seen[1][1], abs=1e-5)
     ema = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["ema"]
     snapshot = torch.load(tmp_path / "snapshots" / "step-4.pt", weights_only=False)
     assert all(torch.equal(ema[k], snapshot[k]) for k in ema)

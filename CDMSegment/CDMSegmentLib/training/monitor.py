@@ -11,7 +11,7 @@ of held-out slices with masks, at a few noise levels inside the training band, a
   the heatmap of Hu et al. Algorithm 1 with R = 1 and tau = 0 up to a positive factor.
 """
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -44,7 +44,9 @@ class HeldOutMonitor:
     """Callable for ``train_network``'s ``on_checkpoint``: measures the EMA network on held-out slices.
 
     levels: alpha_bar values (each mapped to its t in ``schedule``), all inside the training band.
-    Returns one log line, e.g. ``"alpha_bar 0.8: AUROC 0.812, class difference in/out 0.0412/0.0031"``.
+    Returns one log line, e.g. ``"alpha_bar 0.8: AUROC 0.812, class difference in/out 0.0412/0.0031"``, and
+    the same figures as numbers for ``progress.jsonl``: ``{"alpha_bar 0.8": {"auroc": 0.812,
+    "class_difference_inside": 0.0412, "class_difference_outside": 0.0031}}``.
     """
 
     def __init__(self, data: SliceDataset, schedule: NoiseSchedule, levels: Sequence[float] = (0.8, 0.5),
@@ -88,8 +90,12 @@ class HeldOutMonitor:
                               "outside": float(np.abs(diff[outside]).mean())}
         return figures
 
-    def __call__(self, step: int, network: torch.nn.Module, mean_loss: float) -> Optional[str]:
+    def __call__(self, step: int, network: torch.nn.Module, mean_loss: float) -> Tuple[str, dict]:
         figures = self.measure(network)
         self.history.append({"step": step, **{str(k): v for k, v in figures.items()}})
-        return "; ".join(f"alpha_bar {level:g}: AUROC {f['auroc']:.3f}, class difference in/out "
+        line = "; ".join(f"alpha_bar {level:g}: AUROC {f['auroc']:.3f}, class difference in/out "
                          f"{f['inside']:.4f}/{f['outside']:.4f}" for level, f in figures.items())
+        return line, {f"alpha_bar {level:g}": {"auroc": round(f["auroc"], 4),
+                                               "class_difference_inside": round(f["inside"], 5),
+                                               "class_difference_outside": round(f["outside"], 5)}
+                      for level, f in figures.items()}

@@ -132,8 +132,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
 
 
-# on_checkpoint(step, ema network, mean loss since the last checkpoint) -> a line for the log, or None
-OnCheckpoint = Callable[[int, torch.nn.Module, float], Optional[str]]
+# on_checkpoint(step, ema network, mean loss since the last checkpoint) -> (a line for the log, the figures it
+# states as a JSON-able dict for progress.jsonl), or None
+OnCheckpoint = Callable[[int, torch.nn.Module, float], Optional[Tuple[str, dict]]]
 
 LossFn = Callable[[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                   torch.Tensor]
@@ -267,13 +268,13 @@ def _report(run_dir: Path, step: int, cfg: TrainConfig, seconds: float, mean_los
     snapshots = run_dir / "snapshots"
     snapshots.mkdir(exist_ok=True)
     torch.save(ema.state_dict(), snapshots / f"step-{step}.pt")
-    measured = on_checkpoint(step, ema, mean_loss) if on_checkpoint is not None else None
+    measured, figures = (on_checkpoint(step, ema, mean_loss) if on_checkpoint is not None else None) or ("", {})
     line = (f"step {step}/{cfg.steps}, {step * cfg.batch_size} samples, {seconds / 3600:.2f} h, "
             f"loss {mean_loss:.4f}" + (f", {measured}" if measured else ""))
     log(line)
     with open(run_dir / "progress.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "samples": step * cfg.batch_size, "hours": round(seconds / 3600, 4),
-                            "loss": round(mean_loss, 5), "held_out": measured or ""}) + "\n")
+                            "loss": round(mean_loss, 5), "held_out": figures}) + "\n")
 
 
 def _save(path: Path, net, ema, opt, step: int, seconds: float, cfg: TrainConfig, kind: str) -> None:
