@@ -3,7 +3,8 @@
 import torch
 
 from CDMSegmentLib.core.cdm import cdm_heatmap
-from CDMSegmentLib.core.methods import METHODS, CDMParams, build_method, network_evaluations_per_slice
+from CDMSegmentLib.core.methods import CDMParams, build_method, network_evaluations_per_slice
+from CDMSegmentLib.core.names import METHODS
 from CDMSegmentLib.core.schedule import NoiseSchedule
 from conftest import SquareClassifier, ZeroEps, blob_slices
 

@@ -290,6 +290,21 @@ def test_info_on_a_registered_classifier_or_a_classifier_file_needs_no_kind(caps
     assert code == 0 and json.loads(out)["kind"] == "classifier"
 
 
+def test_a_series_uid_for_an_input_that_is_not_a_folder_is_refused(tmp_path, tiny_model_path, capsys):
+    case = write_case(tmp_path / "case_0.nii.gz", phantom((3, 20, 24)))
+    code, _, err = run_cli(segment_args([case], tmp_path / "out", tiny_model_path, "--series", "1.2.3"), capsys)
+    assert code == 1 and "--series chooses among the series of a DICOM folder, but no input is a folder" in err
+    assert_one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_classifier_is_the_default_models_own(capsys):
+    code, out, err = run_cli(["info", "--kind", "classifier"], capsys)
+    assert code == 0 and out.startswith("brain-flair-cpu-classifier 1: classifier model"), err
+    code, out, err = run_cli(["info", "--kind", "classifier", "--json"], capsys)
+    assert json.loads(out)["image_size"] == load_model().image_size
+
+
 def test_an_unknown_model_lists_the_registered_models_of_its_kind_only(capsys):
     code, _, err = run_cli(["info", "brain-flair-nonexistent"], capsys)
     registered = err.split("(registered: ")[1]
@@ -348,6 +363,21 @@ def test_cgcdm_with_the_bundled_model_is_guided_by_its_registered_classifier(tmp
                 for d in ("guided", "plain")]
     assert heatmaps[0].shape == (3, 40, 48)
     assert np.abs(heatmaps[0] - heatmaps[1]).max() > 1e-3 * heatmaps[1].max()  # the classifier guided it
+    model, classifier = load_model(), load_model("brain-flair-cpu-classifier", kind="classifier")
+    assert (f" by cg-cdm with model brain-flair-cpu {model.metadata['version']} (SHA256 {model.sha256}) and classifier "
+            f"brain-flair-cpu-classifier 1 (SHA256 {classifier.sha256}, guidance scale "
+            f"{classifier.defaults['guidance_scale']:g}) at threshold ") in out
+
+
+def test_a_classifier_made_for_other_slices_than_the_models_is_refused(tmp_path, capsys):
+    case = write_case(tmp_path / "case_0.nii.gz", phantom((3, 40, 48)))
+    code, _, err = run_cli(["segment", case, "-o", tmp_path / "out", "--device", "cpu", "--method", "cg-cdm",
+                            "--classifier", "brain-flair-phantom-classifier", "--force"], capsys)
+    assert code == 1
+    assert_one_error_line(err)
+    assert ("classifier brain-flair-phantom-classifier was made for 128 px slices, model brain-flair-cpu for 96; "
+            "give a classifier trained on the model's slices (its own: brain-flair-cpu-classifier)") in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cgcdm_without_a_registered_or_given_classifier_is_one_line(tmp_path, tiny_model_path, capsys):
@@ -371,3 +401,23 @@ def test_the_summary_says_when_the_lesion_was_delineated_by_its_intensity(tmp_pa
     code, out, err = run_cli(segment_args([case], tmp_path / "off", model, "--threshold", "otsu", "--force",
                                           "--lesion-intensity", "0"), capsys)
     assert code == 0 and said not in out and "voxels segmented (" in out, err
+
+
+def test_the_summary_gives_the_threshold_and_says_when_no_voxel_reached_it(tmp_path, capsys):
+    from conftest import make_tiny_model_file
+
+    model = tmp_path / "refining.pt"
+    make_tiny_model_file(model, defaults={"noise_level": 0.9, "steps": 1, "tau": 0.0, "noise_draws": 1,
+                                          "lesion_intensity": 0.7, "lesion_intensity_floor": 1.2})
+    case = write_case(tmp_path / "case_0.nii.gz", phantom((3, 20, 24)))
+    code, out, err = run_cli(segment_args([case], tmp_path / "out", model, "--threshold", "otsu", "--force"), capsys)
+    assert code == 0, err
+    heatmap = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case_0_heatmap.nrrd")))
+    shown = float(out.split(" at threshold ")[1].split(":")[0])
+    assert 0 < shown < heatmap.max()  # Otsu's level on this heatmap, as the summary gives it
+    above = f"{2 * heatmap.max():.6g}"
+    code, out, err = run_cli(segment_args([case], tmp_path / "above", model, "--threshold", above, "--force"), capsys)
+    assert code == 0, err
+    assert f"0 voxels segmented (0.0 ml; no voxel of the heatmap reached the threshold {float(above):.3g} " \
+           f"(its maximum: {heatmap.max():.3g})), " in out
+    assert "delineated" not in out

@@ -10,7 +10,8 @@ from CDMSegmentLib.baselines.cgdiff import CGDiffParams
 from CDMSegmentLib.cli.main import build_parser
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.evaluation.slices import MethodRun, Variant, evaluate_cases, masks_for_rule, score, variants
-from CDMSegmentLib.core.methods import CDMParams, METHODS
+from CDMSegmentLib.core.methods import CDMParams
+from CDMSegmentLib.core.names import METHODS
 from CDMSegmentLib.evaluation.report import COLUMNS, write_report
 
 FAST = CGDiffParams(noise_level=0.5, steps=2, guidance_scale=10.0)

@@ -91,6 +91,18 @@ def test_a_setting_outside_its_meaning_is_one_usage_line_before_anything_runs(na
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option, said", [(["--axis", "diagonal"], "unknown slice axis 'diagonal'; use auto, axial"),
+                                           (["--axis", "3"], "unknown slice axis '3'"),
+                                           (["--method", "cdn"], "invalid choice: 'cdn' (choose from 'cdm', 'cg-cdm'")])
+def test_an_unknown_axis_or_method_is_one_usage_line_before_the_model_loads(option, said, tmp_path, capfd):
+    # a model path that does not exist: the parser must stop the run before anything looks for it
+    code, out, err = run_cli(["segment", case(tmp_path), "-o", tmp_path / "out", "--model", tmp_path / "none.pt",
+                              *option], capfd)
+    assert code == 2 and out == "" and said in err
+    assert_one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
 def _segment(source: Path, out: Path, model: Path, *options, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "CDMSegmentLib.cli.main", "segment", str(source), "-o", str(out),
                              "--model", str(model), "--device", "cpu", "--engine", "torch", *options],

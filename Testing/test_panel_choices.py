@@ -95,6 +95,8 @@ def test_the_status_texts_name_the_model_and_the_result():
     assert result_text({**summary, "refinement": {"lesion_intensity": 0.7}}) == (
         "3 of 4 slices in 12 s on cpu; 16 voxels (0.0 ml) segmented at threshold 0.0002, delineated by the "
         "lesion's intensity")
+    assert result_text({**summary, "voxels_segmented": 0, "refinement": {"lesion_intensity": 0.7}}) == (
+        "3 of 4 slices in 12 s on cpu; 0 voxels (0.0 ml) segmented at threshold 0.0002")
 
 
 def _installed(monkeypatch, missing=()):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CDMSegmentError
-from ..core.methods import CAM_METHODS
+from ..core.names import CAM_METHODS
 
 
 def _define_missing_torchvision_ops() -> None:

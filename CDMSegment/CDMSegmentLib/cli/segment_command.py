@@ -19,6 +19,7 @@ from typing import Callable, List, Optional
 
 from ..core.engine import ENGINES
 from ..core.errors import CDMSegmentError, out_of_memory
+from ..core.names import AXIS_NAMES, METHODS
 from ..core.ranges import option
 from ..core.run_events import ERROR, SUMMARY, EventWriter
 from ..core.settings import CDMSettings
@@ -38,7 +39,12 @@ SEED_HELP = ("seed of the noise drawn for each slice: the same seed, settings an
 
 
 def _axis(value: str):
-    return int(value) if value.isdigit() else value
+    """--axis: a name or a voxel axis, checked as the parser reads it (before the model loads)."""
+    if value.isdigit() and int(value) in (0, 1, 2):
+        return int(value)
+    if value == "auto" or value in AXIS_NAMES:
+        return value
+    raise argparse.ArgumentTypeError(f"unknown slice axis {value!r}; use auto, axial, coronal, sagittal, 0, 1 or 2")
 
 
 def add_segment_parser(sub) -> None:
@@ -59,7 +65,7 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--axis", type=_axis, default="auto",
                    help="slice axis: auto (axial), axial, coronal, sagittal, or voxel axis 0 (I), 1 (J), 2 (K)")
-    p.add_argument("--method", default="cdm", help="cdm, cg-cdm (guided by the model's registered classifier or "
+    p.add_argument("--method", default="cdm", choices=METHODS, metavar="METHOD", help="cdm, cg-cdm (guided by the model's registered classifier or "
                    "--classifier), or a baseline: gradcam, gradcam++, scorecam, layercam, cg-diff (need --classifier)")
     p.add_argument("--classifier", default=None, help="noise-aware classifier for cg-cdm and the baselines (name or file)")
     p.add_argument("--target-class", type=option("target_class"), default=None,

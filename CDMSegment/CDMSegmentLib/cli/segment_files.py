@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..core.errors import CDMSegmentError
+from ..core.names import CLASSIFIER_METHODS
 from ..core.model_description import registered_classifier
 from ..core.modelfile import load_model
 from ..core.reading import read_volume
@@ -39,14 +40,30 @@ class SegmentSummary:
     warnings: list  # the input's borderline plausibility findings, shown beside the result
     engine: str = "torch"  # what evaluated the network (core/engine.py)
     refinement: Optional[dict] = None  # the lesion-intensity refinement of the mask (core/runner.refine_mask)
+    method: str = "cdm"  # core/methods.METHODS
+    classifier: Optional[str] = None  # name and version of the classifier the method used, if any
+    classifier_sha256: Optional[str] = None
+    guidance_scale: Optional[float] = None  # s, for CG-CDM
+    heatmap_maxima: Optional[list] = None  # per class, in heatmap units
 
     def line(self) -> str:
+        """The run in one line: what was segmented, by which method and weights (SHA256), at which threshold,
+        and into which files; says so when no voxel of the heatmap reached the threshold."""
         files = ", ".join(str(p) for p in self.heatmap_paths + [self.segmentation_path])
         warned = "".join(f"; warning: {w}" for w in self.warnings)
-        refined = "; the CDM's mask delineated by the lesion's intensity" if self.refinement else ""
+        thresholds = ", ".join(f"{t:.3g}" for t in self.thresholds)
+        if self.heatmap_maxima and all(m < t for m, t in zip(self.heatmap_maxima, self.thresholds)):
+            note = (f"; no voxel of the heatmap reached the threshold {thresholds} (its maximum: "
+                    f"{', '.join(f'{m:.3g}' for m in self.heatmap_maxima)})")
+        else:
+            note = "; the CDM's mask delineated by the lesion's intensity" if self.refinement else ""
+        by = "" if self.method == "cdm" else f" by {self.method}"
+        guided = "" if self.classifier is None else (
+            f" and classifier {self.classifier} (SHA256 {self.classifier_sha256}"
+            + (f", guidance scale {self.guidance_scale:g})" if self.guidance_scale is not None else ")"))
         return (f"{self.slices_run} of {self.slices_total} slices run, {self.voxels_segmented} voxels segmented "
-                f"({self.volume_ml:.1f} ml{refined}), {self.seconds:.1f} s on {self.device} ({self.engine}) with model {self.model} "
-                f"(SHA256 {self.model_sha256}): {files}{warned}")
+                f"({self.volume_ml:.1f} ml{note}), {self.seconds:.1f} s on {self.device} ({self.engine}){by} with model "
+                f"{self.model} (SHA256 {self.model_sha256}){guided} at threshold {thresholds}: {files}{warned}")
 
     def to_json(self) -> dict:
         """The summary as plain JSON values (paths as strings), as the --progress-lines summary carries it."""
@@ -89,6 +106,9 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     """
     start = time.perf_counter()
     inputs = input_list(inputs)
+    if series and not any(Path(p).is_dir() for p in inputs):
+        raise CDMSegmentError("--series chooses among the series of a DICOM folder, but no input is a folder; "
+                              "leave it out, or give the folder")
     phase("reading the input")
     output_dir = Path(output_dir)
     volumes = [read_volume(p, series) for p in inputs]
@@ -98,6 +118,8 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     if classifier is None and run_options.get("method") == "cg-cdm":
         classifier = registered_classifier(diffusion)  # None (then a clear error) when it has none
     guide = load_model(classifier, kind="classifier") if classifier is not None else None
+    method = run_options.get("method", "cdm")
+    uses_guide = guide is not None and method in CLASSIFIER_METHODS
     params = settings.params(diffusion, guide)
     min_voxels = settings.min_component_voxels(diffusion, volumes[0].spacing_mm)
     classes = diffusion.target_classes(target_class)
@@ -131,4 +153,8 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
                           results[0].slices_total, results[0].slices_run, voxels, voxels * voxel_ml,
                           time.perf_counter() - start, results[0].device,
                           f"{diffusion.metadata['name']} {diffusion.metadata['version']}", diffusion.sha256,
-                          results[0].warnings, results[0].engine, results[0].refinement)
+                          results[0].warnings, results[0].engine, results[0].refinement, method,
+                          f"{guide.metadata['name']} {guide.metadata['version']}" if uses_guide else None,
+                          guide.sha256 if uses_guide else None,
+                          params.guidance_scale if method == "cg-cdm" else None,
+                          [float(r.heatmap.max()) if r.heatmap.size else 0.0 for r in results])

@@ -15,15 +15,13 @@ import torch
 from .cdm import cdm_heatmap
 from .device import autocast
 from .errors import CDMSegmentError
+from .model_description import check_classifier_fits
 from .modelfile import LoadedModel
+from .names import CAM_METHODS, CDM_METHODS, CLASSIFIER_METHODS, METHODS
 from .settings import CDMParams
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-CDM_METHODS = ("cdm", "cg-cdm")
 # The baselines are imported only when one is built: the Slicer module ships the core without them.
-CAM_METHODS = ("gradcam", "gradcam++", "scorecam", "layercam")
-METHODS = CDM_METHODS + CAM_METHODS + ("cg-diff",)
-CLASSIFIER_METHODS = ("cg-cdm", "cg-diff") + CAM_METHODS  # the methods that need a noise-aware classifier
 CG_CDM_THRESHOLD = "cg_cdm_threshold"  # the key of CG-CDM's calibrated threshold in a classifier's defaults
 
 
@@ -104,6 +102,8 @@ def build_method(method: str, model: Optional[LoadedModel], params: CDMParams, *
                               "(train one with 'cdmsegment train-classifier')")
     if method not in CAM_METHODS and model is None:
         raise CDMSegmentError(f"{method} needs the diffusion model; give one with --model")
+    if method in CLASSIFIER_METHODS and model is not None:
+        check_classifier_fits(model, classifier)
     for c in (target_class, normal_class):
         _check_class(c, (classifier if method in CAM_METHODS else model).class_names)
     if method in CAM_METHODS:

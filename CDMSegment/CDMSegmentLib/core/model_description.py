@@ -220,6 +220,24 @@ def registered_classifier(model: ModelDescription, registry: Path = REGISTRY_FIL
     return name if any(e["name"] == name and e.get("kind") == "classifier" for e in entries) else None
 
 
+def check_classifier_fits(model: ModelDescription, classifier: ModelDescription) -> None:
+    """A noise-aware classifier guides the diffusion model on its own slices (CG-CDM, CG-Diff), or stands in
+    for it on them (the CAMs): both must be made for the same slice size, modalities and number of classes. Raises
+    CDMSegmentError, one line naming the difference and the classifier to use."""
+    found = [(what, c, m) for what, c, m in (("px slices", classifier.image_size, model.image_size),
+                                               ("modalities", classifier.modalities, model.modalities),
+                                               ("classes", len(classifier.class_names), len(model.class_names)))
+             if c != m]
+    if not found:
+        return
+    what, c, m = found[0]
+    show = (lambda v: ", ".join(v)) if isinstance(c, list) else str
+    own = registered_classifier(model)
+    raise CDMSegmentError(f"classifier {classifier.metadata['name']} was made for {show(c)} {what}, model "
+                          f"{model.metadata['name']} for {show(m)}; give a classifier trained on the model's slices"
+                          + (f" (its own: {own})" if own else " ('cdmsegment train-classifier')"))
+
+
 def check_inputs(model: ModelDescription, volumes: Sequence[Volume]) -> None:
     """One volume per modality the model declares, all 3D scalar images on one grid."""
     names = model.modalities

@@ -30,9 +30,17 @@ def read_registry(registry: Path = REGISTRY_FILE) -> list:
 
 
 def default_model_name(kind: str = "diffusion", registry: Path = REGISTRY_FILE) -> str:
-    entries = [e for e in read_registry(registry) if e.get("kind", "diffusion") == kind]
+    """The registry's default model of ``kind``: the entry marked ``default`` (else the first); for a
+    classifier, the one registered beside the default diffusion model, when it names one."""
+    everything = read_registry(registry)
+    entries = [e for e in everything if e.get("kind", "diffusion") == kind]
     if not entries:
         raise ModelFileError(f"no bundled {kind} model is registered in {registry}; give a model file with --model")
+    if kind == "classifier":
+        diffusion = [e for e in everything if e.get("kind", "diffusion") == "diffusion"]
+        own = next((e for e in diffusion if e.get("default")), diffusion[0] if diffusion else {}).get("classifier")
+        if any(e["name"] == own for e in entries):
+            return own
     return next((e for e in entries if e.get("default")), entries[0])["name"]
 
 

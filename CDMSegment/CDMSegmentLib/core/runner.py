@@ -20,8 +20,9 @@ from .errors import MEMORY_ADVICE, Cancelled, CDMSegmentError
 from .image import Volume
 from .intensity import normalise_volume
 from .crop import crop_window, tissue_boxes
-from .methods import CDM_METHODS, CDMParams, build_method, calibrated_threshold, draw_noise, network_evaluations_per_slice
-from .model_description import check_inputs
+from .methods import CDMParams, build_method, calibrated_threshold, draw_noise, network_evaluations_per_slice
+from .model_description import check_classifier_fits, check_inputs
+from .names import CDM_METHODS, CLASSIFIER_METHODS
 from .modelfile import LoadedModel
 from .ood import ood_score
 from .plausibility import check_plausible, ood_finding
@@ -110,6 +111,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     """
     start = time.perf_counter()
     check_inputs(model, volumes)
+    if classifier is not None and method in CLASSIFIER_METHODS:
+        check_classifier_fits(model, classifier)
     dev = choose_device(device, log)
     # the choices that conflict with each other are refused before the image is read or scored
     if precision not in PRECISIONS:

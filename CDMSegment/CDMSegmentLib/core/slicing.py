@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from .errors import CDMSegmentError
 from .device import voxel_tensor
+from .names import AXIS_NAMES
 
-AXIS_NAMES = {"axial": 0, "coronal": 1, "sagittal": 2}  # canonical array axes (S, P, L)
 
 Array = Union[np.ndarray, torch.Tensor]
 

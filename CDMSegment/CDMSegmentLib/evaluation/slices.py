@@ -22,8 +22,9 @@ import torch
 
 from ..baselines.cgdiff import CGDiffParams
 from ..core.errors import CDMSegmentError
-from ..core.methods import (CAM_METHODS, CDM_METHODS, METHODS, CDMParams, build_method, calibrated_threshold,
-                      classifier_passes_per_slice, network_evaluations_per_slice, run_in_batches)
+from ..core.methods import (CDMParams, build_method, calibrated_threshold, classifier_passes_per_slice,
+                            network_evaluations_per_slice, run_in_batches)
+from ..core.names import CAM_METHODS, CDM_METHODS, METHODS
 from .metrics import dice, false_positive_pixels, hd95, iou, nan_mean, pixel_auroc
 from ..core.modelfile import LoadedModel
 from ..core.threshold import otsu_threshold

@@ -143,7 +143,8 @@ def result_text(summary: dict) -> str:
     return (f"{summary['slices_run']} of {summary['slices_total']} slices in {summary['seconds']:.0f} s on "
             f"{summary['device']}{engine}; {summary['voxels_segmented']} voxels ({summary['volume_ml']:.1f} ml) "
             f"segmented at threshold {thresholds}"
-            + (", delineated by the lesion's intensity" if summary.get("refinement") else "")
+            + (", delineated by the lesion's intensity" if summary.get("refinement") and summary["voxels_segmented"]
+               else "")
             + "".join(f"\nWarning: {w}" for w in summary.get("warnings", [])))
 
 
