@@ -104,8 +104,8 @@ TRAINING_DATA := $(TRAIN_CASES) domain-randomised phantom cases ($(TRAIN_FAMILIE
 
 # Each step is a file, so a rerun (after an interruption, or with a later step changed) redoes only what is missing.
 retrain: $(R)/$(MODEL_NAME).pt $(R)/test_families/cases.csv $(R)/test_contrast/cases.csv $(R)/val/cases.csv
-	$(CDM) evaluate-volumes $(R)/test_families -o $(R)/results/families --model $< --fit-threshold-on $(R)/val --device $(DEVICE) $(EVAL_OPTS)
-	$(CDM) evaluate-volumes $(R)/test_contrast -o $(R)/results/contrast --model $< --fit-threshold-on $(R)/val --device $(DEVICE) $(EVAL_OPTS)
+	$(CDM) evaluate-volumes $(R)/test_families -o $(R)/results/families --model $< --fit-threshold-on $(R)/val --device $(DEVICE) --overwrite $(EVAL_OPTS)
+	$(CDM) evaluate-volumes $(R)/test_contrast -o $(R)/results/contrast --model $< --fit-threshold-on $(R)/val --device $(DEVICE) --overwrite $(EVAL_OPTS)
 	@echo "Model: $<; tables: $(R)/results/*/volumes.md"
 
 $(R)/train/cases.csv:

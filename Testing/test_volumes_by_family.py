@@ -9,7 +9,7 @@ from CDMSegmentLib.cli.main import main
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.evaluation.intensity_baselines import (fit_intensity_threshold, intensity_otsu_mask,
                                                           intensity_threshold_mask)
-from CDMSegmentLib.evaluation.volumes import VolumeScore, family_table, size_table
+from CDMSegmentLib.evaluation.volumes import VolumeScore, family_table, size_table, summary_table
 
 from conftest import randomised_cases_and_tiny_model
 
@@ -59,6 +59,16 @@ def test_tables_group_by_family_and_by_lesion_volume():
     assert "healthy" not in sizes
 
 
+def test_the_summary_shows_no_nan_and_no_spread_of_one_case():
+    one_lesion = summary_table([score("a", "CDM", "ms", 2.0, 0.25, 1.0)])
+    assert "| CDM | 1 | 0.250 | 0.250 | 0 | - | 1.0 |" in one_lesion
+    both = summary_table([score("a", "CDM", "ms", 2.0, 0.25, 1.0), score("b", "CDM", "ms", 2.0, 0.75, 1.0),
+                          score("d", "CDM", "healthy", 0.0, float("nan"), float("nan"), fp=4.0)])
+    assert "| CDM | 2 | 0.500 +- 0.250 | 0.500 | 1 | 4.00 / 4.00 | 1.0 |" in both
+    only_healthy = summary_table([score("d", "CDM", "healthy", 0.0, float("nan"), float("nan"), fp=4.0)])
+    assert "| CDM | 0 | - | - | 1 | 4.00 / 4.00 | 1.0 |" in only_healthy and "nan" not in only_healthy
+
+
 def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, capsys):
     data, model = randomised_cases_and_tiny_model(tmp_path, 4, 3)
     code = main(["evaluate-volumes", str(data), "-o", str(tmp_path / "out"), "--model", str(model), "--device", "cpu",
@@ -76,3 +86,24 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
     assert methods[0] == "CDM" and methods[1].startswith("CDM + intensity growth (") and len(set(methods)) == 5
     assert all(r["ood_score"] == "nan" for r in rows)  # the tiny model has no OOD reference
     assert "| family |" in (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")
+    # each case's line: a lesion-free case has no Dice (not NaN), and no OOD score without a reference
+    lines = [line for line in out.err.splitlines() if line[:2] in ("1/", "2/")]
+    cortical, healthy = sorted(lines, key=lambda line: "healthy" in line)
+    assert " cortical: 3D Dice CDM 0." in cortical and "nan" not in cortical
+    assert " healthy: lesion-free, false positives CDM " in healthy and "nan" not in healthy + cortical
+    assert "OOD" not in healthy and not healthy.endswith(" ")
+
+
+def test_evaluate_volumes_keeps_an_earlier_run_without_overwrite(tmp_path, capsys):
+    data, model = randomised_cases_and_tiny_model(tmp_path, 4, 3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "volumes.md").write_text("an earlier run")
+    argv = ["evaluate-volumes", str(data), "-o", str(out), "--model", str(model), "--device", "cpu", "--cases", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{out / 'volumes.md'} already exists; choose another output folder or pass --overwrite" in err
+    assert (out / "volumes.md").read_text() == "an earlier run" and not (out / "volumes.csv").exists()
+    assert main(argv + ["--overwrite"]) == 0
+    assert (out / "volumes.md").read_text().startswith("Command: `cdmsegment ")
+    assert len((out / "volumes.csv").read_text().splitlines()) == 1 + 2  # CDM and Otsu on one case

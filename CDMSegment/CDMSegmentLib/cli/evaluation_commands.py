@@ -75,7 +75,10 @@ def add_evaluate_volumes_parser(sub) -> None:
                         "the brain's median (default: the model's grow_above, else the fitted intensity threshold "
                         "when --fit-threshold-on is given; 0: not scored)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    p.add_argument("--batch-size", type=option("batch_size"), default=16, help="slices per network batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=option("batch_size"), default=None,
+                   help="slices per network batch (default: as segment, the model's measured value for the device, "
+                        "else 4 on a CPU and 64 on a GPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace the volumes.csv and volumes.md of an earlier run")
     p.set_defaults(func=run_evaluate_volumes)
 
 
@@ -147,11 +150,17 @@ def _cases_with_masks(folder: Path, limit=None, per_family=None):
 
 
 def run_evaluate_volumes(args) -> None:
+    from ..core.errors import CDMSegmentError
     from ..core.reading import read_volume
     from ..core.modelfile import load_model
     from ..evaluation.intensity_baselines import fit_intensity_threshold
-    from ..evaluation.volumes import evaluate_volumes, family_table, size_table, summary_table, write_scores
+    from ..evaluation.volumes import evaluate_volumes, family_table, score_files, size_table, summary_table
+    from .writers import write_text_outputs
 
+    outputs = [args.output / name for name in ("volumes.csv", "volumes.md")]
+    existing = [p for p in outputs if p.exists()]
+    if existing and not args.overwrite:
+        raise CDMSegmentError(f"{existing[0]} already exists; choose another output folder or pass --overwrite")
     model = load_model(args.model)
     cases, families = _cases_with_masks(args.data, args.cases, args.per_family)
     threshold = None
@@ -166,5 +175,6 @@ def run_evaluate_volumes(args) -> None:
     scores = evaluate_volumes(cases, model, families=families, intensity_threshold=threshold, grow_above=grow_above,
                               device=args.device,
                               batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
-    write_scores(scores, args.output, " ".join(["cdmsegment"] + sys.argv[1:]))
+    files = score_files(scores, " ".join(["cdmsegment"] + sys.argv[1:]))
+    write_text_outputs({args.output / name: text for name, text in files.items()})
     print(summary_table(scores) + "\n" + family_table(scores) + "\n" + size_table(scores))

@@ -8,9 +8,9 @@ on intensity alone (``intensity_baselines``) show what the figures mean.
 """
 
 import csv
+import io
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -90,6 +90,7 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         if ood is not None:
             finding = ood_finding(ood)
             cdm.ood_score, cdm.ood_flag = ood.score, "" if finding is None else ("refused" if finding.clear else "warned")
+        first = len(scores)
         scores.append(cdm)
         content = tissue_mask(ref.array).cpu().numpy()
         fraction = model.defaults.get("lesion_intensity", 0.0)
@@ -114,10 +115,23 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
             mask = make_mask(ref.array)
             scores.append(score_volume(case.case_id, name, mask, truth, orientation, voxel_ml,
                                        time.perf_counter() - start, family))
-        log(f"{n}/{len(cases)} {case.case_id} {family}: CDM 3D Dice {cdm.dice_3d:.3f}, "
-            f"false positives {cdm.false_positive_ml:.2f} ml, OOD score {cdm.ood_score:.2f} {cdm.ood_flag}, "
-            f"{result.seconds:.1f} s")
+        log(case_line(n, len(cases), scores[first:]))
     return scores
+
+
+def case_line(n: int, total: int, case_scores: Sequence[VolumeScore]) -> str:
+    """One case's progress line: the CDM's 3D Dice (a lesion-free case: none) and false positives, then the
+    default's (the refined mask, what ``segment`` gives) where it differs, and the OOD score with its verdict."""
+    cdm = case_scores[0]
+    default = next((s for s in case_scores if s.method.startswith("CDM + lesion intensity")), None)
+    quality = "lesion-free" if np.isnan(cdm.dice_3d) else f"3D Dice CDM {cdm.dice_3d:.3f}" + (
+        f", default {default.dice_3d:.3f}" if default else "")
+    fp = f"false positives CDM {cdm.false_positive_ml:.2f} ml" + (
+        f", default {default.false_positive_ml:.2f} ml" if default else "")
+    ood = "" if np.isnan(cdm.ood_score) else f", OOD score {cdm.ood_score:.2f}" + (
+        f" ({cdm.ood_flag})" if cdm.ood_flag else "")
+    family = f" {cdm.family}" if cdm.family else ""
+    return f"{n}/{total} {cdm.case}{family}: {quality}, {fp}{ood}, {cdm.seconds:.1f} s"
 
 
 def summary_table(scores: Sequence[VolumeScore]) -> str:
@@ -130,10 +144,13 @@ def summary_table(scores: Sequence[VolumeScore]) -> str:
         lesion = [s for s in rows if s.lesion_ml > 0]
         healthy = [s for s in rows if s.lesion_ml == 0]
         d3 = np.array([s.dice_3d for s in lesion])
-        fp = np.array([s.false_positive_ml for s in healthy]) if healthy else np.array([np.nan])
-        lines.append(f"| {method} | {len(lesion)} | {np.nanmean(d3):.3f} +- {np.nanstd(d3):.3f} | "
-                     f"{nan_mean([s.slice_dice for s in lesion])[0]:.3f} | {len(healthy)} | "
-                     f"{np.nanmean(fp):.2f} / {np.nanmax(fp):.2f} | {np.mean([s.seconds for s in rows]):.1f} |")
+        fp = np.array([s.false_positive_ml for s in healthy])
+        # "-" where there is nothing to average; the sd only where there are two cases or more
+        dice_3d = "-" if not lesion else f"{d3.mean():.3f}" + (f" +- {d3.std():.3f}" if len(lesion) > 1 else "")
+        slice_dice = "-" if not lesion else f"{nan_mean([s.slice_dice for s in lesion])[0]:.3f}"
+        false_ml = "-" if not healthy else f"{fp.mean():.2f} / {fp.max():.2f}"
+        lines.append(f"| {method} | {len(lesion)} | {dice_3d} | {slice_dice} | {len(healthy)} | {false_ml} | "
+                     f"{np.mean([s.seconds for s in rows]):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,13 +187,12 @@ def size_table(scores: Sequence[VolumeScore]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_scores(scores: Sequence[VolumeScore], output_dir: Path, command: str) -> List[Path]:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = output_dir / "volumes.csv", output_dir / "volumes.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(scores[0])))
-        writer.writeheader()
-        writer.writerows(asdict(s) for s in scores)
-    md_path.write_text(f"Command: `{command}`\n\n" + summary_table(scores) + "\n" + family_table(scores)
-                       + "\n" + size_table(scores))
-    return [md_path, csv_path]
+def score_files(scores: Sequence[VolumeScore], command: str) -> Dict[str, str]:
+    """{"volumes.csv": one row per case and method, "volumes.md": the command and the three tables}."""
+    rows = io.StringIO()
+    writer = csv.DictWriter(rows, fieldnames=list(asdict(scores[0])))
+    writer.writeheader()
+    writer.writerows(asdict(s) for s in scores)
+    return {"volumes.csv": rows.getvalue(),
+            "volumes.md": f"Command: `{command}`\n\n" + summary_table(scores) + "\n" + family_table(scores) + "\n"
+                          + size_table(scores)}
