@@ -367,6 +367,10 @@ def test_cgcdm_with_the_bundled_model_is_guided_by_its_registered_classifier(tmp
     assert (f" by cg-cdm with model brain-flair-cpu {model.metadata['version']} (SHA256 {model.sha256}) and classifier "
             f"brain-flair-cpu-classifier 1 (SHA256 {classifier.sha256}, guidance scale "
             f"{classifier.defaults['guidance_scale']:g}) at threshold ") in out
+    header = sitk.ReadImage(str(guided / "case_0.seg.nrrd"))
+    assert header.GetMetaData("CDMSegment_Method") == "cg-cdm"
+    assert header.GetMetaData("CDMSegment_Classifier") == f"brain-flair-cpu-classifier {classifier.metadata['version']}"
+    assert header.GetMetaData("CDMSegment_ClassifierSHA256") == classifier.sha256
 
 
 def test_a_classifier_made_for_other_slices_than_the_models_is_refused(tmp_path, capsys):
@@ -415,6 +419,15 @@ def test_the_summary_gives_the_threshold_and_says_when_no_voxel_reached_it(tmp_p
     heatmap = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case_0_heatmap.nrrd")))
     shown = float(out.split(" at threshold ")[1].split(":")[0])
     assert 0 < shown < heatmap.max()  # Otsu's level on this heatmap, as the summary gives it
+    # the files' headers say how they were made, the threshold to full precision
+    for name in ("case_0_heatmap.nrrd", "case_0.seg.nrrd"):
+        header = sitk.ReadImage(str(tmp_path / "out" / name))
+        field = lambda key: header.GetMetaData("CDMSegment_" + key)  # noqa: E731
+        assert field("ModelSHA256") == sha256_of(model) and field("Method") == "cdm" and field("Seed") == "0"
+        assert f"{float(field('Threshold')):.3g}" == f"{shown:.3g}"
+        assert json.loads(field("Settings"))["noise_level"] == 0.9
+        assert json.loads(field("Refinement"))["lesion_intensity"] == 0.7
+        assert not header.HasMetaDataKey("CDMSegment_Classifier")
     above = f"{2 * heatmap.max():.6g}"
     code, out, err = run_cli(segment_args([case], tmp_path / "above", model, "--threshold", above, "--force"), capsys)
     assert code == 0, err

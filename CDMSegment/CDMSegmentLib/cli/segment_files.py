@@ -4,6 +4,7 @@ This is the function behind ``cdmsegment segment``, which the Slicer module runs
 (``slicer_adapters.child_process``) on a copy of the input node.
 """
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +70,26 @@ class SegmentSummary:
         """The summary as plain JSON values (paths as strings), as the --progress-lines summary carries it."""
         return {k: [str(p) for p in v] if k == "heatmap_paths" else str(v) if isinstance(v, Path) else v
                 for k, v in asdict(self).items()}
+
+
+def provenance(model, classifier, method: str, params, seed: int) -> dict:
+    """What a result was made with, for its files' headers: the model (name, version, SHA256), the method, the
+    classifier when the method used one, the sampler's settings (JSON) and the seed."""
+    made = {"Model": f"{model.metadata['name']} {model.metadata['version']}", "ModelSHA256": model.sha256,
+            "Method": method, "Settings": json.dumps(asdict(params), sort_keys=True), "Seed": str(seed)}
+    if classifier is not None:
+        made.update(Classifier=f"{classifier.metadata['name']} {classifier.metadata['version']}",
+                    ClassifierSHA256=classifier.sha256)
+    return made
+
+
+def result_provenance(results) -> dict:
+    """The threshold of each class's heatmap (heatmap units, comma-separated) and the lesion-intensity refinement
+    (JSON; absent without one), from the runner's results."""
+    made = {"Threshold": ",".join(repr(float(r.threshold)) for r in results)}
+    if results[0].refinement:
+        made["Refinement"] = json.dumps(results[0].refinement, sort_keys=True)
+    return made
 
 
 def input_list(inputs) -> list:
@@ -143,10 +164,12 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
                                       threshold=settings.threshold, min_component_voxels=min_voxels,
                                       grow_above=settings.grow_above, lesion_intensity=settings.lesion_intensity, progress=class_progress if progress else None, **run_options))
     phase("writing the results")
+    made = provenance(diffusion, guide if uses_guide else None, method, params, run_options.get("seed", 0))
     with atomic_outputs(heatmap_paths + [seg_path], overwrite, inputs=[*inputs, *keep]) as tmp:
         for path, result in zip(tmp, results):
-            write_heatmap(path, result.heatmap, volumes[0])
-        write_segmentation(tmp[-1], {n: r.mask for n, r in zip(names, results)}, volumes[0])
+            write_heatmap(path, result.heatmap, volumes[0], {**made, **result_provenance([result])})
+        write_segmentation(tmp[-1], {n: r.mask for n, r in zip(names, results)}, volumes[0],
+                           {**made, **result_provenance(results)})
     voxels = int(sum(int(r.mask.sum()) for r in results))
     voxel_ml = float(np.prod(volumes[0].spacing_mm)) / 1000.0
     return SegmentSummary(heatmap_paths, seg_path, names, [r.threshold for r in results], min_voxels,

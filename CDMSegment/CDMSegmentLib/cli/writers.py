@@ -292,9 +292,22 @@ def _write_image(image: sitk.Image, path: Path, size_bytes: int) -> None:
                       "the image writer failed (a full disk or a file size limit?)", str(path)) from None
 
 
-def write_heatmap(path: Path, heatmap: np.ndarray, reference: Volume) -> None:
-    """float32 heatmap on the reference grid, compressed NRRD (or any format SimpleITK writes)."""
-    _write_image(reference.with_array(heatmap.astype(np.float32)).to_sitk(), path, heatmap.size * 4)
+# The prefix of the header fields that say how a result was made (segment_files.provenance).
+PROVENANCE_PREFIX = "CDMSegment_"
+
+
+def write_heatmap(path: Path, heatmap: np.ndarray, reference: Volume,
+                  provenance: Optional[Dict[str, str]] = None) -> None:
+    """float32 heatmap on the reference grid, compressed NRRD (or any format SimpleITK writes); ``provenance``
+    goes into the header as ``CDMSegment_<key>:=<value>`` fields."""
+    image = reference.with_array(heatmap.astype(np.float32)).to_sitk()
+    _set_provenance(image, provenance)
+    _write_image(image, path, heatmap.size * 4)
+
+
+def _set_provenance(image, provenance: Optional[Dict[str, str]]) -> None:
+    for key, value in (provenance or {}).items():
+        image.SetMetaData(PROVENANCE_PREFIX + key, str(value))
 
 
 # Slicer's name for the conversion parameter holding the grid the Segment Editor edits on
@@ -337,13 +350,16 @@ def segmentation_fields(class_names: List[str], reference: Volume) -> Dict[str, 
     return fields
 
 
-def write_segmentation(path: Path, masks: Dict[str, np.ndarray], reference: Volume) -> None:
+def write_segmentation(path: Path, masks: Dict[str, np.ndarray], reference: Volume,
+                       provenance: Optional[Dict[str, str]] = None) -> None:
     """A .seg.nrrd that Slicer loads as a segmentation node, one named, coloured segment per class
-    (written with SimpleITK, which Slicer's Python has, so the child process writes it inside Slicer too)."""
+    (written with SimpleITK, which Slicer's Python has, so the child process writes it inside Slicer too);
+    ``provenance`` as in ``write_heatmap`` (Slicer's reader leaves other fields alone)."""
     labels = np.zeros(reference.array.shape, dtype=np.uint8)
     for value, mask in enumerate(masks.values(), start=1):
         labels[mask.astype(bool)] = value
     image = reference.with_array(labels).to_sitk()
     for key, value in segmentation_fields(list(masks), reference).items():
         image.SetMetaData(key, value)
+    _set_provenance(image, provenance)
     _write_image(image, path, labels.size)
