@@ -208,6 +208,7 @@ class CDMSegmentParameterNode:
     tau: Annotated[float, WithinRange(0.0, 0.999)] = 0.95
     noiseDraws: Annotated[int, WithinRange(1, 64)] = 1
     guidanceScale: Annotated[float, WithinRange(0.0, 10000.0)] = 100.0
+    lesionIntensity: Annotated[float, WithinRange(0.0, 1.0)] = 0.0  # 0: off (the spin box shows "off")
     axis: Axis = Axis.auto
     batchSize: Annotated[int, WithinRange(0, 1024)] = 0  # 0: automatic, per device (the spin box shows "auto")
     hardenTransform: bool = False

@@ -138,11 +138,14 @@ def test_the_install_installs_the_engines_requirements_and_holds_numpy():
 
 
 def test_the_parameter_node_gives_one_settings_object_with_the_panel_values():
-    panel = SimpleNamespace(noiseLevel=0.8, steps=3, tau=0.5, noiseDraws=2, guidanceScale=7.0)
+    panel = SimpleNamespace(noiseLevel=0.8, steps=3, tau=0.5, noiseDraws=2, guidanceScale=7.0, lesionIntensity=0.6)
     settings = settings_from_parameters(panel)
-    assert settings == CDMSettings(noise_level=0.8, steps=3, tau=0.5, noise_draws=2, guidance_scale=7.0)
+    assert settings == CDMSettings(noise_level=0.8, steps=3, tau=0.5, noise_draws=2, guidance_scale=7.0,
+                                   lesion_intensity=0.6)
     assert settings.command_line() == ["--noise-level", "0.8", "--steps", "3", "--tau", "0.5", "--noise-draws", "2",
-                                       "--guidance-scale", "7.0"]
+                                       "--guidance-scale", "7.0", "--lesion-intensity", "0.6"]
+    off = settings_from_parameters(SimpleNamespace(**{**vars(panel), "lesionIntensity": 0.0}))
+    assert off.command_line()[-2:] == ["--lesion-intensity", "0.0"]  # off, not "the model's"
 
 
 @pytest.mark.parametrize("installed, ok", [("2.1.0", True), ("2.13.0+cpu", True), ("2.0.1+cu118", False),
