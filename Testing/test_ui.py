@@ -192,6 +192,19 @@ def test_the_batch_size_is_automatic_by_default_and_the_spin_box_says_so(panel):
     assert spin_box.text() == "16"
 
 
+def test_the_lesion_intensity_spans_its_range_and_zero_reads_off(panel):
+    """0 turns the lesion-intensity refinement off (core/runner.refine_mask): the spin box says so; its range is
+    the option's (0 to 1), the one the command line accepts."""
+    widgets, requested = panel
+    kind, extras, default = _parameters()["lesionIntensity"]
+    spin_box = widgets[_bound_widgets(widgets)["lesionIntensity"]]
+    assert kind == "float" and extras["WithinRange"] == [spin_box.minimum(), spin_box.maximum()] == [0.0, 1.0]
+    spin_box.setValue(0.0)
+    assert spin_box.text() == "off"
+    spin_box.setValue(0.7)
+    assert spin_box.text() == "0.70"
+
+
 def test_the_code_leaves_choice_bound_combo_boxes_to_slicer(panel):
     """Slicer fills a Choice-bound combo box itself; items added, removed or cleared by the code would
     no longer match the choices it reads back by index."""
