@@ -11,6 +11,7 @@ volumes, as calibrate-refinement chooses), then measured on the held-out folders
     python tools/refine_variants.py work/retrain/val work/retrain/test_families work/retrain/test_contrast \
         --cache work/refine-variants [--model brain-flair-cpu] [--per-family 6]
 
+With --min-component-ml, also the default refinement after another speck removal (the model's min_component_ml).
 The CDM runs once per volume (cached as .npz under --cache); an experiment, not a method of the tool.
 """
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CDMSegment"))
 from CDMSegmentLib.core.modelfile import load_model  # noqa: E402
 from CDMSegmentLib.core.reading import read_volume  # noqa: E402
 from CDMSegmentLib.core.runner import refine_mask, segment_volume  # noqa: E402
+from CDMSegmentLib.core.threshold import make_mask, voxels_for_ml  # noqa: E402
 from CDMSegmentLib.core.tissue import tissue_mask  # noqa: E402
 from CDMSegmentLib.data.cases import find_brats_cases  # noqa: E402
 from CDMSegmentLib.data.randomised import read_case_table  # noqa: E402
@@ -57,7 +59,8 @@ def cdm_runs(folder: Path, cache: Path, model, per_family=None):
         stored = np.load(path)
         runs.append({"heatmap": stored["heatmap"], "mask": stored["mask"] > 0, "threshold": float(stored["threshold"]),
                      "image": volume.array, "content": tissue_mask(volume.array).cpu().numpy(),
-                     "truth": read_volume(case.seg).array > 0, "spacing_kji": np.array(volume.spacing_mm)[::-1],
+                     "truth": read_volume(case.seg).array > 0, "spacing_mm": volume.spacing_mm,
+                     "spacing_kji": np.array(volume.spacing_mm)[::-1],
                      "voxel_ml": float(np.prod(volume.spacing_mm)) / 1000, "family": family})
     return runs
 
@@ -82,6 +85,13 @@ def local_contrast(run, fraction, min_contrast, shell_mm, reach_mm) -> np.ndarra
         kept = np.unique(grown[seed & bright])
         out[box] |= np.isin(grown, kept[kept > 0])
     return out
+
+
+def default_refinement(run, model, min_component_ml) -> np.ndarray:
+    """bool: the model's default refinement of the CDM's mask made with another speck removal (in ml)."""
+    mask = make_mask(run["heatmap"], run["threshold"], run["content"],
+                     voxels_for_ml(min_component_ml, run["spacing_mm"]))
+    return refine_mask(mask, run["image"], run["content"], model.defaults, "cdm")[0] > 0
 
 
 def score(runs, method):
@@ -109,6 +119,8 @@ def main():
     p.add_argument("--cache", type=Path, required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--per-family", type=int, default=None)
+    p.add_argument("--min-component-ml", type=float, nargs="*", default=[0.1],
+                   help="also the default refinement after this speck removal instead of the model's")
     args = p.parse_args()
     model = load_model(args.model)
     validation = cdm_runs(args.validation, args.cache, model, args.per_family)
@@ -125,6 +137,8 @@ def main():
     methods = {"CDM alone": lambda r: r["mask"],
                "CDM + lesion intensity (the model's default)":
                    lambda r: refine_mask(r["mask"], r["image"], r["content"], model.defaults, "cdm")[0] > 0,
+               **{f"CDM + lesion intensity, speck removal {ml:g} ml": (lambda ml: lambda r: default_refinement(
+                   r, model, ml))(ml) for ml in args.min_component_ml},
                f"local contrast {chosen}": lambda r: local_contrast(r, **chosen),
                f"calibrated intensity threshold ({level:g})": lambda r: intensity_threshold_mask(r["image"], level)}
     print("| set | method | 3D Dice | false positives (ml) | 1-5 ml found | Dice by family |\n|---|---|---|---|---|---|")
