@@ -11,9 +11,18 @@ from CDMSegmentLib.evaluation.refine_calibration import GRID, RefinementRun, cho
 from conftest import make_tiny_model_file, randomised_cases_and_tiny_model
 
 
+SPACING_MM = (2.0, 2.0, 2.0)  # 0.008 ml per voxel: the grid's speck removals are 6, 12 and 31 voxels
+
+
+def run_from(image: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> RefinementRun:
+    """A run whose heatmap is 1 on ``mask`` and 0 elsewhere, thresholded at 0.5: the CDM's mask is ``mask``."""
+    return RefinementRun(mask.astype(np.float32), 0.5, image, image > 0, truth, SPACING_MM)
+
+
 def run_with(lesion_value: float, cdm_false_spot: bool = False) -> RefinementRun:
     """Brain at 100 with a bright normal rim at 160; a 4x6x6 lesion at ``lesion_value`` (none when 0) whose
-    middle the CDM found; with ``cdm_false_spot`` the CDM also fires on one voxel of the rim."""
+    middle (32 voxels, 0.256 ml) the CDM found; with ``cdm_false_spot`` the CDM also fires on 8 voxels (0.064 ml)
+    of the rim."""
     image = np.zeros((10, 24, 24), np.float32)
     image[1:9, 2:22, 2:22] = 100
     image[1:9, 19:21, 2:22] = 160
@@ -24,8 +33,8 @@ def run_with(lesion_value: float, cdm_false_spot: bool = False) -> RefinementRun
         image[truth] = lesion_value
         mask[4:6, 5:9, 5:9] = True
     if cdm_false_spot:
-        mask[4, 19, 10] = True
-    return RefinementRun(mask, image, image > 0, truth, 0.001)
+        mask[4:6, 19:21, 10:12] = True
+    return run_from(image, truth, mask)
 
 
 def test_the_choice_delineates_faint_and_bright_lesions_and_keeps_the_rim_out():
@@ -33,10 +42,46 @@ def test_the_choice_delineates_faint_and_bright_lesions_and_keeps_the_rim_out():
     best, scores = choose_refinement(runs, max_fp_ml=0.0)
     assert len(scores) == np.prod([len(v) for v in GRID.values()])
     assert best.mean_dice == pytest.approx(1.0) and best.false_positive_ml == 0.0
-    # the rim (1.6 x the median) joins wherever the floor lets a one-voxel touch count
-    assert score_refinement(runs, {"lesion_intensity": 0.6, "lesion_intensity_floor": 1.2,
-                                   "lesion_support": 0.0}).false_positive_ml == pytest.approx(0.32)
-    assert best.settings["lesion_support"] > 0 or best.settings["lesion_intensity_floor"] >= 1.6
+    # the rim (1.6 x the median, 8 x 2 x 20 voxels) joins wherever the spot is kept and the floor lets it count
+    assert score_refinement(runs, {"min_component_ml": 0.05, "lesion_intensity": 0.6, "lesion_intensity_floor": 1.2,
+                                   "lesion_support": 0.0}).false_positive_ml == pytest.approx(320 * 0.008)
+    assert score_refinement(runs, {"min_component_ml": 0.1, "lesion_intensity": 0.6, "lesion_intensity_floor": 1.2,
+                                   "lesion_support": 0.0}).false_positive_ml == 0.0
+    assert (best.settings["min_component_ml"] >= 0.1 or best.settings["lesion_support"] > 0
+            or best.settings["lesion_intensity_floor"] >= 1.6)
+
+
+def small_spot_runs(spot_is_lesion: bool):
+    """A volume where the CDM fires on 8 voxels (0.064 ml, kept only by the grid's 0.05 ml speck removal) of a
+    bright 2x3x3 blob, a lesion or not; the other volume holds what the first lacks: a lesion-free brain, or a
+    large lesion the CDM found (32 voxels)."""
+    image = np.zeros((10, 24, 24), np.float32)
+    image[1:9, 2:22, 2:22] = 100
+    image[4:6, 10:13, 10:13] = 250
+    spot = np.zeros(image.shape, bool)
+    spot[4:6, 10:12, 10:12] = True
+    blob = image == 250
+    if spot_is_lesion:
+        return [run_from(image, blob, spot), run_from(image.copy(), np.zeros(image.shape, bool),
+                                                      np.zeros(image.shape, bool))]
+    other = run_with(250.0)
+    return [other, run_from(image, np.zeros(image.shape, bool), spot)]
+
+
+@pytest.mark.parametrize("spot_is_lesion", [True, False])
+def test_the_speck_removal_keeps_small_components_only_where_they_are_lesions(spot_is_lesion):
+    best, _ = choose_refinement(small_spot_runs(spot_is_lesion), max_fp_ml=0.0)
+    assert best.mean_dice == pytest.approx(1.0) and best.false_positive_ml == 0.0
+    if spot_is_lesion:
+        assert best.settings["min_component_ml"] == 0.05
+    else:
+        assert best.settings["min_component_ml"] >= 0.1
+
+
+def test_the_runs_mask_is_the_runners_speck_removal_at_the_volumes_spacing():
+    run = small_spot_runs(True)[0]
+    assert run.mask(0.05).sum() == 8 and not run.mask(0.1).any()
+    assert run.voxel_ml == pytest.approx(0.008)
 
 
 def test_without_a_lesion_volume_there_is_nothing_to_choose_on():

@@ -1,14 +1,15 @@
-"""Choosing a model's lesion-intensity refinement (core/refine.lesion_intensity_components) on validation volumes.
+"""Choosing a model's lesion-intensity refinement (core/refine.lesion_intensity_components) and the speck removal
+before it (``min_component_ml``, core/threshold.make_mask) on validation volumes.
 
 The CDM runs once per volume with the model's defaults and no refinement; every combination of the grid is
-then applied to the same masks. The choice is the best mean 3D Dice on the volumes with a lesion among the
+then applied to the same heatmaps: the mask re-made with the combination's speck removal, then refined. The choice is the best mean 3D Dice on the volumes with a lesion among the
 combinations whose mean false-positive volume on the lesion-free ones stays within ``max_fp_ml`` (the least
 false positives when none does). Only validation volumes of the training families belong here: the held-out
 sets measure the result.
 """
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -16,22 +17,37 @@ import numpy as np
 from ..core.reading import read_volume
 from ..core.refine import lesion_intensity_components
 from ..core.runner import segment_volume
+from ..core.threshold import make_mask, voxels_for_ml
 from ..core.tissue import tissue_mask
 from ..data.cases import Case
 from .metrics import dice
 
-GRID = {"lesion_intensity": (0.6, 0.7, 0.8), "lesion_intensity_floor": (1.2, 1.3, 1.4, 1.5),
-        "lesion_support": (0.0, 0.1, 0.2)}
+GRID = {"min_component_ml": (0.05, 0.1, 0.25), "lesion_intensity": (0.6, 0.7, 0.8),
+        "lesion_intensity_floor": (1.2, 1.3, 1.4, 1.5), "lesion_support": (0.0, 0.1, 0.2)}
 
 
 @dataclass
 class RefinementRun:
-    """One validation volume, run once: (K, J, I) CDM mask, image, content and truth; voxel volume in ml."""
-    mask: np.ndarray
+    """One validation volume, run once: (K, J, I) CDM heatmap, image, content and truth; the heatmap's threshold
+    (the run's, in heatmap units); the voxel spacing in mm (K, J, I order does not matter: only its product)."""
+    heatmap: np.ndarray
+    threshold: float
     image: np.ndarray
     content: np.ndarray
     truth: np.ndarray
-    voxel_ml: float
+    spacing_mm: Tuple[float, float, float]
+    _masks: Dict[float, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def voxel_ml(self) -> float:
+        return float(np.prod(self.spacing_mm)) / 1000
+
+    def mask(self, min_component_ml: float) -> np.ndarray:
+        """bool (K, J, I): the CDM's mask with this speck removal (ml), as core/runner.segment_volume makes it."""
+        if min_component_ml not in self._masks:  # each combination of the other settings reuses it
+            self._masks[min_component_ml] = make_mask(self.heatmap, self.threshold, self.content,
+                                                      voxels_for_ml(min_component_ml, self.spacing_mm)) > 0
+        return self._masks[min_component_ml]
 
 
 @dataclass
@@ -43,23 +59,26 @@ class RefinementScore:
 
 def refinement_runs(cases: Sequence[Case], model, device: str = "cpu",
                     log: Callable[[str], None] = print) -> List[RefinementRun]:
-    """The CDM's mask of every case (the model's defaults, no refinement, forced past the plausibility checks)."""
+    """The CDM's heatmap of every case (the model's defaults, no refinement, forced past the plausibility checks)."""
     runs = []
     for n, case in enumerate(cases, start=1):
         volume = read_volume(case.images[model.modalities[0]])
         volumes = [volume] + [read_volume(case.images[m]) for m in model.modalities[1:]]
         result = segment_volume(model, volumes, device=device, lesion_intensity=0.0, grow_above=0.0, force=True,
                                 log=lambda m: None)
-        runs.append(RefinementRun(result.mask > 0, volume.array, tissue_mask(volume.array).cpu().numpy(),
-                                  read_volume(case.seg).array > 0, float(np.prod(volume.spacing_mm)) / 1000))
+        runs.append(RefinementRun(result.heatmap, result.threshold, volume.array,
+                                  tissue_mask(volume.array).cpu().numpy(), read_volume(case.seg).array > 0,
+                                  tuple(float(s) for s in volume.spacing_mm)))
         log(f"{n}/{len(cases)} {case.case_id}: CDM run in {result.seconds:.1f} s")
     return runs
 
 
 def score_refinement(runs: Sequence[RefinementRun], settings: Dict[str, float]) -> RefinementScore:
+    """Mean 3D Dice (volumes with a lesion) and mean false positives in ml (lesion-free ones) of ``settings``
+    (every key of GRID)."""
     dices, false_ml = [], []
     for run in runs:
-        refined = lesion_intensity_components(run.mask, run.image, run.content, settings["lesion_intensity"],
+        refined = lesion_intensity_components(run.mask(settings["min_component_ml"]), run.image, run.content, settings["lesion_intensity"],
                                               settings["lesion_intensity_floor"], settings["lesion_support"]) > 0
         if run.truth.any():
             dices.append(dice(refined, run.truth))
