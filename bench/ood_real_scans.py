@@ -4,7 +4,7 @@
     python bench/ood_real_scans.py [MODEL ...]      (default: every registered diffusion model)
 
 One row per input, one column per model: the score against the model's threshold, and what a run would do
-(runs; warned, above the threshold; refused unless --force, above twice the threshold). These inputs are
+(runs; warned, above the threshold; refused unless --force, above core/plausibility.OOD_REFUSAL_FACTOR times the threshold). These inputs are
 what the header and intensity checks (bench/plausibility_real_scans.py) are measured on; the OOD score is
 the check behind them, the one that must catch a skull-stripped T1 given as NIfTI.
 """

@@ -83,9 +83,10 @@ def add_evaluate_volumes_parser(sub) -> None:
 
 
 def add_calibrate_refinement_parser(sub) -> None:
-    p = sub.add_parser("calibrate-refinement", help="choose the model's lesion-intensity refinement (lesion_intensity, "
-                                                    "its floor and support) on validation volumes; write the "
-                                                    "model's defaults with it, for set-defaults")
+    p = sub.add_parser("calibrate-refinement", help="choose the model's speck removal (min_component_ml) and "
+                                                    "lesion-intensity refinement (lesion_intensity, its floor and "
+                                                    "support) on validation volumes; write the model's defaults "
+                                                    "with them, for set-defaults")
     p.add_argument("model", help="model file or registered name, with its calibrated defaults (set-defaults)")
     p.add_argument("data", type=Path, help="validation cases with masks (BraTS layout), of the training families")
     p.add_argument("-o", "--output", type=Path, required=True, help="defaults JSON for 'cdmsegment set-defaults'")

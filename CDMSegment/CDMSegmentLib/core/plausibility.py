@@ -129,10 +129,13 @@ def _acquisition(expects: dict, volume: Volume, name: str) -> Optional[Finding]:
 
 
 # The model's own out-of-distribution score (core/ood.py) above its threshold is a warning; above this many
-# times the threshold, a refusal. Measured with brain-flair-phantom: held-out phantoms of every family score at
-# most 1.02x its threshold and the bundled sample 0.91x; T1 (MNI152, Colin27 with and without skull) and a
-# head CT score 2.5-4.7x.
-OOD_REFUSAL_FACTOR = 2.0
+# times the threshold, a refusal (bench/ood_real_scans.py). Measured with brain-flair-phantom: held-out phantoms
+# of every family score at most 1.02x its threshold and the bundled sample 0.91x; T1 (MNI152, Colin27 with and
+# without skull) and a head CT 2.5-4.7x. With brain-flair-cpu (a reference of 60 phantoms of every family): the
+# phantoms at most 1.23x, the 72 held-out volumes of its recipe at most 1.01x, the sample 0.74x; the three T1
+# volumes 1.88-2.04x and the head CT 1.13x (the header and intensity checks refuse the CT before its score). 1.5
+# lies between the phantoms and the T1 volumes of both models.
+OOD_REFUSAL_FACTOR = 1.5
 
 
 def ood_finding(result) -> Optional[Finding]:
