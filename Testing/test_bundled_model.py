@@ -89,14 +89,30 @@ def test_the_bundled_sample_is_not_flagged_out_of_distribution():
     assert not result.flagged
 
 
-def _mni_t1():
+def _mni_t1_path() -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec("nilearn")
     if spec is None:
         pytest.skip("nilearn holds the MNI152 T1 template")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-    return read_volume(folder / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    return (Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+            / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+
+
+def _mni_t1():
+    return read_volume(_mni_t1_path())
+
+
+def test_the_ood_command_says_what_segment_would_do(capsys):
+    """The sample runs; the T1 is refused (above 1.75 x the threshold with both models)."""
+    from CDMSegmentLib.cli.main import main
+
+    for model in (PHANTOM_MODEL, "brain-flair-cpu"):
+        assert main(["ood", str(SAMPLE / "CDMSegmentSample_flair.nrrd"), "--model", model, "--device", "cpu"]) == 0
+        assert "like the model's training data: segment runs" in capsys.readouterr().out
+        assert main(["ood", str(_mni_t1_path()), "--model", model, "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        assert "OUTSIDE what the model learned: segment refuses it unless --force" in out, out
 
 
 def test_a_t1_volume_is_flagged_out_of_distribution():

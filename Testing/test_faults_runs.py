@@ -245,3 +245,26 @@ def test_a_target_class_that_is_not_a_class_number_is_refused_by_the_python_api(
 
     with pytest.raises(CDMSegmentError, match="^target_class must be a whole number >= 1"):
         tiny_model.target_classes(target_class)
+
+
+def test_a_stop_inside_the_creation_of_a_temporary_output_leaves_no_file(tmp_path, monkeypatch):
+    """The signal lands after the file system made the second temporary file and before its name came back: the
+    name was recorded first, so the clean-up removes it (with tempfile.mkstemp the file stayed)."""
+    from CDMSegmentLib.cli import writers
+
+    real_open, calls = os.open, []
+
+    def open_then_stop(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        calls.append(path)
+        if len(calls) == 2:
+            os.close(fd)
+            raise KeyboardInterrupt
+        return fd
+
+    monkeypatch.setattr(writers.os, "open", open_then_stop)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with writers.atomic_outputs([out / "a_heatmap.nrrd", out / "a.seg.nrrd"]):
+            pass
+    assert len(calls) == 2 and list(out.iterdir()) == []

@@ -12,6 +12,7 @@ from CDMSegmentLib.core.image import Volume
 from CDMSegmentLib.core.reading import read_volume
 from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model
 from CDMSegmentLib.core.ood import OODResult, denoising_errors, ood_reference, ood_score, score_from_errors
+from CDMSegmentLib.core.plausibility import OOD_REFUSAL_FACTOR
 
 from conftest import make_tiny_model_file, phantom
 
@@ -105,7 +106,11 @@ def test_calibrate_then_set_defaults_writes_the_reference_and_the_score_uses_it(
     assert same.score == pytest.approx(score_from_errors(reference_errors(tmp_path)[0], reference))
     capsys.readouterr()
     assert main(["ood", str(data / "Case0" / "Case0_flair.nii.gz"), "--model", str(tmp_path / "with_ood.pt")]) == 0
-    assert f"OOD score {same.score:.2f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"OOD score {same.score:.2f} (the model warns above {same.threshold:.2f} and refuses above " \
+           f"{OOD_REFUSAL_FACTOR * same.threshold:.2f})" in out
+    assert ("segment refuses it" in out) == (same.score > OOD_REFUSAL_FACTOR * same.threshold)
+    assert ("segment runs" in out) == (same.score <= OOD_REFUSAL_FACTOR * same.threshold)
 
 
 def reference_errors(folder):
@@ -115,3 +120,18 @@ def reference_errors(folder):
 def test_set_defaults_needs_something_to_write(tiny_model_path, tmp_path, capsys):
     assert main(["set-defaults", str(tiny_model_path), "-o", str(tmp_path / "x.pt")]) == 1
     assert "nothing to write" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("score, clear, says", [(2.0, None, None), (3.5, False, "unusual for the model"),
+                                                (6.0, True, "unlike what the model learned")])
+def test_a_score_between_the_levels_warns_that_the_lesion_or_contrast_may_be_the_cause(score, clear, says):
+    from CDMSegmentLib.core.plausibility import ood_finding
+
+    finding = ood_finding(OODResult(score, 3.0, np.zeros(3)))
+    if clear is None:
+        assert finding is None
+        return
+    assert finding.clear is clear and says in finding.sentence
+    assert f"score is {score:.2f} (the model warns above 3.00 and refuses above {3.0 * OOD_REFUSAL_FACTOR:.2f})" \
+        in finding.sentence
+    assert ("large or unusual lesion" in finding.sentence) is (not clear)

@@ -86,7 +86,14 @@ def add_calibrate_refinement_parser(sub) -> None:
     p = sub.add_parser("calibrate-refinement", help="choose the model's speck removal (min_component_ml) and "
                                                     "lesion-intensity refinement (lesion_intensity, its floor and "
                                                     "support) on validation volumes; write the model's defaults "
-                                                    "with them, for set-defaults")
+                                                    "with them, for set-defaults",
+                       description="The CDM runs once per validation volume at the model's defaults; every "
+                                   "combination of the grid in evaluation/refine_calibration.py (the speck removal "
+                                   "min_component_ml, and lesion_intensity with its floor and support) is applied "
+                                   "to the same heatmaps. The choice: the best mean 3D Dice on the volumes "
+                                   "with a lesion among the combinations whose mean false positives on the "
+                                   "lesion-free volumes stay within --max-fp-ml (the fewest false positives when "
+                                   "none does). Give validation volumes of the training families only.")
     p.add_argument("model", help="model file or registered name, with its calibrated defaults (set-defaults)")
     p.add_argument("data", type=Path, help="validation cases with masks (BraTS layout), of the training families")
     p.add_argument("-o", "--output", type=Path, required=True, help="defaults JSON for 'cdmsegment set-defaults'")
@@ -117,14 +124,19 @@ def run_calibrate_refinement(args) -> None:
         best, scores = choose_refinement(runs, args.max_fp_ml)
     except ValueError as e:
         raise CDMSegmentError(f"{args.data}: {e}") from None
-    for s in sorted(scores, key=lambda s: -s.mean_dice)[:5]:
-        print(f"{s.settings}: mean 3D Dice {s.mean_dice:.3f}, false positives {s.false_positive_ml:.2f} ml",
+    with_lesion = sum(bool(run.truth.any()) for run in runs)
+    allowed = sorted((s for s in scores if s.false_positive_ml <= args.max_fp_ml), key=lambda s: -s.mean_dice)
+    print(f"the best {min(5, len(allowed))} of {len(allowed)} combinations within {args.max_fp_ml:g} ml of false "
+          f"positives (of {len(scores)}):", file=sys.stderr)
+    for s in allowed[:5]:
+        print(f"  {s.settings}: mean 3D Dice {s.mean_dice:.3f}, false positives {s.false_positive_ml:.2f} ml",
               file=sys.stderr)
     write_text_outputs({args.output: json.dumps({**model.defaults, **best.settings, "refinement_calibration": {
         "mean_dice": round(best.mean_dice, 4), "false_positive_ml": round(best.false_positive_ml, 3),
         "volumes": len(runs)}}, indent=1)})
-    print(f"chosen {best.settings}: mean 3D Dice {best.mean_dice:.3f}, false positives "
-          f"{best.false_positive_ml:.2f} ml on the lesion-free ones, {len(runs)} volumes in all -> {args.output}")
+    print(f"chosen {best.settings}: mean 3D Dice {best.mean_dice:.3f} on the {with_lesion} volumes with a lesion, "
+          f"false positives {best.false_positive_ml:.2f} ml on the {len(runs) - with_lesion} lesion-free ones "
+          f"-> {args.output}")
 
 
 def _cases_with_masks(folder: Path, limit=None, per_family=None):

@@ -315,7 +315,8 @@ def add_set_defaults_parser(sub) -> None:
     p = sub.add_parser("set-defaults", help="write a model file with measured defaults (from calibrate), its "
                                             "out-of-distribution reference or what it expects added, without retraining")
     p.add_argument("model", help="model file or registered name")
-    p.add_argument("defaults", type=Path, nargs="?", default=None, help="defaults JSON written by 'cdmsegment calibrate'")
+    p.add_argument("defaults", type=Path, nargs="?", default=None, help="defaults JSON written by 'cdmsegment calibrate' or "
+                                                                         "'cdmsegment calibrate-refinement'")
     p.add_argument("-o", "--output", type=Path, required=True, help="the new model file")
     p.add_argument("--kind", default="diffusion", choices=("diffusion", "classifier"),
                    help="what the model is: a diffusion model (default) or a noise-aware classifier")

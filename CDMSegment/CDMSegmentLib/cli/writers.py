@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -146,7 +147,7 @@ def check_output_names(outputs: Sequence[Path]) -> None:
 
 
 def _partial_suffix(final: Path, prefix: str) -> str:
-    """'-' + the end of the final name that fits beside mkstemp's ``prefix`` and 8 random characters, so the
+    """'-' + the end of the final name that fits beside ``prefix`` and 8 random characters, so the
     temporary name is never longer than the file system takes, and keeps the extension its writer needs."""
     budget = _limits(final.parent)[0] - len(prefix) - 8 - 1
     tail = final.name
@@ -239,11 +240,7 @@ def atomic_outputs(paths: List[Path], overwrite: bool = False, inputs: Sequence 
     try:
         for p in paths:
             p.parent.mkdir(parents=True, exist_ok=True)
-            prefix = f"{PARTIAL_PREFIX}{os.getpid()}-{HOST_TAG}-"
-            fd, name = tempfile.mkstemp(prefix=prefix, suffix=_partial_suffix(p, prefix), dir=p.parent)
-            os.close(fd)
-            tmps.append(Path(name))
-            os.chmod(name, new_file_mode())  # mkstemp makes 0600; results are read by others, as any new file
+            _create_partial(p, tmps)
         yield tmps
         check_not_inputs(paths, inputs)
         _publish(tmps, paths, overwrite)
@@ -258,6 +255,22 @@ def atomic_outputs(paths: List[Path], overwrite: bool = False, inputs: Sequence 
         for tmp in tmps:
             if tmp.exists():
                 tmp.unlink()
+
+
+def _create_partial(final: Path, tmps: List[Path]) -> None:
+    """Create a new empty temporary file beside ``final`` (.partial-<pid>-<host>-<random>-<final name>, the mode
+    of any new file) and append its name to ``tmps``. The name is appended before the file is created: a signal
+    that stops the run in between, even inside the creation, cannot leave a file that the clean-up does not know
+    (tempfile.mkstemp returns the name only after the file exists)."""
+    prefix = f"{PARTIAL_PREFIX}{os.getpid()}-{HOST_TAG}-"
+    suffix = _partial_suffix(final, prefix)
+    while True:
+        tmps.append(final.parent / f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(tmps[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, new_file_mode()))
+            return
+        except FileExistsError:  # another file has that name: not ours to delete
+            tmps.pop()
 
 
 def _publish(tmps: List[Path], paths: List[Path], overwrite: bool) -> None:
