@@ -32,10 +32,8 @@ from CDMSegmentLib.core.reading import read_volume  # noqa: E402
 from CDMSegmentLib.cli.evaluation_commands import _cases_with_masks  # noqa: E402
 from CDMSegmentLib.core.runner import refine_mask, segment_volume  # noqa: E402
 from CDMSegmentLib.core.slicing import Orientation  # noqa: E402
-from CDMSegmentLib.core.threshold import make_mask, voxels_for_ml  # noqa: E402
-from CDMSegmentLib.core.tissue import tissue_mask  # noqa: E402
 from CDMSegmentLib.evaluation.intensity_baselines import fit_intensity_threshold, intensity_threshold_mask  # noqa: E402
-from CDMSegmentLib.evaluation.refine_calibration import check_validation_set  # noqa: E402
+from CDMSegmentLib.evaluation.refine_calibration import RefinementRun, check_validation_set  # noqa: E402
 from CDMSegmentLib.evaluation.volumes import family_table, score_volume, size_table  # noqa: E402
 
 GRID = {"fraction": (0.3, 0.4, 0.5), "min_contrast": (1.2, 1.3, 1.4), "shell_mm": (3, 4),
@@ -43,8 +41,8 @@ GRID = {"fraction": (0.3, 0.4, 0.5), "min_contrast": (1.2, 1.3, 1.4), "shell_mm"
 
 
 def cdm_runs(folder: Path, cache: Path, model, per_family=None):
-    """One dict per case with a mask: the CDM's heatmap and threshold (no refinement), image, content, truth,
-    its grid and family."""
+    """One dict per case with a mask: its case id, family, orientation and the CDM's run (no refinement:
+    evaluation/refine_calibration.RefinementRun, as calibrate-refinement keeps it)."""
     cases, families = _cases_with_masks(folder, per_family=per_family)
     runs = []
     for case in cases:
@@ -57,18 +55,18 @@ def cdm_runs(folder: Path, cache: Path, model, per_family=None):
             np.savez_compressed(path, heatmap=result.heatmap, threshold=result.threshold)
             print(f"{folder.name} {case.case_id}: CDM in {result.seconds:.1f} s", file=sys.stderr, flush=True)
         stored = np.load(path)
-        runs.append({"case": case.case_id, "heatmap": stored["heatmap"], "threshold": float(stored["threshold"]),
-                     "image": volume.array, "content": tissue_mask(volume.array).cpu().numpy(),
-                     "truth": read_volume(case.seg).array > 0, "spacing_mm": volume.spacing_mm,
+        runs.append({"case": case.case_id, "family": families.get(case.case_id, ""),
                      "orientation": Orientation.from_direction(volume.direction, volume.spacing_mm),
-                     "family": families.get(case.case_id, "")})
+                     "cdm": RefinementRun.of(stored["heatmap"], stored["threshold"], volume,
+                                             read_volume(case.seg).array > 0)})
     return runs
 
 
 def local_contrast(run, fraction, min_contrast, shell_mm, reach_mm) -> np.ndarray:
     """bool (K, J, I): the candidate refinement (module docstring) of one run."""
-    image, content, spacing = run["image"], run["content"], np.array(run["spacing_mm"])[::-1]
-    labels, count = ndimage.label((run["heatmap"] > run["threshold"]) & content)
+    cdm = run["cdm"]
+    image, content, spacing = cdm.image, cdm.content, np.array(cdm.spacing_mm)[::-1]
+    labels, count = ndimage.label((cdm.heatmap > cdm.threshold) & content)
     out = np.zeros(image.shape, bool)
     pad = np.ceil((shell_mm + reach_mm) / spacing).astype(int) + 1
     for n, box in enumerate(ndimage.find_objects(labels), start=1):
@@ -87,20 +85,16 @@ def local_contrast(run, fraction, min_contrast, shell_mm, reach_mm) -> np.ndarra
     return out
 
 
-def cdm_mask(run, min_component_ml) -> np.ndarray:
-    """uint8: the CDM's mask of one run with this speck removal (in ml)."""
-    return make_mask(run["heatmap"], run["threshold"], run["content"], voxels_for_ml(min_component_ml, run["spacing_mm"]))
-
-
 def default_refinement(run, model, min_component_ml) -> np.ndarray:
     """uint8: the model's default refinement of the CDM's mask made with this speck removal (in ml)."""
-    return refine_mask(cdm_mask(run, min_component_ml), run["image"], run["content"], model.defaults, "cdm")[0]
+    cdm = run["cdm"]
+    return refine_mask(cdm.mask(min_component_ml), cdm.image, cdm.content, model.defaults, "cdm")[0]
 
 
 def scores(runs, name, method) -> list:
     """evaluation/volumes.VolumeScore of ``method`` (run -> mask) on every run."""
-    return [score_volume(run["case"], name, method(run) > 0, run["truth"], run["orientation"],
-                         float(np.prod(run["spacing_mm"])) / 1000, 0.0, run["family"]) for run in runs]
+    return [score_volume(run["case"], name, method(run) > 0, run["cdm"].truth, run["orientation"],
+                         run["cdm"].voxel_ml, 0.0, run["family"]) for run in runs]
 
 
 def main():
@@ -118,8 +112,8 @@ def main():
     model_ml = model.defaults.get("min_component_ml", 0.0)
     validation, *held_out = [cdm_runs(folder, args.cache, model, args.per_family)
                              for folder in [args.validation] + args.held_out]
-    check_validation_set([bool(r["truth"].any()) for r in validation])
-    level, _ = fit_intensity_threshold([(r["image"], r["truth"]) for r in validation])
+    check_validation_set([bool(r["cdm"].truth.any()) for r in validation])
+    level, _ = fit_intensity_threshold([(r["cdm"].image, r["cdm"].truth) for r in validation])
     chosen, best = None, -1.0
     for values in itertools.product(*GRID.values()):
         settings = dict(zip(GRID, values))
@@ -129,12 +123,12 @@ def main():
             chosen, best = settings, mean_dice
     if chosen is None:
         sys.exit("no setting of the grid keeps the validation volumes' false positives within 0.5 ml")
-    methods = {"CDM alone": lambda r: cdm_mask(r, model_ml),
+    methods = {"CDM alone": lambda r: r["cdm"].mask(model_ml),
                "CDM + lesion intensity (the model's default)": lambda r: default_refinement(r, model, model_ml),
                **{f"CDM + lesion intensity, speck removal {ml:g} ml": (lambda ml: lambda r: default_refinement(
                    r, model, ml))(ml) for ml in args.min_component_ml},
                f"local contrast {chosen}": lambda r: local_contrast(r, **chosen),
-               f"calibrated intensity threshold ({level:g})": lambda r: intensity_threshold_mask(r["image"], level)}
+               f"calibrated intensity threshold ({level:g})": lambda r: intensity_threshold_mask(r["cdm"].image, level)}
     for folder, runs in zip([args.validation] + args.held_out, [validation] + held_out):
         rows = [row for name, method in methods.items() for row in scores(runs, name, method)]
         print(f"## {folder.name}\n\n{family_table(rows)}\n{size_table(rows)}", flush=True)

@@ -88,10 +88,11 @@ def add_calibrate_refinement_parser(sub) -> None:
                                                     "support) on validation volumes; write the model's defaults "
                                                     "with them, for set-defaults",
                        description="The CDM runs once per validation volume at the model's defaults; every "
-                                   "combination of the grid in evaluation/refine_calibration.py (the speck removal "
-                                   "min_component_ml, and lesion_intensity with its floor and support) is applied "
-                                   "to the same heatmaps. The choice: the best mean 3D Dice on the volumes "
-                                   "with a lesion among the combinations whose mean false positives on the "
+                                   "combination of the grid (GRID in CDMSegmentLib/evaluation/"
+                                   "refine_calibration.py: the speck removal min_component_ml, and "
+                                   "lesion_intensity with its floor and support) is applied to the same heatmaps. "
+                                   "The choice: the best mean 3D Dice on the volumes with a lesion among the "
+                                   "combinations whose mean false positives on the "
                                    "lesion-free volumes stay within --max-fp-ml (the fewest false positives when "
                                    "none does). Give validation volumes of the training families only.")
     p.add_argument("model", help="model file or registered name, with its calibrated defaults (set-defaults)")
@@ -109,7 +110,7 @@ def run_calibrate_refinement(args) -> None:
     from ..core.errors import CDMSegmentError
     from ..core.modelfile import load_model
     from ..core.reading import read_volume
-    from ..evaluation.refine_calibration import check_validation_set, choose_refinement, refinement_runs
+    from ..evaluation.refine_calibration import check_validation_set, choose_refinement, refinement_runs, within_limit
     from .writers import write_text_outputs
 
     model = load_model(args.model)
@@ -125,7 +126,7 @@ def run_calibrate_refinement(args) -> None:
     except ValueError as e:
         raise CDMSegmentError(f"{args.data}: {e}") from None
     with_lesion = sum(bool(run.truth.any()) for run in runs)
-    allowed = sorted((s for s in scores if s.false_positive_ml <= args.max_fp_ml), key=lambda s: -s.mean_dice)
+    allowed = within_limit(scores, args.max_fp_ml)
     print(f"the best {min(5, len(allowed))} of {len(allowed)} combinations within {args.max_fp_ml:g} ml of false "
           f"positives (of {len(scores)}):", file=sys.stderr)
     for s in allowed[:5]:

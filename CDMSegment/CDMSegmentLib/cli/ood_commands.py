@@ -21,7 +21,7 @@ def run_ood(args) -> None:
     from ..core.reading import read_volume
     from ..core.modelfile import load_model
     from ..core.ood import ood_score
-    from ..core.plausibility import OOD_REFUSAL_FACTOR
+    from ..core.plausibility import ood_finding, ood_levels
 
     model = load_model(args.model)
     volumes = [read_volume(p) for p in args.inputs]
@@ -29,16 +29,15 @@ def run_ood(args) -> None:
     if result is None:
         raise CDMSegmentError(f"model {model.metadata['name']} has no out-of-distribution reference; "
                               "add one with 'cdmsegment calibrate-ood' and 'cdmsegment set-defaults --ood'")
-    refusal = OOD_REFUSAL_FACTOR * result.threshold
-    if not result.flagged:
+    finding = ood_finding(result)  # what segment makes of the score
+    if finding is None:
         verdict = "like the model's training data: segment runs"
-    elif result.score <= refusal:
+    elif not finding.clear:
         verdict = ("unusual for the model (an unusual contrast, or large or unusual lesions): segment runs and "
                    "warns beside the result")
     else:
         verdict = "OUTSIDE what the model learned: segment refuses it unless --force"
-    print(f"{' '.join(map(str, args.inputs))}: OOD score {result.score:.2f} (the model warns above "
-          f"{result.threshold:.2f} and refuses above {refusal:.2f}): {verdict}; the model expects "
+    print(f"{' '.join(map(str, args.inputs))}: OOD score {ood_levels(result)}: {verdict}; the model expects "
           f"{model.metadata.get('expects', {}).get('description', 'what cdmsegment info says')}")
 
 

@@ -139,14 +139,19 @@ def _acquisition(expects: dict, volume: Volume, name: str) -> Optional[Finding]:
 OOD_REFUSAL_FACTOR = 1.75
 
 
+def ood_levels(result) -> str:
+    """'<score> (the model warns above <threshold> and refuses above <level>)' of a core.ood.OODResult."""
+    # two decimals: at one, a score just past the refusal level read as equal to it ("5.3 ... refuses above 5.3")
+    return (f"{result.score:.2f} (the model warns above {result.threshold:.2f} and refuses above "
+            f"{OOD_REFUSAL_FACTOR * result.threshold:.2f})")
+
+
 def ood_finding(result) -> Optional[Finding]:
     """A core.ood.OODResult (or None: the model has no reference) as a Finding, or None when not flagged."""
     if result is None or not result.flagged:
         return None
     clear = result.score > OOD_REFUSAL_FACTOR * result.threshold
-    # two decimals: at one, a score just past the refusal level read as equal to it ("5.3 ... refuses above 5.3")
-    levels = (f"{result.score:.2f} (the model warns above {result.threshold:.2f} and refuses above "
-              f"{OOD_REFUSAL_FACTOR * result.threshold:.2f})")
+    levels = ood_levels(result)
     if clear:
         return Finding(True, f"the image is unlike what the model learned: its out-of-distribution score is {levels}")
     # between the levels lie valid inputs too: a contrast at the edge of the training data, a large lesion

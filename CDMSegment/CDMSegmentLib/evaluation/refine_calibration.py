@@ -2,7 +2,8 @@
 before it (``min_component_ml``, core/threshold.make_mask) on validation volumes.
 
 The CDM runs once per volume with the model's defaults and no refinement; every combination of the grid is
-then applied to the same heatmaps: the mask re-made with the combination's speck removal, then refined. The choice is the best mean 3D Dice on the volumes with a lesion among the
+then applied to the same heatmaps: the mask re-made with the combination's speck removal, then refined. The
+choice is the best mean 3D Dice on the volumes with a lesion among the
 combinations whose mean false-positive volume on the lesion-free ones stays within ``max_fp_ml`` (the least
 false positives when none does). Only validation volumes of the training families belong here: the held-out
 sets measure the result.
@@ -38,6 +39,12 @@ class RefinementRun:
     spacing_mm: Tuple[float, float, float]
     _masks: Dict[float, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    @classmethod
+    def of(cls, heatmap: np.ndarray, threshold: float, volume, truth: np.ndarray) -> "RefinementRun":
+        """The run of one core.image.Volume (the first modality) from its heatmap and threshold."""
+        return cls(heatmap, float(threshold), volume.array, tissue_mask(volume.array).cpu().numpy(), truth,
+                   tuple(float(s) for s in volume.spacing_mm))
+
     @property
     def voxel_ml(self) -> float:
         return float(np.prod(self.spacing_mm)) / 1000
@@ -66,9 +73,7 @@ def refinement_runs(cases: Sequence[Case], model, device: str = "cpu",
         volumes = [volume] + [read_volume(case.images[m]) for m in model.modalities[1:]]
         result = segment_volume(model, volumes, device=device, lesion_intensity=0.0, grow_above=0.0, force=True,
                                 log=lambda m: None)
-        runs.append(RefinementRun(result.heatmap, result.threshold, volume.array,
-                                  tissue_mask(volume.array).cpu().numpy(), read_volume(case.seg).array > 0,
-                                  tuple(float(s) for s in volume.spacing_mm)))
+        runs.append(RefinementRun.of(result.heatmap, result.threshold, volume, read_volume(case.seg).array > 0))
         log(f"{n}/{len(cases)} {case.case_id}: CDM run in {result.seconds:.1f} s")
     return runs
 
@@ -78,8 +83,9 @@ def score_refinement(runs: Sequence[RefinementRun], settings: Dict[str, float]) 
     (every key of GRID)."""
     dices, false_ml = [], []
     for run in runs:
-        refined = lesion_intensity_components(run.mask(settings["min_component_ml"]), run.image, run.content, settings["lesion_intensity"],
-                                              settings["lesion_intensity_floor"], settings["lesion_support"]) > 0
+        refined = lesion_intensity_components(run.mask(settings["min_component_ml"]), run.image, run.content,
+                                              settings["lesion_intensity"], settings["lesion_intensity_floor"],
+                                              settings["lesion_support"]) > 0
         if run.truth.any():
             dices.append(dice(refined, run.truth))
         else:
@@ -97,6 +103,11 @@ def check_validation_set(with_lesion: Sequence[bool]) -> None:
                          "have a lesion; add lesion-free cases (cdmsegment phantom --families ...,healthy)")
 
 
+def within_limit(scores: Sequence[RefinementScore], max_fp_ml: float) -> List[RefinementScore]:
+    """The scores whose mean false positives stay within ``max_fp_ml``, best mean Dice first (ties in grid order)."""
+    return sorted((s for s in scores if s.false_positive_ml <= max_fp_ml), key=lambda s: -s.mean_dice)
+
+
 def choose_refinement(runs: Sequence[RefinementRun], max_fp_ml: float = 0.5,
                       grid: Dict[str, Sequence[float]] = GRID) -> Tuple[RefinementScore, List[RefinementScore]]:
     """(the chosen settings' score, every combination's score). Raises ValueError without a volume with a lesion
@@ -104,7 +115,6 @@ def choose_refinement(runs: Sequence[RefinementRun], max_fp_ml: float = 0.5,
     check_validation_set([run.truth.any() for run in runs])
     names = list(grid)
     scores = [score_refinement(runs, dict(zip(names, values))) for values in itertools.product(*grid.values())]
-    allowed = [s for s in scores if s.false_positive_ml <= max_fp_ml]
-    best = (max(allowed, key=lambda s: s.mean_dice) if allowed
-            else min(scores, key=lambda s: (s.false_positive_ml, -s.mean_dice)))
+    allowed = within_limit(scores, max_fp_ml)
+    best = allowed[0] if allowed else min(scores, key=lambda s: (s.false_positive_ml, -s.mean_dice))
     return best, scores
