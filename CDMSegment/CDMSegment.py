@@ -209,6 +209,7 @@ class CDMSegmentParameterNode:
     noiseDraws: Annotated[int, WithinRange(1, 64)] = 1
     guidanceScale: Annotated[float, WithinRange(0.0, 10000.0)] = 100.0
     lesionIntensity: Annotated[float, WithinRange(0.0, 1.0)] = 0.0  # 0: off (the spin box shows "off")
+    minComponentMl: Annotated[float, WithinRange(0.0, 100.0)] = 0.0  # islands under this many ml dropped; 0: none
     axis: Axis = Axis.auto
     batchSize: Annotated[int, WithinRange(0, 1024)] = 0  # 0: automatic, per device (the spin box shows "auto")
     hardenTransform: bool = False

@@ -147,10 +147,12 @@ def test_choosing_a_model_and_applying_import_no_torch_in_slicers_process():
     text, defaults, imported = json.loads(done.stdout.splitlines()[-1])
     assert imported == []
     assert text.startswith(f"{default_model_name()} ") and set(defaults) == {"noiseLevel", "steps", "tau", "noiseDraws",
-                                                                          "guidanceScale", "lesionIntensity"}
+                                                                          "guidanceScale", "lesionIntensity",
+                                                                          "minComponentMl"}
     from CDMSegmentLib.core.model_description import describe_model
 
     assert defaults["lesionIntensity"] == describe_model().defaults["lesion_intensity"] > 0
+    assert defaults["minComponentMl"] == describe_model().defaults["min_component_ml"] > 0
 
 
 # What Slicer's CTest runs for slicer_add_python_unittest: slicer.testing.runUnitTest (Slicer 5.6.2 and main) loads

@@ -63,6 +63,8 @@ def test_the_advanced_section_starts_from_the_measured_defaults():
         d["noise_level"], d["steps"], d["tau"], d["noise_draws"])
     assert values["guidanceScale"] == guide.defaults["guidance_scale"] != 100.0  # measured, not the paper's s
     assert advanced_defaults(model)["guidanceScale"] == 100.0  # no classifier: the paper's s
+    assert values["minComponentMl"] == d.get("min_component_ml", 0.0)  # its speck removal, in ml
+    assert advanced_defaults(load_model("brain-flair-cpu"))["minComponentMl"] == 0.1  # chosen by calibrate-refinement
 
 
 def test_progress_reads_slices_done_of_total_with_the_time_left():
@@ -138,14 +140,16 @@ def test_the_install_installs_the_engines_requirements_and_holds_numpy():
 
 
 def test_the_parameter_node_gives_one_settings_object_with_the_panel_values():
-    panel = SimpleNamespace(noiseLevel=0.8, steps=3, tau=0.5, noiseDraws=2, guidanceScale=7.0, lesionIntensity=0.6)
+    panel = SimpleNamespace(noiseLevel=0.8, steps=3, tau=0.5, noiseDraws=2, guidanceScale=7.0, lesionIntensity=0.6,
+                            minComponentMl=0.25)
     settings = settings_from_parameters(panel)
     assert settings == CDMSettings(noise_level=0.8, steps=3, tau=0.5, noise_draws=2, guidance_scale=7.0,
-                                   lesion_intensity=0.6)
+                                   lesion_intensity=0.6, min_component_ml=0.25)
     assert settings.command_line() == ["--noise-level", "0.8", "--steps", "3", "--tau", "0.5", "--noise-draws", "2",
-                                       "--guidance-scale", "7.0", "--lesion-intensity", "0.6"]
-    off = settings_from_parameters(SimpleNamespace(**{**vars(panel), "lesionIntensity": 0.0}))
-    assert off.command_line()[-2:] == ["--lesion-intensity", "0.0"]  # off, not "the model's"
+                                       "--guidance-scale", "7.0", "--min-component-ml", "0.25",
+                                       "--lesion-intensity", "0.6"]
+    off = settings_from_parameters(SimpleNamespace(**{**vars(panel), "lesionIntensity": 0.0, "minComponentMl": 0.0}))
+    assert off.command_line()[-4:] == ["--min-component-ml", "0.0", "--lesion-intensity", "0.0"]  # off, not the model's
 
 
 @pytest.mark.parametrize("installed, ok", [("2.1.0", True), ("2.13.0+cpu", True), ("2.0.1+cu118", False),

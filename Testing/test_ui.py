@@ -205,6 +205,19 @@ def test_the_lesion_intensity_spans_its_range_and_zero_reads_off(panel):
     assert spin_box.text() == "0.70"
 
 
+def test_the_speck_removal_is_in_ml_spans_its_range_and_zero_keeps_every_island(panel):
+    """The speck removal (min_component_ml, core/threshold.voxels_for_ml) is a volume, so it means the same at any
+    spacing: the spin box shows ml, 0 keeps every island, and its range is the parameter's."""
+    widgets, requested = panel
+    kind, extras, default = _parameters()["minComponentMl"]
+    spin_box = widgets[_bound_widgets(widgets)["minComponentMl"]]
+    assert kind == "float" and extras["WithinRange"] == [spin_box.minimum(), spin_box.maximum()] == [0.0, 100.0]
+    spin_box.setValue(0.0)
+    assert spin_box.text() == "keep all"
+    spin_box.setValue(0.1)
+    assert spin_box.text() == "0.10 ml"
+
+
 def test_the_code_leaves_choice_bound_combo_boxes_to_slicer(panel):
     """Slicer fills a Choice-bound combo box itself; items added, removed or cleared by the code would
     no longer match the choices it reads back by index."""

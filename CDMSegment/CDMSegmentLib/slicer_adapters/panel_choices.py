@@ -36,15 +36,18 @@ def registry_text(name: str, registry: Path = REGISTRY_FILE) -> str:
 
 # The parameter node's names (Slicer's camelCase) of the CDM settings the panel's Advanced section shows.
 PANEL_SETTINGS = {"noiseLevel": "noise_level", "steps": "steps", "tau": "tau", "noiseDraws": "noise_draws",
-                  "guidanceScale": "guidance_scale", "lesionIntensity": "lesion_intensity"}
+                  "guidanceScale": "guidance_scale", "lesionIntensity": "lesion_intensity",
+                  "minComponentMl": "min_component_ml"}
 
 
 def advanced_defaults(model, classifier=None) -> dict:
     """The Advanced section's values for a model (core.model_description.ModelDescription): its measured defaults
-    (and the classifier's scale), and its lesion-intensity refinement (0, off, for a model without one)."""
+    (and the classifier's scale), its lesion-intensity refinement (0, off, for a model without one) and its
+    speck removal in ml (0, none, for a model without one)."""
     p = CDMSettings().params(model, classifier)
     values = {name: getattr(p, field) for name, field in PANEL_SETTINGS.items() if hasattr(p, field)}
-    return {**values, "lesionIntensity": float(model.defaults.get("lesion_intensity", 0.0))}
+    return {**values, "lesionIntensity": float(model.defaults.get("lesion_intensity", 0.0)),
+            "minComponentMl": float(model.defaults.get("min_component_ml", 0.0))}
 
 
 def settings_from_parameters(parameters):
