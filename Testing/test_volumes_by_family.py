@@ -107,3 +107,31 @@ def test_evaluate_volumes_keeps_an_earlier_run_without_overwrite(tmp_path, capsy
     assert main(argv + ["--overwrite"]) == 0
     assert (out / "volumes.md").read_text().startswith("Command: `cdmsegment ")
     assert len((out / "volumes.csv").read_text().splitlines()) == 1 + 2  # CDM and Otsu on one case
+
+
+def test_evaluate_volumes_scores_the_ood_reference_on_the_automatic_device(tmp_path, capsys):
+    """--device auto (make retrain's default) reaches the OOD score as the device it stands for: each volume's
+    score is the one `cdmsegment ood` gives, beside its Dice."""
+    import json
+
+    from CDMSegmentLib.core.modelfile import load_model
+    from CDMSegmentLib.core.ood import ood_score
+    from CDMSegmentLib.core.reading import read_volume
+
+    data, model = randomised_cases_and_tiny_model(tmp_path, 2, 5)
+    reference = {"noise_levels": [0.95, 0.8, 0.5], "slices": 2, "seed": 0, "mean": [0.0, 0.0, 0.0],
+                 "covariance": np.eye(3).tolist(), "threshold": 1e6, "reference_volumes": 9}
+    (tmp_path / "ood.json").write_text(json.dumps(reference))
+    with_ood = tmp_path / "with_ood.pt"
+    assert main(["set-defaults", str(model), "--ood", str(tmp_path / "ood.json"), "-o", str(with_ood)]) == 0
+    code = main(["evaluate-volumes", str(data), "-o", str(tmp_path / "out"), "--model", str(with_ood),
+                 "--device", "auto"])
+    assert code == 0, capsys.readouterr().err
+    with open(tmp_path / "out" / "volumes.csv", newline="") as f:
+        cdm_rows = [r for r in csv.DictReader(f) if r["method"] == "CDM"]
+    assert len(cdm_rows) == 2
+    for row in cdm_rows:
+        volume = read_volume(next((data / row["case"]).glob("*_flair.nii.gz")))
+        expected = ood_score(load_model(with_ood), [volume]).score
+        assert float(row["ood_score"]) == pytest.approx(expected, rel=1e-5) and np.isfinite(expected)
+        assert row["ood_flag"] == ""  # far below the threshold of 1e6
