@@ -89,7 +89,7 @@ NETWORK ?= --base-channels 16 --channel-mults 1,2,2,4 --attention-levels 3
 DEVICE ?= auto
 IMAGE_SIZE ?= 96
 PHANTOM_OPTS ?=
-CALIBRATE_OPTS ?= --tau 0 --steps 1 --noise-draws 2 --noise-level 0.9,0.8,0.7,0.6,0.5 --precision fp32
+CALIBRATE_OPTS ?= --tau 0 --steps 1 --noise-draws 2 --noise-level 0.8,0.7,0.6 --precision fp32
 EVAL_OPTS ?=
 # not a registered model's name: a file that calls itself a registered model with other weights is refused
 MODEL_NAME ?= brain-flair-retrained

@@ -104,7 +104,7 @@ def _mni_t1():
 
 
 def test_the_ood_command_says_what_segment_would_do(capsys):
-    """The sample runs; the T1 is refused (above 1.75 x the threshold with both models)."""
+    """The sample runs; the T1 is refused (above 1.5 x the threshold with both models)."""
     from CDMSegmentLib.cli.main import main
 
     for model in (PHANTOM_MODEL, "brain-flair-cpu"):

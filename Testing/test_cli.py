@@ -252,7 +252,7 @@ def test_info_prints_a_short_summary_of_the_model(tiny_model_path, tmp_path, cap
         "  schedule       linear, T = 1000",
         "  defaults       noise level 0.9, steps 2, tau 0, noise draws 1, min component 0.25 ml, batch size cpu 4, "
         "cuda 64",
-        "  OOD threshold  2.5: warns above it, refuses above 4.38 unless --force",
+        "  OOD threshold  2.5: warns above it, refuses above 3.75 unless --force",
         "  CPU engine     ONNX Runtime (what --engine auto uses on a CPU)",
         "  trained on     none (test fixture)",
         "  intended use   Research use only.",

@@ -129,14 +129,14 @@ def _acquisition(expects: dict, volume: Volume, name: str) -> Optional[Finding]:
 
 
 # The model's own out-of-distribution score (core/ood.py) above its threshold is a warning; above this many
-# times the threshold, a refusal (bench/ood_real_scans.py). Measured with brain-flair-phantom: held-out phantoms
-# of every family score at most 1.02x its threshold and the bundled sample 0.91x; T1 (MNI152, Colin27 with and
-# without skull) and a head CT 2.5-4.7x. With brain-flair-cpu (a reference of 60 phantoms of every family): the
-# phantoms at most 1.23x, the 72 held-out volumes of its recipe at most 1.01x, its 24 validation volumes at most
-# 1.58x (a lesion-free one), the sample 0.74x; the three T1 volumes 1.88-2.04x and the head CT 1.13x (the header
-# and intensity checks refuse the CT before its score). 1.75 lies between the phantoms and the T1 volumes of both
-# models, with thin margins for brain-flair-cpu (README, "What it takes").
-OOD_REFUSAL_FACTOR = 1.75
+# times the threshold, a refusal (bench/ood_real_scans.py). Measured with brain-flair-phantom (8 slices): held-out
+# phantoms of every family score at most 1.02x its threshold and the bundled sample 0.91x; T1 (MNI152, Colin27 with
+# and without skull) and a head CT 2.5-4.7x. With brain-flair-cpu (16 slices, a reference of 60 phantoms of every
+# family): those phantoms at most 1.10x, 12 validation volumes at most 1.16x, the 72 held-out volumes of its recipe
+# at most 0.95x, the sample 0.55x; the three T1 volumes 1.71-1.90x and the head CT 1.24x (the header and intensity
+# checks refuse the CT before its score). 1.5 lies between the phantoms and the T1 volumes of both models
+# (README, "What it takes").
+OOD_REFUSAL_FACTOR = 1.5
 
 
 def ood_levels(result) -> str:
