@@ -1,12 +1,16 @@
 """Volume evaluation by lesion family and size, with the two intensity baselines."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
 
 from CDMSegmentLib.cli.main import main
 from CDMSegmentLib.core.errors import CDMSegmentError
+from CDMSegmentLib.core.modelfile import load_model
+from CDMSegmentLib.core.ood import ood_score
+from CDMSegmentLib.core.reading import read_volume
 from CDMSegmentLib.evaluation.intensity_baselines import (fit_intensity_threshold, intensity_otsu_mask,
                                                           intensity_threshold_mask)
 from CDMSegmentLib.evaluation.volumes import VolumeScore, family_table, size_table, summary_table
@@ -112,12 +116,6 @@ def test_evaluate_volumes_keeps_an_earlier_run_without_overwrite(tmp_path, capsy
 def test_evaluate_volumes_scores_the_ood_reference_on_the_automatic_device(tmp_path, capsys):
     """--device auto (make retrain's default) reaches the OOD score as the device it stands for: each volume's
     score is the one `cdmsegment ood` gives, beside its Dice."""
-    import json
-
-    from CDMSegmentLib.core.modelfile import load_model
-    from CDMSegmentLib.core.ood import ood_score
-    from CDMSegmentLib.core.reading import read_volume
-
     data, model = randomised_cases_and_tiny_model(tmp_path, 2, 5)
     reference = {"noise_levels": [0.95, 0.8, 0.5], "slices": 2, "seed": 0, "mean": [0.0, 0.0, 0.0],
                  "covariance": np.eye(3).tolist(), "threshold": 1e6, "reference_volumes": 9}

@@ -17,7 +17,6 @@ def add_ood_parser(sub) -> None:
 
 
 def run_ood(args) -> None:
-    from ..core.device import choose_device
     from ..core.reading import read_volume
     from ..core.modelfile import load_model
     from ..core.ood import ood_score
@@ -25,7 +24,7 @@ def run_ood(args) -> None:
 
     model = load_model(args.model)
     volumes = [read_volume(p) for p in args.inputs]
-    result = ood_score(model, volumes, device=choose_device(args.device, log=lambda m: None))
+    result = ood_score(model, volumes, device=args.device)
     if result is None:
         raise CDMSegmentError(f"model {model.metadata['name']} has no out-of-distribution reference; "
                               "add one with 'cdmsegment calibrate-ood' and 'cdmsegment set-defaults --ood'")

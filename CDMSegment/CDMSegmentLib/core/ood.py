@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .device import choose_device
 from .errors import CDMSegmentError
 from .image import Volume
 from .intensity import normalise_volume
@@ -110,10 +111,14 @@ def score_from_errors(errors: np.ndarray, reference: dict) -> float:
 def ood_score(model: LoadedModel, volumes: Sequence[Volume], *, device: Union[str, torch.device] = "cpu",
               normalised: Optional[torch.Tensor] = None) -> Optional[OODResult]:
     """The volume's OOD score against the model's reference; None for a model without one (an older file).
-    normalised: the volumes already normalised on ``device`` (the runner's: computed once for both)."""
+    device: 'auto', 'cpu', 'cuda[:N]' (as ``segment``) or a torch.device; CDMSegmentError for another word or
+    for CUDA without a GPU. normalised: the volumes already normalised on ``device`` (the runner's: computed
+    once for both)."""
     reference = model.metadata.get("ood")
     if not reference:
         return None
+    if isinstance(device, str):  # the tool's device words, 'auto' included (core/device.choose_device)
+        device = choose_device(device, log=lambda m: None)
     errors = denoising_errors(model, volumes, device=device, normalised=normalised)
     return OODResult(score_from_errors(errors, reference), float(reference["threshold"]), errors)
 

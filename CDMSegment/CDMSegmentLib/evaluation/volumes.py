@@ -19,7 +19,6 @@ from ..data.cases import Case
 from ..core.reading import read_volume
 from .intensity_baselines import intensity_otsu_mask, intensity_threshold_mask
 from .metrics import dice, nan_mean
-from ..core.device import choose_device
 from ..core.modelfile import LoadedModel
 from ..core.slicing import Orientation
 from ..core.ood import ood_score
@@ -74,8 +73,6 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
     """
     modalities = list(modalities or model.modalities)
     families = families or {}
-    # the OOD score takes a torch device; segment_volume resolves 'auto' itself
-    ood_device = choose_device(run_options.get("device", "cpu"), log=lambda m: None)
     grow_above = model.defaults.get("grow_above", 0.0) if grow_above is None else grow_above
     scores = []
     for n, case in enumerate(cases, start=1):
@@ -86,7 +83,7 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         voxel_ml = float(np.prod(ref.spacing_mm)) / 1000
         family = families.get(case.case_id, "")
         # every volume is scored (force), and its OOD score reported beside: a warning should mean a worse result
-        ood = ood_score(model, volumes, device=ood_device)
+        ood = ood_score(model, volumes, device=run_options.get("device", "cpu"))
         result = segment_volume(model, volumes, log=lambda m: None, grow_above=0.0, lesion_intensity=0.0, force=True,
                                 **run_options)
         cdm = score_volume(case.case_id, "CDM", result.mask > 0, truth, orientation, voxel_ml, result.seconds, family)
