@@ -434,3 +434,9 @@ def test_the_summary_gives_the_threshold_and_says_when_no_voxel_reached_it(tmp_p
     assert f"0 voxels segmented (0.0 ml; no voxel of the heatmap reached the threshold {float(above):.3g} " \
            f"(its maximum: {heatmap.max():.3g})), " in out
     assert "delineated" not in out
+    # reached, but every component smaller than the speck removal: the summary says what removed it
+    code, out, err = run_cli(segment_args([case], tmp_path / "specks", model, "--threshold", "otsu", "--force",
+                                          "--min-component-ml", "1e6"), capsys)
+    assert code == 0, err
+    assert "0 voxels segmented (0.0 ml; the heatmap reached the threshold, but nothing was left after the removal " \
+           "of components under " in out and "voxels (--min-component-ml) and the lesion-intensity refinement)" in out

@@ -66,13 +66,26 @@ def test_reference_learns_how_the_levels_move_together_and_bounds_false_alarms()
 
 
 @pytest.mark.parametrize("errors, kwargs, message", [
-    (np.zeros((3, 3)), {}, "at least 9 volumes"),
-    (np.zeros((10, 2)), {}, "at 3 noise levels"),
+    (np.zeros((3, 3)), {}, "at least 9 held-out volumes \\(3 per noise level\\), got 3; give a folder with more"),
+    (np.zeros((10, 2)), {}, "one error per volume and noise level \\(3 levels\\)"),
     (np.zeros((10, 3)), {"false_alarm": 0.7}, "false-alarm rate"),
 ])
 def test_reference_refuses_what_it_cannot_calibrate(errors, kwargs, message):
     with pytest.raises(CDMSegmentError, match=message):
         ood_reference(errors, noise_levels=(0.95, 0.8, 0.5), slices=8, seed=0, **kwargs)
+
+
+def test_calibrate_ood_refuses_too_few_volumes_before_running_the_network(tmp_path, capsys):
+    tiny_model_path = tmp_path / "tiny_flair.pt"
+    make_tiny_model_file(tiny_model_path, modalities=("flair",))
+    data = tmp_path / "held_out"
+    for n in range(2):
+        (data / f"Case{n}").mkdir(parents=True)
+        write_volume(volume(seed=n), data / f"Case{n}" / f"Case{n}_flair.nii.gz")
+    assert main(["calibrate-ood", str(tiny_model_path), str(data), "-o", str(tmp_path / "ood.json")]) == 1
+    err = capsys.readouterr().err
+    assert "needs at least 9 held-out volumes (3 per noise level), got 2; give a folder with more" in err
+    assert "1/2" not in err and not (tmp_path / "ood.json").exists()
 
 
 def test_a_model_without_reference_gives_none_and_the_command_says_how_to_add_one(tiny_model, tiny_model_path,

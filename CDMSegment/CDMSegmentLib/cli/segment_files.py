@@ -49,13 +49,19 @@ class SegmentSummary:
 
     def line(self) -> str:
         """The run in one line: what was segmented, by which method and weights (SHA256), at which threshold,
-        and into which files; says so when no voxel of the heatmap reached the threshold."""
+        and into which files; says so when no voxel of the heatmap reached the threshold, or when the heatmap
+        did but nothing was left after the speck removal and refinement."""
         files = ", ".join(str(p) for p in self.heatmap_paths + [self.segmentation_path])
         warned = "".join(f"; warning: {w}" for w in self.warnings)
         thresholds = ", ".join(f"{t:.3g}" for t in self.thresholds)
         if self.heatmap_maxima and all(m < t for m, t in zip(self.heatmap_maxima, self.thresholds)):
             note = (f"; no voxel of the heatmap reached the threshold {thresholds} (its maximum: "
                     f"{', '.join(f'{m:.3g}' for m in self.heatmap_maxima)})")
+        elif self.voxels_segmented == 0 and self.heatmap_maxima:
+            removed = f"the removal of components under {self.min_component_voxels} voxels (--min-component-ml)"
+            if self.refinement:
+                removed += " and the lesion-intensity refinement"
+            note = f"; the heatmap reached the threshold, but nothing was left after {removed}"
         else:
             note = "; the CDM's mask delineated by the lesion's intensity" if self.refinement else ""
         by = "" if self.method == "cdm" else f" by {self.method}"

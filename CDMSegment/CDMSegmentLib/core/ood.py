@@ -123,6 +123,16 @@ def ood_score(model: LoadedModel, volumes: Sequence[Volume], *, device: Union[st
     return OODResult(score_from_errors(errors, reference), float(reference["threshold"]), errors)
 
 
+def check_reference_volumes(count: int, noise_levels: Sequence[float] = NOISE_LEVELS) -> None:
+    """Raises CDMSegmentError unless ``count`` volumes are enough for a reference at ``noise_levels``: at least
+    3 per level, so that their covariance is estimated at all (before any network runs, in calibrate-ood)."""
+    needed = 3 * len(noise_levels)
+    if count < needed:
+        raise CDMSegmentError(f"the OOD reference needs at least {needed} held-out volumes (3 per noise level), got "
+                              f"{count}; give a folder with more, e.g. from 'cdmsegment phantom OUT --families all "
+                              f"--cases 60'")
+
+
 def ood_reference(errors: np.ndarray, *, noise_levels: Sequence[float], slices: int, seed: int,
                   false_alarm: float = 0.05) -> dict:
     """metadata["ood"] from held-out volumes' errors (N, L): their mean and covariance, and a threshold.
@@ -132,9 +142,10 @@ def ood_reference(errors: np.ndarray, *, noise_levels: Sequence[float], slices: 
     measured on the volumes that set the covariance run a little short.
     """
     errors = np.asarray(errors, dtype=float)
-    if errors.ndim != 2 or errors.shape[1] != len(noise_levels) or errors.shape[0] < 3 * len(noise_levels):
-        raise CDMSegmentError(f"the OOD reference needs errors of at least {3 * len(noise_levels)} volumes at "
-                              f"{len(noise_levels)} noise levels, got an array of shape {errors.shape}")
+    if errors.ndim != 2 or errors.shape[1] != len(noise_levels):
+        raise CDMSegmentError(f"the OOD reference needs one error per volume and noise level ({len(noise_levels)} "
+                              f"levels), got an array of shape {errors.shape}")
+    check_reference_volumes(errors.shape[0], noise_levels)
     if not 0 < false_alarm < 0.5:
         raise CDMSegmentError(f"false-alarm rate must be between 0 and 0.5, got {false_alarm}")
     covariance = np.cov(errors, rowvar=False) + 1e-4 * np.eye(errors.shape[1])

@@ -11,13 +11,15 @@ import numpy as np
 
 from ..core.reading import read_volume
 from ..core.modelfile import LoadedModel
-from ..core.ood import NOISE_LEVELS, SLICES, denoising_errors, ood_reference, score_from_errors
+from ..core.ood import (NOISE_LEVELS, SLICES, check_reference_volumes, denoising_errors, ood_reference,
+                        score_from_errors)
 from ..data.cases import Case
 
 
 def calibrate_ood(model: LoadedModel, cases: Sequence[Case], *, false_alarm: float = 0.05, seed: int = 0,
                   device="cpu", data: str = "", log: Callable[[str], None] = print) -> Tuple[dict, List[dict]]:
     """(metadata["ood"], per-case rows with errors and score) from the model's denoising errors on ``cases``."""
+    check_reference_volumes(len(cases), NOISE_LEVELS)
     errors = []
     for n, case in enumerate(cases, start=1):
         volumes = [read_volume(case.images[m]) for m in model.modalities]
