@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from CDMSegmentLib.cli.main import main
 from CDMSegmentLib.core.errors import CDMSegmentError
@@ -16,6 +17,10 @@ from CDMSegmentLib.evaluation.intensity_baselines import (fit_intensity_threshol
 from CDMSegmentLib.evaluation.volumes import VolumeScore, family_table, size_table, summary_table
 
 from conftest import randomised_cases_and_tiny_model
+
+# what --device auto says on the machine running the tests
+DEVICE_LINE = (f"device: {torch.cuda.get_device_name(0)} (CUDA found)" if torch.cuda.is_available()
+               else "device: CPU (no CUDA GPU found)")
 
 
 def bright_lesion_volume(lesion_value: float, seed: int):
@@ -124,7 +129,9 @@ def test_evaluate_volumes_scores_the_ood_reference_on_the_automatic_device(tmp_p
     assert main(["set-defaults", str(model), "--ood", str(tmp_path / "ood.json"), "-o", str(with_ood)]) == 0
     code = main(["evaluate-volumes", str(data), "-o", str(tmp_path / "out"), "--model", str(with_ood),
                  "--device", "auto"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("device: ")] == [DEVICE_LINE]  # said once
     with open(tmp_path / "out" / "volumes.csv", newline="") as f:
         cdm_rows = [r for r in csv.DictReader(f) if r["method"] == "CDM"]
     assert len(cdm_rows) == 2
@@ -133,3 +140,6 @@ def test_evaluate_volumes_scores_the_ood_reference_on_the_automatic_device(tmp_p
         expected = ood_score(load_model(with_ood), [volume]).score
         assert float(row["ood_score"]) == pytest.approx(expected, rel=1e-5) and np.isfinite(expected)
         assert row["ood_flag"] == ""  # far below the threshold of 1e6
+    first = next((data / cdm_rows[0]["case"]).glob("*_flair.nii.gz"))
+    assert main(["ood", str(first), "--model", str(with_ood), "--device", "auto"]) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("device: ")] == [DEVICE_LINE]

@@ -19,12 +19,14 @@ def add_ood_parser(sub) -> None:
 def run_ood(args) -> None:
     from ..core.reading import read_volume
     from ..core.modelfile import load_model
+    from ..core.device import choose_device
     from ..core.ood import ood_score
     from ..core.plausibility import ood_finding, ood_levels
 
     model = load_model(args.model)
     volumes = [read_volume(p) for p in args.inputs]
-    result = ood_score(model, volumes, device=args.device)
+    # 'auto' says once which device it chose, as segment does
+    result = ood_score(model, volumes, device=choose_device(args.device, log=lambda m: print(m, file=sys.stderr)))
     if result is None:
         raise CDMSegmentError(f"model {model.metadata['name']} has no out-of-distribution reference; "
                               "add one with 'cdmsegment calibrate-ood' and 'cdmsegment set-defaults --ood'")
