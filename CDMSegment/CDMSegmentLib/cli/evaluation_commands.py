@@ -164,7 +164,6 @@ def _cases_with_masks(folder: Path, limit=None, per_family=None):
 
 
 def run_evaluate_volumes(args) -> None:
-    from ..core.device import choose_device
     from ..core.errors import CDMSegmentError
     from ..core.reading import read_volume
     from ..core.modelfile import load_model
@@ -188,7 +187,7 @@ def run_evaluate_volumes(args) -> None:
               f"of {args.fit_threshold_on})", file=sys.stderr)
     grow_above = args.grow_above if args.grow_above is not None else model.defaults.get("grow_above", threshold)
     scores = evaluate_volumes(cases, model, families=families, intensity_threshold=threshold, grow_above=grow_above,
-                              device=str(choose_device(args.device, log=lambda m: print(m, file=sys.stderr))),
+                              device=args.device,
                               batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
     files = score_files(scores, " ".join(["cdmsegment"] + sys.argv[1:]))
     write_text_outputs({args.output / name: text for name, text in files.items()})

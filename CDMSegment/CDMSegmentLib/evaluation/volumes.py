@@ -21,6 +21,7 @@ from .intensity_baselines import intensity_otsu_mask, intensity_threshold_mask
 from .metrics import dice, nan_mean
 from ..core.modelfile import LoadedModel
 from ..core.slicing import Orientation
+from ..core.device import choose_device
 from ..core.ood import ood_score
 from ..core.plausibility import ood_finding
 from ..core.refine import grow_through_intensity, supported_components
@@ -69,10 +70,14 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
 
     families: case id -> lesion family, for the per-family tables. intensity_threshold: the
     calibrated threshold on relative intensity (``fit_intensity_threshold`` on training
-    families, in multiples of the brain's median); without it only the Otsu baseline runs.
+    families, in multiples of the brain's median); without it only the Otsu baseline runs. run_options: those
+    of core/runner.segment_volume; its ``device`` ('auto' by default) is resolved once, and ``log`` says which
+    device 'auto' chose.
     """
     modalities = list(modalities or model.modalities)
     families = families or {}
+    # resolved once, saying which device 'auto' chose, for both the OOD score and the runs
+    run_options["device"] = str(choose_device(run_options.get("device", "auto"), log))
     grow_above = model.defaults.get("grow_above", 0.0) if grow_above is None else grow_above
     scores = []
     for n, case in enumerate(cases, start=1):
@@ -83,7 +88,7 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         voxel_ml = float(np.prod(ref.spacing_mm)) / 1000
         family = families.get(case.case_id, "")
         # every volume is scored (force), and its OOD score reported beside: a warning should mean a worse result
-        ood = ood_score(model, volumes, device=run_options.get("device", "cpu"))
+        ood = ood_score(model, volumes, device=run_options["device"])
         result = segment_volume(model, volumes, log=lambda m: None, grow_above=0.0, lesion_intensity=0.0, force=True,
                                 **run_options)
         cdm = score_volume(case.case_id, "CDM", result.mask > 0, truth, orientation, voxel_ml, result.seconds, family)
