@@ -126,6 +126,22 @@ def nrrd_with(tmp: Path, old: bytes, new: bytes) -> Path:
     return path
 
 
+def nrrd_header_only(tmp: Path) -> Path:
+    """An attached-data NRRD whose file stops within its header: no blank line, no voxels."""
+    path = write_case(tmp / "header_only.nrrd", phantom((6, 20, 24)))
+    path.write_bytes(path.read_bytes().split(b"\n\n", 1)[0] + b"\n")
+    return path
+
+
+def nhdr_without_data(tmp: Path) -> Path:
+    """A detached NRRD header (.nhdr) whose data file is not beside it."""
+    path = write_case(tmp / "detached.nhdr", phantom((6, 20, 24)))
+    data = [f for f in tmp.iterdir() if f != path]
+    assert len(data) == 1, data
+    data[0].unlink()
+    return path
+
+
 def nifti_zero_pixdim(tmp: Path) -> Path:
     path = tmp / "pixdim.nii"
     image = sitk.GetImageFromArray(phantom((6, 20, 24)))
@@ -193,6 +209,9 @@ FAULTS = {
         lambda t, m: [dicom_series(t / "mixed", phantom((4, 20, 24)), "1.2.826.0.1.3680043.2.1125.9.501", "MIXED",
                                    tags={"0020|0037": "1\\0\\0\\0\\0\\-1"}, only=(2,)), "--model", m], 1,
         "different orientations"),
+    "nrrd of its header only": (lambda t, m: [nrrd_header_only(t), "--model", m], 1, "it holds no voxels"),
+    "nhdr without its data file": (lambda t, m: [nhdr_without_data(t), "--model", m], 1,
+                                   "names a data file that cannot be opened"),
     "zero spacing": (lambda t, m: [nrrd_with(t, b"(0,0,2.5)", b"(0,0,0)"), "--model", m], 1, "voxel size of zero"),
     "singular direction": (lambda t, m: [nrrd_with(t, b"(0,0,2.5)", b"(1,0,0)"), "--model", m], 1, "degenerate"),
     "NIfTI pixdim against sform": (lambda t, m: [nifti_zero_pixdim(t), "--model", m], 1, "contradicts itself"),

@@ -45,6 +45,12 @@ _ITK_MEANINGS = [
      "(for example with dcm2niix)"),
     (r"fread got only|expected \d+ bytes but received|not read completely|unexpected end|truncated",
      "the file is truncated or damaged (it holds less data than its header says); copy it again from its source"),
+    (r"hit end of header, but no \"data file\" given",
+     "the file ends with its header: it holds no voxels (an NRRD header without its data); copy it again from its "
+     "source"),
+    (r"couldn't open .* \(data file \d+ of \d+\)",
+     "its header (a detached .nhdr) names a data file that cannot be opened; keep the .nhdr in the same folder as "
+     "its data file, under the name its 'data file:' line gives"),
 ]
 # An unreadable file that no ITK reader recognises: not an image at all, whatever its extension says.
 _NO_READER = (r"Unable to determine ImageIO reader", "its content is in no image format SimpleITK knows, whatever "
