@@ -14,7 +14,7 @@ from CDMSegmentLib.core.ood import ood_score
 from CDMSegmentLib.core.reading import read_volume
 from CDMSegmentLib.evaluation.intensity_baselines import (fit_intensity_threshold, intensity_otsu_mask,
                                                           intensity_threshold_mask)
-from CDMSegmentLib.evaluation.volumes import VolumeScore, family_table, size_table, summary_table
+from CDMSegmentLib.evaluation.volumes import VolumeScore, case_line, family_table, size_table, summary_table
 
 from conftest import randomised_cases_and_tiny_model
 
@@ -73,6 +73,17 @@ def test_the_summary_shows_no_nan_and_no_spread_of_one_case():
     assert "| CDM | 2 | 0.500 +- 0.250 | 0.500 | 1 | 4.00 / 4.00 | 1.0 |" in both
     only_healthy = summary_table([score("d", "CDM", "healthy", 0.0, float("nan"), float("nan"), fp=4.0)])
     assert "| CDM | 0 | - | - | 1 | 4.00 / 4.00 | 1.0 |" in only_healthy and "nan" not in only_healthy
+
+
+def test_a_case_line_names_the_refined_mask_as_the_tables_do():
+    refined = "CDM + lesion intensity (0.7, floor 1.4)"
+    line = case_line(3, 36, [score("c", "CDM", "ms", 2.0, 0.34, 1.0, fp=0.5), score("c", refined, "ms", 2.0, 0.543, 1.0),
+                             score("c", "Otsu on intensity", "ms", 2.0, 0.1, 1.0, fp=9.0)])
+    assert line.startswith(f"3/36 c ms: 3D Dice CDM 0.340, {refined} 0.543, false positives CDM 0.50 ml, {refined} ")
+    assert "default" not in line and "Otsu" not in line
+    healthy = case_line(1, 36, [score("h", "CDM", "healthy", 0.0, float("nan"), float("nan"), fp=4.0),
+                                score("h", refined, "healthy", 0.0, float("nan"), float("nan"), fp=0.25)])
+    assert healthy.startswith(f"1/36 h healthy: lesion-free, false positives CDM 4.00 ml, {refined} 0.25 ml, ")
 
 
 def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, capsys):

@@ -125,14 +125,15 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
 
 
 def case_line(n: int, total: int, case_scores: Sequence[VolumeScore]) -> str:
-    """One case's progress line: the CDM's 3D Dice (a lesion-free case: none) and false positives, then the
-    default's (the refined mask, what ``segment`` gives) where it differs, and the OOD score with its verdict."""
+    """One case's progress line: the CDM's 3D Dice (a lesion-free case: none) and false positives, then those of
+    the refined mask (what ``segment`` gives), named as in the tables, where the model refines, and the OOD score
+    with its verdict."""
     cdm = case_scores[0]
-    default = next((s for s in case_scores if s.method.startswith("CDM + lesion intensity")), None)
+    refined = next((s for s in case_scores if s.method.startswith("CDM + lesion intensity")), None)
     quality = "lesion-free" if np.isnan(cdm.dice_3d) else f"3D Dice CDM {cdm.dice_3d:.3f}" + (
-        f", default {default.dice_3d:.3f}" if default else "")
+        f", {refined.method} {refined.dice_3d:.3f}" if refined else "")
     fp = f"false positives CDM {cdm.false_positive_ml:.2f} ml" + (
-        f", default {default.false_positive_ml:.2f} ml" if default else "")
+        f", {refined.method} {refined.false_positive_ml:.2f} ml" if refined else "")
     ood = "" if np.isnan(cdm.ood_score) else f", OOD score {cdm.ood_score:.2f}" + (
         f" ({cdm.ood_flag})" if cdm.ood_flag else "")
     family = f" {cdm.family}" if cdm.family else ""
