@@ -13,7 +13,12 @@ the first repeat of the first ONNX setting includes that export (a few seconds).
 sees inside TorchScript); achieved GFLOP/s are set against an fp32 (and bf16) matrix multiply timed
 in the same run. On a shared machine read the ratios, not the seconds.
 
+A model file of your own (``make retrain``'s, for example) joins the table with ``--candidate FILE``
+(repeatable), at the default model's runner options: ``--settings 5 --candidate FILE`` gives its
+seconds as a ratio against ``brain-flair-cpu`` in the same run.
+
     python bench/bench_speed.py [--repeats 3] [--volumes sample,phantom155] [--settings N,...] [--device cpu]
+                                [--candidate FILE ...]
 """
 
 import argparse
@@ -40,6 +45,7 @@ from CDMSegmentLib.core.modelfile import MODELS_DIR  # noqa: E402
 SAMPLE = MODELS_DIR.parent / "Sample"
 # name: (runner options, CDM parameter overrides)
 PHANTOM = {"model": "brain-flair-phantom"}  # the 128 px model the runner's speed work was measured on
+DEFAULT_SETTING = "brain-flair-cpu, batch 4, ONNX Runtime, crop 8 px"  # the default model at its runner options
 SETTINGS = {
     "before (batch 16, whole slice, torch)": (
         {**PHANTOM, "batch_size": 16, "crop_margin_px": -1, "engine": "torch"}, {}),
@@ -51,7 +57,7 @@ SETTINGS = {
         {**PHANTOM, "batch_size": 4, "crop_margin_px": 8, "engine": "onnxruntime"},
         {"noise_draws": 2, "antithetic": True}),
     # the compact network trained on two CPU cores, at its own defaults (96 px, 2 draws, lesion intensity)
-    "brain-flair-cpu, batch 4, ONNX Runtime, crop 8 px": (
+    DEFAULT_SETTING: (
         {"batch_size": 4, "crop_margin_px": 8, "engine": "onnxruntime", "model": "brain-flair-cpu"}, {}),
 }
 BF16_SETTING = ("batch 4, torch, bf16 autocast", ({"batch_size": 4, "precision": "bf16", "engine": "torch"}, {}))
@@ -124,8 +130,16 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(str(i) for i in range(len(SETTINGS))),
                         help="indices into: " + "; ".join(f"{i} {n}" for i, n in enumerate(SETTINGS)))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--candidate", action="append", default=[], metavar="FILE",
+                        help="a model file to time at the default model's runner options (repeatable)")
     args = parser.parse_args()
     settings = [list(SETTINGS.items())[int(i)] for i in args.settings.split(",")]
+    default_options = SETTINGS[DEFAULT_SETTING][0]
+    for path in args.candidate:
+        if not Path(path).is_file():
+            parser.error(f"--candidate {path}: no such model file")
+        settings.append((f"{Path(path).name}, {DEFAULT_SETTING.split(', ', 1)[1]}",
+                         ({**default_options, "model": str(Path(path).resolve())}, {})))
     if args.device == "cpu" and cpu_has_bf16():
         settings.append(BF16_SETTING)  # never on a CPU without bf16 units: 7-100x slower there
     fp32_peak = matmul_gflops(torch.float32, 2048, 2.0)
