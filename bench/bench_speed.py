@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CDMSegment"))
 from CDMSegmentLib.core.device import cpu_has_bf16  # noqa: E402
 from CDMSegmentLib.core.image import Volume  # noqa: E402
 from CDMSegmentLib.core.reading import read_volume  # noqa: E402
-from CDMSegmentLib.core.modelfile import MODELS_DIR  # noqa: E402
+from CDMSegmentLib.core.errors import CDMSegmentError  # noqa: E402
+from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model  # noqa: E402
 
 SAMPLE = MODELS_DIR.parent / "Sample"
 # name: (runner options, CDM parameter overrides)
@@ -131,15 +132,18 @@ def main() -> None:
                         help="indices into: " + "; ".join(f"{i} {n}" for i, n in enumerate(SETTINGS)))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--candidate", action="append", default=[], metavar="FILE",
-                        help="a model file to time at the default model's runner options (repeatable)")
+                        help="a model file (or registered name) to time at the default model's runner options "
+                        "(repeatable)")
     args = parser.parse_args()
     settings = [list(SETTINGS.items())[int(i)] for i in args.settings.split(",")]
     default_options = SETTINGS[DEFAULT_SETTING][0]
     for path in args.candidate:
-        if not Path(path).is_file():
-            parser.error(f"--candidate {path}: no such model file")
+        try:  # a missing, truncated or classifier file: one line here, not a traceback from a worker process
+            load_model(path)
+        except CDMSegmentError as e:
+            parser.error(f"--candidate {path}: {e}")
         settings.append((f"{Path(path).name}, {DEFAULT_SETTING.split(', ', 1)[1]}",
-                         ({**default_options, "model": str(Path(path).resolve())}, {})))
+                         ({**default_options, "model": path}, {})))
     if args.device == "cpu" and cpu_has_bf16():
         settings.append(BF16_SETTING)  # never on a CPU without bf16 units: 7-100x slower there
     fp32_peak = matmul_gflops(torch.float32, 2048, 2.0)
