@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test test-newest-slicer bench screenshot clean retrain
+.PHONY: venv demo test test-newest-slicer bench screenshot clean retrain retrain-check
 
 venv: $(VENV)/.installed
 
@@ -103,10 +103,24 @@ R := $(RETRAIN_DIR)
 TRAINING_DATA := $(TRAIN_CASES) domain-randomised phantom cases ($(TRAIN_FAMILIES), lesion contrast $(TRAIN_CONTRAST)); a phantom-trained demonstration model, not for clinical use
 
 # Each step is a file, so a rerun (after an interruption, or with a later step changed) redoes only what is missing.
-retrain: $(R)/$(MODEL_NAME).pt $(R)/test_families/cases.csv $(R)/test_contrast/cases.csv $(R)/val/cases.csv
-	$(CDM) evaluate-volumes $(R)/test_families -o $(R)/results/families --model $< --fit-threshold-on $(R)/val --device $(DEVICE) --overwrite $(EVAL_OPTS)
-	$(CDM) evaluate-volumes $(R)/test_contrast -o $(R)/results/contrast --model $< --fit-threshold-on $(R)/val --device $(DEVICE) --overwrite $(EVAL_OPTS)
-	@echo "Model: $<; tables: $(R)/results/*/volumes.md"
+retrain: retrain-check $(R)/$(MODEL_NAME).pt $(R)/test_families/cases.csv $(R)/test_contrast/cases.csv $(R)/val/cases.csv
+	$(CDM) evaluate-volumes $(R)/test_families -o $(R)/results/families --model $(R)/$(MODEL_NAME).pt --fit-threshold-on $(R)/val --device $(DEVICE) --overwrite $(EVAL_OPTS)
+	$(CDM) evaluate-volumes $(R)/test_contrast -o $(R)/results/contrast --model $(R)/$(MODEL_NAME).pt --fit-threshold-on $(R)/val --device $(DEVICE) --overwrite $(EVAL_OPTS)
+	@echo "Model: $(R)/$(MODEL_NAME).pt; tables: $(R)/results/*/volumes.md"
+
+# Before any training: a phantom folder is kept once made, and make cannot see a changed *_CASES, so a folder
+# holding another number of cases stops the run with what to do; the OOD reference needs 3 volumes per noise
+# level of its score (3 levels: core/ood.py), which calibrate-ood would say only after the training.
+retrain-check:
+	@test "$(OOD_CASES)" -ge 9 2>/dev/null || { echo "OOD_CASES=$(OOD_CASES): the OOD reference needs at least 9 \
+	held-out volumes (3 per noise level); use OOD_CASES=9 or more"; exit 2; }
+	@for folder in train:$(TRAIN_CASES) val:$(VAL_CASES) ood:$(OOD_CASES) test_families:$(TEST_CASES) \
+	               test_contrast:$(TEST_CASES); do \
+	    dir=$(R)/$${folder%%:*}; asked=$${folder##*:}; \
+	    test -f $$dir/cases.csv || continue; held=$$(( $$(wc -l < $$dir/cases.csv) - 1 )); \
+	    test $$held -eq $$asked || { echo "$$dir holds $$held cases where $$asked are asked for: remove it \
+	(rm -r $$dir) and run the same make command again"; exit 2; }; \
+	done
 
 $(R)/train/cases.csv:
 	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(TRAIN_CASES) --seed 1000 $(PHANTOM_OPTS)

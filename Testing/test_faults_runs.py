@@ -272,3 +272,31 @@ def test_a_stop_inside_the_creation_of_a_temporary_output_leaves_no_file(tmp_pat
         with writers.atomic_outputs([out / "a_heatmap.nrrd", out / "a.seg.nrrd"]):
             pass
     assert len(calls) == 2 and list(out.iterdir()) == []
+
+
+def test_a_stopped_training_run_says_that_its_checkpoint_is_kept_and_the_same_command_resumes(tmp_path):
+    """Not "no partial output was kept": a training run's last checkpoint stays, and the rerun starts from it."""
+    from CDMSegmentLib.data.slicesets import SliceDataset, save_slices
+
+    x = torch.full((8, 1, 16, 16), -1.0)
+    x[:4, :, 4:12, 4:12] = 0.5
+    save_slices(tmp_path / "train.npz", SliceDataset(x, torch.tensor([1] * 4 + [0] * 4), list("aabbccdd")))
+    command = [sys.executable, "-m", "CDMSegmentLib.cli.main", "train", str(tmp_path / "train.npz"), "-o",
+               str(tmp_path / "run"), "--steps", "100000", "--batch-size", "2", "--base-channels", "8",
+               "--channel-mults", "1,2", "--attention-levels", "", "--checkpoint-every", "2", "--precision", "fp32"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    _wait_for(checkpoint.exists, run)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1] == ("cdmsegment train: interrupted; the run folder keeps the last checkpoint "
+                                            "written, if any: the same command resumes from it")
+    step = torch.load(checkpoint, weights_only=False)["step"]
+    assert step >= 2 and step % 2 == 0
+    steps = command.index("100000")
+    resumed = subprocess.run([*command[:steps], str(step + 2), *command[steps + 1:]], capture_output=True, text=True,
+                             env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {step}" in resumed.stdout + resumed.stderr
+    assert torch.load(checkpoint, weights_only=False)["step"] == step + 2

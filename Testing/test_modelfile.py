@@ -56,6 +56,19 @@ def test_foreign_torchscript_is_refused(tmp_path):
         load_model(path)
 
 
+def test_a_training_checkpoint_is_called_one_and_the_export_command_named(tmp_path):
+    """A run folder's checkpoint.pt is a readable PyTorch archive too, but not TorchScript."""
+    from CDMSegmentLib.core.unet import UNetConfig
+    from CDMSegmentLib.training.train import TrainConfig, train_diffusion
+
+    images, labels = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8), torch.tensor([1, 0, 1, 0])
+    checkpoint = train_diffusion(images, labels, TrainConfig(steps=1, batch_size=2, precision="fp32", unet=UNetConfig(
+        base_channels=8, channel_mults=(1, 2), attention_levels=())), tmp_path / "run", progress=False)
+    with pytest.raises(ModelFileError, match="^checkpoint.pt is a training checkpoint, not a model file; make one "
+                                             "from it with 'cdmsegment export checkpoint.pt -o MODEL.pt --name NAME'$"):
+        load_model(checkpoint)
+
+
 def test_not_a_model_at_all(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hello")

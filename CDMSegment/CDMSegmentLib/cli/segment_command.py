@@ -287,9 +287,9 @@ def _run(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> int:
             raise
         reason, prefix, code = str(memory), "error: ", 1
     except KeyboardInterrupt:
-        reason, prefix, code = f"{STOP_SIGNALS[signal.SIGINT]}; no partial output was kept", "", 128 + signal.SIGINT
+        reason, prefix, code = f"{STOP_SIGNALS[signal.SIGINT]}; {_kept(args)}", "", 128 + signal.SIGINT
     except Stopped as e:
-        reason, prefix, code = f"{STOP_SIGNALS[e.signum]}; no partial output was kept", "", 128 + e.signum
+        reason, prefix, code = f"{STOP_SIGNALS[e.signum]}; {_kept(args)}", "", 128 + e.signum
     try:  # after SIGHUP the terminal may be gone
         if getattr(args, "progress_lines", False):
             EventWriter(sys.stdout).emit(ERROR, message=reason)
@@ -298,6 +298,12 @@ def _run(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> int:
     except OSError:
         pass
     return code
+
+
+def _kept(args: Optional[argparse.Namespace]) -> str:
+    """What a stopped command leaves: nothing, unless its parser says otherwise (``set_defaults(on_stop=...)``:
+    a training run keeps its last checkpoint)."""
+    return getattr(args, "on_stop", None) or "no partial output was kept"
 
 
 SEGMENT_COMMANDS = [add_segment_parser, add_info_parser]

@@ -21,6 +21,9 @@ def comma_list(kind):
     return parse
 
 
+# What a stopped training run leaves (instead of "no partial output was kept"): its checkpoints are written
+# atomically, so the last one stays whole, and the same command resumes from it.
+RUN_KEPT = "the run folder keeps the last checkpoint written, if any: the same command resumes from it"
 # The --precision help of the trainers (training/train.py: auto is bf16 autocast).
 TRAINING_PRECISION = ("auto or bf16: bf16 autocast (on a CPU fast only with AVX-512 BF16 or AMX); fp32: full precision "
                       "(default: %(default)s)")
@@ -177,7 +180,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--val", type=Path, default=None, metavar="SLICES.npz",
                    help="held-out slices with masks (cdmsegment slices --with-masks): at every checkpoint the log "
                         "gives the CDM's voxel AUROC and the class difference inside and outside lesions on them")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, on_stop=RUN_KEPT)
 
 
 def run_train(args) -> None:
@@ -369,7 +372,7 @@ def add_train_classifier_parser(sub) -> None:
                    help="the classifier's version, stored in its metadata (default: %(default)s)")
     p.add_argument("--seed", type=option("seed"), default=0, help="seed of the weights, batches and noise (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=TRAINING_PRECISION)
-    p.set_defaults(func=run_train_classifier)
+    p.set_defaults(func=run_train_classifier, on_stop=RUN_KEPT)
 
 
 def run_train_classifier(args) -> None:

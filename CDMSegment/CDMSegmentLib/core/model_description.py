@@ -153,8 +153,7 @@ def describe_model(name_or_path: Union[str, Path, None] = None, kind: str = "dif
     except ValueError:
         raise ModelFileError(f"{path.name} has unreadable metadata; re-export it with 'cdmsegment export'") from None
     if metadata is None:
-        raise ModelFileError(f"{path.name} is a TorchScript file without CDMSegment metadata; "
-                             "use a model exported by 'cdmsegment export'")
+        raise without_metadata(path)
     check_metadata(metadata, path.name, FORMAT_VERSION)
     if metadata["kind"] != kind:
         raise ModelFileError(f"{path.name} is a {metadata['kind']} model, but a {kind} model is needed here")
@@ -177,8 +176,20 @@ def check_archive(path: Path) -> None:
         raise ModelFileError(f"model file {path} is damaged ({bad.split('/')[-1]} fails its CRC check); "
                              "copy or download it again from its source")
     if not has_metadata:
-        raise ModelFileError(f"{path.name} is a TorchScript file without CDMSegment metadata; "
-                             "use a model exported by 'cdmsegment export'")
+        raise without_metadata(path)
+
+
+def without_metadata(path: Path) -> ModelFileError:
+    """The error for a readable PyTorch archive that is not a CDMSegment model: a training run's checkpoint
+    (torch.save: a pickle and tensors, no TorchScript code), which 'cdmsegment export' turns into one, or another
+    TorchScript file."""
+    with zipfile.ZipFile(path) as archive:
+        torchscript = any("/code/" in name for name in archive.namelist())
+    if not torchscript:
+        return ModelFileError(f"{path.name} is a training checkpoint, not a model file; make one from it with "
+                              f"'cdmsegment export {path.name} -o MODEL.pt --name NAME'")
+    return ModelFileError(f"{path.name} is a TorchScript file without CDMSegment metadata; "
+                          "use a model exported by 'cdmsegment export'")
 
 
 def _weights(path: Path) -> dict:
