@@ -61,7 +61,8 @@ SETTINGS = {
     DEFAULT_SETTING: (
         {"batch_size": 4, "crop_margin_px": 8, "engine": "onnxruntime", "model": "brain-flair-cpu"}, {}),
 }
-BF16_SETTING = ("batch 4, torch, bf16 autocast", ({"batch_size": 4, "precision": "bf16", "engine": "torch"}, {}))
+BF16_SETTING = ("brain-flair-cpu, batch 4, torch, bf16 autocast",  # the default model, as DEFAULT_SETTING
+                ({"batch_size": 4, "precision": "bf16", "engine": "torch", "model": "brain-flair-cpu"}, {}))
 
 
 def cpu_name() -> str:
