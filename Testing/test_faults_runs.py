@@ -284,7 +284,8 @@ def test_a_stopped_training_run_says_that_its_checkpoint_is_kept_and_the_same_co
     command = [sys.executable, "-m", "CDMSegmentLib.cli.main", "train", str(tmp_path / "train.npz"), "-o",
                str(tmp_path / "run"), "--steps", "100000", "--batch-size", "2", "--base-channels", "8",
                "--channel-mults", "1,2", "--attention-levels", "", "--checkpoint-every", "2", "--precision", "fp32"]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    # tqdm's bar draws blocks in UTF-8 whatever the locale (CI's is ASCII): read both runs' output as UTF-8
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", env=ENV)
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     _wait_for(checkpoint.exists, run)
     run.send_signal(signal.SIGINT)
@@ -295,8 +296,8 @@ def test_a_stopped_training_run_says_that_its_checkpoint_is_kept_and_the_same_co
     step = torch.load(checkpoint, weights_only=False)["step"]
     assert step >= 2 and step % 2 == 0
     steps = command.index("100000")
-    resumed = subprocess.run([*command[:steps], str(step + 2), *command[steps + 1:]], capture_output=True, text=True,
-                             env=ENV, timeout=300)
+    resumed = subprocess.run([*command[:steps], str(step + 2), *command[steps + 1:]], capture_output=True,
+                             encoding="utf-8", env=ENV, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {step}" in resumed.stdout + resumed.stderr
     assert torch.load(checkpoint, weights_only=False)["step"] == step + 2
