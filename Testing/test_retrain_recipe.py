@@ -1,0 +1,53 @@
+"""`make retrain`'s check before any training (Makefile, retrain-check): the OOD reference's minimum, and kept
+phantom folders made with another number of cases, each stopped with one line saying what to do."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from CDMSegmentLib.core.ood import NOISE_LEVELS
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make, as `make test` does")
+
+
+def retrain_check(run_dir: Path, *variables: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", "--no-print-directory", "-C", str(ROOT), "retrain-check",
+                           f"RETRAIN_DIR={run_dir}", *variables], capture_output=True, text=True, timeout=60)
+
+
+def cases_folder(run_dir: Path, name: str, cases: int) -> Path:
+    folder = run_dir / name
+    folder.mkdir(parents=True)
+    (folder / "cases.csv").write_text("case,family\n" + "".join(f"c{i},healthy\n" for i in range(cases)))
+    return folder
+
+
+def test_a_new_run_folder_at_the_recipe_s_sizes_passes(tmp_path):
+    result = retrain_check(tmp_path / "run")
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+
+
+def test_too_few_ood_volumes_stop_the_recipe_at_the_minimum_the_ood_score_needs(tmp_path):
+    needed = 3 * len(NOISE_LEVELS)  # core/ood.check_reference_volumes, which calibrate-ood applies after training
+    short = retrain_check(tmp_path / "run", f"OOD_CASES={needed - 1}")
+    assert short.returncode == 2
+    assert short.stdout.splitlines() == [f"OOD_CASES={needed - 1}: the OOD reference needs at least {needed} held-out "
+                                         f"volumes (3 per noise level); use OOD_CASES={needed} or more"]
+    assert retrain_check(tmp_path / "run", f"OOD_CASES={needed}").returncode == 0
+
+
+def test_a_kept_folder_of_another_size_is_named_with_what_to_do(tmp_path):
+    run = tmp_path / "run"
+    ood = cases_folder(run, "ood", 6)
+    cases_folder(run, "val", 48)  # the recipe's VAL_CASES: this one fits
+    result = retrain_check(run, "OOD_CASES=9")
+    assert result.returncode == 2
+    assert result.stdout.splitlines() == [f"{ood} holds 6 cases where 9 are asked for: remove it (rm -r {ood}) and "
+                                          "run the same make command again"]
+    assert (ood / "cases.csv").exists()  # named, not removed
+    assert retrain_check(run, "OOD_CASES=6").returncode == 2  # under the minimum, whatever the folder holds
+    shutil.rmtree(ood)
+    assert retrain_check(run, "OOD_CASES=9").returncode == 0
