@@ -100,13 +100,14 @@ HELD_OUT_CONTRAST := 1.1,1.3
 EXPECTS := {"modality": "FLAIR", "skull_stripped": true, "description": "skull-stripped brain MRI (FLAIR)"}
 
 R := $(RETRAIN_DIR)
+MODEL_FILE := $(R)/$(MODEL_NAME).pt
 TRAINING_DATA := $(TRAIN_CASES) domain-randomised phantom cases ($(TRAIN_FAMILIES), lesion contrast $(TRAIN_CONTRAST)); a phantom-trained demonstration model, not for clinical use
 
 # Each step is a file, so a rerun (after an interruption, or with a later step changed) redoes only what is missing.
-retrain: retrain-check $(R)/$(MODEL_NAME).pt $(R)/test_families/cases.csv $(R)/test_contrast/cases.csv $(R)/val/cases.csv
-	$(CDM) evaluate-volumes $(R)/test_families -o $(R)/results/families --model $(R)/$(MODEL_NAME).pt --fit-threshold-on $(R)/val --device $(DEVICE) --overwrite $(EVAL_OPTS)
-	$(CDM) evaluate-volumes $(R)/test_contrast -o $(R)/results/contrast --model $(R)/$(MODEL_NAME).pt --fit-threshold-on $(R)/val --device $(DEVICE) --overwrite $(EVAL_OPTS)
-	@echo "Model: $(R)/$(MODEL_NAME).pt; tables: $(R)/results/*/volumes.md"
+retrain: retrain-check $(MODEL_FILE) $(R)/test_families/cases.csv $(R)/test_contrast/cases.csv $(R)/val/cases.csv
+	$(CDM) evaluate-volumes $(R)/test_families -o $(R)/results/families --model $(MODEL_FILE) --fit-threshold-on $(R)/val --device $(DEVICE) --overwrite $(EVAL_OPTS)
+	$(CDM) evaluate-volumes $(R)/test_contrast -o $(R)/results/contrast --model $(MODEL_FILE) --fit-threshold-on $(R)/val --device $(DEVICE) --overwrite $(EVAL_OPTS)
+	@echo "Model: $(MODEL_FILE); tables: $(R)/results/*/volumes.md"
 
 # Before any training: a phantom folder is kept once made, and make cannot see a changed *_CASES, so a folder
 # holding another number of cases stops the run with what to do; the OOD reference needs 3 volumes per noise
@@ -150,7 +151,7 @@ $(R)/calibrated.pt: $(R)/trained.pt $(R)/defaults.json
 	$(CDM) set-defaults $^ -o $@
 $(R)/refined.json: $(R)/calibrated.pt $(R)/val/cases.csv
 	$(CDM) calibrate-refinement $< $(R)/val -o $@ --device $(DEVICE)
-$(R)/$(MODEL_NAME).pt: $(R)/trained.pt $(R)/refined.json $(R)/ood.json $(R)/expects.json
+$(MODEL_FILE): $(R)/trained.pt $(R)/refined.json $(R)/ood.json $(R)/expects.json
 	$(CDM) set-defaults $< $(R)/refined.json --ood $(R)/ood.json --expects $(R)/expects.json -o $@
 
 clean:

@@ -41,7 +41,8 @@ from CDMSegmentLib.core.device import cpu_has_bf16  # noqa: E402
 from CDMSegmentLib.core.image import Volume  # noqa: E402
 from CDMSegmentLib.core.reading import read_volume  # noqa: E402
 from CDMSegmentLib.core.errors import CDMSegmentError  # noqa: E402
-from CDMSegmentLib.core.modelfile import MODELS_DIR, load_model  # noqa: E402
+from CDMSegmentLib.core.model_description import describe_model  # noqa: E402
+from CDMSegmentLib.core.modelfile import MODELS_DIR  # noqa: E402
 
 SAMPLE = MODELS_DIR.parent / "Sample"
 # name: (runner options, CDM parameter overrides)
@@ -140,7 +141,7 @@ def main() -> None:
     default_options = SETTINGS[DEFAULT_SETTING][0]
     for path in args.candidate:
         try:  # a missing, truncated or classifier file: one line here, not a traceback from a worker process
-            load_model(path)
+            describe_model(path)
         except CDMSegmentError as e:
             parser.error(f"--candidate {path}: {e}")
         settings.append((f"{Path(path).name}, {DEFAULT_SETTING.split(', ', 1)[1]}",

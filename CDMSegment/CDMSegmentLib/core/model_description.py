@@ -15,7 +15,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from . import ranges
 from .errors import CDMSegmentError, ModelFileError
@@ -168,7 +168,8 @@ def check_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-            has_metadata = any(n.endswith(f"/extra/{METADATA_FILE}") for n in archive.namelist())
+            names = archive.namelist()
+            has_metadata = any(n.endswith(f"/extra/{METADATA_FILE}") for n in names)
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error):
         raise ModelFileError(f"{path.name} is not a readable CDMSegment model (truncated or not a TorchScript "
                              "archive); use a model exported by 'cdmsegment export'") from None
@@ -176,16 +177,17 @@ def check_archive(path: Path) -> None:
         raise ModelFileError(f"model file {path} is damaged ({bad.split('/')[-1]} fails its CRC check); "
                              "copy or download it again from its source")
     if not has_metadata:
-        raise without_metadata(path)
+        raise without_metadata(path, names)
 
 
-def without_metadata(path: Path) -> ModelFileError:
+def without_metadata(path: Path, names: Optional[List[str]] = None) -> ModelFileError:
     """The error for a readable PyTorch archive that is not a CDMSegment model: a training run's checkpoint
     (torch.save: a pickle and tensors, no TorchScript code), which 'cdmsegment export' turns into one, or another
-    TorchScript file."""
-    with zipfile.ZipFile(path) as archive:
-        torchscript = any("/code/" in name for name in archive.namelist())
-    if not torchscript:
+    TorchScript file. ``names``: the archive's member names, when the caller has read them already."""
+    if names is None:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    if not any("/code/" in name for name in names):
         return ModelFileError(f"{path.name} is a training checkpoint, not a model file; make one from it with "
                               f"'cdmsegment export {path.name} -o MODEL.pt --name NAME'")
     return ModelFileError(f"{path.name} is a TorchScript file without CDMSegment metadata; "
