@@ -11,6 +11,7 @@ itself off as a registered model. ``modelfile.load_model`` builds on it and adds
 
 import hashlib
 import json
+import shlex
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -189,7 +190,7 @@ def without_metadata(path: Path, names: Optional[List[str]] = None) -> ModelFile
             names = archive.namelist()
     if not any("/code/" in name for name in names):
         return ModelFileError(f"{path.name} is a training checkpoint, not a model file; make one from it with "
-                              f"'cdmsegment export {path.name} -o MODEL.pt --name NAME'")
+                              f"'cdmsegment export {shlex.quote(str(path))} -o MODEL.pt --name NAME'")
     return ModelFileError(f"{path.name} is a TorchScript file without CDMSegment metadata; "
                           "use a model exported by 'cdmsegment export'")
 
