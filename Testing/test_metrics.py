@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from CDMSegmentLib.core.errors import CDMSegmentError
-from CDMSegmentLib.evaluation.metrics import dice, false_positive_pixels, hd95, iou, nan_mean, pixel_auroc
+from CDMSegmentLib.evaluation.metrics import (LesionCounts, dice, false_positive_pixels, hd95, iou, lesion_counts,
+                                             nan_mean, pixel_auroc)
 
 
 def squares():
@@ -82,3 +83,27 @@ def test_false_positives_and_nan_mean():
     assert nan_mean([1.0, math.nan, 3.0]) == (2.0, 1)
     mean, undefined = nan_mean([math.nan])
     assert math.isnan(mean) and undefined == 1
+
+
+def test_lesion_counts_count_each_lesion_once_whatever_its_volume():
+    truth = np.zeros((8, 20, 20), bool)
+    truth[1:7, 2:12, 2:12] = True  # one large lesion, 600 voxels
+    truth[2, 15, 15] = truth[5, 17, 3] = True  # two one-voxel lesions
+    truth[6, 15:17, 15:17] = True  # a fourth, 4 voxels
+    prediction = np.zeros(truth.shape, bool)
+    prediction[1:7, 2:12, 3:12] = True  # nine tenths of the large lesion
+    prediction[6, 16, 16] = True  # one voxel of the fourth
+    prediction[0, 18:20, 0:2] = True  # a region far from every lesion
+    prediction[2, 14, 14] = True  # next to the second lesion only diagonally: no overlap, a false region
+    assert lesion_counts(prediction, truth) == LesionCounts(lesions=4, found=2, false_regions=2)
+    assert dice(prediction, truth) > 0.9  # Dice, ruled by the large lesion, hides the two lesions missed
+    # a region covering two lesions finds both and is one region; diagonal neighbours are separate lesions
+    joined = np.zeros((3, 6, 6), bool)
+    joined[1, 1, 1] = joined[1, 2, 2] = True
+    cover = np.zeros(joined.shape, bool)
+    cover[1, 1:3, 1:3] = True
+    assert lesion_counts(cover, joined) == LesionCounts(2, 2, 0)
+    assert lesion_counts(np.zeros(joined.shape, bool), joined) == LesionCounts(2, 0, 0)
+    assert lesion_counts(cover, np.zeros(joined.shape, bool)) == LesionCounts(0, 0, 1)
+    with pytest.raises(CDMSegmentError, match="differ in shape"):
+        lesion_counts(cover, joined[:2])

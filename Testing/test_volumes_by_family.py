@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from CDMSegmentLib.cli.main import main
 from CDMSegmentLib.core.device import choose_device
@@ -48,21 +49,26 @@ def test_fitting_needs_a_lesion():
         fit_intensity_threshold([(image, np.zeros(image.shape, bool))])
 
 
-def score(case, method, family, lesion_ml, dice_3d, detected, fp=0.0):
-    return VolumeScore(case, method, lesion_ml, 0.0, dice_3d, dice_3d, fp, 1.0, family, detected)
+def score(case, method, family, lesion_ml, dice_3d, detected, fp=0.0, lesions=(0, 0), false_regions=0):
+    return VolumeScore(case, method, lesion_ml, 0.0, dice_3d, dice_3d, fp, 1.0, family, detected,
+                       lesions=lesions[1], lesions_found=lesions[0], false_regions=false_regions)
 
 
 def test_tables_group_by_family_and_by_lesion_volume():
-    scores = [score("a", "CDM", "ms", 2.0, 0.2, 1.0), score("b", "CDM", "ms", 3.0, 0.0, 0.0),
-              score("c", "CDM", "core-oedema", 120.0, 0.8, 1.0),
-              score("d", "CDM", "healthy", 0.0, float("nan"), float("nan"), fp=4.0)]
+    scores = [score("a", "CDM", "ms", 2.0, 0.2, 1.0, lesions=(1, 8), false_regions=3),
+              score("b", "CDM", "ms", 3.0, 0.0, 0.0, lesions=(0, 4)),
+              score("c", "CDM", "core-oedema", 120.0, 0.8, 1.0, lesions=(1, 1)),
+              score("d", "CDM", "healthy", 0.0, float("nan"), float("nan"), fp=4.0, false_regions=2)]
     families = family_table(scores)
-    assert "| ms | CDM | 2 | 0.100 | 50 % | 0 | - |" in families
-    assert "| core-oedema | CDM | 1 | 0.800 | 100 % | 0 | - |" in families
-    assert "| healthy | CDM | 0 | - | - | 1 | 4.00 |" in families
+    # lesions pooled over the family's volumes: 1 of 12, not the mean of 1/8 and 0/4
+    assert "| ms | CDM | 2 | 0.100 | 50 % | 1 of 12 (8 %) | 0 | - | 1.5 |" in families
+    assert "| core-oedema | CDM | 1 | 0.800 | 100 % | 1 of 1 (100 %) | 0 | - | 0.0 |" in families
+    assert "| healthy | CDM | 0 | - | - | - | 1 | 4.00 | 2.0 |" in families
+    assert all(line.count("|") == 10 for line in families.splitlines())  # every row has the header's 9 columns
     sizes = size_table(scores)
-    assert "| 1-5 | CDM | 2 | 0.100 | 50 % |" in sizes and "| 100-inf | CDM | 1 | 0.800 | 100 % |" in sizes
-    assert "healthy" not in sizes
+    assert "| 1-5 | CDM | 2 | 0.100 | 50 % | 1 of 12 (8 %) |" in sizes
+    assert "| 100-inf | CDM | 1 | 0.800 | 100 % | 1 of 1 (100 %) |" in sizes
+    assert "healthy" not in sizes and all(line.count("|") == 7 for line in sizes.splitlines())
 
 
 def test_the_summary_shows_no_nan_and_no_spread_of_one_case():
@@ -93,7 +99,7 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "| cortical | intensity threshold (calibrated) | 1 |" in out.out
-    assert "| healthy | Otsu on intensity | 0 | - | - | 1 |" in out.out
+    assert "| healthy | Otsu on intensity | 0 | - | - | - | 1 |" in out.out
     with open(tmp_path / "out" / "volumes.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     # CDM, CDM grown through the intensity and the intensity components it touches (at the fitted threshold), and
@@ -102,6 +108,14 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
     methods = [r["method"] for r in rows[:5]]
     assert methods[0] == "CDM" and methods[1].startswith("CDM + intensity growth (") and len(set(methods)) == 5
     assert all(r["ood_score"] == "nan" for r in rows)  # the tiny model has no OOD reference
+    # lesion-wise detection: every method counts the lesions of the case's own mask file, and finds at most those
+    for row in rows:
+        truth = read_volume(next((data / row["case"]).glob("*_seg.nii.gz"))).array > 0
+        assert int(row["lesions"]) == ndimage.label(truth)[1] and 0 <= int(row["lesions_found"]) <= int(row["lesions"])
+        assert (int(row["lesions"]) > 0) == (row["family"] == "cortical")
+        assert int(row["lesions_found"]) == 0 or float(row["detected"]) == 1.0
+    otsu = next(r for r in rows if r["method"] == "Otsu on intensity" and r["family"] == "cortical")
+    assert otsu["lesions_found"] == otsu["lesions"]  # Otsu takes half the brain, and so every lesion
     assert "| family |" in (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")
     # each case's line: a lesion-free case has no Dice (not NaN), and no OOD score without a reference
     lines = [line for line in out.err.splitlines() if line[:2] in ("1/", "2/")]

@@ -2,7 +2,8 @@
 
 For each held-out case the full runner makes the mask (volume-level threshold), and we
 report 3D Dice per volume, the paper's per-slice Dice on axial lesion slices, detection
-(any overlap with the lesion), and the false-positive volume on lesion-free cases, overall,
+(any overlap with the lesion), lesion-wise detection (each lesion found or not, and regions of the
+mask that touch none: metrics.lesion_counts), and the false-positive volume on lesion-free cases, overall,
 by lesion family (randomised phantoms' ``cases.csv``) and by lesion volume. Two baselines
 on intensity alone (``intensity_baselines``) show what the figures mean.
 """
@@ -18,7 +19,7 @@ import numpy as np
 from ..data.cases import Case
 from ..core.reading import read_volume
 from .intensity_baselines import intensity_otsu_mask, intensity_threshold_mask
-from .metrics import dice, nan_mean
+from .metrics import dice, lesion_counts, nan_mean
 from ..core.modelfile import LoadedModel
 from ..core.slicing import Orientation
 from ..core.device import choose_device
@@ -45,18 +46,23 @@ class VolumeScore:
     detected: float = float("nan")  # 1 when the prediction touches the lesion, 0 when not; NaN on lesion-free cases
     ood_score: float = float("nan")  # the model's OOD score of the volume (core/ood.py), NaN without a reference
     ood_flag: str = ""  # "warned" or "refused" where the tool would have said so, else ""
+    lesions: int = 0  # 3D components of the ground truth (metrics.lesion_counts)
+    lesions_found: int = 0  # of them, those the prediction touches
+    false_regions: int = 0  # 3D components of the prediction that touch no lesion
 
 
 def score_volume(case: str, method: str, pred: np.ndarray, truth: np.ndarray, orientation: Orientation,
                  voxel_ml: float, seconds: float, family: str = "") -> VolumeScore:
     pred_c, truth_c = orientation.to_canonical(pred), orientation.to_canonical(truth)
     lesion_slices = [k for k in range(truth_c.shape[0]) if truth_c[k].any()]
+    counts = lesion_counts(pred, truth)
     return VolumeScore(
         case, method, float(truth.sum() * voxel_ml), float(pred.sum() * voxel_ml),
         dice(pred, truth) if truth.any() else float("nan"),
         nan_mean([dice(pred_c[k], truth_c[k]) for k in lesion_slices])[0] if lesion_slices else float("nan"),
         float((pred & ~truth).sum() * voxel_ml), seconds, family,
-        float((pred & truth).any()) if truth.any() else float("nan"))
+        float((pred & truth).any()) if truth.any() else float("nan"), lesions=counts.lesions,
+        lesions_found=counts.found, false_regions=counts.false_regions)
 
 
 def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Optional[Sequence[str]] = None,
@@ -160,20 +166,31 @@ def summary_table(scores: Sequence[VolumeScore]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lesions_found(rows: Sequence[VolumeScore]) -> str:
+    """"found of lesions (percent)" pooled over ``rows`` (each lesion counts once, whatever its volume), "-"
+    where they hold no lesion."""
+    lesions = sum(s.lesions for s in rows)
+    found = sum(s.lesions_found for s in rows)
+    return f"{found} of {lesions} ({100 * found / lesions:.0f} %)" if lesions else "-"
+
+
 def _group_row(rows: Sequence[VolumeScore]) -> str:
     lesion = [s for s in rows if s.lesion_ml > 0]
     healthy = [s for s in rows if s.lesion_ml == 0]
     d3 = [s.dice_3d for s in lesion]
     found = [s.detected for s in lesion]
     fp = [s.false_positive_ml for s in healthy]
-    return (f"{len(lesion)} | {np.nanmean(d3):.3f} | {100 * np.nanmean(found):.0f} % | " if lesion else "0 | - | - | ") + \
-           (f"{len(healthy)} | {np.mean(fp):.2f} |" if healthy else "0 | - |")
+    false_regions = f"{np.mean([s.false_regions for s in rows]):.1f}" if rows else "-"
+    return (f"{len(lesion)} | {np.nanmean(d3):.3f} | {100 * np.nanmean(found):.0f} % | {lesions_found(lesion)} | "
+            if lesion else "0 | - | - | - | ") + \
+           (f"{len(healthy)} | {np.mean(fp):.2f} |" if healthy else "0 | - |") + f" {false_regions} |"
 
 
 def family_table(scores: Sequence[VolumeScore]) -> str:
-    """Markdown, per lesion family and method: mean 3D Dice, detection, false positives on lesion-free cases."""
-    lines = ["| family | method | volumes with lesion | 3D Dice (mean) | detected | lesion-free volumes | "
-             "false positives (ml, mean) |", "|---|---|---|---|---|---|---|"]
+    """Markdown, per lesion family and method: mean 3D Dice, detection (volumes, then lesions), false positives on
+    lesion-free cases, and regions of the mask that touch no lesion (mean per volume, all volumes)."""
+    lines = ["| family | method | volumes with lesion | 3D Dice (mean) | detected | lesions found | lesion-free volumes | "
+             "false positives (ml, mean) | false regions per volume |", "|---|---|---|---|---|---|---|---|---|"]
     for family in sorted(dict.fromkeys(s.family for s in scores)):
         for method in dict.fromkeys(s.method for s in scores):
             rows = [s for s in scores if s.family == family and s.method == method]
@@ -182,14 +199,16 @@ def family_table(scores: Sequence[VolumeScore]) -> str:
 
 
 def size_table(scores: Sequence[VolumeScore]) -> str:
-    """Markdown, per lesion-volume bin (ml) and method: mean 3D Dice and detection (any overlap)."""
-    lines = ["| lesion volume (ml) | method | volumes | 3D Dice (mean) | detected |", "|---|---|---|---|---|"]
+    """Markdown, per lesion-volume bin (ml; a case's total) and method: mean 3D Dice, detection (any overlap)
+    and the lesions found (each lesion of those volumes once)."""
+    lines = ["| lesion volume (ml) | method | volumes | 3D Dice (mean) | detected | lesions found |",
+             "|---|---|---|---|---|---|"]
     for lo, hi in zip(SIZE_BINS_ML[:-1], SIZE_BINS_ML[1:]):
         for method in dict.fromkeys(s.method for s in scores):
             rows = [s for s in scores if s.method == method and lo < s.lesion_ml <= hi]
             if rows:
                 lines.append(f"| {lo:g}-{hi:g} | {method} | {len(rows)} | {np.nanmean([s.dice_3d for s in rows]):.3f} | "
-                             f"{100 * np.mean([s.detected for s in rows]):.0f} % |")
+                             f"{100 * np.mean([s.detected for s in rows]):.0f} % | {lesions_found(rows)} |")
     return "\n".join(lines) + "\n"
 
 
