@@ -61,7 +61,7 @@ def score_volume(case: str, method: str, pred: np.ndarray, truth: np.ndarray, or
         dice(pred, truth) if truth.any() else float("nan"),
         nan_mean([dice(pred_c[k], truth_c[k]) for k in lesion_slices])[0] if lesion_slices else float("nan"),
         float((pred & ~truth).sum() * voxel_ml), seconds, family,
-        float((pred & truth).any()) if truth.any() else float("nan"), lesions=counts.lesions,
+        float(counts.found > 0) if truth.any() else float("nan"), lesions=counts.lesions,
         lesions_found=counts.found, false_regions=counts.false_regions)
 
 
