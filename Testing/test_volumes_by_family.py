@@ -65,6 +65,10 @@ def test_tables_group_by_family_and_by_lesion_volume():
     assert "| core-oedema | CDM | 1 | 0.800 | 100 % | 1 of 1 (100 %) | 0 | - | 0.0 |" in families
     assert "| healthy | CDM | 0 | - | - | - | 1 | 4.00 | 2.0 |" in families
     assert all(line.count("|") == 10 for line in families.splitlines())  # every row has the header's 9 columns
+    # the header says which volumes each false-positive figure covers (the healthy row: 4 ml, 2 regions)
+    header = families.splitlines()[0].split("|")
+    assert header[8].strip() == "false positives on lesion-free volumes (ml, mean)"
+    assert header[9].strip() == "false regions per volume (all volumes)"
     sizes = size_table(scores)
     assert "| 1-5 | CDM | 2 | 0.100 | 50 % | 1 of 12 (8 %) |" in sizes
     assert "| 100-inf | CDM | 1 | 0.800 | 100 % | 1 of 1 (100 %) |" in sizes

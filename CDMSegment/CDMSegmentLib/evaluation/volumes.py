@@ -190,7 +190,8 @@ def family_table(scores: Sequence[VolumeScore]) -> str:
     """Markdown, per lesion family and method: mean 3D Dice, detection (volumes, then lesions), false positives on
     lesion-free cases, and regions of the mask that touch no lesion (mean per volume, all volumes)."""
     lines = ["| family | method | volumes with lesion | 3D Dice (mean) | detected | lesions found | lesion-free volumes | "
-             "false positives (ml, mean) | false regions per volume |", "|---|---|---|---|---|---|---|---|---|"]
+             "false positives on lesion-free volumes (ml, mean) | false regions per volume (all volumes) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for family in sorted(dict.fromkeys(s.family for s in scores)):
         for method in dict.fromkeys(s.method for s in scores):
             rows = [s for s in scores if s.family == family and s.method == method]
