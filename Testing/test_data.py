@@ -158,3 +158,49 @@ def test_generic_folder_with_slice_and_volume_labels(tmp_path):
     table.write_text("case,slice,label\nmissing,3,1\n")
     with pytest.raises(CDMSegmentError, match="has no such volume"):
         find_labelled_volumes(tmp_path, table)
+
+
+def test_slices_pools_several_case_folders_into_one_set(brats, tmp_path, capsys):
+    from CDMSegmentLib.cli.main import main
+
+    root, segs = brats
+    other = tmp_path / "small_lesions"
+    other_segs = {f"Small_{n:03d}": tiny_case(other, f"Small_{n:03d}", lesions, 100 + n)
+                  for n, lesions in enumerate([(3,), (2, 5)])}
+    out = tmp_path / "pooled.npz"
+    assert main(["slices", str(root), str(other), "--subset", "all", "--image-size", "16", "-o", str(out)]) == 0
+    pooled = load_slices(out)
+    assert capsys.readouterr().out.splitlines()[-1] == (f"{len(pooled)} slices ({int((pooled.labels > 0).sum())} "
+                                                        f"labelled > 0) -> {out}")
+    alone = {folder: load_slices_of(folder, tmp_path / f"{folder.name}.npz") for folder in (root, other)}
+    assert len(pooled) == len(alone[root]) + len(alone[other])
+    all_segs = {**segs, **other_segs}
+    assert sorted(set(pooled.case_ids)) == sorted(all_segs)
+    for case_id, seg in all_segs.items():  # each slice keeps its case and its label (lesion on that slice or not)
+        rows = [i for i, c in enumerate(pooled.case_ids) if c == case_id]
+        assert [int(pooled.labels[i] > 0) for i in rows] == [int(seg[int(pooled.slice_index[i])].any()) for i in rows]
+
+
+def load_slices_of(folder, out):
+    from CDMSegmentLib.cli.main import main
+
+    assert main(["slices", str(folder), "--subset", "all", "--image-size", "16", "-o", str(out)]) == 0
+    return load_slices(out)
+
+
+def test_slices_refuses_a_case_given_twice_and_a_slice_set_among_folders(brats, tmp_path, capsys):
+    from CDMSegmentLib.cli.main import main
+
+    root, _ = brats
+    copy = tmp_path / "copy"
+    tiny_case(copy, "BraTS2021_00002", (5,), 2)
+    out = tmp_path / "pooled.npz"
+    assert main(["slices", str(root), str(copy), "--subset", "all", "--image-size", "16", "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cdmsegment slices: error: case BraTS2021_00002 is in both {root} and {copy}: a case may be given once; "
+                   "remove one copy or leave one folder out"]
+    assert not out.exists()
+    load_slices_of(root, tmp_path / "one.npz")
+    assert main(["slices", str(root), str(tmp_path / "one.npz"), "-o", str(out)]) == 1
+    assert "several data arguments must all be BraTS-layout case folders" in capsys.readouterr().err
+    assert not out.exists()

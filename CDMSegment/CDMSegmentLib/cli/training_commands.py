@@ -91,9 +91,13 @@ def run_phantom(args) -> None:
     print(f"{len(records)} cases ({with_lesion} with lesions) in {args.output}")
 
 
-def _add_data_arguments(p) -> None:
-    p.add_argument("data", type=Path, help="a BraTS-layout folder (phantoms too), a folder of volumes with "
-                   "--labels, or a .npz slice set")
+def _add_data_arguments(p, several: bool = False) -> None:
+    if several:
+        p.add_argument("data", type=Path, nargs="+", help="one or more BraTS-layout folders (phantoms too; their "
+                       "cases are pooled), a folder of volumes with --labels, or a .npz slice set")
+    else:
+        p.add_argument("data", type=Path, help="a BraTS-layout folder (phantoms too), a folder of volumes with "
+                       "--labels, or a .npz slice set")
     p.add_argument("--labels", type=Path, default=None,
                    help="CSV of per-slice labels (case or file, slice, label) for a folder of single-modality volumes")
     p.add_argument("--modalities", type=comma_list(str), default=("flair",),
@@ -107,18 +111,23 @@ def _add_data_arguments(p) -> None:
 
 
 def load_training_slices(args, split_path: Path, with_masks: bool = False):
-    """Slices for training: from a .npz as is, or from a case folder's ``subset`` of a patient-level split."""
+    """Slices for training: from a .npz as is, or from the ``subset`` of a patient-level split of the cases in one
+    or more case folders (``args.data``: a Path, or a list of them for ``slices``)."""
     from ..data.slicesets import load_slices
 
-    if args.data.suffix == ".npz":
-        return load_slices(args.data)
-    from ..data.cases import (build_slice_dataset, find_brats_cases, find_labelled_volumes, read_split, select_cases,
-                       split_cases, write_split)
+    data = args.data if isinstance(args.data, list) else [args.data]
+    if len(data) > 1 and (args.labels is not None or any(d.suffix == ".npz" for d in data)):
+        raise CDMSegmentError("several data arguments must all be BraTS-layout case folders (a .npz slice set, or a "
+                              "folder with --labels, is given alone): give one, or only case folders")
+    if data[0].suffix == ".npz":
+        return load_slices(data[0])
+    from ..data.cases import (build_slice_dataset, find_brats_cases_in, find_labelled_volumes, read_split,
+                              select_cases, split_cases, write_split)
 
     if args.labels is not None:
-        cases = find_labelled_volumes(args.data, args.labels, modality=args.modalities[0])
+        cases = find_labelled_volumes(data[0], args.labels, modality=args.modalities[0])
     else:
-        cases = find_brats_cases(args.data)
+        cases = find_brats_cases_in(data)
     if args.subset != "all":
         if args.split is not None:
             split = read_split(args.split)
@@ -130,8 +139,9 @@ def load_training_slices(args, split_path: Path, with_masks: bool = False):
 
 
 def add_slices_parser(sub) -> None:
-    p = sub.add_parser("slices", help="turn a case folder into a compact .npz slice set (to ship to a GPU machine)")
-    _add_data_arguments(p)
+    p = sub.add_parser("slices", help="turn case folders into one compact .npz slice set (to train from, or to "
+                       "ship to a GPU machine)")
+    _add_data_arguments(p, several=True)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.npz",
                    help="the slice set to write; a split it makes is written beside it as FILE.split.json")
     p.add_argument("--with-masks", action="store_true", help="keep ground-truth masks (calibration, evaluation)")

@@ -156,6 +156,23 @@ def find_brats_cases(root) -> List[Case]:
     return [found[k] for k in sorted(found)]
 
 
+def find_brats_cases_in(roots: Sequence) -> List[Case]:
+    """The cases of ``find_brats_cases`` for each folder in ``roots``, pooled and sorted by case id.
+
+    Raises CDMSegmentError when two folders hold the same case id (one patient twice would sit on both
+    sides of a split, and a slice set's case ids would no longer name one patient).
+    """
+    pooled: Dict[str, Case] = {}
+    where: Dict[str, Path] = {}
+    for root in roots:
+        for case in find_brats_cases(root):
+            if case.case_id in pooled:
+                raise CDMSegmentError(f"case {case.case_id} is in both {where[case.case_id]} and {root}: "
+                                      "a case may be given once; remove one copy or leave one folder out")
+            pooled[case.case_id], where[case.case_id] = case, Path(root)
+    return [pooled[k] for k in sorted(pooled)]
+
+
 def find_labelled_volumes(folder, labels_csv, modality: str = "image") -> List[Case]:
     """Cases for a folder of single-modality volumes and a label table (see ``read_label_table``).
 
