@@ -77,6 +77,7 @@ screenshot: venv
 RETRAIN_DIR ?= work/retrain
 CDM ?= $(VENV)/bin/cdmsegment
 TRAIN_CASES ?= 160
+SMALL_CASES ?= 80
 VAL_CASES ?= 48
 OOD_CASES ?= 60
 TEST_CASES ?= 36
@@ -95,13 +96,16 @@ EVAL_OPTS ?=
 MODEL_NAME ?= brain-flair-retrained
 TRAIN_FAMILIES := core-oedema,infiltrative,multifocal,healthy
 TRAIN_CONTRAST := 1.3,2.5
+# the second training folder: the tumour families again, each case's lesions drawn at 0.1-4 ml in all
+SMALL_FAMILIES := core-oedema,infiltrative,multifocal
+SMALL_LESION_ML := 0.1,4
 HELD_OUT_FAMILIES := ms,cortical,healthy
 HELD_OUT_CONTRAST := 1.1,1.3
 EXPECTS := {"modality": "FLAIR", "skull_stripped": true, "description": "skull-stripped brain MRI (FLAIR)"}
 
 R := $(RETRAIN_DIR)
 MODEL_FILE := $(R)/$(MODEL_NAME).pt
-TRAINING_DATA := $(TRAIN_CASES) domain-randomised phantom cases ($(TRAIN_FAMILIES), lesion contrast $(TRAIN_CONTRAST)); a phantom-trained demonstration model, not for clinical use
+TRAINING_DATA := $(TRAIN_CASES) + $(SMALL_CASES) domain-randomised phantom cases ($(TRAIN_FAMILIES); the second set with lesions of $(SMALL_LESION_ML) ml; lesion contrast $(TRAIN_CONTRAST)); a phantom-trained demonstration model, not for clinical use
 
 # Each step is a file, so a rerun (after an interruption, or with a later step changed) redoes only what is missing.
 retrain: retrain-check $(MODEL_FILE) $(R)/test_families/cases.csv $(R)/test_contrast/cases.csv $(R)/val/cases.csv
@@ -115,7 +119,7 @@ retrain: retrain-check $(MODEL_FILE) $(R)/test_families/cases.csv $(R)/test_cont
 retrain-check:
 	@test "$(OOD_CASES)" -ge 9 2>/dev/null || { echo "OOD_CASES=$(OOD_CASES): the OOD reference needs at least 9 \
 	held-out volumes (3 per noise level); use OOD_CASES=9 or more"; exit 2; }
-	@for folder in train:$(TRAIN_CASES) val:$(VAL_CASES) ood:$(OOD_CASES) test_families:$(TEST_CASES) \
+	@for folder in train:$(TRAIN_CASES) train_small:$(SMALL_CASES) val:$(VAL_CASES) ood:$(OOD_CASES) test_families:$(TEST_CASES) \
 	               test_contrast:$(TEST_CASES); do \
 	    dir=$(R)/$${folder%%:*}; asked=$${folder##*:}; \
 	    test -f $$dir/cases.csv || continue; held=$$(( $$(wc -l < $$dir/cases.csv) - 1 )); \
@@ -125,6 +129,9 @@ retrain-check:
 
 $(R)/train/cases.csv:
 	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(TRAIN_CASES) --seed 1000 $(PHANTOM_OPTS)
+$(R)/train_small/cases.csv:
+	$(CDM) phantom $(@D) --families $(SMALL_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --lesion-ml $(SMALL_LESION_ML) \
+		--cases $(SMALL_CASES) --seed 1200 $(PHANTOM_OPTS)
 $(R)/val/cases.csv:
 	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(VAL_CASES) --seed 9000 $(PHANTOM_OPTS)
 $(R)/ood/cases.csv:
@@ -133,8 +140,8 @@ $(R)/test_families/cases.csv:
 	$(CDM) phantom $(@D) --families $(HELD_OUT_FAMILIES) --cases $(TEST_CASES) --seed 7000 $(PHANTOM_OPTS)
 $(R)/test_contrast/cases.csv:
 	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(HELD_OUT_CONTRAST) --cases $(TEST_CASES) --seed 7100 $(PHANTOM_OPTS)
-$(R)/train.npz: $(R)/train/cases.csv
-	$(CDM) slices $(<D) --subset all --image-size $(IMAGE_SIZE) -o $@
+$(R)/train.npz: $(R)/train/cases.csv $(R)/train_small/cases.csv
+	$(CDM) slices $(R)/train $(R)/train_small --subset all --image-size $(IMAGE_SIZE) -o $@
 $(R)/val.npz: $(R)/val/cases.csv
 	$(CDM) slices $(<D) --subset all --with-masks --image-size $(IMAGE_SIZE) -o $@
 $(R)/trained.pt: $(R)/train.npz $(R)/val.npz

@@ -51,3 +51,23 @@ def test_a_kept_folder_of_another_size_is_named_with_what_to_do(tmp_path):
     assert retrain_check(run, "OOD_CASES=6").returncode == 2  # under the minimum, whatever the folder holds
     shutil.rmtree(ood)
     assert retrain_check(run, "OOD_CASES=9").returncode == 0
+
+
+def test_the_small_lesion_training_folder_is_checked_like_the_others(tmp_path):
+    run = tmp_path / "run"
+    small = cases_folder(run, "train_small", 40)
+    result = retrain_check(run)
+    assert result.returncode == 2
+    assert result.stdout.splitlines() == [f"{small} holds 40 cases where 80 are asked for: remove it (rm -r {small}) "
+                                          "and run the same make command again"]
+    assert retrain_check(run, "SMALL_CASES=40").returncode == 0
+
+
+def test_the_recipe_pools_both_training_folders_into_one_slice_set(tmp_path):
+    plan = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), f"RETRAIN_DIR={tmp_path}",
+                           f"{tmp_path}/train.npz"], capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.replace("\\\n\t", "").splitlines()  # a recipe line continued with a backslash is one command
+    small = next(line for line in lines if f"phantom {tmp_path}/train_small " in line)
+    assert "--lesion-ml 0.1,4" in small and "--seed 1200" in small and "--families core-oedema,infiltrative,multifocal" in small
+    assert any(f"slices {tmp_path}/train {tmp_path}/train_small --subset all" in line for line in lines)
