@@ -99,13 +99,14 @@ TRAIN_CONTRAST := 1.3,2.5
 # the second training folder: the tumour families again, each case's lesions drawn at 0.1-4 ml in all
 SMALL_FAMILIES := core-oedema,infiltrative,multifocal
 SMALL_LESION_ML := 0.1,4
+comma := ,
 HELD_OUT_FAMILIES := ms,cortical,healthy
 HELD_OUT_CONTRAST := 1.1,1.3
 EXPECTS := {"modality": "FLAIR", "skull_stripped": true, "description": "skull-stripped brain MRI (FLAIR)"}
 
 R := $(RETRAIN_DIR)
 MODEL_FILE := $(R)/$(MODEL_NAME).pt
-TRAINING_DATA := $(TRAIN_CASES) + $(SMALL_CASES) domain-randomised phantom cases ($(TRAIN_FAMILIES); the second set with lesions of $(SMALL_LESION_ML) ml; lesion contrast $(TRAIN_CONTRAST)); a phantom-trained demonstration model, not for clinical use
+TRAINING_DATA := $(TRAIN_CASES) + $(SMALL_CASES) domain-randomised phantom cases ($(TRAIN_FAMILIES); the second set with lesions of $(subst $(comma),-,$(SMALL_LESION_ML)) ml in all; lesion contrast $(TRAIN_CONTRAST)); a phantom-trained demonstration model, not for clinical use
 
 # Each step is a file, so a rerun (after an interruption, or with a later step changed) redoes only what is missing.
 retrain: retrain-check $(MODEL_FILE) $(R)/test_families/cases.csv $(R)/test_contrast/cases.csv $(R)/val/cases.csv

@@ -16,9 +16,9 @@ import render_panel  # noqa: E402
 from CDMSegmentLib.slicer_adapters.panel_choices import result_text  # noqa: E402
 
 # A run's summary line as `cdmsegment segment --progress-lines` writes it (the sample with the default model).
-SUMMARY = {"event": "summary", "class_names": ["tumour"], "thresholds": [0.0003394], "min_component_voxels": 47,
-           "slices_total": 82, "slices_run": 66, "voxels_segmented": 13344, "volume_ml": 70.75, "seconds": 6.9,
-           "device": "cpu", "model": "brain-flair-cpu 1", "warnings": [], "engine": "onnxruntime",
+SUMMARY = {"event": "summary", "class_names": ["tumour"], "thresholds": [0.0002658], "min_component_voxels": 47,
+           "slices_total": 82, "slices_run": 66, "voxels_segmented": 13345, "volume_ml": 70.76, "seconds": 6.2,
+           "device": "cpu", "model": "brain-flair-cpu 2", "warnings": [], "engine": "onnxruntime",
            "refinement": {"lesion_intensity": 0.7, "lesion_intensity_floor": 1.4, "lesion_support": 0.1,
                           "brain_median": 538.0}}
 
@@ -32,10 +32,12 @@ def test_the_panel_shows_the_run_in_the_widgets_the_ui_declares():
         assert ui["inputVolumeSelector"].currentText() == "CDMSegmentSample_flair"
         assert ui["outputSegmentationSelector"].currentText() == "CDMSegmentSample_flair segmentation"
         assert ui["statusLabel"].text() == result_text(SUMMARY)
-        assert ui["modelInfoLabel"].text().startswith("brain-flair-cpu 1: ")
+        from CDMSegmentLib.core.modelfile import load_model
+
+        assert ui["modelInfoLabel"].text().startswith(f"brain-flair-cpu {load_model().metadata['version']}: ")
         assert ui["targetClassSelector"].currentText() == "tumour" and ui["methodSelector"].currentText() == "CDM"
         shown = ui["thresholdSlider"].spin_box
-        assert shown.value() == pytest.approx(round(0.0003394, shown.decimals()))  # Qt rounds to the decimals
+        assert shown.value() == pytest.approx(round(0.0002658, shown.decimals()))  # Qt rounds to the decimals
         assert ui["thresholdSlider"].spin_box.maximum() == pytest.approx(0.0123)
         assert ui["stepsSpinBox"].isHidden() and not ui["statusLabel"].isHidden()  # Advanced is collapsed
     finally:

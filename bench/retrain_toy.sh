@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-$(mktemp -d)}
-PYTHON=${PYTHON:-python3}
+# the environment `make venv` (or `make demo`, `make test`) creates, else python3 (set PYTHON to choose)
+PYTHON=${PYTHON:-$(test -x .venv/bin/python && echo "$PWD/.venv/bin/python" || echo python3)}
 export PYTHONPATH=$PWD/CDMSegment${PYTHONPATH:+:$PYTHONPATH}
 start=$(date +%s)
 make --no-print-directory retrain RETRAIN_DIR="$DIR" CDM="$PYTHON -m CDMSegmentLib.cli.main" MODEL_NAME=toy \
