@@ -165,7 +165,11 @@ def main():
     heatmap_max = float(sitk.GetArrayFromImage(sitk.ReadImage(str(args.heatmap))).max())
     panel = render_panel(read_summary(args.run), heatmap_max, args.sample.name.split(".")[0], args.width,
                          views.height())
-    if not compose(panel, views).save(str(args.out), "PNG", 0):  # quality 0: the strongest PNG compression
+    # 256 colours with diffuse dithering keep the picture as it looks and the file under the repository's 500 kB
+    # (Testing/test_packaging.py); quality 0: the strongest PNG compression
+    picture = compose(panel, views).convertToFormat(QtGui.QImage.Format.Format_Indexed8,
+                                                    QtCore.Qt.ImageConversionFlag.DiffuseDither)
+    if not picture.save(str(args.out), "PNG", 0):
         raise SystemExit(f"cannot write {args.out}")
     print(f"wrote {args.out} ({panel.width() + views.width()}x{views.height()}), panel {panel.width()} px wide")
 
