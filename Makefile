@@ -68,7 +68,7 @@ screenshot: venv
 		Resources/screenshot.png
 
 # `make retrain`: brain-flair-cpu's recipe, end to end (README, "Train your own model"). Domain-randomised
-# phantoms; whole lesion families (ms, cortical) and the subtlest lesion contrast (1.1-1.3 x grey matter) are held
+# phantoms, a second training set of them with lesions of 0.1-4 ml in all; whole lesion families (ms, cortical) and the subtlest lesion contrast (1.1-1.3 x grey matter) are held
 # out of training and used only for evaluation. Sized for two CPU cores: a compact network (base 16, 96 px, 0.79
 # GFLOP per evaluation) trained on the noise band the CDM uses (timesteps 40-599 of 1000), with held-out figures
 # logged at every checkpoint. The same command resumes an interrupted run from its checkpoint, and a larger STEPS
