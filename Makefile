@@ -67,13 +67,13 @@ screenshot: venv
 	$(PY) tools/render_panel.py $(SAMPLE) demo-output/run.jsonl demo-output/$(STEM)_heatmap.nrrd demo-output/views.png \
 		Resources/screenshot.png
 
-# `make retrain`: brain-flair-cpu's recipe, end to end (README, "Train your own model"). Domain-randomised
-# phantoms, a second training set of them with lesions of 0.1-4 ml in all; whole lesion families (ms, cortical) and the subtlest lesion contrast (1.1-1.3 x grey matter) are held
-# out of training and used only for evaluation. Sized for two CPU cores: a compact network (base 16, 96 px, 0.79
-# GFLOP per evaluation) trained on the noise band the CDM uses (timesteps 40-599 of 1000), with held-out figures
-# logged at every checkpoint. The same command resumes an interrupted run from its checkpoint, and a larger STEPS
-# extends a finished one (the run folder is $(RETRAIN_DIR)/run; its progress.jsonl says how far it is). On a GPU,
-# scale it up: STEPS, BATCH, NETWORK, DEVICE.
+# `make retrain`: brain-flair-cpu's recipe, end to end (README, "Train your own model"). Domain-randomised phantoms,
+# with a second training set of lesions of 0.1-4 ml in all; whole lesion families (ms, cortical) and the subtlest
+# lesion contrast (1.1-1.3 x grey matter) are held out of training and used only for evaluation. Sized for two CPU
+# cores: a compact network (base 16, 96 px, 0.79 GFLOP per evaluation) trained on the noise band the CDM uses
+# (timesteps 40-599 of 1000), with held-out figures logged at every checkpoint. The same command resumes an
+# interrupted run from its checkpoint, and a larger STEPS extends a finished one (the run folder is
+# $(RETRAIN_DIR)/run; its progress.jsonl says how far it is). On a GPU, scale it up: STEPS, BATCH, NETWORK, DEVICE.
 RETRAIN_DIR ?= work/retrain
 CDM ?= $(VENV)/bin/cdmsegment
 TRAIN_CASES ?= 160

@@ -92,12 +92,10 @@ def run_phantom(args) -> None:
 
 
 def _add_data_arguments(p, several: bool = False) -> None:
-    if several:
-        p.add_argument("data", type=Path, nargs="+", help="one or more BraTS-layout folders (phantoms too; their "
-                       "cases are pooled), a folder of volumes with --labels, or a .npz slice set")
-    else:
-        p.add_argument("data", type=Path, help="a BraTS-layout folder (phantoms too), a folder of volumes with "
-                       "--labels, or a .npz slice set")
+    folders = "one or more BraTS-layout folders (phantoms too; their cases are pooled)" if several else \
+        "a BraTS-layout folder (phantoms too)"
+    p.add_argument("data", type=Path, nargs="+" if several else None,
+                   help=f"{folders}, a folder of volumes with --labels, or a .npz slice set")
     p.add_argument("--labels", type=Path, default=None,
                    help="CSV of per-slice labels (case or file, slice, label) for a folder of single-modality volumes")
     p.add_argument("--modalities", type=comma_list(str), default=("flair",),
