@@ -200,6 +200,10 @@ def test_slices_refuses_a_case_given_twice_and_a_slice_set_among_folders(brats, 
     assert err == [f"cdmsegment slices: error: case BraTS2021_00002 is in both {root} and {copy}: a case may be given once; "
                    "remove one copy or leave one folder out"]
     assert not out.exists()
+    assert main(["slices", str(root), str(root / ".." / root.name), "-o", str(out)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"cdmsegment slices: error: folder {root / '..' / root.name} is given twice; give each folder once"]
+    assert not out.exists()
     load_slices_of(root, tmp_path / "one.npz")
     assert main(["slices", str(root), str(tmp_path / "one.npz"), "-o", str(out)]) == 1
     assert "several data arguments must all be BraTS-layout case folders" in capsys.readouterr().err

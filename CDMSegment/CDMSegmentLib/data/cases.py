@@ -162,6 +162,10 @@ def find_brats_cases_in(roots: Sequence) -> List[Case]:
     Raises CDMSegmentError when two folders hold the same case id (one patient twice would sit on both
     sides of a split, and a slice set's case ids would no longer name one patient).
     """
+    resolved = [Path(root).resolve() for root in roots]
+    repeated = next((root for k, root in enumerate(roots) if resolved[k] in resolved[:k]), None)
+    if repeated is not None:
+        raise CDMSegmentError(f"folder {repeated} is given twice; give each folder once")
     pooled: Dict[str, Case] = {}
     where: Dict[str, Path] = {}
     for root in roots:
