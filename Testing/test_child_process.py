@@ -286,17 +286,22 @@ def test_the_runs_threshold_gives_back_the_runs_segment_speck_removal_included(s
     np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, mrml.ijk_to_ras(node), shape), made)
 
 
-def test_a_new_threshold_delineates_the_lesion_by_its_intensity_as_the_run_did(scene, run_folders, tmp_path):
-    """A model whose defaults refine the CDM's mask by the lesion's intensity: the segment re-made at the run's
-    threshold is the run's own (the refinement and the input travel with the segmentation), and with the input
-    deleted a new threshold is refused rather than made another way."""
+@pytest.mark.parametrize("heatmap_support", [0.0, 0.05])
+def test_a_new_threshold_delineates_the_lesion_by_its_intensity_as_the_run_did(scene, run_folders, tmp_path,
+                                                                              heatmap_support):
+    """A model whose defaults refine the CDM's mask by the lesion's intensity (and, with heatmap support, add the
+    bright regions its heatmap supports): the segment re-made at the run's threshold is the run's own (the
+    refinement and the input travel with the segmentation), and with the input deleted a new threshold is
+    refused rather than made another way."""
     from conftest import make_tiny_model_file
+    from CDMSegmentLib.core.refine import lesion_intensity_components
     from CDMSegmentLib.core.threshold import make_mask
 
     model = tmp_path / "refining.pt"
     make_tiny_model_file(model, defaults={"noise_level": 0.9, "steps": 1, "tau": 0.0, "noise_draws": 1,
                                           "lesion_intensity": 0.7, "lesion_intensity_floor": 1.2,
-                                          "lesion_support": 0.0})
+                                          "lesion_support": 0.0, "heatmap_floor": 1.0,
+                                          "heatmap_support": heatmap_support})
     node = add_volume(scene, phantom(SHAPE), GEOMETRIES["oblique"])
     logic = CDMSegmentLogic()
     run = logic.startRun(node, model=model, device="cpu", settings=CDMSettings(threshold="otsu"))
@@ -304,12 +309,16 @@ def test_a_new_threshold_delineates_the_lesion_by_its_intensity_as_the_run_did(s
     heatmap_node, segmentation_node = logic.addResults(run, node)
     refinement = summary["refinement"]
     assert refinement["lesion_intensity_floor"] == 1.2 and refinement["brain_median"] > 0
+    assert refinement.get("heatmap_support", 0.0) == heatmap_support
     assert json.loads(segmentation_node.GetAttribute(mrml.REFINEMENT_ATTRIBUTE)) == refinement
     segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
     shape = slicer.util.arrayFromVolume(node).shape
     made = mrml.segment_mask(segmentation_node, segment_id, mrml.ijk_to_ras(node), shape)
     plain = make_mask(slicer.util.arrayFromVolume(heatmap_node), summary["thresholds"][0])
     assert made.any() and not np.array_equal(made, plain)  # the intensity, not the heatmap, drew the edges
+    without_support = lesion_intensity_components(plain, slicer.util.arrayFromVolume(node), None, 0.7, 1.2,
+                                                  brain_median=refinement["brain_median"])
+    assert np.array_equal(made, without_support) == (heatmap_support == 0)  # the support added bright regions
     lower = summary["thresholds"][0] / 2
     assert logic.remakeSegment(heatmap_node, segmentation_node, lower) is segmentation_node
     assert logic.remakeSegment(heatmap_node, segmentation_node, summary["thresholds"][0]) is segmentation_node

@@ -338,6 +338,11 @@ def test_set_defaults_writes_a_new_model_file_with_the_measured_defaults(tmp_pat
     defaults = json.loads(out)["defaults"]
     assert defaults["steps"] == 3 and defaults["threshold"] == 0.25
     assert defaults["noise_level"] == 0.9  # the defaults not given are kept
+    assert json.loads(out)["version"] != "3"
+    code, out, _ = run_cli(["set-defaults", tmp_path / "new.pt", "--version", "3", "-o", tmp_path / "v3.pt"], capsys)
+    assert code == 0
+    code, out, _ = run_cli(["info", tmp_path / "v3.pt", "--json"], capsys)
+    assert json.loads(out)["version"] == "3" and json.loads(out)["defaults"] == defaults  # nothing else changed
 
 
 @pytest.mark.parametrize("content", ["not json", "[1, 2]"])
@@ -405,6 +410,32 @@ def test_the_summary_says_when_the_lesion_was_delineated_by_its_intensity(tmp_pa
     code, out, err = run_cli(segment_args([case], tmp_path / "off", model, "--threshold", "otsu", "--force",
                                           "--lesion-intensity", "0"), capsys)
     assert code == 0 and said not in out and "voxels segmented (" in out, err
+
+
+def test_the_summary_says_when_the_heatmap_supports_bright_regions_under_its_threshold(tmp_path, capsys):
+    """A threshold above the heatmap's maximum leaves the CDM's mask empty; the bright regions whose mean heatmap
+    is high enough still make a mask, and the summary says so instead of 'no voxel reached the threshold'."""
+    from conftest import make_tiny_model_file
+
+    model = tmp_path / "supporting.pt"
+    make_tiny_model_file(model, defaults={"noise_level": 0.9, "steps": 1, "tau": 0.0, "noise_draws": 1,
+                                          "lesion_intensity": 0.7, "lesion_intensity_floor": 1.2,
+                                          "heatmap_floor": 1.0, "heatmap_support": 1e-3})
+    case = write_case(tmp_path / "case_0.nii.gz", phantom((3, 20, 24)))
+    code, out, err = run_cli(segment_args([case], tmp_path / "out", model, "--threshold", "otsu", "--force"), capsys)
+    assert code == 0, err
+    heatmap = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case_0_heatmap.nrrd")))
+    above = f"{2 * heatmap.max():.6g}"
+    code, out, err = run_cli(segment_args([case], tmp_path / "above", model, "--threshold", above, "--force"), capsys)
+    assert code == 0, err
+    segmented = int(out.split(" voxels segmented")[0].split()[-1])
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "above" / "case_0.seg.nrrd")))
+    assert segmented > 0 and int((mask > 0).sum()) == segmented
+    assert "; the CDM's mask delineated by the lesion's intensity, with the bright regions its heatmap supports)" in out
+    assert "no voxel of the heatmap reached" not in out
+    refinement = json.loads(sitk.ReadImage(str(tmp_path / "above" / "case_0.seg.nrrd")).GetMetaData(
+        "CDMSegment_Refinement"))
+    assert refinement["heatmap_support"] == 1e-3 and refinement["heatmap_floor"] == 1.0
 
 
 def test_the_summary_gives_the_threshold_and_says_when_no_voxel_reached_it(tmp_path, capsys):

@@ -6,8 +6,8 @@ import pytest
 from conftest import phantom
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
-from CDMSegmentLib.core.refine import (apply_refinement, grow_through_intensity, lesion_intensity_components,
-                                       supported_components)
+from CDMSegmentLib.core.refine import (apply_refinement, grow_through_intensity, heatmap_supported_components,
+                                       lesion_intensity_components, supported_components)
 from CDMSegmentLib.core.runner import segment_volume
 from CDMSegmentLib.core.tissue import tissue_mask
 
@@ -145,3 +145,81 @@ def test_a_mask_re_made_from_the_brains_median_alone_is_the_runs(floor):
     np.testing.assert_array_equal(apply_refinement(mask, image, None, refinement), run)
     with pytest.raises(CDMSegmentError, match="needs the brain's median intensity or its tissue mask"):
         lesion_intensity_components(mask, image, None, 0.7, floor)
+
+
+def brain_with_a_faint_lesion_the_heatmap_supports():
+    """(10, 24, 24): brain at 100; a faint lesion at 125 (4x6x6 = 144 voxels) where the heatmap is 0.4, under the
+    threshold 1.0 everywhere; a bright normal rim at 160 (8x2x20 = 320 voxels) where the heatmap is 0 but for 4
+    voxels at 2.0 (its mean 0.025); a 2-voxel faint speck at 125 with heatmap 0.9."""
+    image = np.zeros((10, 24, 24), np.float32)
+    heatmap = np.zeros(image.shape, np.float32)
+    image[1:9, 2:22, 2:22] = 100
+    image[3:7, 4:10, 4:10] = 125
+    heatmap[3:7, 4:10, 4:10] = 0.4
+    image[1:9, 19:21, 2:22] = 160
+    heatmap[4, 19:21, 10:12] = 2.0
+    image[7, 14, 14:16] = 125
+    heatmap[7, 14, 14:16] = 0.9
+    return image, image > 0, heatmap
+
+
+def test_the_heatmap_supports_a_faint_lesion_under_its_threshold_and_not_bright_normal_tissue():
+    image, content, heatmap = brain_with_a_faint_lesion_the_heatmap_supports()
+    supported = heatmap_supported_components(heatmap, 1.0, image, content, 1.2, 0.3, 3)
+    assert supported.dtype == bool
+    assert supported[3:7, 4:10, 4:10].all() and supported.sum() == 144  # the rim and the 2-voxel speck stay out
+    assert heatmap_supported_components(heatmap, 1.0, image, content, 1.2, 0.3, 1).sum() == 146  # speck kept
+    assert heatmap_supported_components(heatmap, 1.0, image, content, 1.2, 0.5, 1).sum() == 2  # lesion's mean 0.4
+    assert not heatmap_supported_components(heatmap, 1.0, image, content, 1.3, 0.3, 1).any()  # under the floor
+    assert not heatmap_supported_components(heatmap, 1.0, image, content, 1.2, 0.0, 1).any()  # 0: off
+    # the support is a share of the threshold: at threshold 2 the lesion's mean 0.4 is 0.2 of it
+    assert not heatmap_supported_components(heatmap, 2.0, image, content, 1.2, 0.3, 3).any()
+    for floor, support in ((-1.0, 0.3), (1.2, -0.1), (float("nan"), 0.3), (1.2, float("inf"))):
+        with pytest.raises(CDMSegmentError, match="heatmap support's floor and share"):
+            heatmap_supported_components(heatmap, 1.0, image, content, floor, support)
+    with pytest.raises(CDMSegmentError, match="needs the brain's median intensity or its tissue mask"):
+        heatmap_supported_components(heatmap, 1.0, image, None, 1.2, 0.3)
+
+
+def test_a_refinement_with_heatmap_support_adds_the_faint_lesion_also_from_the_brains_median_alone():
+    """The CDM's mask found nothing (all under the threshold): the lesion-intensity step alone gives nothing, the
+    heatmap support gives the faint lesion; a mask re-made in Slicer (no tissue mask, the run's median) is the
+    same; without the heatmap such a refinement cannot be applied."""
+    image, content, heatmap = brain_with_a_faint_lesion_the_heatmap_supports()
+    empty = np.zeros(image.shape, bool)
+    refinement = {"lesion_intensity": 0.7, "lesion_intensity_floor": 1.4, "lesion_support": 0.1,
+                  "brain_median": float(np.median(image[content]))}
+    assert apply_refinement(empty, image, content, refinement).sum() == 0
+    refinement.update(heatmap_floor=1.2, heatmap_support=0.3, min_component_voxels=3)
+    run = apply_refinement(empty, image, content, refinement, heatmap, 1.0)
+    assert run.dtype == np.uint8 and run.sum() == 144 and run[3:7, 4:10, 4:10].all()
+    np.testing.assert_array_equal(apply_refinement(empty, image, None, refinement, heatmap, 1.0), run)
+    with pytest.raises(CDMSegmentError, match="needs the heatmap and its threshold"):
+        apply_refinement(empty, image, content, refinement)
+
+
+def test_the_runner_adds_the_heatmap_supported_components_where_the_model_has_heatmap_support(tiny_model):
+    volume = Volume(phantom((6, 20, 24)))
+    options = dict(device="cpu", force=True, log=lambda m: None)
+    plain = segment_volume(tiny_model, [volume], lesion_intensity=0.0, **options)
+    threshold = float(np.quantile(plain.heatmap[plain.heatmap > 0], 0.99))  # a mask of a few voxels
+    defaults = {"lesion_intensity": 0.9, "lesion_intensity_floor": 1.0, "heatmap_floor": 1.0, "heatmap_support": 0.05}
+    saved = dict(tiny_model.metadata["defaults"])
+    tiny_model.metadata["defaults"] = {**saved, **defaults}
+    try:
+        supported = segment_volume(tiny_model, [volume], threshold=threshold, **options)
+        off = segment_volume(tiny_model, [volume], threshold=threshold, lesion_intensity=0.0, **options)
+        tiny_model.metadata["defaults"]["heatmap_support"] = 0.0
+        without = segment_volume(tiny_model, [volume], threshold=threshold, **options)
+    finally:
+        tiny_model.metadata["defaults"] = saved
+    content = tissue_mask(volume.array).cpu().numpy()
+    expected = without.mask.astype(bool) | heatmap_supported_components(
+        supported.heatmap, threshold, volume.array, content, 1.0, 0.05, supported.min_component_voxels)
+    np.testing.assert_array_equal(supported.mask, expected.astype(np.uint8))
+    assert supported.mask.sum() > without.mask.sum()
+    assert supported.refinement["heatmap_floor"] == 1.0 and supported.refinement["heatmap_support"] == 0.05
+    assert supported.refinement["min_component_voxels"] == supported.min_component_voxels
+    assert "heatmap_support" not in without.refinement and off.refinement is None
+    np.testing.assert_array_equal(off.mask, segment_volume(tiny_model, [volume], threshold=threshold,
+                                                           lesion_intensity=0.0, **options).mask)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from CDMSegmentLib.cli.main import main
-from CDMSegmentLib.evaluation.refine_calibration import GRID, RefinementRun, choose_refinement, score_refinement
+from CDMSegmentLib.evaluation.refine_calibration import (GRID, SUPPORT_GRID, RefinementRun, choose_refinement,
+                                                         score_refinement)
 
 from conftest import make_tiny_model_file, randomised_cases_and_tiny_model
 
@@ -40,7 +41,8 @@ def run_with(lesion_value: float, cdm_false_spot: bool = False) -> RefinementRun
 def test_the_choice_delineates_faint_and_bright_lesions_and_keeps_the_rim_out():
     runs = [run_with(140.0), run_with(250.0), run_with(0.0, cdm_false_spot=True)]
     best, scores = choose_refinement(runs, max_fp_ml=0.0)
-    assert len(scores) == np.prod([len(v) for v in GRID.values()])
+    assert len(scores) == np.prod([len(v) for v in GRID.values()]) + np.prod([len(v) for v in SUPPORT_GRID.values()])
+    assert best.settings["heatmap_support"] == 0.0  # the heatmap is 0 outside the CDM's mask: nothing to add
     assert best.mean_dice == pytest.approx(1.0) and best.false_positive_ml == 0.0
     # the rim (1.6 x the median, 8 x 2 x 20 voxels) joins wherever the spot is kept and the floor lets it count
     assert score_refinement(runs, {"min_component_ml": 0.05, "lesion_intensity": 0.6, "lesion_intensity_floor": 1.2,
@@ -49,6 +51,31 @@ def test_the_choice_delineates_faint_and_bright_lesions_and_keeps_the_rim_out():
                                    "lesion_support": 0.0}).false_positive_ml == 0.0
     assert (best.settings["min_component_ml"] >= 0.1 or best.settings["lesion_support"] > 0
             or best.settings["lesion_intensity_floor"] >= 1.6)
+
+
+def faint_lesion_runs(lesion: bool) -> RefinementRun:
+    """Brain at 100 (spacing 2 mm: 0.008 ml per voxel), a block at 125 (4x6x6 = 144 voxels, a lesion or normal
+    tissue) where the heatmap is 0.4, under the threshold 1: the CDM's mask is empty."""
+    image = np.zeros((10, 24, 24), np.float32)
+    heatmap = np.zeros(image.shape, np.float32)
+    image[1:9, 2:22, 2:22] = 100
+    image[3:7, 4:10, 4:10] = 125
+    heatmap[3:7, 4:10, 4:10] = 0.4
+    truth = (image == 125) if lesion else np.zeros(image.shape, bool)
+    return RefinementRun(heatmap, 1.0, image, image > 0, truth, SPACING_MM)
+
+
+def test_the_second_stage_adds_the_heatmap_support_only_where_it_finds_lesions():
+    lesion_free = run_with(0.0)
+    best, _ = choose_refinement([faint_lesion_runs(True), lesion_free], max_fp_ml=0.0)
+    assert best.mean_dice == pytest.approx(1.0) and best.false_positive_ml == 0.0
+    assert best.settings["heatmap_support"] in (0.4,) and best.settings["heatmap_floor"] <= 1.2
+    # the same faint block where it is normal tissue: adding it costs 144 x 0.008 ml, so the support stays off
+    best, _ = choose_refinement([run_with(250.0), faint_lesion_runs(False)], max_fp_ml=0.5)
+    assert best.settings["heatmap_support"] == 0.0 and best.false_positive_ml == 0.0
+    assert score_refinement([faint_lesion_runs(False)], {**best.settings, "heatmap_floor": 1.2,
+                                                         "heatmap_support": 0.4}).false_positive_ml \
+        == pytest.approx(144 * 0.008)
 
 
 def small_spot_runs(spot_is_lesion: bool):
@@ -146,3 +173,29 @@ def test_calibrate_refinement_refuses_an_output_path_through_a_file_before_any_r
     assert main(["calibrate-refinement", str(model), str(data), "-o", str(out), "--device", "cpu"]) == 0
     written = json.loads(out.read_text())
     assert written["refinement_calibration"]["volumes"] == 2 and not list(out.parent.glob(".*partial*"))
+
+
+def test_calibrate_refinement_pools_several_folders_and_refuses_one_given_twice_or_a_case_in_two(tmp_path, capsys):
+    """A folder of volumes with lesions and one of lesion-free volumes: neither alone can measure the choice,
+    pooled they can; the same folder twice, or a case id in two folders, is one line before any run."""
+    model = tmp_path / "tiny.pt"
+    make_tiny_model_file(model, modalities=("flair",))
+    brats_case(tmp_path / "lesions", "case_0", lesion=True)
+    brats_case(tmp_path / "lesions", "case_1", lesion=True)
+    brats_case(tmp_path / "healthy", "case_2", lesion=False)
+    out = tmp_path / "r.json"
+    code = main(["calibrate-refinement", str(model), str(tmp_path / "lesions"), str(tmp_path / "healthy"), "-o",
+                 str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    written = json.loads(out.read_text())
+    assert written["refinement_calibration"]["volumes"] == 3
+    for name, values in {**GRID, **SUPPORT_GRID}.items():
+        assert written[name] in values
+    brats_case(tmp_path / "again", "case_1", lesion=False)
+    for folders, line in (([tmp_path / "lesions", tmp_path / "lesions"], "is given twice; give each folder once"),
+                          ([tmp_path / "lesions", tmp_path / "again"], "case case_1 is in both")):
+        capsys.readouterr()
+        code = main(["calibrate-refinement", str(model), *map(str, folders), "-o", str(tmp_path / "x.json"),
+                     "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert code == 1 and line in err and "CDM run" not in err and not (tmp_path / "x.json").exists()

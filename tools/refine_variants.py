@@ -31,6 +31,7 @@ from CDMSegmentLib.core.modelfile import load_model  # noqa: E402
 from CDMSegmentLib.core.reading import read_volume  # noqa: E402
 from CDMSegmentLib.cli.evaluation_commands import _cases_with_masks  # noqa: E402
 from CDMSegmentLib.core.runner import refine_mask, segment_volume  # noqa: E402
+from CDMSegmentLib.core.threshold import voxels_for_ml  # noqa: E402
 from CDMSegmentLib.core.slicing import Orientation  # noqa: E402
 from CDMSegmentLib.evaluation.intensity_baselines import fit_intensity_threshold, intensity_threshold_mask  # noqa: E402
 from CDMSegmentLib.evaluation.refine_calibration import RefinementRun, check_validation_set  # noqa: E402
@@ -88,7 +89,8 @@ def local_contrast(run, fraction, min_contrast, shell_mm, reach_mm) -> np.ndarra
 def default_refinement(run, model, min_component_ml) -> np.ndarray:
     """uint8: the model's default refinement of the CDM's mask made with this speck removal (in ml)."""
     cdm = run["cdm"]
-    return refine_mask(cdm.mask(min_component_ml), cdm.image, cdm.content, model.defaults, "cdm")[0]
+    return refine_mask(cdm.mask(min_component_ml), cdm.image, cdm.content, model.defaults, "cdm", heatmap=cdm.heatmap,
+                       threshold=cdm.threshold, min_component_voxels=voxels_for_ml(min_component_ml, cdm.spacing_mm))[0]
 
 
 def scores(runs, name, method) -> list:

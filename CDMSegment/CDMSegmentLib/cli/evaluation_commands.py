@@ -83,10 +83,11 @@ def add_evaluate_volumes_parser(sub) -> None:
 
 
 def add_calibrate_refinement_parser(sub) -> None:
-    p = sub.add_parser("calibrate-refinement", help="choose the model's speck removal (min_component_ml) and "
+    p = sub.add_parser("calibrate-refinement", help="choose the model's speck removal (min_component_ml), "
                                                     "lesion-intensity refinement (lesion_intensity, its floor and "
-                                                    "support) on validation volumes; write the model's defaults "
-                                                    "with them, for set-defaults",
+                                                    "support) and heatmap support (heatmap_floor, heatmap_support) "
+                                                    "on validation volumes; write the model's defaults with them, "
+                                                    "for set-defaults",
                        description="The CDM runs once per validation volume at the model's defaults; every "
                                    "combination of the grid (GRID in CDMSegmentLib/evaluation/"
                                    "refine_calibration.py: the speck removal min_component_ml, and "
@@ -94,12 +95,15 @@ def add_calibrate_refinement_parser(sub) -> None:
                                    "The choice: the best mean 3D Dice on the volumes with a lesion among the "
                                    "combinations whose mean false positives on the "
                                    "lesion-free volumes stay within --max-fp-ml (the fewest false positives when "
-                                   "none does). Give validation volumes of the training families only.")
+                                   "none does); then, by the same rule, the heatmap support added to it "
+                                   "(SUPPORT_GRID; 0: none). Give validation volumes of the training families "
+                                   "only; several folders are pooled.")
     p.add_argument("model", help="model file or registered name, with its calibrated defaults (set-defaults)")
-    p.add_argument("data", type=Path, help="validation cases with masks (BraTS layout), of the training families")
+    p.add_argument("data", type=Path, nargs="+", metavar="DATA",
+                   help="folders of validation cases with masks (BraTS layout), of the training families")
     p.add_argument("-o", "--output", type=Path, required=True, help="defaults JSON for 'cdmsegment set-defaults'")
     p.add_argument("--per-family", type=option("count"), default=6,
-                   help="cases per lesion family (from cases.csv; default 6)")
+                   help="cases per lesion family in each folder (from its cases.csv; default 6)")
     p.add_argument("--max-fp-ml", type=option("volume_ml"), default=0.5,
                    help="most mean false positives (ml) allowed on the lesion-free volumes (default 0.5)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
@@ -110,21 +114,26 @@ def run_calibrate_refinement(args) -> None:
     from ..core.errors import CDMSegmentError
     from ..core.modelfile import load_model
     from ..core.reading import read_volume
+    from ..data.cases import find_brats_cases_in
     from ..evaluation.refine_calibration import check_validation_set, choose_refinement, refinement_runs, within_limit
     from .writers import write_text_outputs
 
     model = load_model(args.model)
-    listed = (args.data / "cases.csv").exists()
-    cases, _ = _cases_with_masks(args.data, None, args.per_family if listed else None)
-    if not listed:
-        print(f"{args.data} has no cases.csv (written by 'cdmsegment phantom'): all {len(cases)} cases with a mask "
-              "are used, whatever --per-family says", file=sys.stderr)
+    find_brats_cases_in(args.data)  # a folder given twice, or a case in two folders, is refused before any run
+    cases = []
+    for folder in args.data:
+        listed = (folder / "cases.csv").exists()
+        cases += _cases_with_masks(folder, None, args.per_family if listed else None)[0]
+        if not listed:
+            print(f"{folder} has no cases.csv (written by 'cdmsegment phantom'): all its cases with a mask are used, "
+                  "whatever --per-family says", file=sys.stderr)
+    where = " + ".join(str(folder) for folder in args.data)
     try:  # before the runs: a set that cannot measure the choice is refused before hours of work
         check_validation_set([bool(read_volume(case.seg).array.any()) for case in cases])
         runs = refinement_runs(cases, model, args.device, log=lambda m: print(m, file=sys.stderr))
         best, scores = choose_refinement(runs, args.max_fp_ml)
     except ValueError as e:
-        raise CDMSegmentError(f"{args.data}: {e}") from None
+        raise CDMSegmentError(f"{where}: {e}") from None
     with_lesion = sum(bool(run.truth.any()) for run in runs)
     allowed = within_limit(scores, args.max_fp_ml)
     print(f"the best {min(5, len(allowed))} of {len(allowed)} combinations within {args.max_fp_ml:g} ml of false "

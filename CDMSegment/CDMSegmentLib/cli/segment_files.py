@@ -54,16 +54,20 @@ class SegmentSummary:
         files = ", ".join(str(p) for p in self.heatmap_paths + [self.segmentation_path])
         warned = "".join(f"; warning: {w}" for w in self.warnings)
         thresholds = ", ".join(f"{t:.3g}" for t in self.thresholds)
-        if self.heatmap_maxima and all(m < t for m, t in zip(self.heatmap_maxima, self.thresholds)):
+        supported = bool(self.refinement and self.refinement.get("heatmap_support"))
+        if (self.heatmap_maxima and all(m < t for m, t in zip(self.heatmap_maxima, self.thresholds))
+                and self.voxels_segmented == 0):
             note = (f"; no voxel of the heatmap reached the threshold {thresholds} (its maximum: "
                     f"{', '.join(f'{m:.3g}' for m in self.heatmap_maxima)})")
         elif self.voxels_segmented == 0 and self.heatmap_maxima:
             removed = f"the removal of components under {self.min_component_voxels} voxels (--min-component-ml)"
             if self.refinement:
                 removed += " and the lesion-intensity refinement"
+                removed += " (no bright region the heatmap supports either)" if supported else ""
             note = f"; the heatmap reached the threshold, but nothing was left after {removed}"
         else:
             note = "; the CDM's mask delineated by the lesion's intensity" if self.refinement else ""
+            note += ", with the bright regions its heatmap supports" if supported else ""
         by = "" if self.method == "cdm" else f" by {self.method}"
         guided = "" if self.classifier is None else (
             f" and classifier {self.classifier} (SHA256 {self.classifier_sha256}"

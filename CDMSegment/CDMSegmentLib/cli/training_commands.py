@@ -335,6 +335,9 @@ def add_set_defaults_parser(sub) -> None:
     p.add_argument("--expects", type=Path, default=None,
                    help='JSON of what the model takes, e.g. {"modality": "FLAIR", "skull_stripped": true, '
                         '"description": "skull-stripped brain MRI (FLAIR)"}')
+    p.add_argument("--version", default=None,
+                   help="the new file's version (default: the model's own); a registered model whose defaults change "
+                        "is a new version")
     p.set_defaults(func=run_set_defaults)
 
 
@@ -351,10 +354,12 @@ def _json_object(path: Path, what: str) -> dict:
 def run_set_defaults(args) -> None:
     from ..core.modelfile import load_model, with_defaults
 
-    if args.defaults is None and args.ood is None and args.expects is None:
-        raise CDMSegmentError("nothing to write: give a defaults JSON, --ood or --expects")
+    if args.defaults is None and args.ood is None and args.expects is None and args.version is None:
+        raise CDMSegmentError("nothing to write: give a defaults JSON, --ood, --expects or --version")
     defaults = _json_object(args.defaults, "defaults") if args.defaults else {}
     extra = {k: _json_object(path, k) for k, path in (("ood", args.ood), ("expects", args.expects)) if path}
+    if args.version is not None:
+        extra["version"] = args.version
     sha = with_defaults(load_model(args.model, kind=args.kind), defaults, args.output, **extra)
     print(f"{args.output}: sha256 {sha}, {args.output.stat().st_size / 1e6:.1f} MB")
 

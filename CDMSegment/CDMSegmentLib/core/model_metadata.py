@@ -99,7 +99,8 @@ def setting(name: str) -> Tuple[bool, Check]:
 DEFAULTS = obj({**{name: setting(name) for name in ("noise_level", "steps", "tau", "noise_draws", "guidance_scale",
                                                     "threshold", "cg_cdm_threshold", "min_component_ml",
                                                     "grow_above", "lesion_intensity", "lesion_intensity_floor",
-                                                    "lesion_support", "crop_margin_px")},
+                                                    "lesion_support", "heatmap_floor", "heatmap_support",
+                                                    "crop_margin_px")},
                 "batch_size": (False, obj(values=number(ranges.SETTINGS["batch_size"]))),  # per device type
                 "antithetic": (False, flag),
                 "calibration": (False, obj())})

@@ -102,6 +102,10 @@ SETTINGS = {
     "lesion_intensity": Range(low=0.0, high=1.0),
     "lesion_intensity_floor": Range(low=0.0),
     "lesion_support": Range(low=0.0, high=1.0),
+    # core/refine.heatmap_supported_components: the bright components' floor in multiples of the brain's median,
+    # and their mean heatmap in multiples of the mask's threshold (0: off)
+    "heatmap_floor": Range(low=0.0),
+    "heatmap_support": Range(low=0.0),
     "min_component_voxels": Range(integer=True, low=0),
     "batch_size": Range(integer=True, low=1, high=65_536),
     # the noise of slice s, draw d is seeded seed * 1_000_003 + ...: torch's seeds hold 64 bits

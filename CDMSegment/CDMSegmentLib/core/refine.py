@@ -15,6 +15,13 @@ A fixed threshold cannot suit a faint lesion (1.2 x the brain's median) and a br
 intensity under the CDM's mask (never below a floor), and keeps the components the CDM covers enough of.
 Its three numbers are the model's ``lesion_intensity``, ``lesion_intensity_floor`` and ``lesion_support``
 defaults, calibrated on validation volumes of the training families.
+
+A lesion whose heatmap stays under the threshold (a faint lesion, 1.1-1.3 x grey matter; a small one the
+network sees only in part) leaves no mask for that growth to start from. ``heatmap_supported_components`` adds
+the bright components in which the heatmap is high *on average*: normal bright tissue (cortex, a periventricular
+rim) forms large components where the heatmap is mostly zero, a lesion a component where it is high throughout.
+Its numbers are the model's ``heatmap_floor`` and ``heatmap_support`` defaults, chosen after the three above on
+the same validation volumes (evaluation/refine_calibration.py).
 """
 
 from typing import Optional
@@ -95,10 +102,53 @@ def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: Op
     return _covered_components(bright, mask, min_support).astype(np.uint8)
 
 
-def apply_refinement(mask: np.ndarray, image: np.ndarray, content: Optional[np.ndarray], refinement: dict) -> np.ndarray:
+def heatmap_supported_components(heatmap: np.ndarray, threshold: float, image: np.ndarray,
+                                 content: Optional[np.ndarray], floor: float, support: float,
+                                 min_voxels: int = 1, *, brain_median: Optional[float] = None) -> np.ndarray:
+    """bool (K, J, I): the 3D components (face-connected) of the content voxels brighter than ``floor`` times the
+    content's median intensity whose mean heatmap is at least ``support`` times ``threshold`` and that hold at
+    least ``min_voxels`` voxels. ``support`` 0 gives an empty result (the step is off).
+
+    heatmap: (K, J, I) float, the run's heatmap (>= 0, zero outside the content); threshold: the mask's threshold
+    in heatmap units; image, content, brain_median: as in lesion_intensity_components (content None with the
+    run's brain_median gives the same result for a floor of 1 or more, for the same reason).
+    Raises CDMSegmentError for a floor or support that is not a finite number of 0 or more, or neither content
+    nor brain_median.
+    """
+    if not (np.isfinite(floor) and floor >= 0) or not (np.isfinite(support) and support >= 0):
+        raise CDMSegmentError(f"the heatmap support's floor and share of the threshold must be numbers of 0 or more "
+                              f"(e.g. 1.2 and 0.5), got {floor} and {support}")
+    if content is None and brain_median is None:
+        raise CDMSegmentError("the heatmap support needs the brain's median intensity or its tissue mask")
+    if support == 0:
+        return np.zeros(image.shape, bool)
+    brain = float(np.median(image[content.astype(bool)])) if brain_median is None else float(brain_median)
+    bright = image > floor * brain if content is None else (image > floor * brain) & content.astype(bool)
+    labels, count = ndimage.label(bright)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    heat = np.bincount(labels.ravel(), weights=heatmap.ravel().astype(np.float64), minlength=count + 1)
+    keep = (sizes >= max(int(min_voxels), 1)) & (heat >= support * float(threshold) * sizes)
+    keep[0] = False
+    return keep[labels]
+
+
+def apply_refinement(mask: np.ndarray, image: np.ndarray, content: Optional[np.ndarray], refinement: dict,
+                     heatmap: Optional[np.ndarray] = None, threshold: Optional[float] = None) -> np.ndarray:
     """uint8: ``mask`` delineated as a run's ``refinement`` says (core/runner.refine_mask: lesion_intensity,
-    lesion_intensity_floor, lesion_support, brain_median); content None for a mask re-made from the heatmap
-    alone (a new threshold in Slicer; lesion_intensity_components says why that gives the same)."""
-    return lesion_intensity_components(mask, image, content, refinement["lesion_intensity"],
-                                       refinement["lesion_intensity_floor"], refinement["lesion_support"],
-                                       brain_median=refinement["brain_median"])
+    lesion_intensity_floor, lesion_support, brain_median; with heatmap_support above 0 also heatmap_floor and
+    min_component_voxels, and the ``heatmap`` and ``threshold`` the mask was made with, whose
+    heatmap_supported_components are added); content None for a mask re-made from the heatmap alone (a new
+    threshold in Slicer; lesion_intensity_components says why that gives the same).
+    Raises CDMSegmentError for a refinement with heatmap support given no heatmap or threshold."""
+    refined = lesion_intensity_components(mask, image, content, refinement["lesion_intensity"],
+                                          refinement["lesion_intensity_floor"], refinement["lesion_support"],
+                                          brain_median=refinement["brain_median"])
+    if not refinement.get("heatmap_support"):
+        return refined
+    if heatmap is None or threshold is None:
+        raise CDMSegmentError("this refinement adds the components the heatmap supports, and needs the heatmap and "
+                              "its threshold")
+    supported = heatmap_supported_components(heatmap, threshold, image, content, refinement["heatmap_floor"],
+                                             refinement["heatmap_support"], refinement.get("min_component_voxels", 1),
+                                             brain_median=refinement["brain_median"])
+    return (refined.astype(bool) | supported).astype(np.uint8)

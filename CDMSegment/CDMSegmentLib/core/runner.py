@@ -104,7 +104,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     of the brain's median intensity (default: the model's ``grow_above``, else none; 0 turns it off).
     lesion_intensity: make the CDM's mask the bright components it covers, above this share of the median
     intensity under it (core/refine.lesion_intensity_components, with the model's ``lesion_intensity_floor``
-    and ``lesion_support``; default: the model's ``lesion_intensity``, else none; 0 turns it off); applied
+    and ``lesion_support``; default: the model's ``lesion_intensity``, else none; 0 turns it off), joined with the
+    bright components the heatmap supports where the model has ``heatmap_support`` (refine_mask); applied
     before ``grow_above``.
     Everything from the input's voxels to the heatmap on the input grid stays on the device: the volumes
     cross to it once, the heatmap and the tissue mask come back once for the threshold and the mask.
@@ -156,7 +157,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     heatmap, content_voxels = heatmap.cpu().numpy(), content_voxels.cpu().numpy()
     value = resolve_threshold(heatmap, threshold, content_voxels, calibrated)
     mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
-    mask, refinement = refine_mask(mask, volumes[0].array, content_voxels, defaults, method, lesion_intensity)
+    mask, refinement = refine_mask(mask, volumes[0].array, content_voxels, defaults, method, lesion_intensity,
+                                   heatmap=heatmap, threshold=value, min_component_voxels=min_component_voxels)
     grow_above = defaults.get("grow_above", 0.0) if grow_above is None else grow_above
     if grow_above and method in CDM_METHODS:
         mask = grow_through_intensity(mask, volumes[0].array, content_voxels, float(grow_above))
@@ -167,12 +169,17 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
 
 
 def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaults: dict, method: str,
-                lesion_intensity: Optional[float] = None) -> Tuple[np.ndarray, Optional[dict]]:
+                lesion_intensity: Optional[float] = None, *, heatmap: Optional[np.ndarray] = None,
+                threshold: Optional[float] = None, min_component_voxels: int = 0) -> Tuple[np.ndarray, Optional[dict]]:
     """(mask, refinement): the CDM methods' mask delineated by the lesion's intensity
     (core/refine.lesion_intensity_components) with ``lesion_intensity`` (default: the model's, none without
-    one; 0: off) and the model's floor and support; other methods' masks, and a mask with the refinement off,
-    unchanged (refinement None). refinement: lesion_intensity, lesion_intensity_floor, lesion_support and
-    brain_median (the content's median intensity), what remaking the mask at another threshold needs."""
+    one; 0: off) and the model's floor and support, joined with the bright components the ``heatmap`` (made
+    into ``mask`` at ``threshold``) supports where the model's ``heatmap_support`` is above 0
+    (core/refine.heatmap_supported_components, components of at least ``min_component_voxels``); other methods'
+    masks, and a mask with the refinement off, unchanged (refinement None). refinement: lesion_intensity,
+    lesion_intensity_floor, lesion_support and brain_median (the content's median intensity), with heatmap
+    support also heatmap_floor, heatmap_support and min_component_voxels: what remaking the mask at another
+    threshold needs."""
     fraction = defaults.get("lesion_intensity", 0.0) if lesion_intensity is None else lesion_intensity
     if not fraction or method not in CDM_METHODS:
         return mask, None
@@ -180,7 +187,11 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
                   "lesion_intensity_floor": float(defaults.get("lesion_intensity_floor", 0.0)),
                   "lesion_support": float(defaults.get("lesion_support", 0.0)),
                   "brain_median": float(np.median(image[content.astype(bool)])) if content.any() else 0.0}
-    return apply_refinement(mask, image, content, refinement), refinement
+    if defaults.get("heatmap_support"):
+        refinement.update(heatmap_floor=float(defaults.get("heatmap_floor", 0.0)),
+                          heatmap_support=float(defaults["heatmap_support"]),
+                          min_component_voxels=int(min_component_voxels))
+    return apply_refinement(mask, image, content, refinement, heatmap, threshold), refinement
 
 
 def _tissue_boxes(content_voxels: torch.Tensor, orientation: Orientation, axis: int, size: int,

@@ -5,7 +5,9 @@ The CDM runs once per volume with the model's defaults and no refinement; every 
 then applied to the same heatmaps: the mask re-made with the combination's speck removal, then refined. The
 choice is the best mean 3D Dice on the volumes with a lesion among the
 combinations whose mean false-positive volume on the lesion-free ones stays within ``max_fp_ml`` (the least
-false positives when none does). Only validation volumes of the training families belong here: the held-out
+false positives when none does). A second stage then adds the components the heatmap supports
+(core/refine.heatmap_supported_components) to the chosen refinement, each combination of SUPPORT_GRID in turn,
+by the same rule; support 0 (the first stage's result) is among them, so it is added only where it helps. Only validation volumes of the training families belong here: the held-out
 sets measure the result.
 """
 
@@ -16,7 +18,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 from ..core.reading import read_volume
-from ..core.refine import lesion_intensity_components
+from ..core.refine import heatmap_supported_components, lesion_intensity_components
 from ..core.runner import segment_volume
 from ..core.threshold import make_mask, voxels_for_ml
 from ..core.tissue import tissue_mask
@@ -25,6 +27,7 @@ from .metrics import dice
 
 GRID = {"min_component_ml": (0.05, 0.1, 0.25), "lesion_intensity": (0.6, 0.7, 0.8),
         "lesion_intensity_floor": (1.2, 1.3, 1.4, 1.5), "lesion_support": (0.0, 0.1, 0.2)}
+SUPPORT_GRID = {"heatmap_floor": (1.1, 1.15, 1.2, 1.25, 1.3), "heatmap_support": (0.0, 0.4, 0.5, 0.75, 1.0, 1.25)}
 
 
 @dataclass
@@ -80,12 +83,16 @@ def refinement_runs(cases: Sequence[Case], model, device: str = "cpu",
 
 def score_refinement(runs: Sequence[RefinementRun], settings: Dict[str, float]) -> RefinementScore:
     """Mean 3D Dice (volumes with a lesion) and mean false positives in ml (lesion-free ones) of ``settings``
-    (every key of GRID)."""
+    (every key of GRID; with a heatmap_support above 0 also heatmap_floor, the components of SUPPORT_GRID)."""
     dices, false_ml = [], []
     for run in runs:
-        refined = lesion_intensity_components(run.mask(settings["min_component_ml"]), run.image, run.content,
-                                              settings["lesion_intensity"], settings["lesion_intensity_floor"],
-                                              settings["lesion_support"]) > 0
+        mask = run.mask(settings["min_component_ml"])
+        refined = lesion_intensity_components(mask, run.image, run.content, settings["lesion_intensity"],
+                                              settings["lesion_intensity_floor"], settings["lesion_support"]) > 0
+        if settings.get("heatmap_support"):
+            refined |= heatmap_supported_components(run.heatmap, run.threshold, run.image, run.content,
+                                                    settings["heatmap_floor"], settings["heatmap_support"],
+                                                    voxels_for_ml(settings["min_component_ml"], run.spacing_mm))
         if run.truth.any():
             dices.append(dice(refined, run.truth))
         else:
@@ -108,13 +115,19 @@ def within_limit(scores: Sequence[RefinementScore], max_fp_ml: float) -> List[Re
     return sorted((s for s in scores if s.false_positive_ml <= max_fp_ml), key=lambda s: -s.mean_dice)
 
 
-def choose_refinement(runs: Sequence[RefinementRun], max_fp_ml: float = 0.5,
-                      grid: Dict[str, Sequence[float]] = GRID) -> Tuple[RefinementScore, List[RefinementScore]]:
-    """(the chosen settings' score, every combination's score). Raises ValueError without a volume with a lesion
-    or without a lesion-free one (the false-positive limit is measured there)."""
-    check_validation_set([run.truth.any() for run in runs])
-    names = list(grid)
-    scores = [score_refinement(runs, dict(zip(names, values))) for values in itertools.product(*grid.values())]
+def _best(scores: Sequence[RefinementScore], max_fp_ml: float) -> RefinementScore:
     allowed = within_limit(scores, max_fp_ml)
-    best = allowed[0] if allowed else min(scores, key=lambda s: (s.false_positive_ml, -s.mean_dice))
-    return best, scores
+    return allowed[0] if allowed else min(scores, key=lambda s: (s.false_positive_ml, -s.mean_dice))
+
+
+def choose_refinement(runs: Sequence[RefinementRun], max_fp_ml: float = 0.5, grid: Dict[str, Sequence[float]] = GRID,
+                      support_grid: Dict[str, Sequence[float]] = SUPPORT_GRID
+                      ) -> Tuple[RefinementScore, List[RefinementScore]]:
+    """(the chosen settings' score, every combination's score, both stages). Raises ValueError without a volume
+    with a lesion or without a lesion-free one (the false-positive limit is measured there)."""
+    check_validation_set([run.truth.any() for run in runs])
+    scores = [score_refinement(runs, dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+    first = _best(scores, max_fp_ml)
+    second = [score_refinement(runs, {**first.settings, **dict(zip(support_grid, values))})
+              for values in itertools.product(*support_grid.values())]
+    return _best(second, max_fp_ml), scores + second

@@ -51,6 +51,15 @@ class VolumeScore:
     false_regions: int = 0  # 3D components of the prediction that touch no lesion
 
 
+def refined_method_name(defaults: dict) -> str:
+    """'CDM + lesion intensity (0.7, floor 1.4)', with ' + heatmap support (0.5, floor 1.2)' where the model has it."""
+    name = (f"CDM + lesion intensity ({defaults.get('lesion_intensity', 0):g}, "
+            f"floor {defaults.get('lesion_intensity_floor', 0):g})")
+    if defaults.get("heatmap_support"):
+        name += f" + heatmap support ({defaults['heatmap_support']:g}, floor {defaults.get('heatmap_floor', 0):g})"
+    return name
+
+
 def score_volume(case: str, method: str, pred: np.ndarray, truth: np.ndarray, orientation: Orientation,
                  voxel_ml: float, seconds: float, family: str = "") -> VolumeScore:
     pred_c, truth_c = orientation.to_canonical(pred), orientation.to_canonical(truth)
@@ -107,9 +116,10 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         fraction = model.defaults.get("lesion_intensity", 0.0)
         if fraction:  # the model's default refinement, from the same heatmap and mask
             start = time.perf_counter()
-            refined, _ = refine_mask(result.mask, ref.array, content, model.defaults, "cdm")
+            refined, _ = refine_mask(result.mask, ref.array, content, model.defaults, "cdm", heatmap=result.heatmap,
+                                     threshold=result.threshold, min_component_voxels=result.min_component_voxels)
             scores.append(score_volume(
-                case.case_id, f"CDM + lesion intensity ({fraction:g}, floor {model.defaults.get('lesion_intensity_floor', 0):g})",
+                case.case_id, refined_method_name(model.defaults),
                 refined > 0, truth, orientation, voxel_ml, result.seconds + time.perf_counter() - start, family))
         if grow_above:  # from the same heatmap and mask: the refinement alone makes the difference
             for name, refine in ((f"CDM + intensity growth ({grow_above:g})", grow_through_intensity),

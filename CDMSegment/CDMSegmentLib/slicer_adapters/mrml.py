@@ -327,7 +327,8 @@ def remake_segment(heatmap_node, segmentation_node, threshold: float):
         if source is None or source.GetScene() is None or source.GetImageData() is None:
             raise CDMSegmentError("the input volume this result was delineated on was deleted, so a new threshold "
                                   "cannot delineate the lesion the same way; press Apply to make a new result")
-        mask = apply_refinement(mask, slicer.util.arrayFromVolume(source), None, json.loads(refinement))
+        mask = apply_refinement(mask, slicer.util.arrayFromVolume(source), None, json.loads(refinement), heatmap,
+                                threshold)
     segment_id = result_segment_id(segmentation_node)
     if not segment_edited(segmentation_node, segment_id, matrix, heatmap.shape):
         set_segment_mask(segmentation_node, segment_id, mask, matrix)
