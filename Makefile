@@ -71,8 +71,7 @@ screenshot: venv
 # with a second training set of lesions of 0.1-4 ml in all; whole lesion families (ms, cortical) and the subtlest
 # lesion contrast (1.1-1.3 x grey matter) are held out of training and used only for evaluation. Sized for two CPU
 # cores: a compact network (base 16, 96 px, 0.79 GFLOP per evaluation) trained on the noise band the CDM uses
-# (timesteps 40-599 of 1000), with held-out figures logged at every checkpoint. Defaults, refinement included, are
-# chosen on validation folders of both training sets (val, val_small: other seeds), never on the held-out ones. The same command resumes an
+# (timesteps 40-599 of 1000), with held-out figures logged at every checkpoint. The same command resumes an
 # interrupted run from its checkpoint, and a larger STEPS extends a finished one (the run folder is
 # $(RETRAIN_DIR)/run; its progress.jsonl says how far it is). On a GPU, scale it up: STEPS, BATCH, NETWORK, DEVICE.
 RETRAIN_DIR ?= work/retrain
@@ -80,7 +79,6 @@ CDM ?= $(VENV)/bin/cdmsegment
 TRAIN_CASES ?= 160
 SMALL_CASES ?= 80
 VAL_CASES ?= 48
-VAL_SMALL_CASES ?= 24
 OOD_CASES ?= 60
 TEST_CASES ?= 36
 STEPS ?= 3000
@@ -122,8 +120,7 @@ retrain: retrain-check $(MODEL_FILE) $(R)/test_families/cases.csv $(R)/test_cont
 retrain-check:
 	@test "$(OOD_CASES)" -ge 9 2>/dev/null || { echo "OOD_CASES=$(OOD_CASES): the OOD reference needs at least 9 \
 	held-out volumes (3 per noise level); use OOD_CASES=9 or more"; exit 2; }
-	@for folder in train:$(TRAIN_CASES) train_small:$(SMALL_CASES) val:$(VAL_CASES) val_small:$(VAL_SMALL_CASES) \
-	               ood:$(OOD_CASES) test_families:$(TEST_CASES) \
+	@for folder in train:$(TRAIN_CASES) train_small:$(SMALL_CASES) val:$(VAL_CASES) ood:$(OOD_CASES) test_families:$(TEST_CASES) \
 	               test_contrast:$(TEST_CASES); do \
 	    dir=$(R)/$${folder%%:*}; asked=$${folder##*:}; \
 	    test -f $$dir/cases.csv || continue; held=$$(( $$(wc -l < $$dir/cases.csv) - 1 )); \
@@ -138,9 +135,6 @@ $(R)/train_small/cases.csv:
 		--cases $(SMALL_CASES) --seed 1200 $(PHANTOM_OPTS)
 $(R)/val/cases.csv:
 	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(VAL_CASES) --seed 9000 $(PHANTOM_OPTS)
-$(R)/val_small/cases.csv:
-	$(CDM) phantom $(@D) --families $(SMALL_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --lesion-ml $(SMALL_LESION_ML) \
-		--cases $(VAL_SMALL_CASES) --seed 9200 $(PHANTOM_OPTS)
 $(R)/ood/cases.csv:
 	$(CDM) phantom $(@D) --families all --cases $(OOD_CASES) --seed 9100 $(PHANTOM_OPTS)
 $(R)/test_families/cases.csv:
@@ -163,8 +157,8 @@ $(R)/expects.json:
 	mkdir -p $(@D) && echo '$(EXPECTS)' > $@
 $(R)/calibrated.pt: $(R)/trained.pt $(R)/defaults.json
 	$(CDM) set-defaults $^ -o $@
-$(R)/refined.json: $(R)/calibrated.pt $(R)/val/cases.csv $(R)/val_small/cases.csv
-	$(CDM) calibrate-refinement $< $(R)/val $(R)/val_small -o $@ --device $(DEVICE)
+$(R)/refined.json: $(R)/calibrated.pt $(R)/val/cases.csv
+	$(CDM) calibrate-refinement $< $(R)/val -o $@ --device $(DEVICE)
 $(MODEL_FILE): $(R)/trained.pt $(R)/refined.json $(R)/ood.json $(R)/expects.json
 	$(CDM) set-defaults $< $(R)/refined.json --ood $(R)/ood.json --expects $(R)/expects.json -o $@
 

@@ -71,19 +71,3 @@ def test_the_recipe_pools_both_training_folders_into_one_slice_set(tmp_path):
     small = next(line for line in lines if f"phantom {tmp_path}/train_small " in line)
     assert "--lesion-ml 0.1,4" in small and "--seed 1200" in small and "--families core-oedema,infiltrative,multifocal" in small
     assert any(f"slices {tmp_path}/train {tmp_path}/train_small --subset all" in line for line in lines)
-
-
-def test_the_refinement_is_chosen_on_validation_folders_of_both_training_sets(tmp_path):
-    run = tmp_path / "run"
-    small = cases_folder(run, "val_small", 10)
-    result = retrain_check(run)
-    assert result.returncode == 2 and f"{small} holds 10 cases where 24 are asked for" in result.stdout
-    assert retrain_check(run, "VAL_SMALL_CASES=10").returncode == 0
-    plan = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), f"RETRAIN_DIR={tmp_path}",
-                           f"{tmp_path}/refined.json"], capture_output=True, text=True, timeout=60)
-    assert plan.returncode == 0, plan.stderr
-    lines = plan.stdout.replace("\\\n\t", "").splitlines()
-    phantom = next(line for line in lines if f"phantom {tmp_path}/val_small " in line)
-    assert "--lesion-ml 0.1,4" in phantom and "--seed 9200" in phantom and "--cases 24" in phantom
-    assert any(f"calibrate-refinement {tmp_path}/calibrated.pt {tmp_path}/val {tmp_path}/val_small " in line
-               for line in lines)

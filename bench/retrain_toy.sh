@@ -11,7 +11,7 @@ PYTHON=${PYTHON:-$(test -x .venv/bin/python && echo "$PWD/.venv/bin/python" || e
 export PYTHONPATH=$PWD/CDMSegment${PYTHONPATH:+:$PYTHONPATH}
 start=$(date +%s)
 make --no-print-directory retrain RETRAIN_DIR="$DIR" CDM="$PYTHON -m CDMSegmentLib.cli.main" MODEL_NAME=toy \
-    TRAIN_CASES=4 SMALL_CASES=2 VAL_CASES=4 VAL_SMALL_CASES=2 OOD_CASES=9 TEST_CASES=3 STEPS=4 BATCH=4 IMAGE_SIZE=64 \
+    TRAIN_CASES=4 SMALL_CASES=2 VAL_CASES=4 OOD_CASES=9 TEST_CASES=3 STEPS=4 BATCH=4 IMAGE_SIZE=64 \
     NETWORK="--base-channels 8 --channel-mults 1,2 --attention-levels 1" CHECKPOINT_EVERY=2 \
     PHANTOM_OPTS="--in-plane-mm 3 --slice-mm 4" CALIBRATE_OPTS="--precision fp32 --noise-level 0.5 --tau 0" \
     DEVICE=cpu
