@@ -99,6 +99,12 @@ def test_the_status_texts_name_the_model_and_the_result():
         "lesion's intensity")
     assert result_text({**summary, "voxels_segmented": 0, "refinement": {"lesion_intensity": 0.7}}) == (
         "3 of 4 slices in 12 s on cpu; 0 voxels (0.0 ml) segmented at threshold 0.0002")
+    supported = {"lesion_intensity": 0.7, "heatmap_support": 1.25, "heatmap_floor": 1.2}
+    assert result_text({**summary, "refinement": supported}) == (
+        "3 of 4 slices in 12 s on cpu; 16 voxels (0.0 ml) segmented at threshold 0.0002, delineated by the "
+        "lesion's intensity, with the bright regions its heatmap supports")
+    assert result_text({**summary, "voxels_segmented": 0, "refinement": supported}).endswith("at threshold 0.0002")
+    assert result_text({**summary, "refinement": None}) == result_text(summary)  # a run without refinement
 
 
 def _installed(monkeypatch, missing=()):
