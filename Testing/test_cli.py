@@ -436,6 +436,15 @@ def test_the_summary_says_when_the_heatmap_supports_bright_regions_under_its_thr
     refinement = json.loads(sitk.ReadImage(str(tmp_path / "above" / "case_0.seg.nrrd")).GetMetaData(
         "CDMSegment_Refinement"))
     assert refinement["heatmap_support"] == 1e-3 and refinement["heatmap_floor"] == 1.0
+    # a support no component reaches: on, but it added nothing, and the summary does not claim it did
+    unreached = tmp_path / "unreached.pt"
+    make_tiny_model_file(unreached, defaults={"noise_level": 0.9, "steps": 1, "tau": 0.0, "noise_draws": 1,
+                                              "lesion_intensity": 0.7, "lesion_intensity_floor": 1.2,
+                                              "heatmap_floor": 1.0, "heatmap_support": 1e6})
+    code, out, err = run_cli(segment_args([case], tmp_path / "unreached", unreached, "--threshold", "otsu", "--force"),
+                             capsys)
+    assert code == 0 and "; the CDM's mask delineated by the lesion's intensity)" in out, err
+    assert "heatmap supports" not in out
 
 
 def test_the_summary_gives_the_threshold_and_says_when_no_voxel_reached_it(tmp_path, capsys):

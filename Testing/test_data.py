@@ -202,7 +202,8 @@ def test_slices_refuses_a_case_given_twice_and_a_slice_set_among_folders(brats, 
     assert not out.exists()
     assert main(["slices", str(root), str(root / ".." / root.name), "-o", str(out)]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"cdmsegment slices: error: folder {root / '..' / root.name} is given twice; give each folder once"]
+        f"cdmsegment slices: error: folder {root / '..' / root.name} is given twice (it is {root}, under another "
+        "name); give each folder once"]
     assert not out.exists()
     load_slices_of(root, tmp_path / "one.npz")
     assert main(["slices", str(root), str(tmp_path / "one.npz"), "-o", str(out)]) == 1

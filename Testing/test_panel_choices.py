@@ -100,10 +100,12 @@ def test_the_status_texts_name_the_model_and_the_result():
     assert result_text({**summary, "voxels_segmented": 0, "refinement": {"lesion_intensity": 0.7}}) == (
         "3 of 4 slices in 12 s on cpu; 0 voxels (0.0 ml) segmented at threshold 0.0002")
     supported = {"lesion_intensity": 0.7, "heatmap_support": 1.25, "heatmap_floor": 1.2}
-    assert result_text({**summary, "refinement": supported}) == (
+    assert result_text({**summary, "refinement": supported, "supported_voxels": 5}) == (
         "3 of 4 slices in 12 s on cpu; 16 voxels (0.0 ml) segmented at threshold 0.0002, delineated by the "
         "lesion's intensity, with the bright regions its heatmap supports")
-    assert result_text({**summary, "voxels_segmented": 0, "refinement": supported}).endswith("at threshold 0.0002")
+    # the support was on but added nothing: not said
+    assert result_text({**summary, "refinement": supported, "supported_voxels": 0}) == result_text(
+        {**summary, "refinement": {"lesion_intensity": 0.7}})
     assert result_text({**summary, "refinement": None}) == result_text(summary)  # a run without refinement
 
 

@@ -218,6 +218,8 @@ def test_the_runner_adds_the_heatmap_supported_components_where_the_model_has_he
         supported.heatmap, threshold, volume.array, content, 1.0, 0.05, supported.min_component_voxels)
     np.testing.assert_array_equal(supported.mask, expected.astype(np.uint8))
     assert supported.mask.sum() > without.mask.sum()
+    assert supported.supported_voxels == int((supported.mask > without.mask).sum()) > 0
+    assert without.supported_voxels == 0 and off.supported_voxels == 0
     assert supported.refinement["heatmap_floor"] == 1.0 and supported.refinement["heatmap_support"] == 0.05
     assert supported.refinement["min_component_voxels"] == supported.min_component_voxels
     assert "heatmap_support" not in without.refinement and off.refinement is None

@@ -118,6 +118,9 @@ def run_calibrate_refinement(args) -> None:
     from ..evaluation.refine_calibration import check_validation_set, choose_refinement, refinement_runs, within_limit
     from .writers import write_text_outputs
 
+    if args.output.is_dir():
+        raise CDMSegmentError(f"{args.output} is a folder; -o names the defaults JSON to write, e.g. "
+                              f"{args.output / 'refined.json'}")
     model = load_model(args.model)
     find_brats_cases_in(args.data)  # a folder given twice, or a case in two folders, is refused before any run
     cases = []

@@ -46,6 +46,7 @@ class SegmentSummary:
     classifier_sha256: Optional[str] = None
     guidance_scale: Optional[float] = None  # s, for CG-CDM
     heatmap_maxima: Optional[list] = None  # per class, in heatmap units
+    supported_voxels: int = 0  # of voxels_segmented, those the heatmap's support added (core/runner.refine_mask)
 
     def line(self) -> str:
         """The run in one line: what was segmented, by which method and weights (SHA256), at which threshold,
@@ -54,7 +55,7 @@ class SegmentSummary:
         files = ", ".join(str(p) for p in self.heatmap_paths + [self.segmentation_path])
         warned = "".join(f"; warning: {w}" for w in self.warnings)
         thresholds = ", ".join(f"{t:.3g}" for t in self.thresholds)
-        supported = bool(self.refinement and self.refinement.get("heatmap_support"))
+        supporting = bool(self.refinement and self.refinement.get("heatmap_support"))
         if (self.heatmap_maxima and all(m < t for m, t in zip(self.heatmap_maxima, self.thresholds))
                 and self.voxels_segmented == 0):
             note = (f"; no voxel of the heatmap reached the threshold {thresholds} (its maximum: "
@@ -63,11 +64,11 @@ class SegmentSummary:
             removed = f"the removal of components under {self.min_component_voxels} voxels (--min-component-ml)"
             if self.refinement:
                 removed += " and the lesion-intensity refinement"
-                removed += " (no bright region the heatmap supports either)" if supported else ""
+                removed += " (no bright region the heatmap supports either)" if supporting else ""
             note = f"; the heatmap reached the threshold, but nothing was left after {removed}"
         else:
             note = "; the CDM's mask delineated by the lesion's intensity" if self.refinement else ""
-            note += ", with the bright regions its heatmap supports" if supported else ""
+            note += ", with the bright regions its heatmap supports" if self.supported_voxels else ""
         by = "" if self.method == "cdm" else f" by {self.method}"
         guided = "" if self.classifier is None else (
             f" and classifier {self.classifier} (SHA256 {self.classifier_sha256}"
@@ -190,4 +191,5 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
                           f"{guide.metadata['name']} {guide.metadata['version']}" if uses_guide else None,
                           guide.sha256 if uses_guide else None,
                           params.guidance_scale if method == "cg-cdm" else None,
-                          [float(r.heatmap.max()) if r.heatmap.size else 0.0 for r in results])
+                          [float(r.heatmap.max()) if r.heatmap.size else 0.0 for r in results],
+                          sum(r.supported_voxels for r in results))

@@ -66,7 +66,7 @@ def check_not_inputs(outputs: Sequence[Path], inputs: Sequence) -> None:
         found = files.get(_identity(out))
         if found is not None:
             raise CDMSegmentError(f"the output {out} is the input {found}: writing it would destroy the input, so "
-                                  "it is never replaced (not even with --overwrite); choose another output folder")
+                                  "it is never replaced (not even with --overwrite); choose another output")
 
 
 # The arguments through which a command names what it writes (-o, a positional OUTDIR, train's run folder).

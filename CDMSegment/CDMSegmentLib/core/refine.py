@@ -24,7 +24,7 @@ Its numbers are the model's ``heatmap_floor`` and ``heatmap_support`` defaults, 
 the same validation volumes (evaluation/refine_calibration.py).
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -132,23 +132,32 @@ def heatmap_supported_components(heatmap: np.ndarray, threshold: float, image: n
     return keep[labels]
 
 
-def apply_refinement(mask: np.ndarray, image: np.ndarray, content: Optional[np.ndarray], refinement: dict,
-                     heatmap: Optional[np.ndarray] = None, threshold: Optional[float] = None) -> np.ndarray:
-    """uint8: ``mask`` delineated as a run's ``refinement`` says (core/runner.refine_mask: lesion_intensity,
-    lesion_intensity_floor, lesion_support, brain_median; with heatmap_support above 0 also heatmap_floor and
-    min_component_voxels, and the ``heatmap`` and ``threshold`` the mask was made with, whose
-    heatmap_supported_components are added); content None for a mask re-made from the heatmap alone (a new
-    threshold in Slicer; lesion_intensity_components says why that gives the same).
+def refinement_parts(mask: np.ndarray, image: np.ndarray, content: Optional[np.ndarray], refinement: dict,
+                     heatmap: Optional[np.ndarray] = None,
+                     threshold: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(bool, bool) (K, J, I): ``mask`` delineated by the lesion's intensity as a run's ``refinement`` says
+    (core/runner.refine_mask: lesion_intensity, lesion_intensity_floor, lesion_support, brain_median), and the
+    voxels the heatmap's support adds to it (heatmap_supported_components, where heatmap_support is above 0, with
+    heatmap_floor, min_component_voxels and the ``heatmap`` and ``threshold`` the mask was made with; else none).
+    content None for a mask re-made from the heatmap alone (a new threshold in Slicer; lesion_intensity_components
+    says why that gives the same).
     Raises CDMSegmentError for a refinement with heatmap support given no heatmap or threshold."""
     refined = lesion_intensity_components(mask, image, content, refinement["lesion_intensity"],
                                           refinement["lesion_intensity_floor"], refinement["lesion_support"],
-                                          brain_median=refinement["brain_median"])
+                                          brain_median=refinement["brain_median"]) > 0
     if not refinement.get("heatmap_support"):
-        return refined
+        return refined, np.zeros(refined.shape, bool)
     if heatmap is None or threshold is None:
         raise CDMSegmentError("this refinement adds the components the heatmap supports, and needs the heatmap and "
                               "its threshold")
     supported = heatmap_supported_components(heatmap, threshold, image, content, refinement["heatmap_floor"],
                                              refinement["heatmap_support"], refinement.get("min_component_voxels", 1),
                                              brain_median=refinement["brain_median"])
-    return (refined.astype(bool) | supported).astype(np.uint8)
+    return refined, supported & ~refined
+
+
+def apply_refinement(mask: np.ndarray, image: np.ndarray, content: Optional[np.ndarray], refinement: dict,
+                     heatmap: Optional[np.ndarray] = None, threshold: Optional[float] = None) -> np.ndarray:
+    """uint8 (K, J, I): both of ``refinement_parts`` joined (same arguments and errors): the refined mask."""
+    refined, added = refinement_parts(mask, image, content, refinement, heatmap, threshold)
+    return (refined | added).astype(np.uint8)

@@ -28,7 +28,7 @@ from .ood import ood_score
 from .plausibility import check_plausible, ood_finding
 from .settings import check_threshold
 from .slicing import Orientation, extract_slices, insert_slices
-from .refine import apply_refinement, grow_through_intensity
+from .refine import grow_through_intensity, refinement_parts
 from .threshold import make_mask, resolve_threshold, voxels_for_ml
 from .tissue import slices_with_content, tissue_mask
 
@@ -48,6 +48,7 @@ class SegmentationResult:
     # the lesion-intensity refinement the mask was delineated with (refine_mask), None without one: a new
     # threshold re-makes the mask the same way from it
     refinement: Optional[dict] = None
+    supported_voxels: int = 0  # of the mask, those the heatmap's support added to the lesion-intensity result
 
 
 def _is_cancelled(cancel) -> bool:
@@ -157,21 +158,23 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     heatmap, content_voxels = heatmap.cpu().numpy(), content_voxels.cpu().numpy()
     value = resolve_threshold(heatmap, threshold, content_voxels, calibrated)
     mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
-    mask, refinement = refine_mask(mask, volumes[0].array, content_voxels, defaults, method, lesion_intensity,
-                                   heatmap=heatmap, threshold=value, min_component_voxels=min_component_voxels)
+    mask, refinement, supported_voxels = refine_mask(mask, volumes[0].array, content_voxels, defaults, method,
+                                                     lesion_intensity, heatmap=heatmap, threshold=value,
+                                                     min_component_voxels=min_component_voxels)
     grow_above = defaults.get("grow_above", 0.0) if grow_above is None else grow_above
     if grow_above and method in CDM_METHODS:
         mask = grow_through_intensity(mask, volumes[0].array, content_voxels, float(grow_above))
     return SegmentationResult(heatmap, mask, value, int(slices.shape[0]), len(with_content),
                               len(with_content) * network_evaluations_per_slice(method, params),
                               time.perf_counter() - start, str(maps.device), min_component_voxels, warnings, engine,
-                              refinement)
+                              refinement, supported_voxels)
 
 
 def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaults: dict, method: str,
                 lesion_intensity: Optional[float] = None, *, heatmap: Optional[np.ndarray] = None,
-                threshold: Optional[float] = None, min_component_voxels: int = 0) -> Tuple[np.ndarray, Optional[dict]]:
-    """(mask, refinement): the CDM methods' mask delineated by the lesion's intensity
+                threshold: Optional[float] = None, min_component_voxels: int = 0
+                ) -> Tuple[np.ndarray, Optional[dict], int]:
+    """(mask, refinement, supported voxels): the CDM methods' mask delineated by the lesion's intensity
     (core/refine.lesion_intensity_components) with ``lesion_intensity`` (default: the model's, none without
     one; 0: off) and the model's floor and support, joined with the bright components the ``heatmap`` (made
     into ``mask`` at ``threshold``) supports where the model's ``heatmap_support`` is above 0
@@ -179,10 +182,10 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
     masks, and a mask with the refinement off, unchanged (refinement None). refinement: lesion_intensity,
     lesion_intensity_floor, lesion_support and brain_median (the content's median intensity), with heatmap
     support also heatmap_floor, heatmap_support and min_component_voxels: what remaking the mask at another
-    threshold needs."""
+    threshold needs. supported voxels: how many the heatmap's support added (0 without it)."""
     fraction = defaults.get("lesion_intensity", 0.0) if lesion_intensity is None else lesion_intensity
     if not fraction or method not in CDM_METHODS:
-        return mask, None
+        return mask, None, 0
     refinement = {"lesion_intensity": float(fraction),
                   "lesion_intensity_floor": float(defaults.get("lesion_intensity_floor", 0.0)),
                   "lesion_support": float(defaults.get("lesion_support", 0.0)),
@@ -191,7 +194,8 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
         refinement.update(heatmap_floor=float(defaults.get("heatmap_floor", 0.0)),
                           heatmap_support=float(defaults["heatmap_support"]),
                           min_component_voxels=int(min_component_voxels))
-    return apply_refinement(mask, image, content, refinement, heatmap, threshold), refinement
+    refined, added = refinement_parts(mask, image, content, refinement, heatmap, threshold)
+    return (refined | added).astype(np.uint8), refinement, int(added.sum())
 
 
 def _tissue_boxes(content_voxels: torch.Tensor, orientation: Orientation, axis: int, size: int,

@@ -122,7 +122,8 @@ class CDMSettings:
         "intensity (default: the model's; 0: off)", ranges.option("grow_above"))
     lesion_intensity: Optional[float] = _option(
         "delineate the lesion by its own intensity: the bright components the mask covers, above this share "
-        "(0-1) of the median intensity under the mask (default: the model's; 0: off)",
+        "(0-1) of the median intensity under the mask (default: the model's; 0: off, and with it the bright "
+        "regions the heatmap supports, where the model adds them)",
         ranges.option("lesion_intensity"))
 
     def __post_init__(self):

@@ -163,9 +163,11 @@ def find_brats_cases_in(roots: Sequence) -> List[Case]:
     sides of a split, and a slice set's case ids would no longer name one patient).
     """
     resolved = [Path(root).resolve() for root in roots]
-    repeated = next((root for k, root in enumerate(roots) if resolved[k] in resolved[:k]), None)
+    repeated = next((k for k, root in enumerate(roots) if resolved[k] in resolved[:k]), None)
     if repeated is not None:
-        raise CDMSegmentError(f"folder {repeated} is given twice; give each folder once")
+        first = roots[resolved.index(resolved[repeated])]
+        same = "" if str(first) == str(roots[repeated]) else f" (it is {first}, under another name)"
+        raise CDMSegmentError(f"folder {roots[repeated]} is given twice{same}; give each folder once")
     pooled: Dict[str, Case] = {}
     where: Dict[str, Path] = {}
     for root in roots:

@@ -116,8 +116,8 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         fraction = model.defaults.get("lesion_intensity", 0.0)
         if fraction:  # the model's default refinement, from the same heatmap and mask
             start = time.perf_counter()
-            refined, _ = refine_mask(result.mask, ref.array, content, model.defaults, "cdm", heatmap=result.heatmap,
-                                     threshold=result.threshold, min_component_voxels=result.min_component_voxels)
+            refined = refine_mask(result.mask, ref.array, content, model.defaults, "cdm", heatmap=result.heatmap,
+                                  threshold=result.threshold, min_component_voxels=result.min_component_voxels)[0]
             scores.append(score_volume(
                 case.case_id, refined_method_name(model.defaults),
                 refined > 0, truth, orientation, voxel_ml, result.seconds + time.perf_counter() - start, family))

@@ -149,8 +149,7 @@ def result_text(summary: dict) -> str:
             f"segmented at threshold {thresholds}"
             + (", delineated by the lesion's intensity" if summary.get("refinement") and summary["voxels_segmented"]
                else "")
-            + (", with the bright regions its heatmap supports" if (summary.get("refinement") or {}).get("heatmap_support")
-               and summary["voxels_segmented"] else "")
+            + (", with the bright regions its heatmap supports" if summary.get("supported_voxels") else "")
             + "".join(f"\nWarning: {w}" for w in summary.get("warnings", [])))
 
 
