@@ -199,6 +199,11 @@ def test_calibrate_refinement_pools_several_folders_and_refuses_one_given_twice_
                      "--device", "cpu"])
         err = capsys.readouterr().err
         assert code == 1 and line in err and "CDM run" not in err and not (tmp_path / "x.json").exists()
+    (tmp_path / "notes.txt").write_text("not cases\n")
+    code = main(["calibrate-refinement", str(model), str(tmp_path / "lesions"), str(tmp_path / "notes.txt"), "-o",
+                 str(tmp_path / "x.json"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{tmp_path / 'notes.txt'} is a file, not a folder: give the folder that holds" in err
     (tmp_path / "a_folder").mkdir()
     code = main(["calibrate-refinement", str(model), str(tmp_path / "lesions"), str(tmp_path / "healthy"), "-o",
                  str(tmp_path / "a_folder"), "--device", "cpu"])

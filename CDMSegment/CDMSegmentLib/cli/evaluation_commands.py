@@ -147,8 +147,10 @@ def run_calibrate_refinement(args) -> None:
     write_text_outputs({args.output: json.dumps({**model.defaults, **best.settings, "refinement_calibration": {
         "mean_dice": round(best.mean_dice, 4), "false_positive_ml": round(best.false_positive_ml, 3),
         "volumes": len(runs)}}, indent=1)})
-    print(f"chosen {best.settings}: mean 3D Dice {best.mean_dice:.3f} on the {with_lesion} volumes with a lesion, "
-          f"false positives {best.false_positive_ml:.2f} ml on the {len(runs) - with_lesion} lesion-free ones "
+    lesion_free = len(runs) - with_lesion
+    print(f"chosen {best.settings}: mean 3D Dice {best.mean_dice:.3f} on the {with_lesion} "
+          f"volume{'s' if with_lesion != 1 else ''} with a lesion, false positives {best.false_positive_ml:.2f} ml on "
+          f"the {lesion_free} lesion-free one{'s' if lesion_free != 1 else ''} "
           f"-> {args.output}")
 
 

@@ -123,6 +123,8 @@ def find_brats_cases(root) -> List[Case]:
     Per-slice labels from ``root/slice_labels.csv`` are attached when that file exists.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise CDMSegmentError(f"{root} is a file, not a folder: give the folder that holds the cases (BraTS layout)")
     if not root.is_dir():
         raise CDMSegmentError(f"data folder not found: {root}")
     found: Dict[str, Case] = {}
