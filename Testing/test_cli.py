@@ -331,18 +331,30 @@ def test_as_a_process_an_error_is_one_stderr_line_without_traceback(extra, code,
 
 def test_set_defaults_writes_a_new_model_file_with_the_measured_defaults(tmp_path, tiny_model_path, capsys):
     (tmp_path / "defaults.json").write_text(json.dumps({"steps": 3, "threshold": 0.25}))
-    code, out, _ = run_cli(["set-defaults", tiny_model_path, tmp_path / "defaults.json", "-o", tmp_path / "new.pt"],
-                           capsys)
+    code, out, err = run_cli(["set-defaults", tiny_model_path, tmp_path / "defaults.json", "-o", tmp_path / "new.pt"],
+                             capsys)
     assert code == 0 and "sha256" in out
+    assert "note:" not in err  # a model of one's own, not a registered one: its defaults are calibrated in place
     code, out, _ = run_cli(["info", tmp_path / "new.pt", "--json"], capsys)
     defaults = json.loads(out)["defaults"]
     assert defaults["steps"] == 3 and defaults["threshold"] == 0.25
     assert defaults["noise_level"] == 0.9  # the defaults not given are kept
     assert json.loads(out)["version"] != "3"
-    code, out, _ = run_cli(["set-defaults", tmp_path / "new.pt", "--version", "3", "-o", tmp_path / "v3.pt"], capsys)
-    assert code == 0
+    code, out, err = run_cli(["set-defaults", tmp_path / "new.pt", "--version", "3", "-o", tmp_path / "v3.pt"], capsys)
+    assert code == 0 and "note:" not in err
     code, out, _ = run_cli(["info", tmp_path / "v3.pt", "--json"], capsys)
     assert json.loads(out)["version"] == "3" and json.loads(out)["defaults"] == defaults  # nothing else changed
+
+
+def test_set_defaults_on_a_registered_model_says_when_new_defaults_keep_its_version(tmp_path, capsys):
+    (tmp_path / "defaults.json").write_text(json.dumps({"threshold": 0.0003}))
+    code, out, err = run_cli(["set-defaults", "brain-flair-cpu", tmp_path / "defaults.json", "-o", tmp_path / "a.pt"],
+                             capsys)
+    version = load_model("brain-flair-cpu").metadata["version"]
+    assert code == 0 and f"note: the defaults threshold changed and the file keeps version {version}; give --version" in err
+    code, out, err = run_cli(["set-defaults", "brain-flair-cpu", tmp_path / "defaults.json", "--version", "9", "-o",
+                              tmp_path / "b.pt"], capsys)
+    assert code == 0 and "note:" not in err
 
 
 @pytest.mark.parametrize("content", ["not json", "[1, 2]"])

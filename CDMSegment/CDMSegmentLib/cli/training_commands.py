@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -352,7 +353,7 @@ def _json_object(path: Path, what: str) -> dict:
 
 
 def run_set_defaults(args) -> None:
-    from ..core.modelfile import load_model, with_defaults
+    from ..core.modelfile import load_model, read_registry, with_defaults
 
     if args.defaults is None and args.ood is None and args.expects is None and args.version is None:
         raise CDMSegmentError("nothing to write: give a defaults JSON, --ood, --expects or --version")
@@ -360,8 +361,16 @@ def run_set_defaults(args) -> None:
     extra = {k: _json_object(path, k) for k, path in (("ood", args.ood), ("expects", args.expects)) if path}
     if args.version is not None:
         extra["version"] = args.version
-    sha = with_defaults(load_model(args.model, kind=args.kind), defaults, args.output, **extra)
+    model = load_model(args.model, kind=args.kind)
+    sha = with_defaults(model, defaults, args.output, **extra)
     print(f"{args.output}: sha256 {sha}, {args.output.stat().st_size / 1e6:.1f} MB")
+    changed = sorted(k for k, v in defaults.items() if model.defaults.get(k) != v and k not in ("calibration",
+                                                                                                "refinement_calibration"))
+    registered = model.sha256 in {entry["sha256"] for entry in read_registry()}
+    if changed and registered and args.version is None:
+        print(f"note: the defaults {', '.join(changed)} changed and the file keeps version "
+              f"{model.metadata['version']}; give --version to tell it from the model it was made from",
+              file=sys.stderr)
 
 
 def add_train_classifier_parser(sub) -> None:
