@@ -18,8 +18,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 from ..core.reading import read_volume
-from ..core.refine import heatmap_supported_components, lesion_intensity_components
-from ..core.runner import segment_volume
+from ..core.runner import refine_mask, segment_volume
 from ..core.threshold import make_mask, voxels_for_ml
 from ..core.tissue import tissue_mask
 from ..data.cases import Case
@@ -86,13 +85,10 @@ def score_refinement(runs: Sequence[RefinementRun], settings: Dict[str, float]) 
     (every key of GRID; with a heatmap_support above 0 also heatmap_floor, the components of SUPPORT_GRID)."""
     dices, false_ml = [], []
     for run in runs:
-        mask = run.mask(settings["min_component_ml"])
-        refined = lesion_intensity_components(mask, run.image, run.content, settings["lesion_intensity"],
-                                              settings["lesion_intensity_floor"], settings["lesion_support"]) > 0
-        if settings.get("heatmap_support"):
-            refined |= heatmap_supported_components(run.heatmap, run.threshold, run.image, run.content,
-                                                    settings["heatmap_floor"], settings["heatmap_support"],
-                                                    voxels_for_ml(settings["min_component_ml"], run.spacing_mm))
+        # the runner's own refinement, with these settings as the model's defaults
+        refined = refine_mask(run.mask(settings["min_component_ml"]), run.image, run.content, settings, "cdm",
+                              heatmap=run.heatmap, threshold=run.threshold,
+                              min_component_voxels=voxels_for_ml(settings["min_component_ml"], run.spacing_mm))[0] > 0
         if run.truth.any():
             dices.append(dice(refined, run.truth))
         else:
