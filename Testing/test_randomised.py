@@ -56,6 +56,15 @@ def test_ms_lesions_sit_in_white_matter_and_cortical_ones_do_not(tmp_path):
     assert cortical["lesion_wm_fraction"] < ms["lesion_wm_fraction"] - 0.2
 
 
+def test_metastases_are_few_small_lesions_across_the_grey_white_junction(tmp_path):
+    for index in range(3):
+        r = generate_randomised_case(tmp_path, 8, index, "metastases", **COARSE)
+        assert 0.2 <= r["fine_lesion_ml"] <= 25.0 * 1.001
+        assert 0.2 < r["lesion_wm_fraction"] < 0.8  # half in grey matter, half in white: neither family's seat
+        lesions = sitk.ConnectedComponent(sitk.ReadImage(str(r["seg"])) > 0)
+        assert 1 <= sitk.GetArrayViewFromImage(lesions).max() <= 6
+
+
 def test_lesions_are_brighter_than_grey_matter_by_the_drawn_ratio(tmp_path):
     r = generate_randomised_case(tmp_path, 5, 0, "core-oedema", contrast=contrast_from(lesion=(2.0, 2.0)),
                                  size_ml=(40.0, 60.0), **COARSE)

@@ -45,7 +45,7 @@ def add_phantom_parser(sub) -> None:
     p.add_argument("--slice-mm", type=option("positive"), default=None, help="fixed slice thickness (default: random up to 5 mm)")
     r = p.add_argument_group("domain-randomised FLAIR phantoms (chosen by --families; see data/randomised.py)")
     r.add_argument("--families", type=comma_list(str), default=None,
-                   help="lesion families taken in turn: core-oedema,infiltrative,multifocal,ms,cortical,healthy "
+                   help="lesion families taken in turn: core-oedema,infiltrative,multifocal,ms,cortical,metastases,healthy "
                         "(or 'all'); contrast, artefacts and acquisition are drawn per case")
     r.add_argument("--grey-white", type=comma_list(option("positive")), default=None, metavar="LO,HI",
                    help="grey/white matter ratio range (default 1.0,1.4)")

@@ -12,6 +12,7 @@ families that can be held out of training whole:
 - ``multifocal``: 2-5 separate tumours;
 - ``ms``: 3-12 small ovoids, periventricular or in deep white matter;
 - ``cortical``: 1-3 lesions seated in grey matter;
+- ``metastases``: 1-6 small round lesions centred at the grey-white junction, where blood-borne metastases lodge;
 - ``healthy``: no lesion; normal bright structures (a periventricular rim, bright cortex) only.
 
 A case's total lesion volume is drawn log-uniformly in its family's range (or the range
@@ -41,6 +42,7 @@ FAMILIES = {
     "multifocal": ((2, 5), (2.0, 60.0), 0.35, 3, (0.35, 0.7)),
     "ms": ((3, 12), (0.4, 8.0), 0.1, 1, None),
     "cortical": ((1, 3), (0.3, 15.0), 0.35, 2, None),
+    "metastases": ((1, 6), (0.2, 25.0), 0.15, 1, None),
     "healthy": ((0, 0), (0.0, 0.0), 0.0, 0, None),
 }
 ACQUISITIONS = {"axial": 0, "coronal": 1, "sagittal": 2}  # canonical axis (S, P, L) across which slices are thick
@@ -96,6 +98,8 @@ def _seat(rng: np.random.Generator, family: str, tissue: Dict[str, np.ndarray],
         return (tissue["wm"] > 0.7) & near, tissue["wm"] > 0.3
     if family == "cortical":
         return tissue["gm"] > 0.6, (tissue["gm"] + tissue["wm"]) > 0.3
+    if family == "metastases":
+        return (tissue["gm"] > 0.25) & (tissue["wm"] > 0.25), (tissue["gm"] + tissue["wm"]) > 0.3
     centre = tissue["wm"] > 0.6 if rng.random() < 0.8 else (tissue["gm"] + tissue["wm"]) > 0.6
     return centre, tissue["wm"] > 0.3 if family == "infiltrative" else (tissue["gm"] + tissue["wm"]) > 0.3
 
