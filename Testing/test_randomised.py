@@ -128,3 +128,26 @@ def test_command_line_holds_out_families_and_contrast(tmp_path, capsys):
     assert sitk.ReadImage(str(next(out.rglob("*_flair.nii.gz")))).GetPixelID() == sitk.sitkInt16
     assert main(["phantom", str(tmp_path / "x"), "--lesion-ml", "1,2"]) == 1
     assert "add --families" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--families", "metastasis"], "unknown lesion family ['metastasis']; choose from core-oedema"),
+    (["--families", "all", "--lesion-ml", "0,1"], "lesion volume range (--lesion-ml) must be LO,HI ml"),
+    (["--families", "all", "--lesion-contrast", "3,1"], "(--lesion-contrast) must be LO,HI with 0.5 <= LO <= HI <= 5, "
+                                                        "got 3,1"),
+    (["--families", "all", "--lesion-ml", "1"], "--lesion-ml needs LO,HI, got 1"),
+    (["--lesion-ml", "1,2"], "--lesion-ml applies to randomised phantoms"),
+])
+def test_command_line_refusals_are_one_line_naming_the_option(tmp_path, capsys, args, message):
+    assert main(["phantom", str(tmp_path / "out"), "--cases", "2", *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1  # no progress bar before the error
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_refuses_a_plain_file_as_the_output_folder(tmp_path, capsys):
+    plain = tmp_path / "plain"
+    plain.write_text("keep me")
+    assert main(["phantom", str(plain), "--families", "healthy", "--cases", "1"]) == 1
+    assert "plain is a file, not a folder" in capsys.readouterr().err
+    assert plain.read_text() == "keep me"

@@ -41,8 +41,8 @@ def add_phantom_parser(sub) -> None:
     p.add_argument("--lesion-free-fraction", type=option("fraction"), default=0.25,
                    help="share of cases without a lesion (default: %(default)s; randomised phantoms use the "
                         "'healthy' family instead)")
-    p.add_argument("--in-plane-mm", type=option("positive"), default=None, help="fixed in-plane spacing (default: random 1-2 mm)")
-    p.add_argument("--slice-mm", type=option("positive"), default=None, help="fixed slice thickness (default: random up to 5 mm)")
+    p.add_argument("--in-plane-mm", type=option("positive"), default=None, help="fixed in-plane spacing (default: random, 1-2 mm; 0.9-1.6 mm with --families)")
+    p.add_argument("--slice-mm", type=option("positive"), default=None, help="fixed slice thickness (default: random, up to 5 mm; 1-6 mm with --families)")
     r = p.add_argument_group("domain-randomised FLAIR phantoms (chosen by --families; see data/randomised.py)")
     r.add_argument("--families", type=comma_list(str), default=None,
                    help="lesion families taken in turn: core-oedema,infiltrative,multifocal,ms,cortical,metastases,healthy "
@@ -66,28 +66,42 @@ RANDOMISED_ONLY = ("grey_white", "csf", "lesion_contrast", "lesion_ml")
 def run_phantom(args) -> None:
     from tqdm import tqdm
 
-    with tqdm(total=args.cases, unit="case", desc="phantoms") as bar:
+    from .writers import check_output_location
+
+    check_output_location(args.output / "cases.csv")  # an OUTDIR that is a plain file, before any work
+    bar = None
+
+    def progress(done: int, total: int) -> None:  # the bar appears with the first case, so an error comes alone
+        nonlocal bar
+        bar = bar or tqdm(total=total, unit="case", desc="phantoms")
+        bar.update(1)
+
+    try:
         if args.families is None:
             given = [f"--{k.replace('_', '-')}" for k in RANDOMISED_ONLY if getattr(args, k) is not None]
             if given:
-                raise CDMSegmentError(f"{', '.join(given)} apply to randomised phantoms; add --families (e.g. all)")
+                raise CDMSegmentError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to randomised "
+                                      "phantoms; add --families (e.g. all)")
             from ..data.phantom import generate_phantoms
 
             records = generate_phantoms(args.output, args.cases, args.seed, modalities=args.modalities,
                                         lesion_free_fraction=args.lesion_free_fraction, in_plane_mm=args.in_plane_mm,
-                                        slice_mm=args.slice_mm, progress=lambda done, total: bar.update(1))
+                                        slice_mm=args.slice_mm, progress=progress)
         else:
             from ..data.randomised import FAMILIES, contrast_from, generate_randomised
 
             if list(args.modalities) != ["flair"]:
                 raise CDMSegmentError("randomised phantoms are FLAIR-like only; drop --modalities")
             if args.lesion_ml is not None and len(args.lesion_ml) != 2:
-                raise CDMSegmentError(f"--lesion-ml needs LO,HI, got {args.lesion_ml}")
+                raise CDMSegmentError(f"--lesion-ml needs LO,HI, got {','.join(f'{v:g}' for v in args.lesion_ml)}")
             records = generate_randomised(
                 args.output, args.cases, args.seed, families=list(FAMILIES) if args.families == ["all"] else args.families,
                 contrast=contrast_from(args.grey_white, args.csf, args.lesion_contrast),
                 size_ml=tuple(args.lesion_ml) if args.lesion_ml else None, in_plane_mm=args.in_plane_mm,
-                slice_mm=args.slice_mm, acquisitions=args.acquisitions, progress=lambda done, total: bar.update(1))
+                slice_mm=args.slice_mm, acquisitions=args.acquisitions, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     with_lesion = sum(1 for r in records if any(row["label"] for row in r["slice_rows"]))
     print(f"{len(records)} cases ({with_lesion} with lesions) in {args.output}")
 

@@ -58,10 +58,12 @@ class ContrastRanges:
     lesion: Tuple[float, float] = (1.1, 2.5)  # lesion / grey matter
 
     def __post_init__(self):
-        for name, (lo, hi), floor in (("grey_white", self.grey_white, 0.5), ("csf", self.csf, 0.0),
-                                      ("lesion", self.lesion, 0.5)):
+        for name, flag, (lo, hi), floor in (("grey/white", "--grey-white", self.grey_white, 0.5),
+                                            ("CSF", "--csf", self.csf, 0.0),
+                                            ("lesion", "--lesion-contrast", self.lesion, 0.5)):
             if not floor <= lo <= hi <= 5.0:
-                raise CDMSegmentError(f"{name} contrast range must be LO,HI with {floor} <= LO <= HI <= 5, got {lo},{hi}")
+                raise CDMSegmentError(f"{name} contrast range ({flag}) must be LO,HI with {floor:g} <= LO <= HI <= 5, "
+                                      f"got {lo:g},{hi:g}")
 
 
 def _uniform(rng: np.random.Generator, lo_hi: Sequence[float]) -> float:
@@ -249,7 +251,8 @@ def generate_randomised(outdir, cases: int, seed: int, *, families: Sequence[str
     if bad or not acquisitions:
         raise CDMSegmentError(f"unknown acquisition {bad or acquisitions}; choose from {', '.join(ACQUISITIONS)}")
     if size_ml is not None and not 0.05 <= size_ml[0] <= size_ml[1] <= 500:
-        raise CDMSegmentError(f"lesion volume range must be LO,HI ml with 0.05 <= LO <= HI <= 500, got {size_ml}")
+        raise CDMSegmentError("lesion volume range (--lesion-ml) must be LO,HI ml with 0.05 <= LO <= HI <= 500, "
+                              f"got {size_ml[0]:g},{size_ml[1]:g}")
     for name, value in (("in_plane_mm", in_plane_mm), ("slice_mm", slice_mm)):
         if value is not None and not 0.5 <= value <= 8.0:
             raise CDMSegmentError(f"{name} must be between 0.5 and 8 mm, got {value}")
@@ -264,7 +267,7 @@ def generate_randomised(outdir, cases: int, seed: int, *, families: Sequence[str
             progress(index + 1, int(cases))
     write_slice_labels(outdir, records)
     with open(outdir / CASES_FILE, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CASE_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=CASE_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(records)
     return records
