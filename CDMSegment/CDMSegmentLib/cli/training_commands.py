@@ -41,8 +41,10 @@ def add_phantom_parser(sub) -> None:
     p.add_argument("--lesion-free-fraction", type=option("fraction"), default=0.25,
                    help="share of cases without a lesion (default: %(default)s; randomised phantoms use the "
                         "'healthy' family instead)")
-    p.add_argument("--in-plane-mm", type=option("positive"), default=None, help="fixed in-plane spacing (default: random, 1-2 mm; 0.9-1.6 mm with --families)")
-    p.add_argument("--slice-mm", type=option("positive"), default=None, help="fixed slice thickness (default: random, up to 5 mm; 1-6 mm with --families)")
+    p.add_argument("--in-plane-mm", type=option("positive"), default=None,
+                   help="fixed in-plane spacing (default: random, 1-2 mm; 0.9-1.6 mm with --families)")
+    p.add_argument("--slice-mm", type=option("positive"), default=None,
+                   help="fixed slice thickness (default: random, up to 5 mm; 1-6 mm with --families)")
     r = p.add_argument_group("domain-randomised FLAIR phantoms (chosen by --families; see data/randomised.py)")
     r.add_argument("--families", type=comma_list(str), default=None,
                    help="lesion families taken in turn: core-oedema,infiltrative,multifocal,ms,cortical,metastases,healthy "
