@@ -74,3 +74,31 @@ def test_each_method_uses_only_its_own_calibrated_threshold(tiny_models, tmp_pat
     assert calibrated_threshold("cg-cdm", model, calibrated) == 0.5
     assert calibrated_threshold("cdm", model, calibrated) is None  # the tiny diffusion model stores none
     assert calibrated_threshold("gradcam", model, calibrated) is None
+
+
+@pytest.mark.parametrize("size, modalities, masks, message", [
+    (48, ["flair"], True, "holds 48 px slices but the model tiny-test needs 32 px; make it with 'cdmsegment slices ... "
+                          "--image-size 32'"),
+    (32, ["t1"], True, "holds t1 slices but the model tiny-test needs flair"),
+    (32, ["flair"], False, "has no masks; make it with 'cdmsegment slices --with-masks'"),
+])
+def test_calibrate_refuses_slices_the_model_cannot_take_before_any_network_run(tmp_path, capsys, size, modalities,
+                                                                               masks, message):
+    from CDMSegmentLib.cli.main import main
+    from CDMSegmentLib.data.slicesets import SliceDataset, save_slices
+    from conftest import make_tiny_model_file
+
+    model = tmp_path / "tiny.pt"
+    make_tiny_model_file(model, modalities=("flair",))
+    assert load_model(model).image_size == 32
+    lesion = torch.zeros(4, size, size, dtype=torch.bool)
+    lesion[:2, 8:16, 8:16] = True
+    data = tmp_path / "val.npz"
+    save_slices(data, SliceDataset(torch.rand(4, 1, size, size) * 2 - 1, [1, 1, 0, 0], ["a", "a", "b", "b"],
+                                   meta={"modalities": modalities, "image_size": size},
+                                   masks=lesion if masks else None))
+    out = tmp_path / "defaults.json"
+    code = main(["calibrate", str(model), str(data), "-o", str(out), "--device", "cpu", "--steps", "1", "--tau", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not out.with_suffix(".sweep.json").exists()

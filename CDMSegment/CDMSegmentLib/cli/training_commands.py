@@ -238,10 +238,7 @@ def held_out_monitor(path: Path, cfg):
     from ..data.slicesets import load_slices
     from ..training.monitor import HeldOutMonitor, monitor_slices
 
-    data = load_slices(path)
-    if data.data.shape[-1] != cfg.image_size:
-        raise CDMSegmentError(f"{path} holds {data.data.shape[-1]} px slices but the training slices are "
-                              f"{cfg.image_size} px; make both with the same --image-size")
+    data = load_slices(path, image_size=cfg.image_size, needed_by="the training slices' network")
     schedule = NoiseSchedule(cfg.schedule, cfg.num_timesteps)
     lo, hi = (float(schedule.alpha_bar(t)) for t in cfg.t_band)
     levels = [round(hi + f * (lo - hi), 2) for f in (0.75, 0.25)]
@@ -311,9 +308,8 @@ def run_calibrate(args) -> None:
 
     model = load_model(args.model)
     classifier = load_model(args.classifier, kind="classifier") if args.classifier else None
-    data = load_slices(args.data)
-    if data.masks is None:
-        raise CDMSegmentError(f"{args.data} has no masks; make it with 'cdmsegment slices --with-masks'")
+    data = load_slices(args.data, image_size=model.image_size, modalities=model.modalities, with_masks=True,
+                       needed_by=f"the model {model.metadata.get('name', args.model)}")
     given = {k: getattr(args, k) for k in CALIBRATION_GRID}
     if classifier is None:
         grid = {k: v if v is not None else CALIBRATION_GRID[k] for k, v in given.items()}

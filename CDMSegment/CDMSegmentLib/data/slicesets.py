@@ -77,16 +77,34 @@ def save_slices(path, dataset: SliceDataset) -> None:
                         storage=np.array(dataset.storage), meta=np.array(json.dumps(dataset.meta)), **masks)
 
 
-def load_slices(path) -> SliceDataset:
-    """Read a slice set written by ``save_slices``."""
+def load_slices(path, *, image_size: Optional[int] = None, modalities: Optional[Sequence[str]] = None,
+                with_masks: bool = False, needed_by: str = "the model") -> SliceDataset:
+    """Read a slice set written by ``save_slices``.
+
+    image_size, modalities, with_masks: what the caller needs (``needed_by`` names it in the message); a set
+    made otherwise raises CDMSegmentError saying how to make the right one, rather than running a network on
+    slices of another size.
+    """
     path = Path(path)
     if not path.is_file():
         raise CDMSegmentError(f"slice file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return SliceDataset(torch.from_numpy(z["slices"]), torch.from_numpy(z["labels"].astype(np.int64)),
+            data = SliceDataset(torch.from_numpy(z["slices"]), torch.from_numpy(z["labels"].astype(np.int64)),
                                 [str(c) for c in z["case_ids"]], torch.from_numpy(z["slice_index"]),
                                 storage=str(z["storage"]), meta=json.loads(str(z["meta"])),
                                 masks=torch.from_numpy(z["masks"]) if "masks" in z else None)
     except (KeyError, ValueError, OSError) as e:
         raise CDMSegmentError(f"{path} is not a slice file written by CDMSegment ({e})")
+    if with_masks and data.masks is None:
+        raise CDMSegmentError(f"{path} has no masks; make it with 'cdmsegment slices --with-masks'")
+    size = int(data.data.shape[-1])
+    held = list(data.meta.get("modalities", []))
+    if image_size is not None and size != int(image_size):
+        raise CDMSegmentError(f"{path} holds {size} px slices but {needed_by} needs {image_size} px; make it with "
+                              f"'cdmsegment slices ... --image-size {image_size}'")
+    if modalities is not None and held and held != list(modalities):
+        raise CDMSegmentError(f"{path} holds {'+'.join(held)} slices but {needed_by} needs "
+                              f"{'+'.join(modalities)}; make it with 'cdmsegment slices ... --modalities "
+                              f"{','.join(modalities)}'")
+    return data

@@ -217,12 +217,7 @@ def load_eval_cases(data: Path, modalities: Sequence[str], image_size: int, max_
 def _npz_cases(path: Path, modalities: Sequence[str], image_size: int, max_cases: Optional[int]) -> List[EvalCase]:
     from ..data.slicesets import load_slices
 
-    data = load_slices(path)
-    if data.masks is None:
-        raise CDMSegmentError(f"{path} has no masks; make it with 'cdmsegment slices --with-masks'")
-    if (list(data.meta.get("modalities", [])), data.meta.get("image_size")) != (list(modalities), image_size):
-        raise CDMSegmentError(f"{path} holds {data.meta.get('image_size')} px {data.meta.get('modalities')} slices; "
-                              f"the models need {image_size} px {list(modalities)}")
+    data = load_slices(path, image_size=image_size, modalities=modalities, with_masks=True, needed_by="the models")
     ids = list(dict.fromkeys(data.case_ids))[:max_cases]
     out = []
     for case_id in ids:
