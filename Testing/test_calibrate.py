@@ -76,6 +76,23 @@ def test_each_method_uses_only_its_own_calibrated_threshold(tiny_models, tmp_pat
     assert calibrated_threshold("gradcam", model, calibrated) is None
 
 
+def test_cgcdm_runs_at_the_cdm_settings_its_classifier_was_calibrated_at(tiny_models, tmp_path):
+    """A classifier's guidance scale and threshold hold at the CDM settings they were measured at; a model whose
+    own defaults moved on (another noise level) must not carry them there."""
+    model, classifier = tiny_models
+    measured_at = {"noise_level": 0.9, "steps": 1, "tau": 0.0, "noise_draws": 2}
+    with_defaults(classifier, {"guidance_scale": 3.0, "cg_cdm_threshold": 0.5,
+                               "calibration": {"cdm_settings": measured_at}}, tmp_path / "c.pt")
+    calibrated = load_model(tmp_path / "c.pt", kind="classifier")
+    own = CDMParams.for_model(model)
+    assert (own.noise_level, own.noise_draws) != (0.9, 2)
+    guided = CDMParams.for_model(model, classifier=calibrated)
+    assert (guided.noise_level, guided.steps, guided.tau, guided.noise_draws, guided.guidance_scale) == (
+        0.9, 1, 0.0, 2, 3.0)
+    assert CDMParams.for_model(model, classifier=calibrated, noise_level=0.7).noise_level == 0.7  # asked wins
+    assert CDMParams.for_model(model, "paper", classifier=calibrated).noise_level != 0.9  # the paper's, as asked
+
+
 @pytest.mark.parametrize("size, modalities, masks, message", [
     (48, ["flair"], True, "holds 48 px slices but the model tiny-test needs 32 px; make it with 'cdmsegment slices ... "
                           "--image-size 32'"),

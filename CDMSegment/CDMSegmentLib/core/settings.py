@@ -45,7 +45,9 @@ class CDMParams:
     def for_model(cls, model: "ModelDescription", preset: str = "model",
                   classifier: Optional["ModelDescription"] = None, **overrides) -> "CDMParams":
         """The model's own measured defaults ('model') or the paper's ('paper'); None overrides are ignored.
-        With the 'model' preset, a classifier's measured guidance scale replaces the paper's s. model and
+        With the 'model' preset, a classifier's measured guidance scale replaces the paper's s, and the CDM
+        settings it was measured at (its ``calibration.cdm_settings``: noise level, R, tau, noise draws) replace
+        the model's, so that its guidance scale and threshold are used where they were measured. model and
         classifier: described (model_description.py) or loaded model files; only their metadata is read."""
         if preset not in ("model", "paper"):
             raise CDMSegmentError(f"unknown preset {preset!r}; use 'model' or 'paper'")
@@ -53,6 +55,8 @@ class CDMParams:
         base = {k: v for k, v in (model.defaults if preset == "model" else PAPER_DEFAULTS).items() if k in names}
         if preset == "model" and classifier is not None and "guidance_scale" in classifier.defaults:
             base["guidance_scale"] = float(classifier.defaults["guidance_scale"])
+            measured_at = (classifier.defaults.get("calibration") or {}).get("cdm_settings") or {}
+            base.update({k: v for k, v in measured_at.items() if k in names})
         params = replace(cls(), **base)
         return replace(params, **{k: v for k, v in overrides.items() if v is not None})
 
