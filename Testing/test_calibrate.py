@@ -86,11 +86,14 @@ def test_cgcdm_runs_at_the_cdm_settings_its_classifier_was_calibrated_at(tiny_mo
     calibrated = load_model(tmp_path / "c.pt", kind="classifier")
     own = CDMParams.for_model(model)
     assert (own.noise_level, own.noise_draws) != (0.9, 2)
-    guided = CDMParams.for_model(model, classifier=calibrated)
+    guided = CDMParams.for_model(model, classifier=calibrated, method="cg-cdm")
     assert (guided.noise_level, guided.steps, guided.tau, guided.noise_draws, guided.guidance_scale) == (
         0.9, 1, 0.0, 2, 3.0)
-    assert CDMParams.for_model(model, classifier=calibrated, noise_level=0.7).noise_level == 0.7  # asked wins
-    assert CDMParams.for_model(model, "paper", classifier=calibrated).noise_level != 0.9  # the paper's, as asked
+    sampler = lambda p: (p.noise_level, p.steps, p.tau, p.noise_draws)  # noqa: E731
+    for method in ("cdm", "gradcam"):  # the model's own, where its threshold was measured
+        assert sampler(CDMParams.for_model(model, classifier=calibrated, method=method)) == sampler(own)
+    assert CDMParams.for_model(model, classifier=calibrated, method="cg-cdm", noise_level=0.7).noise_level == 0.7
+    assert CDMParams.for_model(model, "paper", classifier=calibrated, method="cg-cdm").noise_level != 0.9
 
 
 @pytest.mark.parametrize("size, modalities, masks, message", [

@@ -64,7 +64,7 @@ def test_the_advanced_section_starts_from_the_measured_defaults():
     assert values["guidanceScale"] == guide.defaults["guidance_scale"] != 100.0  # measured, not the paper's s
     assert advanced_defaults(model)["guidanceScale"] == 100.0  # no classifier: the paper's s
     assert values["minComponentMl"] == d.get("min_component_ml", 0.0)  # its speck removal, in ml
-    assert advanced_defaults(load_model("brain-flair-cpu"))["minComponentMl"] == 0.1  # chosen by calibrate-refinement
+    assert advanced_defaults(load_model("brain-flair-cpu"))["minComponentMl"] == 0.05  # chosen by calibrate-refinement
 
 
 def test_progress_reads_slices_done_of_total_with_the_time_left():

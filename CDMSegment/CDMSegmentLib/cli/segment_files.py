@@ -152,7 +152,7 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     guide = load_model(classifier, kind="classifier") if classifier is not None else None
     method = run_options.get("method", "cdm")
     uses_guide = guide is not None and method in CLASSIFIER_METHODS
-    params = settings.params(diffusion, guide)
+    params = settings.params(diffusion, guide, method)
     min_voxels = settings.min_component_voxels(diffusion, volumes[0].spacing_mm)
     classes = diffusion.target_classes(target_class)
     stem = file_stem(inputs[0])

@@ -131,7 +131,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                                lambda: [ood_finding(ood_score(model, volumes, device=dev, normalised=arrays))])
     for warning in warnings:
         log(f"warning: {warning}")
-    params = params or CDMParams.for_model(model, classifier=classifier)
+    params = params or CDMParams.for_model(model, classifier=classifier, method=method)
     defaults = model.defaults
     calibrated = calibrated_threshold(method, model, classifier)
     threshold = threshold if threshold is not None else ("model" if calibrated is not None else "otsu")

@@ -43,11 +43,13 @@ class CDMParams:
 
     @classmethod
     def for_model(cls, model: "ModelDescription", preset: str = "model",
-                  classifier: Optional["ModelDescription"] = None, **overrides) -> "CDMParams":
+                  classifier: Optional["ModelDescription"] = None, method: str = "cdm",
+                  **overrides) -> "CDMParams":
         """The model's own measured defaults ('model') or the paper's ('paper'); None overrides are ignored.
-        With the 'model' preset, a classifier's measured guidance scale replaces the paper's s, and the CDM
-        settings it was measured at (its ``calibration.cdm_settings``: noise level, R, tau, noise draws) replace
-        the model's, so that its guidance scale and threshold are used where they were measured. model and
+        With the 'model' preset, a classifier's measured guidance scale replaces the paper's s, and for
+        ``method`` 'cg-cdm' the CDM settings it was measured at (its ``calibration.cdm_settings``: noise level,
+        R, tau, noise draws) replace the model's, so that its guidance scale and threshold are used where they
+        were measured; every other method keeps the model's own, where its threshold was measured. model and
         classifier: described (model_description.py) or loaded model files; only their metadata is read."""
         if preset not in ("model", "paper"):
             raise CDMSegmentError(f"unknown preset {preset!r}; use 'model' or 'paper'")
@@ -55,8 +57,9 @@ class CDMParams:
         base = {k: v for k, v in (model.defaults if preset == "model" else PAPER_DEFAULTS).items() if k in names}
         if preset == "model" and classifier is not None and "guidance_scale" in classifier.defaults:
             base["guidance_scale"] = float(classifier.defaults["guidance_scale"])
-            measured_at = (classifier.defaults.get("calibration") or {}).get("cdm_settings") or {}
-            base.update({k: v for k, v in measured_at.items() if k in names})
+            if method == "cg-cdm":
+                measured_at = (classifier.defaults.get("calibration") or {}).get("cdm_settings") or {}
+                base.update({k: v for k, v in measured_at.items() if k in names})
         params = replace(cls(), **base)
         return replace(params, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -140,11 +143,13 @@ class CDMSettings:
                 object.__setattr__(self, f.name, ranges.check_optional(f.name, getattr(self, f.name)))
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
 
-    def params(self, model: "ModelDescription", classifier: Optional["ModelDescription"] = None) -> CDMParams:
-        """The sampler's settings: these values, the model's (or the paper's) where None or not offered here
-        (antithetic draws: only a model's measured default turns them on)."""
+    def params(self, model: "ModelDescription", classifier: Optional["ModelDescription"] = None,
+               method: str = "cdm") -> CDMParams:
+        """The sampler's settings for ``method``: these values, the model's (or the paper's, or for CG-CDM its
+        classifier's) where None or not offered here (antithetic draws: only a model's measured default turns
+        them on)."""
         overrides = {f.name: getattr(self, f.name, None) for f in fields(CDMParams)}
-        return CDMParams.for_model(model, self.preset, classifier, **overrides)
+        return CDMParams.for_model(model, self.preset, classifier, method, **overrides)
 
     def min_component_voxels(self, model: "ModelDescription", spacing_mm: Sequence[float]) -> int:
         """The minimum component size in voxels of this spacing (the model's ``min_component_ml`` when None)."""
