@@ -388,6 +388,13 @@ def test_cgcdm_with_the_bundled_model_is_guided_by_its_registered_classifier(tmp
     assert header.GetMetaData("CDMSegment_Method") == "cg-cdm"
     assert header.GetMetaData("CDMSegment_Classifier") == f"brain-flair-cpu-classifier {classifier.metadata['version']}"
     assert header.GetMetaData("CDMSegment_ClassifierSHA256") == classifier.sha256
+    # CG-CDM runs where its classifier's scale and threshold were measured; plain CDM where the model's threshold was
+    measured_at = classifier.defaults["calibration"]["cdm_settings"]
+    guided_settings = json.loads(header.GetMetaData("CDMSegment_Settings"))
+    plain_settings = json.loads(sitk.ReadImage(str(tmp_path / "plain" / "case_0.seg.nrrd")).GetMetaData(
+        "CDMSegment_Settings"))
+    assert {k: guided_settings[k] for k in measured_at} == measured_at
+    assert plain_settings["noise_level"] == model.defaults["noise_level"] != measured_at["noise_level"]
 
 
 def test_a_classifier_made_for_other_slices_than_the_models_is_refused(tmp_path, capsys):
