@@ -9,6 +9,7 @@ from CDMSegmentLib.core.image import Volume
 from CDMSegmentLib.core.refine import (apply_refinement, grow_through_intensity, heatmap_supported_components,
                                        lesion_intensity_components, supported_components)
 from CDMSegmentLib.core.runner import segment_volume
+from CDMSegmentLib.core.settings import CDMParams
 from CDMSegmentLib.core.tissue import tissue_mask
 
 
@@ -225,3 +226,57 @@ def test_the_runner_adds_the_heatmap_supported_components_where_the_model_has_he
     assert "heatmap_support" not in without.refinement and off.refinement is None
     np.testing.assert_array_equal(off.mask, segment_volume(tiny_model, [volume], threshold=threshold,
                                                            lesion_intensity=0.0, **options).mask)
+
+
+def brain_with_a_lesion_and_a_weak_finding():
+    """(10, 24, 24): brain at 100; a lesion at 200 (6x8x8 = 384 voxels) whose heatmap is 3.0 at its core (2x2x2)
+    and 1.5 over a 4x4x4 shell around it; a bright normal spot at 200 (2x2x2) where the heatmap is 1.2."""
+    image = np.zeros((10, 24, 24), np.float32)
+    heatmap = np.zeros(image.shape, np.float32)
+    image[1:9, 2:22, 2:22] = 100
+    image[2:8, 4:12, 4:12] = 200
+    heatmap[3:7, 6:10, 6:10] = 1.5
+    heatmap[4:6, 7:9, 7:9] = 3.0
+    image[6:8, 16:18, 16:18] = 200
+    heatmap[6:8, 16:18, 16:18] = 1.2
+    return image, image > 0, heatmap
+
+
+def test_a_threshold_above_the_calibrated_one_drops_the_weakest_findings_not_the_lesions_edge():
+    """The refinement's support (0.15) was chosen at threshold 1.0, where the CDM's mask covers 64 of the lesion's
+    384 voxels. At 2.0 the mask is the 8-voxel core (2 %): measured on it, the whole lesion would drop out;
+    measured on the mask at the calibrated threshold, the lesion stays as it was and the weak spot goes. Under
+    the calibrated threshold nothing changes."""
+    image, content, heatmap = brain_with_a_lesion_and_a_weak_finding()
+    refinement = {"lesion_intensity": 0.7, "lesion_intensity_floor": 1.4, "lesion_support": 0.15,
+                  "brain_median": 100.0, "min_component_voxels": 1}
+    calibrated = dict(refinement, calibrated_threshold=1.0)
+    lesion, spot = np.zeros(image.shape, bool), np.zeros(image.shape, bool)
+    lesion[2:8, 4:12, 4:12] = spot[6:8, 16:18, 16:18] = True
+
+    def remade(rule, threshold):
+        return apply_refinement(heatmap > threshold, image, None, rule, heatmap, threshold) > 0
+
+    np.testing.assert_array_equal(remade(calibrated, 1.0), lesion | spot)
+    np.testing.assert_array_equal(remade(refinement, 1.0), lesion | spot)
+    np.testing.assert_array_equal(remade(calibrated, 2.0), lesion)
+    assert not remade(refinement, 2.0).any()  # the collapse the calibrated threshold prevents
+    np.testing.assert_array_equal(remade(calibrated, 0.5), remade(refinement, 0.5))
+    assert not remade(calibrated, 3.0).any()  # above the heatmap's maximum: nothing found
+
+
+def test_the_runner_records_the_calibrated_threshold_only_at_the_settings_it_was_calibrated_at(tiny_model):
+    volume = Volume(phantom((6, 20, 24)))
+    options = dict(device="cpu", force=True, log=lambda m: None)
+    saved = dict(tiny_model.metadata["defaults"])
+    tiny_model.metadata["defaults"] = {**saved, "lesion_intensity": 0.9, "lesion_intensity_floor": 1.0,
+                                       "threshold": 1e-4}
+    try:
+        at_defaults = segment_volume(tiny_model, [volume], **options)
+        other = segment_volume(tiny_model, [volume], params=CDMParams.for_model(tiny_model, noise_level=0.5),
+                               **options)
+    finally:
+        tiny_model.metadata["defaults"] = saved
+    assert at_defaults.refinement["calibrated_threshold"] == 1e-4 == at_defaults.threshold
+    assert at_defaults.refinement["min_component_voxels"] == at_defaults.min_component_voxels
+    assert "calibrated_threshold" not in other.refinement  # a heatmap of another scale: 1e-4 means nothing there

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import CDMSegmentError
+from .threshold import make_mask
 
 
 def supported_components(mask: np.ndarray, image: np.ndarray, content: np.ndarray,
@@ -50,13 +51,15 @@ def supported_components(mask: np.ndarray, image: np.ndarray, content: np.ndarra
     return _covered_components((image > relative_threshold * float(np.median(image[content]))) & content, mask)
 
 
-def _covered_components(bright: np.ndarray, mask: np.ndarray, min_support: float = 0.0) -> np.ndarray:
-    """bool: the 3D components (face-connected) of ``bright`` that ``mask`` touches, and of which it covers at
-    least ``min_support`` (0-1) of the voxels."""
+def _covered_components(bright: np.ndarray, mask: np.ndarray, min_support: float = 0.0,
+                        reference: Optional[np.ndarray] = None) -> np.ndarray:
+    """bool: the 3D components (face-connected) of ``bright`` that ``mask`` touches, and of which ``reference``
+    (default ``mask``) covers at least ``min_support`` (0-1) of the voxels."""
     labels, count = ndimage.label(bright)
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    covered = np.bincount(labels[mask].ravel(), minlength=count + 1)
-    keep = (covered > 0) & (covered >= min_support * sizes)
+    touched = np.bincount(labels[mask].ravel(), minlength=count + 1)
+    covered = touched if reference is None else np.bincount(labels[reference].ravel(), minlength=count + 1)
+    keep = (touched > 0) & (covered >= min_support * sizes)
     keep[0] = False
     return keep[labels]
 
@@ -69,7 +72,8 @@ def grow_through_intensity(mask: np.ndarray, image: np.ndarray, content: np.ndar
 
 def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: Optional[np.ndarray], fraction: float,
                                 floor: float = 0.0, min_support: float = 0.0, *,
-                                brain_median: Optional[float] = None) -> np.ndarray:
+                                brain_median: Optional[float] = None,
+                                reference: Optional[np.ndarray] = None) -> np.ndarray:
     """uint8 (K, J, I): the lesion the CDM found, delineated by its own intensity.
 
     level = max(``floor``, ``fraction`` x the median intensity under ``mask``), both in multiples of the
@@ -82,6 +86,12 @@ def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: Op
     from the heatmap alone (a new threshold in Slicer) gives the run's ``brain_median`` and no content: with a
     floor of 1 or more every voxel above the level lies in the content anyway (it is brighter than the brain's
     median, and the content is every voxel above a level below that median), so the result is the same.
+    reference: (K, J, I) bool, a mask holding ``mask`` (the heatmap's mask at the threshold the three numbers were
+    calibrated at, where a higher one made ``mask``): the level and the support are measured on it, and ``mask``
+    only says which components are kept. Without it, a higher threshold shrinks the mask to a lesion's core and
+    its share of the lesion's component falls under ``min_support``: the whole lesion would drop out at once
+    (the bundled sample's 13 ml lesion at 1.2 x the model's threshold), where a radiologist raising the
+    threshold expects the weakest findings to go first.
     Raises CDMSegmentError for a fraction outside (0, 1], a floor below 0, a support outside [0, 1], or neither
     content nor brain_median.
     """
@@ -93,13 +103,15 @@ def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: Op
                               f"{floor} and {min_support}")
     if content is None and brain_median is None:
         raise CDMSegmentError("the lesion intensity needs the brain's median intensity or its tissue mask")
-    mask = mask.astype(bool) if content is None else mask.astype(bool) & content.astype(bool)
+    inside = (lambda m: m.astype(bool)) if content is None else (lambda m: m.astype(bool) & content.astype(bool))
+    mask = inside(mask)
+    reference = mask if reference is None else inside(reference) | mask
     if not mask.any():
         return np.zeros(mask.shape, np.uint8)
     brain = float(np.median(image[content.astype(bool)])) if brain_median is None else float(brain_median)
-    level = max(floor * brain, fraction * float(np.median(image[mask])))
+    level = max(floor * brain, fraction * float(np.median(image[reference])))
     bright = image > level if content is None else (image > level) & content.astype(bool)
-    return _covered_components(bright, mask, min_support).astype(np.uint8)
+    return _covered_components(bright, mask, min_support, reference).astype(np.uint8)
 
 
 def heatmap_supported_components(heatmap: np.ndarray, threshold: float, image: np.ndarray,
@@ -141,10 +153,17 @@ def refinement_parts(mask: np.ndarray, image: np.ndarray, content: Optional[np.n
     heatmap_floor, min_component_voxels and the ``heatmap`` and ``threshold`` the mask was made with; else none).
     content None for a mask re-made from the heatmap alone (a new threshold in Slicer; lesion_intensity_components
     says why that gives the same).
+    A refinement with a ``calibrated_threshold`` (the threshold its numbers were chosen at) made into a mask at a
+    higher ``threshold`` measures the lesion's level and support on the heatmap's mask at the calibrated one
+    (lesion_intensity_components' ``reference``), so raising the threshold drops whole findings, weakest first.
     Raises CDMSegmentError for a refinement with heatmap support given no heatmap or threshold."""
+    calibrated = refinement.get("calibrated_threshold")
+    reference = None
+    if calibrated is not None and heatmap is not None and threshold is not None and threshold > calibrated:
+        reference = make_mask(heatmap, calibrated, content, refinement.get("min_component_voxels", 0)) > 0
     refined = lesion_intensity_components(mask, image, content, refinement["lesion_intensity"],
                                           refinement["lesion_intensity_floor"], refinement["lesion_support"],
-                                          brain_median=refinement["brain_median"]) > 0
+                                          brain_median=refinement["brain_median"], reference=reference) > 0
     if not refinement.get("heatmap_support"):
         return refined, np.zeros(refined.shape, bool)
     if heatmap is None or threshold is None:

@@ -131,6 +131,7 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
                                lambda: [ood_finding(ood_score(model, volumes, device=dev, normalised=arrays))])
     for warning in warnings:
         log(f"warning: {warning}")
+    at_calibration = params is None or params == CDMParams.for_model(model, classifier=classifier, method=method)
     params = params or CDMParams.for_model(model, classifier=classifier, method=method)
     defaults = model.defaults
     calibrated = calibrated_threshold(method, model, classifier)
@@ -160,7 +161,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     mask = make_mask(heatmap, value, content_voxels, min_component_voxels)
     mask, refinement, supported_voxels = refine_mask(mask, volumes[0].array, content_voxels, defaults, method,
                                                      lesion_intensity, heatmap=heatmap, threshold=value,
-                                                     min_component_voxels=min_component_voxels)
+                                                     min_component_voxels=min_component_voxels,
+                                                     calibrated_threshold=calibrated if at_calibration else None)
     grow_above = defaults.get("grow_above", 0.0) if grow_above is None else grow_above
     if grow_above and method in CDM_METHODS:
         mask = grow_through_intensity(mask, volumes[0].array, content_voxels, float(grow_above))
@@ -172,8 +174,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
 
 def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaults: dict, method: str,
                 lesion_intensity: Optional[float] = None, *, heatmap: Optional[np.ndarray] = None,
-                threshold: Optional[float] = None, min_component_voxels: int = 0
-                ) -> Tuple[np.ndarray, Optional[dict], int]:
+                threshold: Optional[float] = None, min_component_voxels: int = 0,
+                calibrated_threshold: Optional[float] = None) -> Tuple[np.ndarray, Optional[dict], int]:
     """(mask, refinement, supported voxels): the CDM methods' mask delineated by the lesion's intensity
     (core/refine.lesion_intensity_components) with ``lesion_intensity`` (default: the model's, none without
     one; 0: off) and the model's floor and support, joined with the bright components the ``heatmap`` (made
@@ -181,8 +183,10 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
     (core/refine.heatmap_supported_components, components of at least ``min_component_voxels``); other methods'
     masks, and a mask with the refinement off, unchanged (refinement None). refinement: lesion_intensity,
     lesion_intensity_floor, lesion_support and brain_median (the content's median intensity), with heatmap
-    support also heatmap_floor, heatmap_support and min_component_voxels: what remaking the mask at another
-    threshold needs. supported voxels: how many the heatmap's support added (0 without it)."""
+    support also heatmap_floor, heatmap_support and min_component_voxels, and with a ``calibrated_threshold`` (the
+    method's calibrated threshold, where the refinement's numbers were chosen) that and min_component_voxels: what
+    remaking the mask at another threshold needs (core/refine.refinement_parts). supported voxels: how many the
+    heatmap's support added (0 without it)."""
     fraction = defaults.get("lesion_intensity", 0.0) if lesion_intensity is None else lesion_intensity
     if not fraction or method not in CDM_METHODS:
         return mask, None, 0
@@ -190,10 +194,13 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
                   "lesion_intensity_floor": float(defaults.get("lesion_intensity_floor", 0.0)),
                   "lesion_support": float(defaults.get("lesion_support", 0.0)),
                   "brain_median": float(np.median(image[content.astype(bool)])) if content.any() else 0.0}
+    if defaults.get("heatmap_support") or calibrated_threshold is not None:
+        refinement.update(min_component_voxels=int(min_component_voxels))
     if defaults.get("heatmap_support"):
         refinement.update(heatmap_floor=float(defaults.get("heatmap_floor", 0.0)),
-                          heatmap_support=float(defaults["heatmap_support"]),
-                          min_component_voxels=int(min_component_voxels))
+                          heatmap_support=float(defaults["heatmap_support"]))
+    if calibrated_threshold is not None:
+        refinement.update(calibrated_threshold=float(calibrated_threshold))
     refined, added = refinement_parts(mask, image, content, refinement, heatmap, threshold)
     return (refined | added).astype(np.uint8), refinement, int(added.sum())
 
