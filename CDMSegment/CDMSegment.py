@@ -372,6 +372,7 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CDMSegmentLogic()  # the per-user model cache, as the console's logic and the command line
         self.model = self.classifier = self.modelSource = self.shownMetadata = None
+        self.methodOfDefaults = None  # the method whose calibrated settings the Advanced section was last given
         self.job = None
         self.lastRunDevice = None
         self.extraInputSelectors = []
@@ -467,7 +468,19 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasResult = p.heatmapVolume is not None and p.segmentation is not None and self.job is None
         self.ui.thresholdSlider.enabled = self.ui.segmentEditorButton.enabled = hasResult
         self.ui.guidanceScaleSpinBox.enabled = p.method == Method.cg_cdm
+        if self.model is not None and p.method != self.methodOfDefaults:
+            self.useMethodDefaults()
         self.showCpuEngine()
+
+    def useMethodDefaults(self):
+        """Another method chosen: the Advanced section's sampler settings become the ones that method's threshold
+        was calibrated at (CG-CDM: its classifier's); the refinement and the speck removal are left as they are."""
+        from CDMSegmentLib.slicer_adapters.panel_choices import sampler_defaults
+
+        p = self.parameterNode
+        self.methodOfDefaults = p.method
+        for name, value in sampler_defaults(self.model, self.classifier, p.method.value).items():
+            setattr(p, name, value)
 
     def applyProblem(self) -> str:
         p = self.parameterNode
@@ -644,7 +657,8 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.classifier = self.logic.fetchModel(classifierName, kind="classifier")
         if self.classifier is None:
             self.parameterNode.method = Method.cdm
-        for name, value in advanced_defaults(model, self.classifier).items():
+        self.methodOfDefaults = self.parameterNode.method
+        for name, value in advanced_defaults(model, self.classifier, self.parameterNode.method.value).items():
             setattr(self.parameterNode, name, value)
         self.describeChosenModel()
 

@@ -16,8 +16,8 @@ from CDMSegmentLib.slicer_adapters.panel_choices import (ONNX_DOWNLOAD_MB, advan
                                                          metadata_text, model_choices, model_file_of, model_text,
                                                          onnx_install_question, onnx_install_requirements,
                                                          peek_metadata, progress_text, result_text, runs_on_cpu,
-                                                         settings_from_parameters, slider_range, torch_build,
-                                                         torch_version_problem)
+                                                         sampler_defaults, settings_from_parameters, slider_range,
+                                                         torch_build, torch_version_problem)
 
 
 def write_registry(tmp_path, entries):
@@ -65,6 +65,23 @@ def test_the_advanced_section_starts_from_the_measured_defaults():
     assert advanced_defaults(model)["guidanceScale"] == 100.0  # no classifier: the paper's s
     assert values["minComponentMl"] == d.get("min_component_ml", 0.0)  # its speck removal, in ml
     assert advanced_defaults(load_model("brain-flair-cpu"))["minComponentMl"] == 0.05  # chosen by calibrate-refinement
+
+
+def test_choosing_cg_cdm_gives_the_advanced_section_its_classifiers_calibrated_settings():
+    """brain-flair-cpu 4 was calibrated at alpha_bar 0.95, its classifier's scale and threshold at 0.8: CG-CDM from
+    the panel runs where its threshold was measured, CDM where the model's was; the refinement is the model's."""
+    model = load_model("brain-flair-cpu")
+    guide = load_model(registered_classifier(model), kind="classifier")
+    measured_at = guide.defaults["calibration"]["cdm_settings"]
+    cdm, guided = advanced_defaults(model, guide, "cdm"), advanced_defaults(model, guide, "cg-cdm")
+    assert cdm["noiseLevel"] == model.defaults["noise_level"] == 0.95
+    assert guided["noiseLevel"] == measured_at["noise_level"] == 0.8
+    assert (guided["steps"], guided["tau"], guided["noiseDraws"]) == (
+        measured_at["steps"], measured_at["tau"], measured_at["noise_draws"])
+    assert guided["guidanceScale"] == cdm["guidanceScale"] == guide.defaults["guidance_scale"]
+    assert guided["lesionIntensity"] == cdm["lesionIntensity"] == model.defaults["lesion_intensity"]
+    assert sampler_defaults(model, guide, "cg-cdm") == {k: v for k, v in guided.items()
+                                                        if k not in ("lesionIntensity", "minComponentMl")}
 
 
 def test_progress_reads_slices_done_of_total_with_the_time_left():

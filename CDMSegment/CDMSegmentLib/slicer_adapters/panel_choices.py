@@ -40,13 +40,20 @@ PANEL_SETTINGS = {"noiseLevel": "noise_level", "steps": "steps", "tau": "tau", "
                   "minComponentMl": "min_component_ml"}
 
 
-def advanced_defaults(model, classifier=None) -> dict:
-    """The Advanced section's values for a model (core.model_description.ModelDescription): its measured defaults
-    (and the classifier's scale), its lesion-intensity refinement (0, off, for a model without one) and its
-    speck removal in ml (0, none, for a model without one)."""
-    p = CDMSettings().params(model, classifier)
-    values = {name: getattr(p, field) for name, field in PANEL_SETTINGS.items() if hasattr(p, field)}
-    return {**values, "lesionIntensity": float(model.defaults.get("lesion_intensity", 0.0)),
+def sampler_defaults(model, classifier=None, method: str = "cdm") -> dict:
+    """The Advanced section's sampler values (noise level, R, tau, noise draws, guidance scale) for ``method``: the
+    model's measured defaults and the classifier's scale, and for CG-CDM the CDM settings its classifier was
+    calibrated at (core.settings.CDMParams.for_model), so that its threshold is used where it was measured."""
+    p = CDMSettings().params(model, classifier, method)
+    return {name: getattr(p, field) for name, field in PANEL_SETTINGS.items() if hasattr(p, field)}
+
+
+def advanced_defaults(model, classifier=None, method: str = "cdm") -> dict:
+    """The Advanced section's values for a model (core.model_description.ModelDescription) and ``method``: its
+    sampler_defaults, its lesion-intensity refinement (0, off, for a model without one) and its speck removal in
+    ml (0, none, for a model without one)."""
+    return {**sampler_defaults(model, classifier, method),
+            "lesionIntensity": float(model.defaults.get("lesion_intensity", 0.0)),
             "minComponentMl": float(model.defaults.get("min_component_ml", 0.0))}
 
 
