@@ -206,6 +206,14 @@ def test_existing_outputs_are_kept_without_overwrite(tmp_path, tiny_model_path, 
     assert "--overwrite" in err
     assert [p.name for p in out_dir.iterdir()] == ["case_0.seg.nrrd"]
     assert (out_dir / "case_0.seg.nrrd").read_bytes() == b"the user's edited segmentation"
+    assert f"{out_dir / 'case_0.seg.nrrd'} already exists; choose another output folder or pass --overwrite" in err
+    (out_dir / "case_0_heatmap.nrrd").write_bytes(b"an earlier heatmap")
+    code, _, err = run_cli(segment_args([case], out_dir, tiny_model_path), capsys)
+    assert code == 1
+    assert_one_error_line(err)
+    assert (f"{out_dir / 'case_0_heatmap.nrrd'} and {out_dir / 'case_0.seg.nrrd'} already exist; choose another "
+            "output folder or pass --overwrite") in err  # every file that would be replaced, not the first alone
+    assert (out_dir / "case_0.seg.nrrd").read_bytes() == b"the user's edited segmentation"
 
 
 def test_every_option_of_every_command_says_what_it_does():

@@ -119,13 +119,12 @@ def summary_csv(rows: List[dict], case_order: List[str]) -> str:
 
 
 def run_segment_cohort(args) -> None:
-    from .writers import check_not_inputs, file_stem
+    from .writers import check_not_existing, check_not_inputs, file_stem
 
     cases = read_cases(args.cases, args.list)
     summary = args.output / SUMMARY_FILE
     check_not_inputs([summary], [p for c in cases for p in c] + ([args.list] if args.list else []))
-    if summary.exists() and not args.overwrite:
-        raise CDMSegmentError(f"{summary} already exists; choose another output folder or pass --overwrite")
+    check_not_existing([summary], args.overwrite)
     rank, world, local_rank = _rank_and_world()
     start = time.perf_counter()
     rows = segment_cohort(cases, args.output, rank=rank, world=world, device=_device(args.device, local_rank),

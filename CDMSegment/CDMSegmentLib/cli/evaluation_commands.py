@@ -178,17 +178,14 @@ def _cases_with_masks(folder: Path, limit=None, per_family=None):
 
 
 def run_evaluate_volumes(args) -> None:
-    from ..core.errors import CDMSegmentError
     from ..core.reading import read_volume
     from ..core.modelfile import load_model
     from ..evaluation.intensity_baselines import fit_intensity_threshold
     from ..evaluation.volumes import evaluate_volumes, family_table, score_files, size_table, summary_table
-    from .writers import write_text_outputs
+    from .writers import check_not_existing, write_text_outputs
 
     outputs = [args.output / name for name in ("volumes.csv", "volumes.md")]
-    existing = [p for p in outputs if p.exists()]
-    if existing and not args.overwrite:
-        raise CDMSegmentError(f"{existing[0]} already exists; choose another output folder or pass --overwrite")
+    check_not_existing(outputs, args.overwrite)
     model = load_model(args.model)
     cases, families = _cases_with_masks(args.data, args.cases, args.per_family)
     threshold = None

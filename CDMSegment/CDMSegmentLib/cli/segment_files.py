@@ -19,8 +19,8 @@ from ..core.modelfile import load_model
 from ..core.reading import read_volume
 from ..core.runner import segment_volume
 from ..core.settings import CDMSettings
-from .writers import (atomic_outputs, check_not_inputs, check_output_folder, check_output_names, file_stem,
-                      write_heatmap, write_segmentation)
+from .writers import (atomic_outputs, check_not_existing, check_not_inputs, check_output_folder, check_output_names,
+                      file_stem, write_heatmap, write_segmentation)
 
 
 @dataclass
@@ -162,9 +162,7 @@ def segment_files(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     seg_path = output_dir / f"{stem}.seg.nrrd"
     check_not_inputs(heatmap_paths + [seg_path], [*inputs, *keep])
     check_output_names(heatmap_paths + [seg_path])
-    existing = [p for p in heatmap_paths + [seg_path] if p.exists()]
-    if existing and not overwrite:
-        raise CDMSegmentError(f"{existing[0]} already exists; choose another output folder or pass --overwrite")
+    check_not_existing(heatmap_paths + [seg_path], overwrite)
     phase("segmenting")
     results = []
     for n, c in enumerate(classes):

@@ -69,6 +69,15 @@ def check_not_inputs(outputs: Sequence[Path], inputs: Sequence) -> None:
                                   "it is never replaced (not even with --overwrite); choose another output")
 
 
+def check_not_existing(outputs: Sequence[Path], overwrite: bool) -> None:
+    """Without --overwrite, outputs that already exist are refused with one line naming every one of them."""
+    existing = [str(p) for p in outputs if Path(p).exists()]
+    if existing and not overwrite:
+        names = existing[0] if len(existing) == 1 else ", ".join(existing[:-1]) + " and " + existing[-1]
+        raise CDMSegmentError(f"{names} already exist{'s' if len(existing) == 1 else ''}; choose another output "
+                              "folder or pass --overwrite")
+
+
 # The arguments through which a command names what it writes (-o, a positional OUTDIR, train's run folder).
 OUTPUT_ARGUMENTS = ("output", "run_dir")
 
