@@ -403,6 +403,9 @@ def test_cgcdm_with_the_bundled_model_is_guided_by_its_registered_classifier(tmp
         "CDMSegment_Settings"))
     assert {k: guided_settings[k] for k in measured_at} == measured_at
     assert plain_settings["noise_level"] == model.defaults["noise_level"] != measured_at["noise_level"]
+    # each records what it used: the guidance scale only where the classifier guided
+    assert guided_settings["guidance_scale"] == classifier.defaults["guidance_scale"]
+    assert "guidance_scale" not in plain_settings and plain_settings["noise_draws"] == model.defaults["noise_draws"]
 
 
 def test_a_classifier_made_for_other_slices_than_the_models_is_refused(tmp_path, capsys):

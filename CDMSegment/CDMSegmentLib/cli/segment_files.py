@@ -85,9 +85,10 @@ class SegmentSummary:
 
 def provenance(model, classifier, method: str, params, seed: int) -> dict:
     """What a result was made with, for its files' headers: the model (name, version, SHA256), the method, the
-    classifier when the method used one, the sampler's settings (JSON) and the seed."""
+    classifier when the method used one, the sampler's settings the method used (JSON: CDMParams.used_by) and the
+    seed."""
     made = {"Model": f"{model.metadata['name']} {model.metadata['version']}", "ModelSHA256": model.sha256,
-            "Method": method, "Settings": json.dumps(asdict(params), sort_keys=True), "Seed": str(seed)}
+            "Method": method, "Settings": json.dumps(params.used_by(method), sort_keys=True), "Seed": str(seed)}
     if classifier is not None:
         made.update(Classifier=f"{classifier.metadata['name']} {classifier.metadata['version']}",
                     ClassifierSHA256=classifier.sha256)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 
 from . import ranges
 from .errors import CDMSegmentError
+from .names import CDM_METHODS
 
 if TYPE_CHECKING:
     from .model_description import ModelDescription
@@ -62,6 +63,13 @@ class CDMParams:
                 base.update({k: v for k, v in measured_at.items() if k in names})
         params = replace(cls(), **base)
         return replace(params, **{k: v for k, v in overrides.items() if v is not None})
+
+    def used_by(self, method: str) -> dict:
+        """The settings ``method`` runs with, as a result's header records them: every one for CG-CDM, all but the
+        guidance scale for CDM, none for the other methods (the CAMs and CG-Diff do not sample this way)."""
+        if method not in CDM_METHODS:
+            return {}
+        return {f.name: getattr(self, f.name) for f in fields(self) if method == "cg-cdm" or f.name != "guidance_scale"}
 
 
 THRESHOLD_RULES = ("otsu", "model")
