@@ -148,13 +148,18 @@ def test_a_mask_re_made_from_the_brains_median_alone_is_the_runs(floor):
         lesion_intensity_components(mask, image, None, 0.7, floor)
 
 
+def empty_brain_and_heatmap():
+    """(10, 24, 24) image, brain at 100 in [1:9, 2:22, 2:22] and background 0, and a heatmap of zeros."""
+    image = np.zeros((10, 24, 24), np.float32)
+    image[1:9, 2:22, 2:22] = 100
+    return image, np.zeros(image.shape, np.float32)
+
+
 def brain_with_a_faint_lesion_the_heatmap_supports():
     """(10, 24, 24): brain at 100; a faint lesion at 125 (4x6x6 = 144 voxels) where the heatmap is 0.4, under the
     threshold 1.0 everywhere; a bright normal rim at 160 (8x2x20 = 320 voxels) where the heatmap is 0 but for 4
     voxels at 2.0 (its mean 0.025); a 2-voxel faint speck at 125 with heatmap 0.9."""
-    image = np.zeros((10, 24, 24), np.float32)
-    heatmap = np.zeros(image.shape, np.float32)
-    image[1:9, 2:22, 2:22] = 100
+    image, heatmap = empty_brain_and_heatmap()
     image[3:7, 4:10, 4:10] = 125
     heatmap[3:7, 4:10, 4:10] = 0.4
     image[1:9, 19:21, 2:22] = 160
@@ -231,9 +236,7 @@ def test_the_runner_adds_the_heatmap_supported_components_where_the_model_has_he
 def brain_with_a_lesion_and_a_weak_finding():
     """(10, 24, 24): brain at 100; a lesion at 200 (6x8x8 = 384 voxels) whose heatmap is 3.0 at its core (2x2x2)
     and 1.5 over a 4x4x4 shell around it; a bright normal spot at 200 (2x2x2) where the heatmap is 1.2."""
-    image = np.zeros((10, 24, 24), np.float32)
-    heatmap = np.zeros(image.shape, np.float32)
-    image[1:9, 2:22, 2:22] = 100
+    image, heatmap = empty_brain_and_heatmap()
     image[2:8, 4:12, 4:12] = 200
     heatmap[3:7, 6:10, 6:10] = 1.5
     heatmap[4:6, 7:9, 7:9] = 3.0
