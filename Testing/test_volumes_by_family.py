@@ -120,7 +120,13 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
         assert int(row["lesions_found"]) == 0 or float(row["detected"]) == 1.0
     otsu = next(r for r in rows if r["method"] == "Otsu on intensity" and r["family"] == "cortical")
     assert otsu["lesions_found"] == otsu["lesions"]  # Otsu takes half the brain, and so every lesion
-    assert "| family |" in (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")
+    report = (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")
+    assert "| family |" in report
+    # every method paired with the calibrated threshold, in the file and on the screen: the cortical case's CDM
+    # Dice minus the threshold's, from the same rows
+    cdm, threshold = (next(float(r["dice_3d"]) for r in rows if r["method"] == m and r["family"] == "cortical")
+                      for m in ("CDM", "intensity threshold (calibrated)"))
+    assert f"| all | CDM | 1 | {cdm - threshold:+.3f} | " in report and "Paired with the intensity threshold" in out.out
     # each case's line: a lesion-free case has no Dice (not NaN), and no OOD score without a reference
     lines = [line for line in out.err.splitlines() if line[:2] in ("1/", "2/")]
     cortical, healthy = sorted(lines, key=lambda line: "healthy" in line)

@@ -17,6 +17,7 @@ from ..core.errors import CDMSegmentError
 from ..core.threshold import otsu_threshold
 
 THRESHOLD_GRID = np.round(np.arange(1.0, 3.0, 0.01), 2)  # intensity / median of the brain
+THRESHOLD_BASELINE = "intensity threshold (calibrated)"  # its name in the tables
 
 
 def intensity_otsu_mask(array: np.ndarray) -> np.ndarray:

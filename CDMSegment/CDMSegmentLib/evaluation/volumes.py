@@ -5,7 +5,8 @@ report 3D Dice per volume, the paper's per-slice Dice on axial lesion slices, de
 (any overlap with the lesion), lesion-wise detection (each lesion found or not, and regions of the
 mask that touch none: metrics.lesion_counts), and the false-positive volume on lesion-free cases, overall,
 by lesion family (randomised phantoms' ``cases.csv``) and by lesion volume. Two baselines
-on intensity alone (``intensity_baselines``) show what the figures mean.
+on intensity alone (``intensity_baselines``) show what the figures mean, and ``paired`` sets every method
+against the calibrated one on the same volumes.
 """
 
 import csv
@@ -18,8 +19,9 @@ import numpy as np
 
 from ..data.cases import Case
 from ..core.reading import read_volume
-from .intensity_baselines import intensity_otsu_mask, intensity_threshold_mask
+from .intensity_baselines import THRESHOLD_BASELINE, intensity_otsu_mask, intensity_threshold_mask
 from .metrics import dice, lesion_counts, nan_mean
+from .paired import paired_table
 from ..core.modelfile import LoadedModel
 from ..core.slicing import Orientation
 from ..core.device import choose_device
@@ -130,7 +132,7 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
                                            result.seconds + time.perf_counter() - start, family))
         baselines = {"Otsu on intensity": intensity_otsu_mask}
         if intensity_threshold is not None:
-            baselines["intensity threshold (calibrated)"] = lambda a: intensity_threshold_mask(a, intensity_threshold)
+            baselines[THRESHOLD_BASELINE] = lambda a: intensity_threshold_mask(a, intensity_threshold)
         for name, make_mask in baselines.items():
             start = time.perf_counter()
             mask = make_mask(ref.array)
@@ -223,12 +225,17 @@ def size_table(scores: Sequence[VolumeScore]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tables(scores: Sequence[VolumeScore]) -> str:
+    """Markdown: summary_table, family_table, size_table, and paired.paired_table where the calibrated
+    threshold ran, blank lines between them."""
+    paired = paired_table(scores)
+    return "\n".join([summary_table(scores), family_table(scores), size_table(scores)] + ([paired] if paired else []))
+
+
 def score_files(scores: Sequence[VolumeScore], command: str) -> Dict[str, str]:
-    """{"volumes.csv": one row per case and method, "volumes.md": the command and the three tables}."""
+    """{"volumes.csv": one row per case and method, "volumes.md": the command and the tables}."""
     rows = io.StringIO()
     writer = csv.DictWriter(rows, fieldnames=list(asdict(scores[0])))
     writer.writeheader()
     writer.writerows(asdict(s) for s in scores)
-    return {"volumes.csv": rows.getvalue(),
-            "volumes.md": f"Command: `{command}`\n\n" + summary_table(scores) + "\n" + family_table(scores) + "\n"
-                          + size_table(scores)}
+    return {"volumes.csv": rows.getvalue(), "volumes.md": f"Command: `{command}`\n\n" + tables(scores)}
