@@ -62,9 +62,9 @@ def test_the_table_pairs_volumes_by_case_per_family_and_for_lesion_free_volumes(
             if line.startswith("| ") and "---" not in line and "group" not in line}
     assert set(rows) == {("all", "CDM"), ("cortical", "CDM"), ("healthy", "CDM"), ("ms", "CDM")}  # no baseline row
     # all: differences +0.2, +0.2, -0.4, -0.2 (mean -0.05); lesion-free: -1.5 and -0.5 ml (mean -1.00)
-    assert "| all | CDM | 4 | -0.050 (" in rows[("all", "CDM")] and "| 2 / 2 |" in rows[("all", "CDM")]
-    assert rows[("all", "CDM")].endswith("| 2 | -1.00 (-1.50 to -0.50) | 0 / 2 |")  # two volumes: their range
-    assert rows[("ms", "CDM")].startswith("| ms | CDM | 2 | +0.200 (+0.200 to +0.200) | 2 / 0 |")
+    assert "| all | CDM | 4 | -0.050 (" in rows[("all", "CDM")] and "| 2 / 2 / 0 |" in rows[("all", "CDM")]
+    assert rows[("all", "CDM")].endswith("| 2 | -1.00 (-1.50 to -0.50) | 0 / 2 / 0 |")  # two volumes: their range
+    assert rows[("ms", "CDM")].startswith("| ms | CDM | 2 | +0.200 (+0.200 to +0.200) | 2 / 0 / 0 |")
     assert rows[("ms", "CDM")].endswith("| 0 | - | - |")
     assert rows[("healthy", "CDM")].startswith("| healthy | CDM | 0 | - | - | - | 2 | -1.00 (")
     assert all(line.count("|") == 10 for line in table.splitlines() if line.startswith("|"))
@@ -72,3 +72,9 @@ def test_the_table_pairs_volumes_by_case_per_family_and_for_lesion_free_volumes(
     # without the calibrated threshold there is nothing to pair with, and the tables leave it out
     without = [s for s in scores if s.method != THRESHOLD]
     assert paired_table(without) == "" and "Paired" not in tables(without) and "Paired" in tables(scores)
+
+
+def test_ties_are_counted_not_dropped():
+    table = paired_table([score("a", "CDM", "ms", 0.5), score("a", THRESHOLD, "ms", 0.5),
+                          score("b", "CDM", "ms", 0.7), score("b", THRESHOLD, "ms", 0.5)])
+    assert "| all | CDM | 2 | +0.100 (" in table and "| 1 / 0 / 1 |" in table

@@ -3,7 +3,8 @@
 Means over a dozen volumes differ by chance; the question a user asks is whether a method beats the
 threshold on *these* volumes. Per volume the difference is method - threshold (3D Dice on volumes with a
 lesion, false-positive ml on lesion-free ones); reported are its mean, a 95 % bootstrap confidence interval
-of that mean (BCa, ``scipy.stats.bootstrap``, 9999 resamples, seeded), how many volumes each side wins, and
+of that mean (BCa, ``scipy.stats.bootstrap``, 9999 resamples, seeded), how many volumes each side wins (and
+ties), and
 for Dice the Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon``, two-sided), overall and per lesion family.
 """
 
@@ -65,7 +66,8 @@ def _cells(pairs, attribute: str, digits: int, test: bool) -> str:
     r = paired_difference([getattr(m, attribute) for m, _ in pairs], [getattr(b, attribute) for _, b in pairs])
     interval = "" if np.isnan(r.low) else f" ({r.low:+.{digits}f} to {r.high:+.{digits}f})"
     p = "-" if np.isnan(r.p_value) else f"{r.p_value:.2g}"
-    return f"{r.volumes} | {r.mean:+.{digits}f}{interval} | {r.better} / {r.worse} |" + (f" {p} |" if test else "")
+    equal = r.volumes - r.better - r.worse
+    return f"{r.volumes} | {r.mean:+.{digits}f}{interval} | {r.better} / {r.worse} / {equal} |" + (f" {p} |" if test else "")
 
 
 def paired_table(scores: Sequence["VolumeScore"], baseline: str = THRESHOLD_BASELINE) -> str:
@@ -75,9 +77,9 @@ def paired_table(scores: Sequence["VolumeScore"], baseline: str = THRESHOLD_BASE
     if not any(s.method == baseline for s in scores):
         return ""
     lines = [f"Paired with the {baseline} on the same volumes (method - threshold; 95 % bootstrap interval of the "
-             "mean; volumes where the method is higher / lower):", "",
-             "| group | method | volumes with lesion | 3D Dice difference | higher / lower | Wilcoxon p | "
-             "lesion-free volumes | false positives difference (ml) | more / fewer |",
+             "mean; volumes where the method is higher / lower / equal):", "",
+             "| group | method | volumes with lesion | 3D Dice difference | higher / lower / equal | Wilcoxon p | "
+             "lesion-free volumes | false positives difference (ml) | more / fewer / equal |",
              "|---|---|---|---|---|---|---|---|---|"]
     families = sorted(f for f in dict.fromkeys(s.family for s in scores) if f)
     groups = [("all", list(scores))] + ([(f, [s for s in scores if s.family == f]) for f in families]
