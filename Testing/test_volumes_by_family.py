@@ -122,6 +122,9 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
     assert otsu["lesions_found"] == otsu["lesions"]  # Otsu takes half the brain, and so every lesion
     report = (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")
     assert "| family |" in report
+    # the fitted threshold is written beside the tables that use it, as the screen says it
+    fitted = next(line for line in out.err.splitlines() if line.startswith("Calibrated intensity threshold: "))
+    assert f"\n\n{fitted}\n\n" in report and f"cases of {data})." in fitted
     # every method paired with the calibrated threshold, in the file and on the screen: the cortical case's CDM
     # Dice minus the threshold's, from the same rows
     cdm, threshold = (next(float(r["dice_3d"]) for r in rows if r["method"] == m and r["family"] == "cortical")

@@ -188,18 +188,19 @@ def run_evaluate_volumes(args) -> None:
     check_not_existing(outputs, args.overwrite)
     model = load_model(args.model)
     cases, families = _cases_with_masks(args.data, args.cases, args.per_family)
-    threshold = None
+    threshold, notes = None, []
     if args.fit_threshold_on is not None:
         fit_cases, _ = _cases_with_masks(args.fit_threshold_on, args.fit_cases)
         modality = model.modalities[0]
         threshold, pooled = fit_intensity_threshold(
             [(read_volume(c.images[modality]).array, read_volume(c.seg).array > 0) for c in fit_cases])
-        print(f"intensity threshold {threshold:.2f} x the brain's median (pooled Dice {pooled:.3f} on {len(fit_cases)} cases "
-              f"of {args.fit_threshold_on})", file=sys.stderr)
+        notes.append(f"Calibrated intensity threshold: {threshold:.2f} x the brain's median (pooled Dice {pooled:.3f} on "
+                     f"{len(fit_cases)} cases of {args.fit_threshold_on}).")
+        print(notes[-1], file=sys.stderr)
     grow_above = args.grow_above if args.grow_above is not None else model.defaults.get("grow_above", threshold)
     scores = evaluate_volumes(cases, model, families=families, intensity_threshold=threshold, grow_above=grow_above,
                               device=args.device,
                               batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
-    files = score_files(scores, " ".join(["cdmsegment"] + sys.argv[1:]))
+    files = score_files(scores, " ".join(["cdmsegment"] + sys.argv[1:]), notes)
     write_text_outputs({args.output / name: text for name, text in files.items()})
     print(tables(scores))

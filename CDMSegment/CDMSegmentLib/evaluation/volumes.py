@@ -232,10 +232,11 @@ def tables(scores: Sequence[VolumeScore]) -> str:
     return "\n".join([summary_table(scores), family_table(scores), size_table(scores)] + ([paired] if paired else []))
 
 
-def score_files(scores: Sequence[VolumeScore], command: str) -> Dict[str, str]:
-    """{"volumes.csv": one row per case and method, "volumes.md": the command and the tables}."""
+def score_files(scores: Sequence[VolumeScore], command: str, notes: Sequence[str] = ()) -> Dict[str, str]:
+    """{"volumes.csv": one row per case and method, "volumes.md": the command, ``notes`` (a paragraph each: how a
+    baseline was fitted, for one) and the tables}."""
     rows = io.StringIO()
     writer = csv.DictWriter(rows, fieldnames=list(asdict(scores[0])))
     writer.writeheader()
     writer.writerows(asdict(s) for s in scores)
-    return {"volumes.csv": rows.getvalue(), "volumes.md": f"Command: `{command}`\n\n" + tables(scores)}
+    return {"volumes.csv": rows.getvalue(), "volumes.md": f"Command: `{command}`\n\n" + "".join(f"{n}\n\n" for n in notes) + tables(scores)}
