@@ -78,3 +78,11 @@ def test_ties_are_counted_not_dropped():
     table = paired_table([score("a", "CDM", "ms", 0.5), score("a", THRESHOLD, "ms", 0.5),
                           score("b", "CDM", "ms", 0.7), score("b", THRESHOLD, "ms", 0.5)])
     assert "| all | CDM | 2 | +0.100 (" in table and "| 1 / 0 / 1 |" in table
+
+
+def test_the_smallest_p_the_table_warns_of_is_what_five_volumes_can_reach():
+    # all five higher: the exact two-sided p is 2 / 2^5, above 0.06 as the table's heading says; six reach 2 / 2^6
+    assert paired_difference([0.6, 0.7, 0.8, 0.9, 1.0], [0.5] * 5).p_value == pytest.approx(0.0625)
+    assert paired_difference([0.6, 0.7, 0.8, 0.9, 1.0, 0.55], [0.5] * 6).p_value == pytest.approx(0.03125)
+    assert "with 5 volumes or fewer it cannot fall below 0.06" in paired_table(
+        [score("a", "CDM", "ms", 0.6), score("a", THRESHOLD, "ms", 0.5)])

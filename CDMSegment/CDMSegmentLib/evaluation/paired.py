@@ -77,7 +77,8 @@ def paired_table(scores: Sequence["VolumeScore"], baseline: str = THRESHOLD_BASE
     if not any(s.method == baseline for s in scores):
         return ""
     lines = [f"Paired with the {baseline} on the same volumes (method - threshold; 95 % bootstrap interval of the "
-             "mean; volumes where the method is higher / lower / equal):", "",
+             "mean; volumes where the method is higher / lower / equal; the Wilcoxon signed-rank p is two-sided, and with 5 "
+             "volumes or fewer it cannot fall below 0.06):", "",
              "| group | method | volumes with lesion | 3D Dice difference | higher / lower / equal | Wilcoxon p | "
              "lesion-free volumes | false positives difference (ml) | more / fewer / equal |",
              "|---|---|---|---|---|---|---|---|---|"]
