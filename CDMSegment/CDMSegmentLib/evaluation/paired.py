@@ -3,13 +3,13 @@
 Means over a dozen volumes differ by chance; the question a user asks is whether a method beats the
 threshold on *these* volumes. Per volume the difference is method - threshold (3D Dice on volumes with a
 lesion, false-positive ml on lesion-free ones); reported are its mean, a 95 % bootstrap confidence interval
-of that mean (BCa, ``scipy.stats.bootstrap``, 9999 resamples, seeded), how many volumes each side wins (and
-ties), and
-for Dice the Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon``, two-sided), overall and per lesion family.
+of that mean (BCa, ``scipy.stats.bootstrap``, 9999 resamples, seeded), how many volumes each side wins and how
+many tie, and for Dice the Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon``, two-sided), overall and per
+lesion family.
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from scipy import stats
@@ -51,7 +51,7 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> Pai
         interval = stats.bootstrap((d,), np.mean, n_resamples=9999, confidence_level=0.95, method="BCa",
                                    random_state=np.random.default_rng(0)).confidence_interval
         low, high = float(interval.low), float(interval.high)
-        p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+        p = float(stats.wilcoxon(d).pvalue)
     return PairedDifference(int(d.size), mean, low, high, int((d > 0).sum()), int((d < 0).sum()), p)
 
 
@@ -67,7 +67,8 @@ def _cells(pairs, attribute: str, digits: int, test: bool) -> str:
     interval = "" if np.isnan(r.low) else f" ({r.low:+.{digits}f} to {r.high:+.{digits}f})"
     p = "-" if np.isnan(r.p_value) else f"{r.p_value:.2g}"
     equal = r.volumes - r.better - r.worse
-    return f"{r.volumes} | {r.mean:+.{digits}f}{interval} | {r.better} / {r.worse} / {equal} |" + (f" {p} |" if test else "")
+    counts = f"{r.better} / {r.worse} / {equal}"
+    return f"{r.volumes} | {r.mean:+.{digits}f}{interval} | {counts} |" + (f" {p} |" if test else "")
 
 
 def paired_table(scores: Sequence["VolumeScore"], baseline: str = THRESHOLD_BASELINE) -> str:
@@ -77,8 +78,8 @@ def paired_table(scores: Sequence["VolumeScore"], baseline: str = THRESHOLD_BASE
     if not any(s.method == baseline for s in scores):
         return ""
     lines = [f"Paired with the {baseline} on the same volumes (method - threshold; 95 % bootstrap interval of the "
-             "mean; volumes where the method is higher / lower / equal; the Wilcoxon signed-rank p is two-sided, and with 5 "
-             "volumes or fewer it cannot fall below 0.06):", "",
+             "mean; volumes where the method is higher / lower / equal; the Wilcoxon signed-rank p is two-sided, "
+             "and with 5 volumes or fewer it cannot fall below 0.06):", "",
              "| group | method | volumes with lesion | 3D Dice difference | higher / lower / equal | Wilcoxon p | "
              "lesion-free volumes | false positives difference (ml) | more / fewer / equal |",
              "|---|---|---|---|---|---|---|---|---|"]

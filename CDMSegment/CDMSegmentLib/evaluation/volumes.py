@@ -239,4 +239,5 @@ def score_files(scores: Sequence[VolumeScore], command: str, notes: Sequence[str
     writer = csv.DictWriter(rows, fieldnames=list(asdict(scores[0])))
     writer.writeheader()
     writer.writerows(asdict(s) for s in scores)
-    return {"volumes.csv": rows.getvalue(), "volumes.md": f"Command: `{command}`\n\n" + "".join(f"{n}\n\n" for n in notes) + tables(scores)}
+    preamble = "".join(f"{paragraph}\n\n" for paragraph in [f"Command: `{command}`", *notes])
+    return {"volumes.csv": rows.getvalue(), "volumes.md": preamble + tables(scores)}
