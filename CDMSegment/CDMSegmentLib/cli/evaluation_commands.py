@@ -181,7 +181,7 @@ def run_evaluate_volumes(args) -> None:
     from ..core.reading import read_volume
     from ..core.modelfile import load_model
     from ..evaluation.intensity_baselines import fit_intensity_threshold
-    from ..evaluation.volumes import evaluate_volumes, score_files, tables
+    from ..evaluation.volumes import evaluate_volumes, score_files
     from .writers import check_not_existing, write_text_outputs
 
     outputs = [args.output / name for name in ("volumes.csv", "volumes.md")]
@@ -203,4 +203,4 @@ def run_evaluate_volumes(args) -> None:
                               batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
     files = score_files(scores, " ".join(["cdmsegment"] + sys.argv[1:]), notes)
     write_text_outputs({args.output / name: text for name, text in files.items()})
-    print(tables(scores))
+    print(files["volumes.md"])  # the tables as written, not computed a second time (the paired one bootstraps)
