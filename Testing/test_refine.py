@@ -86,6 +86,27 @@ def test_the_lesion_intensity_level_follows_the_lesion_found_faint_or_bright(con
     assert fixed.sum() == (lesion.sum() if contrast > 1.64 else 0)
 
 
+def test_each_lesion_found_has_its_own_level_so_a_faint_one_beside_a_bright_one_is_kept_whole():
+    """Two lesions of 4x6x6 in a brain at 100: a bright one at 300 (core 360) and a faint one at 150 (core 180),
+    the CDM's mask on both cores. One level for the whole mask, 0.7 x its median (270), lies above the faint
+    lesion's every voxel and would drop it; each lesion's own level (252 and 126) keeps both, and no brain."""
+    image = np.zeros((10, 24, 40), np.float32)
+    image[1:9, 2:22, 2:38] = 100
+    bright, faint = np.zeros(image.shape, bool), np.zeros(image.shape, bool)
+    bright[3:7, 4:10, 4:10] = True
+    faint[3:7, 4:10, 24:30] = True
+    image[bright], image[faint] = 300, 150
+    mask = np.zeros(image.shape, bool)
+    mask[4:6, 5:9, 5:9] = mask[4:6, 5:9, 25:29] = True
+    image[mask & bright], image[mask & faint] = 360, 180
+    refined = lesion_intensity_components(mask, image, image > 0, fraction=0.7, floor=1.1, min_support=0.2)
+    np.testing.assert_array_equal(refined > 0, bright | faint)
+    assert 0.7 * float(np.median(image[mask])) > image[faint].max()  # the one level the test rules out
+    # the faint lesion alone, found alone, is delineated the same: its level does not depend on the other
+    alone = lesion_intensity_components(mask & faint, image, image > 0, fraction=0.7, floor=1.1, min_support=0.2)
+    np.testing.assert_array_equal(alone > 0, faint)
+
+
 def test_the_floor_keeps_the_level_above_the_brain_and_support_drops_components_the_cdm_barely_touches():
     image, content = brain_with_a_lesion(2.5)
     mask = np.zeros(image.shape, bool)
