@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from CDMSegmentLib.core.errors import CDMSegmentError
-from CDMSegmentLib.evaluation.metrics import (LesionCounts, dice, false_positive_pixels, hd95, iou, lesion_counts,
-                                             nan_mean, pixel_auroc)
+from CDMSegmentLib.evaluation.metrics import (DiceParts, LesionCounts, dice, dice_parts, false_positive_pixels, hd95,
+                                             iou, lesion_counts, nan_mean, pixel_auroc)
 
 
 def squares():
@@ -107,3 +107,24 @@ def test_lesion_counts_count_each_lesion_once_whatever_its_volume():
     assert lesion_counts(cover, np.zeros(joined.shape, bool)) == LesionCounts(0, 0, 1)
     with pytest.raises(CDMSegmentError, match="differ in shape"):
         lesion_counts(cover, joined[:2])
+
+
+def test_dice_parts_split_the_dice_into_lesions_missed_false_regions_and_the_delineation_of_the_rest():
+    truth = np.zeros((8, 20, 20), bool)
+    truth[1:7, 2:12, 2:12] = True  # 600 voxels, found
+    truth[2, 15:18, 15:18] = True  # 9 voxels, missed
+    prediction = np.zeros(truth.shape, bool)
+    prediction[1:7, 2:12, 3:13] = True  # 600 voxels, 540 on the lesion
+    prediction[0, 18:20, 0:2] = True  # 4 voxels touching no lesion
+    parts = dice_parts(prediction, truth)
+    assert parts == DiceParts(missed_voxels=9, false_region_voxels=4, found_dice=pytest.approx(2 * 540 / 1200))
+    # the parts account for the whole Dice: 2 x overlap / (predicted + lesion voxels)
+    overlap = parts.found_dice * (600 + 600) / 2
+    assert dice(prediction, truth) == pytest.approx(2 * overlap / (604 + 609))
+    # nothing found: no delineation to measure; no lesion: every region is false
+    assert math.isnan(dice_parts(np.zeros(truth.shape, bool), truth).found_dice)
+    assert dice_parts(np.zeros(truth.shape, bool), truth).missed_voxels == 609
+    empty = dice_parts(prediction, np.zeros(truth.shape, bool))
+    assert empty.false_region_voxels == 604 and empty.missed_voxels == 0 and math.isnan(empty.found_dice)
+    with pytest.raises(CDMSegmentError, match="differ in shape"):
+        dice_parts(prediction, truth[:2])

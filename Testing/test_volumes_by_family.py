@@ -15,7 +15,8 @@ from CDMSegmentLib.core.ood import ood_score
 from CDMSegmentLib.core.reading import read_volume
 from CDMSegmentLib.evaluation.intensity_baselines import (fit_intensity_threshold, intensity_otsu_mask,
                                                           intensity_threshold_mask)
-from CDMSegmentLib.evaluation.volumes import VolumeScore, case_line, family_table, size_table, summary_table
+from CDMSegmentLib.evaluation.volumes import (VolumeScore, case_line, dice_parts_table, family_table, size_table,
+                                             summary_table)
 
 from conftest import randomised_cases_and_tiny_model
 
@@ -75,6 +76,21 @@ def test_tables_group_by_family_and_by_lesion_volume():
     assert "healthy" not in sizes and all(line.count("|") == 7 for line in sizes.splitlines())
 
 
+def test_the_dice_parts_table_pools_the_missed_volume_and_leaves_lesion_free_volumes_out():
+    def parts(case, family, lesion_ml, dice_3d, missed_ml, false_ml, found_dice):
+        return VolumeScore(case, "CDM", lesion_ml, 0.0, dice_3d, dice_3d, 0.0, 1.0, family, 1.0,
+                           missed_lesion_ml=missed_ml, false_region_ml=false_ml, found_dice=found_dice)
+    scores = [parts("a", "ms", 2.0, 0.5, 1.0, 0.5, 0.8), parts("b", "ms", 6.0, 0.7, 0.0, 0.1, 0.9),
+              parts("c", "cortical", 3.0, 0.0, 3.0, 0.2, float("nan")),
+              VolumeScore("d", "CDM", 0.0, 1.0, float("nan"), float("nan"), 1.0, 1.0, "healthy", false_region_ml=1.0)]
+    table = dice_parts_table(scores)
+    # 1 of 8 ml missed (pooled, not the mean of 50 % and 0 %); false regions 0.3 ml a volume; found Dice 0.85
+    assert "| ms | CDM | 2 | 0.600 | 12 % | 0.30 | 0.850 |" in table
+    assert "| cortical | CDM | 1 | 0.000 | 100 % | 0.20 | - |" in table  # nothing found: no delineation, no NaN
+    assert "healthy" not in table and "nan" not in table
+    assert all(line.count("|") == 8 for line in table.splitlines())
+
+
 def test_the_summary_shows_no_nan_and_no_spread_of_one_case():
     one_lesion = summary_table([score("a", "CDM", "ms", 2.0, 0.25, 1.0)])
     assert "| CDM | 1 | 0.250 | 0.250 | 0 | - | 1.0 |" in one_lesion
@@ -118,6 +134,11 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
         assert int(row["lesions"]) == ndimage.label(truth)[1] and 0 <= int(row["lesions_found"]) <= int(row["lesions"])
         assert (int(row["lesions"]) > 0) == (row["family"] == "cortical")
         assert int(row["lesions_found"]) == 0 or float(row["detected"]) == 1.0
+        # the Dice's parts: missed lesion volume within the lesion, false regions within the false positives
+        assert 0 <= float(row["missed_lesion_ml"]) <= float(row["lesion_ml"]) + 1e-9
+        assert 0 <= float(row["false_region_ml"]) <= float(row["false_positive_ml"]) + 1e-9
+        assert (row["found_dice"] == "nan") == (int(row["lesions_found"]) == 0)
+    assert "| family | method | volumes with lesion | 3D Dice (mean) | lesion volume in lesions missed |" in out.out
     otsu = next(r for r in rows if r["method"] == "Otsu on intensity" and r["family"] == "cortical")
     assert otsu["lesions_found"] == otsu["lesions"]  # Otsu takes half the brain, and so every lesion
     report = (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")

@@ -111,6 +111,32 @@ def lesion_counts(prediction: np.ndarray, truth: np.ndarray) -> LesionCounts:
     return LesionCounts(int(lesions), int(found), int(regions - touching))
 
 
+@dataclass(frozen=True)
+class DiceParts:
+    """Where a prediction's 3D Dice goes, in voxels and as a Dice (``dice_parts``)."""
+
+    missed_voxels: int  # lesion voxels in lesions the prediction does not touch (detection)
+    false_region_voxels: int  # predicted voxels in regions that touch no lesion (false detections)
+    found_dice: float  # Dice of the regions that touch a lesion against the lesions touched (delineation)
+
+
+def dice_parts(prediction: np.ndarray, truth: np.ndarray) -> DiceParts:
+    """The three parts of a (K, J, I) prediction's 3D Dice against its ground truth (bool or 0/1, the components
+    of ``lesion_counts``): lesions missed, regions that are false detections, and the delineation of the rest.
+    Together they say whether a low Dice is a detection problem (what the network misses or invents) or a
+    delineation one (edges): removing the false regions and adding the missed lesions whole would leave only the
+    ``found_dice`` part. found_dice is NaN where no lesion is found (or there is none).
+    Raises CDMSegmentError for masks of different shapes.
+    """
+    p, t = _pair(prediction, truth)
+    lesion_labels, _ = ndimage.label(t)
+    region_labels, _ = ndimage.label(p)
+    found = np.isin(lesion_labels, np.unique(lesion_labels[p & t])) & t
+    touching = np.isin(region_labels, np.unique(region_labels[p & t])) & p
+    return DiceParts(int((t & ~found).sum()), int((p & ~touching).sum()),
+                     dice(touching, found) if found.any() else math.nan)
+
+
 def nan_mean(values: Sequence[float]) -> Tuple[float, int]:
     """(mean of the defined values, number of NaN values left out); the mean is NaN when none is defined."""
     a = np.asarray(list(values), dtype=np.float64)

@@ -20,7 +20,7 @@ import numpy as np
 from ..data.cases import Case
 from ..core.reading import read_volume
 from .intensity_baselines import THRESHOLD_BASELINE, intensity_otsu_mask, intensity_threshold_mask
-from .metrics import dice, lesion_counts, nan_mean
+from .metrics import dice, dice_parts, lesion_counts, nan_mean
 from .paired import paired_table
 from ..core.modelfile import LoadedModel
 from ..core.slicing import Orientation
@@ -51,6 +51,9 @@ class VolumeScore:
     lesions: int = 0  # 3D components of the ground truth (metrics.lesion_counts)
     lesions_found: int = 0  # of them, those the prediction touches
     false_regions: int = 0  # 3D components of the prediction that touch no lesion
+    missed_lesion_ml: float = 0.0  # lesion volume in the lesions the prediction does not touch (metrics.dice_parts)
+    false_region_ml: float = 0.0  # predicted volume in the regions that touch no lesion
+    found_dice: float = float("nan")  # 3D Dice of the regions touching a lesion against the lesions they touch
 
 
 def refined_method_name(defaults: dict) -> str:
@@ -67,13 +70,16 @@ def score_volume(case: str, method: str, pred: np.ndarray, truth: np.ndarray, or
     pred_c, truth_c = orientation.to_canonical(pred), orientation.to_canonical(truth)
     lesion_slices = [k for k in range(truth_c.shape[0]) if truth_c[k].any()]
     counts = lesion_counts(pred, truth)
+    parts = dice_parts(pred, truth)
     return VolumeScore(
         case, method, float(truth.sum() * voxel_ml), float(pred.sum() * voxel_ml),
         dice(pred, truth) if truth.any() else float("nan"),
         nan_mean([dice(pred_c[k], truth_c[k]) for k in lesion_slices])[0] if lesion_slices else float("nan"),
         float((pred & ~truth).sum() * voxel_ml), seconds, family,
         float(counts.found > 0) if truth.any() else float("nan"), lesions=counts.lesions,
-        lesions_found=counts.found, false_regions=counts.false_regions)
+        lesions_found=counts.found, false_regions=counts.false_regions,
+        missed_lesion_ml=parts.missed_voxels * voxel_ml, false_region_ml=parts.false_region_voxels * voxel_ml,
+        found_dice=parts.found_dice)
 
 
 def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Optional[Sequence[str]] = None,
@@ -211,6 +217,26 @@ def family_table(scores: Sequence[VolumeScore]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dice_parts_table(scores: Sequence[VolumeScore]) -> str:
+    """Markdown, per lesion family and method, on the volumes with a lesion: where the 3D Dice goes
+    (metrics.dice_parts): the share of the lesion volume in lesions the mask does not touch (pooled), the volume
+    of the mask's regions that touch no lesion (mean per volume) and the Dice of the regions that do against the
+    lesions they touch (mean over the volumes where a lesion is found)."""
+    lines = ["| family | method | volumes with lesion | 3D Dice (mean) | lesion volume in lesions missed | "
+             "false regions (ml per volume) | 3D Dice of the lesions found |", "|---|---|---|---|---|---|---|"]
+    for family in sorted(dict.fromkeys(s.family for s in scores if s.lesion_ml > 0)):
+        for method in dict.fromkeys(s.method for s in scores):
+            rows = [s for s in scores if s.family == family and s.method == method and s.lesion_ml > 0]
+            if not rows:
+                continue
+            found, _ = nan_mean([s.found_dice for s in rows])
+            missed = 100 * sum(s.missed_lesion_ml for s in rows) / sum(s.lesion_ml for s in rows)
+            lines.append(f"| {family or '-'} | {method} | {len(rows)} | {np.nanmean([s.dice_3d for s in rows]):.3f} | "
+                         f"{missed:.0f} % | {np.mean([s.false_region_ml for s in rows]):.2f} | "
+                         + ("-" if np.isnan(found) else f"{found:.3f}") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def size_table(scores: Sequence[VolumeScore]) -> str:
     """Markdown, per lesion-volume bin (ml; a case's total) and method: mean 3D Dice, detection (any overlap)
     and the lesions found (each lesion of those volumes once)."""
@@ -226,10 +252,11 @@ def size_table(scores: Sequence[VolumeScore]) -> str:
 
 
 def tables(scores: Sequence[VolumeScore]) -> str:
-    """Markdown: summary_table, family_table, size_table, and paired.paired_table where the calibrated
-    threshold ran, blank lines between them."""
+    """Markdown: summary_table, family_table, dice_parts_table, size_table, and paired.paired_table where the
+    calibrated threshold ran, blank lines between them."""
     paired = paired_table(scores)
-    return "\n".join([summary_table(scores), family_table(scores), size_table(scores)] + ([paired] if paired else []))
+    return "\n".join([summary_table(scores), family_table(scores), dice_parts_table(scores), size_table(scores)]
+                     + ([paired] if paired else []))
 
 
 def score_files(scores: Sequence[VolumeScore], command: str, notes: Sequence[str] = ()) -> Dict[str, str]:
