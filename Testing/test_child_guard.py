@@ -19,7 +19,8 @@ import pytest
 
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
-from CDMSegmentLib.slicer_adapters.child_guard import RUN_FOLDER_PREFIX, remove_orphaned_run_folders
+from CDMSegmentLib.slicer_adapters.child_guard import (RUN_FOLDER_PREFIX, remove_orphaned_run_folders,
+                                                      signal_sentence)
 from CDMSegmentLib.slicer_adapters.child_process import LIBRARY_PARENT, ChildRun
 from conftest import phantom
 from test_child_process import LONG, children_of, gone
@@ -196,4 +197,28 @@ def test_through_the_launcher_a_killed_run_is_still_explained(tmp_path, tiny_mod
         assert gone(worker, within_s=3)
     finally:
         run.close()
+    assert list(tmp_path.glob(f"{RUN_FOLDER_PREFIX}*")) == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals and a shell script as the child")
+def test_a_signal_is_named_even_where_the_worker_wrote_its_own_line_before_the_started_process_died(tmp_path,
+                                                                                                    monkeypatch):
+    """SIGTERM to the run's process group reaches the worker too. Where the worker's handler wins the race it writes
+    its own line ("terminated; no partial output was kept") before the started process dies of the signal; the run
+    still ends with the signal's sentence, which says what happened and what to do, whichever came first."""
+    child = tmp_path / "python"
+    child.write_text("#!/bin/sh\n"
+                     "echo '{\"event\": \"error\", \"message\": \"terminated; no partial output was kept\"}'\n"
+                     "kill -TERM $$\n")
+    child.chmod(0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    run = ChildRun([Volume(phantom((4, 20, 24)))], ["--model", "unused"], python=str(child))
+    try:
+        with pytest.raises(CDMSegmentError) as raised:
+            run.wait()
+        assert run.process.returncode == -signal.SIGTERM
+    finally:
+        run.close()
+    assert str(raised.value) == signal_sentence(-signal.SIGTERM)
+    assert str(raised.value).startswith("the CDMSegment process was ended (SIGTERM)")
     assert list(tmp_path.glob(f"{RUN_FOLDER_PREFIX}*")) == []

@@ -12,7 +12,8 @@ on validation data only (``cdmsegment set-defaults``: ``grow_above`` in the mode
 
 A fixed threshold cannot suit a faint lesion (1.2 x the brain's median) and a bright one (2.5 x) at once:
 ``lesion_intensity_components`` takes each lesion's level from the lesion the CDM found there, a fraction of the
-median intensity under that part of the CDM's mask (never below a floor), and keeps the components the CDM covers enough of.
+median intensity under that part of the CDM's mask (never below a floor), and keeps the components the CDM covers
+enough of.
 Its three numbers are the model's ``lesion_intensity``, ``lesion_intensity_floor`` and ``lesion_support``
 defaults, calibrated on validation volumes of the training families.
 
@@ -91,8 +92,8 @@ def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: Op
     median, and the content is every voxel above a level below that median), so the result is the same.
     reference: (K, J, I) bool, a mask holding ``mask`` (the heatmap's mask at the threshold the three numbers were
     calibrated at, where a higher one made ``mask``): the lesions, their levels and the support are measured on it,
-    and ``mask`` only says which components are kept. Without it, a higher threshold shrinks the mask to a lesion's core and
-    its share of the lesion's component falls under ``min_support``: the whole lesion would drop out at once
+    and ``mask`` only says which components are kept. Without it, a higher threshold shrinks the mask to a lesion's
+    core and its share of the lesion's component falls under ``min_support``: the whole lesion would drop out at once
     (the bundled sample's 13 ml lesion at 1.2 x the model's threshold), where a radiologist raising the
     threshold expects the weakest findings to go first.
     Raises CDMSegmentError for a fraction outside (0, 1], a floor below 0, a support outside [0, 1], or neither

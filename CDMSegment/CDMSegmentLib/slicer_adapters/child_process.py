@@ -136,7 +136,10 @@ class ChildRun:
         self._finished = True
         if self.cancelled:
             self.error = str(Cancelled())
-        elif self.error is None and returncode != 0:
+        elif returncode != 0 and (self.error is None or signal_sentence(returncode)):
+            # A signal that ended the started process reached the worker too (one process group): where the worker's
+            # handler won the race it wrote its own line first ("terminated; ..."), which says less than the
+            # signal's sentence and nothing of what to do; the sentence is what the run ends with either way.
             lines = [l.strip() for l in self._stderr_path.read_text(errors="replace").splitlines() if l.strip()]
             self.error = failure_sentence(returncode, lines)
         elif self.error is None and self.summary is None:
