@@ -81,9 +81,9 @@ def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: Op
     ``fraction`` x the median intensity under it), both in multiples of the content's median intensity; the
     result is, lesion by lesion, the 3D components of the content voxels brighter than its level that it touches
     and of which ``mask`` covers at least ``min_support`` (0-1) of the voxels. One level for the whole mask (its
-    median) would set a faint lesion's edge by a bright one's intensity and cut it away; on the validation
-    volumes of the training families and on both held-out sets, the level per lesion was as good or better
-    (README, *Refining the mask*). An empty ``mask`` gives an empty result.
+    median) would set a faint lesion's edge by a bright one's intensity and cut it away; on validation volumes of
+    the training families and on six held-out sets the level per lesion was never worse by more than 0.001 mean
+    Dice, with the same false positives (README, *Refining the mask*). An empty ``mask`` gives an empty result.
 
     mask, content: (K, J, I) bool or 0/1; image: (K, J, I) intensities on the same grid (the first modality).
     brain_median: the content's median intensity (default: computed from ``content``). A mask re-made later
