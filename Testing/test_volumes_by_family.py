@@ -84,8 +84,8 @@ def test_the_dice_parts_table_pools_the_missed_volume_and_leaves_lesion_free_vol
               parts("c", "cortical", 3.0, 0.0, 3.0, 0.2, float("nan")),
               VolumeScore("d", "CDM", 0.0, 1.0, float("nan"), float("nan"), 1.0, 1.0, "healthy", false_region_ml=1.0)]
     table = dice_parts_table(scores)
-    # 1 of 8 ml missed (pooled, not the mean of 50 % and 0 %); false regions 0.3 ml a volume; found Dice 0.85
-    assert "| ms | CDM | 2 | 0.600 | 12 % | 0.30 | 0.850 |" in table
+    # 1 of 8 ml missed (pooled, not the mean of 50 % and 0 %); false regions 0.3 ml a volume; found Dice 0.85 on 2
+    assert "| ms | CDM | 2 | 0.600 | 12 % | 0.30 | 0.850 (2) |" in table
     assert "| cortical | CDM | 1 | 0.000 | 100 % | 0.20 | - |" in table  # nothing found: no delineation, no NaN
     assert "healthy" not in table and "nan" not in table
     assert all(line.count("|") == 8 for line in table.splitlines())
@@ -138,7 +138,8 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
         assert 0 <= float(row["missed_lesion_ml"]) <= float(row["lesion_ml"]) + 1e-9
         assert 0 <= float(row["false_region_ml"]) <= float(row["false_positive_ml"]) + 1e-9
         assert (row["found_dice"] == "nan") == (int(row["lesions_found"]) == 0)
-    assert "| family | method | volumes with lesion | 3D Dice (mean) | lesion volume in lesions missed |" in out.out
+    assert ("| family | method | volumes with lesion | 3D Dice (mean) | lesion volume in lesions missed (pooled) |"
+            in out.out)
     otsu = next(r for r in rows if r["method"] == "Otsu on intensity" and r["family"] == "cortical")
     assert otsu["lesions_found"] == otsu["lesions"]  # Otsu takes half the brain, and so every lesion
     report = (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")

@@ -124,8 +124,8 @@ def dice_parts(prediction: np.ndarray, truth: np.ndarray) -> DiceParts:
     """The three parts of a (K, J, I) prediction's 3D Dice against its ground truth (bool or 0/1, the components
     of ``lesion_counts``): lesions missed, regions that are false detections, and the delineation of the rest.
     Together they say whether a low Dice is a detection problem (what the network misses or invents) or a
-    delineation one (edges): removing the false regions and adding the missed lesions whole would leave only the
-    ``found_dice`` part. found_dice is NaN where no lesion is found (or there is none).
+    delineation one (edges): without the false regions and the missed lesions, the Dice would be ``found_dice``.
+    found_dice is NaN where no lesion is found (or there is none).
     Raises CDMSegmentError for masks of different shapes.
     """
     p, t = _pair(prediction, truth)
