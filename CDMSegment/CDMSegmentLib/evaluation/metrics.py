@@ -103,12 +103,7 @@ def lesion_counts(prediction: np.ndarray, truth: np.ndarray) -> LesionCounts:
     that finds the one large lesion of a volume with eight small ones scores a high Dice and 1 of 9.
     Raises CDMSegmentError for masks of different shapes.
     """
-    p, t = _pair(prediction, truth)
-    lesion_labels, lesions = ndimage.label(t)
-    region_labels, regions = ndimage.label(p)
-    found = np.unique(lesion_labels[p & t]).size
-    touching = np.unique(region_labels[p & t]).size
-    return LesionCounts(int(lesions), int(found), int(regions - touching))
+    return lesion_findings(prediction, truth)[0]
 
 
 @dataclass(frozen=True)
@@ -128,13 +123,23 @@ def dice_parts(prediction: np.ndarray, truth: np.ndarray) -> DiceParts:
     found_dice is NaN where no lesion is found (or there is none).
     Raises CDMSegmentError for masks of different shapes.
     """
+    return lesion_findings(prediction, truth)[1]
+
+
+def lesion_findings(prediction: np.ndarray, truth: np.ndarray) -> Tuple[LesionCounts, DiceParts]:
+    """(``lesion_counts``, ``dice_parts``) of one prediction from one labelling of each mask (same arguments and
+    errors): what an evaluation that reports both calls."""
     p, t = _pair(prediction, truth)
-    lesion_labels, _ = ndimage.label(t)
-    region_labels, _ = ndimage.label(p)
-    found = np.isin(lesion_labels, np.unique(lesion_labels[p & t])) & t
-    touching = np.isin(region_labels, np.unique(region_labels[p & t])) & p
-    return DiceParts(int((t & ~found).sum()), int((p & ~touching).sum()),
-                     dice(touching, found) if found.any() else math.nan)
+    lesion_labels, lesions = ndimage.label(t)
+    region_labels, regions = ndimage.label(p)
+    found_ids = np.unique(lesion_labels[p & t])
+    touching_ids = np.unique(region_labels[p & t])
+    found = np.isin(lesion_labels, found_ids) & t
+    touching = np.isin(region_labels, touching_ids) & p
+    counts = LesionCounts(int(lesions), int(found_ids.size), int(regions - touching_ids.size))
+    parts = DiceParts(int((t & ~found).sum()), int((p & ~touching).sum()),
+                      dice(touching, found) if found.any() else math.nan)
+    return counts, parts
 
 
 def nan_mean(values: Sequence[float]) -> Tuple[float, int]:

@@ -20,7 +20,7 @@ import numpy as np
 from ..data.cases import Case
 from ..core.reading import read_volume
 from .intensity_baselines import THRESHOLD_BASELINE, intensity_otsu_mask, intensity_threshold_mask
-from .metrics import dice, dice_parts, lesion_counts, nan_mean
+from .metrics import dice, lesion_findings, nan_mean
 from .paired import paired_table
 from ..core.modelfile import LoadedModel
 from ..core.slicing import Orientation
@@ -69,8 +69,7 @@ def score_volume(case: str, method: str, pred: np.ndarray, truth: np.ndarray, or
                  voxel_ml: float, seconds: float, family: str = "") -> VolumeScore:
     pred_c, truth_c = orientation.to_canonical(pred), orientation.to_canonical(truth)
     lesion_slices = [k for k in range(truth_c.shape[0]) if truth_c[k].any()]
-    counts = lesion_counts(pred, truth)
-    parts = dice_parts(pred, truth)
+    counts, parts = lesion_findings(pred, truth)
     return VolumeScore(
         case, method, float(truth.sum() * voxel_ml), float(pred.sum() * voxel_ml),
         dice(pred, truth) if truth.any() else float("nan"),
