@@ -144,7 +144,7 @@ def find_brats_cases(root) -> List[Case]:
             case.images[kind] = path
     if not found:
         raise CDMSegmentError(f"no BraTS cases under {root}: expected folders with <case>_flair.nii.gz "
-                              "(and _t1, _t1ce, _t2, _seg)")
+                              "(optionally also _t1, _t1ce, _t2 and the mask _seg)")
     table = root / SLICE_LABELS_FILE
     if table.is_file():
         per_slice, normal = read_label_table(table)
