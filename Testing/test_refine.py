@@ -7,8 +7,9 @@ from conftest import phantom
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
 from CDMSegmentLib.core.refine import (apply_refinement, grow_through_intensity, heatmap_supported_components,
-                                       lesion_intensity_components, supported_components)
-from CDMSegmentLib.core.runner import segment_volume
+                                       lesion_intensity_components, strong_findings, supported_components)
+from CDMSegmentLib.core.runner import refine_mask, segment_volume
+from CDMSegmentLib.core.threshold import voxels_for_ml
 from CDMSegmentLib.core.settings import CDMParams
 from CDMSegmentLib.core.tissue import tissue_mask
 
@@ -304,3 +305,82 @@ def test_the_runner_records_the_calibrated_threshold_only_at_the_settings_it_was
     assert at_defaults.refinement["calibrated_threshold"] == 1e-4 == at_defaults.threshold
     assert at_defaults.refinement["min_component_voxels"] == at_defaults.min_component_voxels
     assert "calibrated_threshold" not in other.refinement  # a heatmap of another scale: 1e-4 means nothing there
+
+
+def lesion_on_the_bright_cortex():
+    """(10, 24, 24): brain at 100, a bright cortex at 170 (8x2x20 = 320 voxels), a lesion at 200 (4x6x6 = 144
+    voxels) that reaches into it, so that above 1.4 x the brain both form one component of 416 voxels; the CDM's
+    mask (2x5x4 = 40 voxels, 32 of them on the lesion, 8 on the brain beside it) covers 8 % of it. The heatmap is
+    1.2 on the mask and 3.0 on its core (2x2x2)."""
+    image, heatmap = empty_brain_and_heatmap()
+    image[1:9, 19:21, 2:22] = 170
+    image[3:7, 15:21, 8:14] = 200
+    mask = np.zeros(image.shape, bool)
+    mask[4:6, 14:19, 9:13] = True
+    heatmap[mask] = 1.2
+    heatmap[4:6, 16:18, 10:12] = 3.0
+    return image, image > 0, mask, heatmap
+
+
+def test_a_strong_finding_on_the_bright_cortex_keeps_its_own_bright_voxels_where_the_support_drops_it():
+    image, content, mask, heatmap = lesion_on_the_bright_cortex()
+    options = dict(fraction=0.7, floor=1.4, min_support=0.2)
+    assert not lesion_intensity_components(mask, image, content, **options).any()  # 40 of 416 < 20 %
+    strong = strong_findings(mask, heatmap, 2.5, 20)
+    np.testing.assert_array_equal(strong, mask)
+    kept = lesion_intensity_components(mask, image, content, strong=strong, **options)
+    np.testing.assert_array_equal(kept > 0, mask & (image == 200))  # its own bright voxels: 32, not the brain's 8
+    assert kept.sum() == 32
+    # too weak a peak, too small a finding, or the rule off: nothing is strong
+    for peak, voxels in ((3.5, 20), (2.5, 41), (2.5, 0), (float("nan"), 20)):
+        assert not strong_findings(mask, heatmap, peak, voxels).any()
+    # a finding the support keeps is kept whole, strong or not
+    lesion = np.zeros(image.shape, bool)
+    lesion[3:7, 4:10, 4:10] = True
+    image[lesion] = 200
+    found = np.zeros(image.shape, bool)
+    found[4:6, 5:9, 5:9] = True
+    both = lesion_intensity_components(found, image, content, strong=found, **options)
+    np.testing.assert_array_equal(both > 0, lesion)
+
+
+def test_a_refinement_with_strong_findings_measures_the_peak_at_the_threshold_the_findings_are_made_at():
+    """The peak is a multiple of the threshold the findings are measured at: at the calibrated threshold 1.0 the
+    finding (40 voxels, peak 3.0) is strong for a peak of 2.5; re-made at 1.5 with the calibrated threshold the
+    same finding is measured, and stays; without it the finding is the 8-voxel core, whose peak 3.0 is under
+    2.5 x 1.5, and it goes."""
+    image, content, mask, heatmap = lesion_on_the_bright_cortex()
+    refinement = {"lesion_intensity": 0.7, "lesion_intensity_floor": 1.4, "lesion_support": 0.2,
+                  "brain_median": 100.0, "min_component_voxels": 1, "strong_finding_voxels": 5,
+                  "strong_finding_peak": 2.5}
+    own = mask & (image == 200)
+
+    def remade(rule, threshold):
+        return apply_refinement(heatmap > threshold, image, None, rule, heatmap, threshold) > 0
+
+    np.testing.assert_array_equal(remade(refinement, 1.0), own)
+    assert not remade({**refinement, "strong_finding_peak": 3.5}, 1.0).any()
+    assert not remade({**refinement, "strong_finding_voxels": 0}, 1.0).any()
+    np.testing.assert_array_equal(remade({**refinement, "calibrated_threshold": 1.0}, 1.5), own)
+    assert not remade(refinement, 1.5).any()
+    with pytest.raises(CDMSegmentError, match="keeps its strong findings, and needs the heatmap and its threshold"):
+        apply_refinement(mask, image, content, refinement)
+
+
+def test_refine_mask_records_the_strong_findings_smallest_size_in_voxels_at_the_volumes_spacing():
+    image, content, mask, heatmap = lesion_on_the_bright_cortex()
+    defaults = {"lesion_intensity": 0.7, "lesion_intensity_floor": 1.4, "lesion_support": 0.2,
+                "strong_finding_ml": 0.1, "strong_finding_peak": 2.5}
+    refined, refinement, _ = refine_mask(mask, image, content, defaults, "cdm", heatmap=heatmap, threshold=1.0,
+                                         spacing_mm=(2.0, 2.0, 2.0))
+    assert refinement["strong_finding_voxels"] == voxels_for_ml(0.1, (2.0, 2.0, 2.0)) == 12
+    assert refinement["strong_finding_peak"] == 2.5
+    np.testing.assert_array_equal(refined > 0, mask & (image == 200))
+    # 0.4 ml at 2 mm is 50 voxels: the 40-voxel finding is not strong, and the support drops it
+    assert not refine_mask(mask, image, content, {**defaults, "strong_finding_ml": 0.4}, "cdm", heatmap=heatmap,
+                           threshold=1.0, spacing_mm=(2.0, 2.0, 2.0))[0].any()
+    off, refinement, _ = refine_mask(mask, image, content, {**defaults, "strong_finding_ml": 0.0}, "cdm",
+                                     heatmap=heatmap, threshold=1.0)
+    assert not off.any() and "strong_finding_voxels" not in refinement
+    with pytest.raises(CDMSegmentError, match="needs the voxel spacing"):
+        refine_mask(mask, image, content, defaults, "cdm", heatmap=heatmap, threshold=1.0)

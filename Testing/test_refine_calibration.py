@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from CDMSegmentLib.cli.main import main
-from CDMSegmentLib.evaluation.refine_calibration import (GRID, SUPPORT_GRID, RefinementRun, choose_refinement,
-                                                         score_refinement)
+from CDMSegmentLib.evaluation.refine_calibration import (GRID, STRONG_GRID, SUPPORT_GRID, RefinementRun,
+                                                         choose_refinement, score_refinement)
 
 from conftest import make_tiny_model_file, randomised_cases_and_tiny_model
 
@@ -41,8 +41,9 @@ def run_with(lesion_value: float, cdm_false_spot: bool = False) -> RefinementRun
 def test_the_choice_delineates_faint_and_bright_lesions_and_keeps_the_rim_out():
     runs = [run_with(140.0), run_with(250.0), run_with(0.0, cdm_false_spot=True)]
     best, scores = choose_refinement(runs, max_fp_ml=0.0)
-    assert len(scores) == np.prod([len(v) for v in GRID.values()]) + np.prod([len(v) for v in SUPPORT_GRID.values()])
+    assert len(scores) == sum(np.prod([len(v) for v in stage.values()]) for stage in (GRID, SUPPORT_GRID, STRONG_GRID))
     assert best.settings["heatmap_support"] == 0.0  # the heatmap is 0 outside the CDM's mask: nothing to add
+    assert best.settings["strong_finding_ml"] == 0.0  # every finding is kept whole already: the rule stays off
     assert best.mean_dice == pytest.approx(1.0) and best.false_positive_ml == 0.0
     # the rim (1.6 x the median, 8 x 2 x 20 voxels) joins wherever the spot is kept and the floor lets it count
     assert score_refinement(runs, {"min_component_ml": 0.05, "lesion_intensity": 0.6, "lesion_intensity_floor": 1.2,
@@ -76,6 +77,40 @@ def test_the_second_stage_adds_the_heatmap_support_only_where_it_finds_lesions()
     assert score_refinement([faint_lesion_runs(False)], {**best.settings, "heatmap_floor": 1.2,
                                                          "heatmap_support": 0.4}).false_positive_ml \
         == pytest.approx(144 * 0.008)
+
+
+def bright_cortex_runs():
+    """Brain at 100 with a bright cortex at 170 (8x2x20 voxels). A lesion at 200 (4x6x6 = 144 voxels) reaching
+    into it, of which the CDM found 40 voxels (32 on the lesion): 40 of the 416 voxels of lesion and cortex
+    together. A lesion-free volume where the CDM fires on 40 voxels of the cortex (0.32 ml of its 320 voxels)."""
+    def brain():
+        image = np.zeros((10, 24, 24), np.float32)
+        image[1:9, 2:22, 2:22] = 100
+        image[1:9, 19:21, 2:22] = 170
+        return image
+
+    image = brain()
+    image[3:7, 15:21, 8:14] = 200
+    found = np.zeros(image.shape, bool)
+    found[4:6, 14:19, 9:13] = True
+    free = np.zeros(image.shape, bool)
+    free[2:7, 19:21, 14:18] = True
+    return [run_from(image, image == 200, found), run_from(brain(), np.zeros(image.shape, bool), free)]
+
+
+@pytest.mark.parametrize("max_fp_ml", [0.5, 0.0])
+def test_the_third_stage_keeps_strong_findings_own_voxels_only_within_the_false_positive_limit(max_fp_ml):
+    """The support (0.2) drops both findings; keeping the strong ones' own bright voxels finds 32 of the lesion's
+    144 voxels (Dice 0.36) and costs the 40 cortex voxels on the lesion-free volume (0.32 ml)."""
+    best, _ = choose_refinement(bright_cortex_runs(), max_fp_ml=max_fp_ml)
+    if max_fp_ml:
+        assert best.settings["strong_finding_ml"] == STRONG_GRID["strong_finding_ml"][1]
+        assert best.settings["strong_finding_peak"] == 2.0  # the heatmap's peak (1) is twice its threshold (0.5)
+        assert best.mean_dice == pytest.approx(2 * 32 / (144 + 32))
+        assert best.false_positive_ml == pytest.approx(40 * 0.008)
+    else:
+        assert best.settings["strong_finding_ml"] == 0.0
+        assert best.mean_dice == 0.0 and best.false_positive_ml == 0.0
 
 
 def small_spot_runs(spot_is_lesion: bool):
@@ -189,7 +224,7 @@ def test_calibrate_refinement_pools_several_folders_and_refuses_one_given_twice_
     assert code == 0, capsys.readouterr().err
     written = json.loads(out.read_text())
     assert written["refinement_calibration"]["volumes"] == 3
-    for name, values in {**GRID, **SUPPORT_GRID}.items():
+    for name, values in {**GRID, **SUPPORT_GRID, **STRONG_GRID}.items():
         assert written[name] in values
     brats_case(tmp_path / "again", "case_1", lesion=False)
     for folders, line in (([tmp_path / "lesions", tmp_path / "lesions"], "is given twice; give each folder once"),

@@ -85,7 +85,8 @@ def add_evaluate_volumes_parser(sub) -> None:
 def add_calibrate_refinement_parser(sub) -> None:
     p = sub.add_parser("calibrate-refinement", help="choose the model's speck removal (min_component_ml), "
                                                     "lesion-intensity refinement (lesion_intensity, its floor and "
-                                                    "support) and heatmap support (heatmap_floor, heatmap_support) "
+                                                    "support), heatmap support (heatmap_floor, heatmap_support) "
+                                                    "and strong findings (strong_finding_ml, strong_finding_peak) "
                                                     "on validation volumes; write the model's defaults with them, "
                                                     "for set-defaults",
                        description="The CDM runs once per validation volume at the model's defaults; every "
@@ -96,8 +97,9 @@ def add_calibrate_refinement_parser(sub) -> None:
                                    "combinations whose mean false positives on the "
                                    "lesion-free volumes stay within --max-fp-ml (the fewest false positives when "
                                    "none does); then, by the same rule, the heatmap support added to it "
-                                   "(SUPPORT_GRID; 0: none). Give validation volumes of the training families "
-                                   "only; several folders are pooled.")
+                                   "(SUPPORT_GRID; 0: none), then which findings keep their own bright voxels "
+                                   "(STRONG_GRID; strong_finding_ml 0: none). Give validation volumes of the "
+                                   "training families only; several folders are pooled.")
     p.add_argument("model", help="model file or registered name, with its calibrated defaults (set-defaults)")
     p.add_argument("data", type=Path, nargs="+", metavar="DATA",
                    help="folders of validation cases with masks (BraTS layout), of the training families")

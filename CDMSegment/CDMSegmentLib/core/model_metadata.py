@@ -100,6 +100,7 @@ DEFAULTS = obj({**{name: setting(name) for name in ("noise_level", "steps", "tau
                                                     "threshold", "cg_cdm_threshold", "min_component_ml",
                                                     "grow_above", "lesion_intensity", "lesion_intensity_floor",
                                                     "lesion_support", "heatmap_floor", "heatmap_support",
+                                                    "strong_finding_ml", "strong_finding_peak",
                                                     "crop_margin_px")},
                 "batch_size": (False, obj(values=number(ranges.SETTINGS["batch_size"]))),  # per device type
                 "antithetic": (False, flag),

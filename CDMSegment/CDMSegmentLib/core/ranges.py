@@ -106,6 +106,10 @@ SETTINGS = {
     # and their mean heatmap in multiples of the mask's threshold (0: off)
     "heatmap_floor": Range(low=0.0),
     "heatmap_support": Range(low=0.0),
+    # core/refine.strong_findings: the smallest finding (ml; 0: off) whose own bright voxels are kept, and the
+    # heatmap's peak it needs, in multiples of the mask's threshold
+    "strong_finding_ml": Range(low=0.0),
+    "strong_finding_peak": Range(low=0.0),
     "min_component_voxels": Range(integer=True, low=0),
     "batch_size": Range(integer=True, low=1, high=65_536),
     # the noise of slice s, draw d is seeded seed * 1_000_003 + ...: torch's seeds hold 64 bits

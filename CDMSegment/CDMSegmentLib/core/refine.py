@@ -74,7 +74,8 @@ def grow_through_intensity(mask: np.ndarray, image: np.ndarray, content: np.ndar
 def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: Optional[np.ndarray], fraction: float,
                                 floor: float = 0.0, min_support: float = 0.0, *,
                                 brain_median: Optional[float] = None,
-                                reference: Optional[np.ndarray] = None) -> np.ndarray:
+                                reference: Optional[np.ndarray] = None,
+                                strong: Optional[np.ndarray] = None) -> np.ndarray:
     """uint8 (K, J, I): the lesion the CDM found, delineated by its own intensity.
 
     Each lesion found (a 3D component, face-connected, of ``reference``, which is ``mask`` unless given, that holds
@@ -97,6 +98,9 @@ def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: Op
     core and its share of the lesion's component falls under ``min_support``: the whole lesion would drop out at once
     (the bundled sample's 13 ml lesion at 1.2 x the model's threshold), where a radiologist raising the
     threshold expects the weakest findings to go first.
+    strong: (K, J, I) bool, the strong findings (``strong_findings``): a lesion found there keeps its own voxels
+    brighter than its level even where the bright component they belong to is mostly outside the mask (a lesion
+    on the cortex joins the bright cortex, which the CDM covers too little of for ``min_support``).
     Raises CDMSegmentError for a fraction outside (0, 1], a floor below 0, a support outside [0, 1], or neither
     content nor brain_median.
     """
@@ -122,11 +126,34 @@ def lesion_intensity_components(mask: np.ndarray, image: np.ndarray, content: Op
     seeds_at = {}
     for j, median in zip(found, np.atleast_1d(medians)):
         seeds_at.setdefault(max(floor * brain, fraction * float(median)), []).append(j)
+    strong_ids = set(np.unique(labels[strong.astype(bool)]).tolist()) - {0} if strong is not None else set()
     result = np.zeros(mask.shape, bool)
     for level, lesions in seeds_at.items():
         bright = image > level if content is None else (image > level) & content.astype(bool)
         result |= _covered_components(bright, mask & np.isin(labels, lesions), min_support, reference)
+        own = [j for j in lesions if j in strong_ids]
+        if own:
+            result |= bright & np.isin(labels, own)
     return result.astype(np.uint8)
+
+
+def strong_findings(mask: np.ndarray, heatmap: np.ndarray, peak: float, min_voxels: int) -> np.ndarray:
+    """bool (K, J, I): the 3D components (face-connected) of ``mask`` that hold at least ``min_voxels`` voxels and
+    whose heatmap reaches ``peak`` (heatmap units) somewhere: findings the CDM is sure of, whose own bright voxels
+    lesion_intensity_components keeps whatever share of their bright component the mask covers.
+
+    mask: (K, J, I) bool or 0/1; heatmap: (K, J, I) float on the same grid. ``min_voxels`` 0 or less, or a peak
+    that is not a finite number, gives an empty result (the rule is off).
+    """
+    mask = mask.astype(bool)
+    if min_voxels <= 0 or not np.isfinite(peak) or not mask.any():
+        return np.zeros(mask.shape, bool)
+    labels, count = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    peaks = np.concatenate([[-np.inf], np.atleast_1d(ndimage.maximum(heatmap, labels, np.arange(1, count + 1)))])
+    keep = (sizes >= int(min_voxels)) & (peaks >= peak)
+    keep[0] = False
+    return keep[labels]
 
 
 def heatmap_supported_components(heatmap: np.ndarray, threshold: float, image: np.ndarray,
@@ -171,19 +198,31 @@ def refinement_parts(mask: np.ndarray, image: np.ndarray, content: Optional[np.n
     A refinement with a ``calibrated_threshold`` (the threshold its numbers were chosen at) made into a mask at a
     higher ``threshold`` measures the lesion's level and support on the heatmap's mask at the calibrated one
     (lesion_intensity_components' ``reference``), so raising the threshold drops whole findings, weakest first.
-    Raises CDMSegmentError for a refinement with heatmap support given no heatmap or threshold."""
+    A refinement with ``strong_finding_voxels`` above 0 keeps the own bright voxels of the findings of at least
+    that many voxels whose heatmap peaks at ``strong_finding_peak`` times the threshold or more (strong_findings;
+    the findings and the threshold are those the lesions are measured at: the calibrated one where it is used).
+    Raises CDMSegmentError for a refinement with heatmap support or strong findings given no heatmap or threshold."""
+    needs_heatmap = bool(refinement.get("heatmap_support") or refinement.get("strong_finding_voxels"))
+    if needs_heatmap and (heatmap is None or threshold is None):
+        raise CDMSegmentError("this refinement adds the components the heatmap supports or keeps its strong findings, "
+                              "and needs the heatmap and its threshold")
     calibrated = refinement.get("calibrated_threshold")
-    reference = None
+    reference, measured_at = None, threshold
     if calibrated is not None and heatmap is not None and threshold is not None and threshold > calibrated:
         reference = make_mask(heatmap, calibrated, content, refinement.get("min_component_voxels", 0)) > 0
+        measured_at = calibrated
+    strong = None
+    if refinement.get("strong_finding_voxels"):
+        found = mask.astype(bool) if reference is None else reference | mask.astype(bool)
+        strong = strong_findings(found if content is None else found & content.astype(bool), heatmap,
+                                 refinement["strong_finding_peak"] * float(measured_at),
+                                 refinement["strong_finding_voxels"])
     refined = lesion_intensity_components(mask, image, content, refinement["lesion_intensity"],
                                           refinement["lesion_intensity_floor"], refinement["lesion_support"],
-                                          brain_median=refinement["brain_median"], reference=reference) > 0
+                                          brain_median=refinement["brain_median"], reference=reference,
+                                          strong=strong) > 0
     if not refinement.get("heatmap_support"):
         return refined, np.zeros(refined.shape, bool)
-    if heatmap is None or threshold is None:
-        raise CDMSegmentError("this refinement adds the components the heatmap supports, and needs the heatmap and "
-                              "its threshold")
     supported = heatmap_supported_components(heatmap, threshold, image, content, refinement["heatmap_floor"],
                                              refinement["heatmap_support"], refinement.get("min_component_voxels", 1),
                                              brain_median=refinement["brain_median"])

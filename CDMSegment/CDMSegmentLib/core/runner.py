@@ -162,7 +162,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     mask, refinement, supported_voxels = refine_mask(mask, volumes[0].array, content_voxels, defaults, method,
                                                      lesion_intensity, heatmap=heatmap, threshold=value,
                                                      min_component_voxels=min_component_voxels,
-                                                     calibrated_threshold=calibrated if at_calibration else None)
+                                                     calibrated_threshold=calibrated if at_calibration else None,
+                                                     spacing_mm=ref.spacing_mm)
     grow_above = defaults.get("grow_above", 0.0) if grow_above is None else grow_above
     if grow_above and method in CDM_METHODS:
         mask = grow_through_intensity(mask, volumes[0].array, content_voxels, float(grow_above))
@@ -175,7 +176,8 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
 def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaults: dict, method: str,
                 lesion_intensity: Optional[float] = None, *, heatmap: Optional[np.ndarray] = None,
                 threshold: Optional[float] = None, min_component_voxels: int = 0,
-                calibrated_threshold: Optional[float] = None) -> Tuple[np.ndarray, Optional[dict], int]:
+                calibrated_threshold: Optional[float] = None,
+                spacing_mm: Optional[Tuple[float, float, float]] = None) -> Tuple[np.ndarray, Optional[dict], int]:
     """(mask, refinement, supported voxels): the CDM methods' mask delineated by the lesion's intensity
     (core/refine.lesion_intensity_components) with ``lesion_intensity`` (default: the model's, none without
     one; 0: off) and the model's floor and support, joined with the bright components the ``heatmap`` (made
@@ -185,8 +187,10 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
     lesion_intensity_floor, lesion_support and brain_median (the content's median intensity), with heatmap
     support also heatmap_floor, heatmap_support and min_component_voxels, and with a ``calibrated_threshold`` (the
     method's calibrated threshold, where the refinement's numbers were chosen) that and min_component_voxels: what
-    remaking the mask at another threshold needs (core/refine.refinement_parts). supported voxels: how many the
-    heatmap's support added (0 without it)."""
+    remaking the mask at another threshold needs (core/refine.refinement_parts), and where the model has
+    ``strong_finding_ml`` above 0 also strong_finding_voxels (that volume at ``spacing_mm``, the voxel spacing in mm)
+    and strong_finding_peak (core/refine.strong_findings). supported voxels: how many the heatmap's support added
+    (0 without it). Raises CDMSegmentError for a model with strong findings given no spacing_mm."""
     fraction = defaults.get("lesion_intensity", 0.0) if lesion_intensity is None else lesion_intensity
     if not fraction or method not in CDM_METHODS:
         return mask, None, 0
@@ -201,6 +205,11 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
                           heatmap_support=float(defaults["heatmap_support"]))
     if calibrated_threshold is not None:
         refinement.update(calibrated_threshold=float(calibrated_threshold))
+    if defaults.get("strong_finding_ml"):
+        if spacing_mm is None:
+            raise CDMSegmentError("this model keeps its strong findings whole, which needs the voxel spacing")
+        refinement.update(strong_finding_voxels=voxels_for_ml(defaults["strong_finding_ml"], spacing_mm),
+                          strong_finding_peak=float(defaults.get("strong_finding_peak", 0.0)))
     refined, added = refinement_parts(mask, image, content, refinement, heatmap, threshold)
     return (refined | added).astype(np.uint8), refinement, int(added.sum())
 

@@ -7,8 +7,10 @@ choice is the best mean 3D Dice on the volumes with a lesion among the
 combinations whose mean false-positive volume on the lesion-free ones stays within ``max_fp_ml`` (the least
 false positives when none does). A second stage then adds the components the heatmap supports
 (core/refine.heatmap_supported_components) to the chosen refinement, each combination of SUPPORT_GRID in turn,
-by the same rule; support 0 (the first stage's result) is among them, so it is added only where it helps. Only validation volumes of the training families belong here: the held-out
-sets measure the result.
+by the same rule; support 0 (the first stage's result) is among them, so it is added only where it helps. A third
+stage, by the same rule again, chooses which findings are strong enough to keep their own bright voxels
+(core/refine.strong_findings, STRONG_GRID; ``strong_finding_ml`` 0, the rule off, is among them). Only validation
+volumes of the training families belong here: the held-out sets measure the result.
 """
 
 import itertools
@@ -27,6 +29,7 @@ from .metrics import dice
 GRID = {"min_component_ml": (0.05, 0.1, 0.25), "lesion_intensity": (0.6, 0.7, 0.8),
         "lesion_intensity_floor": (1.2, 1.3, 1.4, 1.5), "lesion_support": (0.0, 0.1, 0.2)}
 SUPPORT_GRID = {"heatmap_floor": (1.1, 1.15, 1.2, 1.25, 1.3), "heatmap_support": (0.0, 0.4, 0.5, 0.75, 1.0, 1.25)}
+STRONG_GRID = {"strong_finding_ml": (0.0, 0.1, 0.25, 0.5, 1.0), "strong_finding_peak": (2.0, 3.0, 4.0)}
 
 
 @dataclass
@@ -82,13 +85,15 @@ def refinement_runs(cases: Sequence[Case], model, device: str = "cpu",
 
 def score_refinement(runs: Sequence[RefinementRun], settings: Dict[str, float]) -> RefinementScore:
     """Mean 3D Dice (volumes with a lesion) and mean false positives in ml (lesion-free ones) of ``settings``
-    (every key of GRID; with a heatmap_support above 0 also heatmap_floor, the components of SUPPORT_GRID)."""
+    (every key of GRID; with a heatmap_support above 0 also heatmap_floor, the components of SUPPORT_GRID; with a
+    strong_finding_ml above 0 also strong_finding_peak, STRONG_GRID)."""
     dices, false_ml = [], []
     for run in runs:
         # the runner's own refinement, with these settings as the model's defaults
         refined = refine_mask(run.mask(settings["min_component_ml"]), run.image, run.content, settings, "cdm",
                               heatmap=run.heatmap, threshold=run.threshold,
-                              min_component_voxels=voxels_for_ml(settings["min_component_ml"], run.spacing_mm))[0] > 0
+                              min_component_voxels=voxels_for_ml(settings["min_component_ml"], run.spacing_mm),
+                              spacing_mm=run.spacing_mm)[0] > 0
         if run.truth.any():
             dices.append(dice(refined, run.truth))
         else:
@@ -117,13 +122,18 @@ def _best(scores: Sequence[RefinementScore], max_fp_ml: float) -> RefinementScor
 
 
 def choose_refinement(runs: Sequence[RefinementRun], max_fp_ml: float = 0.5, grid: Dict[str, Sequence[float]] = GRID,
-                      support_grid: Dict[str, Sequence[float]] = SUPPORT_GRID
+                      support_grid: Dict[str, Sequence[float]] = SUPPORT_GRID,
+                      strong_grid: Dict[str, Sequence[float]] = STRONG_GRID
                       ) -> Tuple[RefinementScore, List[RefinementScore]]:
-    """(the chosen settings' score, every combination's score, both stages). Raises ValueError without a volume
-    with a lesion or without a lesion-free one (the false-positive limit is measured there)."""
+    """(the chosen settings' score, every combination's score, all three stages). Raises ValueError without a
+    volume with a lesion or without a lesion-free one (the false-positive limit is measured there)."""
     check_validation_set([run.truth.any() for run in runs])
-    scores = [score_refinement(runs, dict(zip(grid, values))) for values in itertools.product(*grid.values())]
-    first = _best(scores, max_fp_ml)
-    second = [score_refinement(runs, {**first.settings, **dict(zip(support_grid, values))})
-              for values in itertools.product(*support_grid.values())]
-    return _best(second, max_fp_ml), scores + second
+    scores, chosen = [], {}
+    for stage in (grid, support_grid, strong_grid):
+        stage_scores = [score_refinement(runs, {**chosen, **dict(zip(stage, values))})
+                        for values in itertools.product(*stage.values())]
+        scores += stage_scores
+        best = _best(stage_scores, max_fp_ml)
+        chosen = best.settings
+    return best, scores
+

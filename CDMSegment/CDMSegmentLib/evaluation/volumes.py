@@ -57,11 +57,15 @@ class VolumeScore:
 
 
 def refined_method_name(defaults: dict) -> str:
-    """'CDM + lesion intensity (0.7, floor 1.4)', with ' + heatmap support (0.5, floor 1.2)' where the model has it."""
+    """'CDM + lesion intensity (0.7, floor 1.4)', with ' + heatmap support (0.5, floor 1.2)' and
+    ' + strong findings (0.1 ml, peak 3)' where the model has them."""
     name = (f"CDM + lesion intensity ({defaults.get('lesion_intensity', 0):g}, "
             f"floor {defaults.get('lesion_intensity_floor', 0):g})")
     if defaults.get("heatmap_support"):
         name += f" + heatmap support ({defaults['heatmap_support']:g}, floor {defaults.get('heatmap_floor', 0):g})"
+    if defaults.get("strong_finding_ml"):
+        name += (f" + strong findings ({defaults['strong_finding_ml']:g} ml, "
+                 f"peak {defaults.get('strong_finding_peak', 0):g})")
     return name
 
 
@@ -124,7 +128,8 @@ def evaluate_volumes(cases: Sequence[Case], model: LoadedModel, modalities: Opti
         if fraction:  # the model's default refinement, from the same heatmap and mask
             start = time.perf_counter()
             refined = refine_mask(result.mask, ref.array, content, model.defaults, "cdm", heatmap=result.heatmap,
-                                  threshold=result.threshold, min_component_voxels=result.min_component_voxels)[0]
+                                  threshold=result.threshold, min_component_voxels=result.min_component_voxels,
+                                  spacing_mm=ref.spacing_mm)[0]
             scores.append(score_volume(
                 case.case_id, refined_method_name(model.defaults),
                 refined > 0, truth, orientation, voxel_ml, result.seconds + time.perf_counter() - start, family))
