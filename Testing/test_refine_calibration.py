@@ -7,7 +7,8 @@ import pytest
 
 from CDMSegmentLib.cli.main import main
 from CDMSegmentLib.evaluation.refine_calibration import (GRID, STRONG_GRID, SUPPORT_GRID, RefinementRun,
-                                                         choose_refinement, score_refinement)
+                                                         RefinementScore, choose_best, choose_refinement,
+                                                         score_refinement)
 
 from conftest import make_tiny_model_file, randomised_cases_and_tiny_model
 
@@ -111,6 +112,17 @@ def test_the_third_stage_keeps_strong_findings_own_voxels_only_within_the_false_
     else:
         assert best.settings["strong_finding_ml"] == 0.0
         assert best.mean_dice == 0.0 and best.false_positive_ml == 0.0
+
+
+def test_within_the_dice_tolerance_of_the_best_the_fewest_false_positives_win():
+    scores = [RefinementScore({"n": 1}, 0.8505, 0.438), RefinementScore({"n": 2}, 0.8507, 0.441),
+              RefinementScore({"n": 3}, 0.8400, 0.100), RefinementScore({"n": 4}, 0.8600, 0.900),
+              RefinementScore({"n": 5}, 0.8506, 0.438)]
+    assert choose_best(scores, max_fp_ml=0.5).settings == {"n": 5}  # 0.438 ml twice: the better Dice
+    assert choose_best(scores, max_fp_ml=0.5, dice_tolerance=0.0).settings == {"n": 2}
+    assert choose_best(scores, max_fp_ml=0.5, dice_tolerance=0.02).settings == {"n": 3}
+    assert choose_best(scores, max_fp_ml=1.0).settings == {"n": 4}  # 0.0093 ahead of the rest
+    assert choose_best(scores, max_fp_ml=0.05).settings == {"n": 3}  # none within the limit: the fewest
 
 
 def small_spot_runs(spot_is_lesion: bool):

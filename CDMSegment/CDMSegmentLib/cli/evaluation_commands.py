@@ -96,7 +96,8 @@ def add_calibrate_refinement_parser(sub) -> None:
                                    "The choice: the best mean 3D Dice on the volumes with a lesion among the "
                                    "combinations whose mean false positives on the "
                                    "lesion-free volumes stay within --max-fp-ml (the fewest false positives when "
-                                   "none does); then, by the same rule, the heatmap support added to it "
+                                   "none does), and among those within --dice-tolerance of the best, the "
+                                   "fewest false positives; then, by the same rule, the heatmap support added to it "
                                    "(SUPPORT_GRID; 0: none), then which findings keep their own bright voxels "
                                    "(STRONG_GRID; strong_finding_ml 0: none). Give validation volumes of the "
                                    "training families only; several folders are pooled.")
@@ -108,6 +109,10 @@ def add_calibrate_refinement_parser(sub) -> None:
                    help="cases per lesion family in each folder (from its cases.csv; default 6)")
     p.add_argument("--max-fp-ml", type=option("volume_ml"), default=0.5,
                    help="most mean false positives (ml) allowed on the lesion-free volumes (default 0.5)")
+    p.add_argument("--dice-tolerance", type=option("fraction"),
+                   help="mean 3D Dice within which of the best the combination with the fewest false positives "
+                        "is chosen (default: DICE_TOLERANCE in evaluation/refine_calibration.py, 0.001; 0: the best "
+                        "Dice)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.set_defaults(func=run_calibrate_refinement)
 
@@ -136,7 +141,8 @@ def run_calibrate_refinement(args) -> None:
     try:  # before the runs: a set that cannot measure the choice is refused before hours of work
         check_validation_set([bool(read_volume(case.seg).array.any()) for case in cases])
         runs = refinement_runs(cases, model, args.device, log=lambda m: print(m, file=sys.stderr))
-        best, scores = choose_refinement(runs, args.max_fp_ml)
+        best, scores = choose_refinement(runs, args.max_fp_ml, **(
+            {} if args.dice_tolerance is None else {"dice_tolerance": args.dice_tolerance}))
     except ValueError as e:
         raise CDMSegmentError(f"{where}: {e}") from None
     with_lesion = sum(bool(run.truth.any()) for run in runs)
