@@ -286,13 +286,13 @@ def test_the_runs_threshold_gives_back_the_runs_segment_speck_removal_included(s
     np.testing.assert_array_equal(mrml.segment_mask(segmentation_node, segment_id, mrml.ijk_to_ras(node), shape), made)
 
 
-@pytest.mark.parametrize("heatmap_support", [0.0, 0.05])
+@pytest.mark.parametrize("heatmap_support, strong_finding_ml", [(0.0, 0.0), (0.05, 0.0), (0.05, 0.001)])
 def test_a_new_threshold_delineates_the_lesion_by_its_intensity_as_the_run_did(scene, run_folders, tmp_path,
-                                                                              heatmap_support):
+                                                                              heatmap_support, strong_finding_ml):
     """A model whose defaults refine the CDM's mask by the lesion's intensity (and, with heatmap support, add the
-    bright regions its heatmap supports): the segment re-made at the run's threshold is the run's own (the
-    refinement and the input travel with the segmentation), and with the input deleted a new threshold is
-    refused rather than made another way."""
+    bright regions its heatmap supports; with strong findings, keep their own bright voxels): the segment re-made
+    at the run's threshold is the run's own (the refinement and the input travel with the segmentation), and with
+    the input deleted a new threshold is refused rather than made another way."""
     from conftest import make_tiny_model_file
     from CDMSegmentLib.core.refine import lesion_intensity_components
     from CDMSegmentLib.core.threshold import make_mask
@@ -301,7 +301,8 @@ def test_a_new_threshold_delineates_the_lesion_by_its_intensity_as_the_run_did(s
     make_tiny_model_file(model, defaults={"noise_level": 0.9, "steps": 1, "tau": 0.0, "noise_draws": 1,
                                           "lesion_intensity": 0.7, "lesion_intensity_floor": 1.2,
                                           "lesion_support": 0.0, "heatmap_floor": 1.0,
-                                          "heatmap_support": heatmap_support})
+                                          "heatmap_support": heatmap_support,
+                                          "strong_finding_ml": strong_finding_ml, "strong_finding_peak": 1.0})
     node = add_volume(scene, phantom(SHAPE), GEOMETRIES["oblique"])
     logic = CDMSegmentLogic()
     run = logic.startRun(node, model=model, device="cpu", settings=CDMSettings(threshold="otsu"))
@@ -310,6 +311,7 @@ def test_a_new_threshold_delineates_the_lesion_by_its_intensity_as_the_run_did(s
     refinement = summary["refinement"]
     assert refinement["lesion_intensity_floor"] == 1.2 and refinement["brain_median"] > 0
     assert refinement.get("heatmap_support", 0.0) == heatmap_support
+    assert (refinement.get("strong_finding_voxels", 0) > 0) == (strong_finding_ml > 0)
     assert json.loads(segmentation_node.GetAttribute(mrml.REFINEMENT_ATTRIBUTE)) == refinement
     segment_id = segmentation_node.GetSegmentation().GetNthSegmentID(0)
     shape = slicer.util.arrayFromVolume(node).shape
