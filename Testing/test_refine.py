@@ -384,3 +384,8 @@ def test_refine_mask_records_the_strong_findings_smallest_size_in_voxels_at_the_
     assert not off.any() and "strong_finding_voxels" not in refinement
     with pytest.raises(CDMSegmentError, match="needs the voxel spacing"):
         refine_mask(mask, image, content, defaults, "cdm", heatmap=heatmap, threshold=1.0)
+    for peak in ({}, {"strong_finding_peak": 0.0}):  # a peak of 0 would make every large finding strong
+        without = {key: value for key, value in defaults.items() if key != "strong_finding_peak"}
+        with pytest.raises(CDMSegmentError, match="strong_finding_ml needs a strong_finding_peak above 0"):
+            refine_mask(mask, image, content, {**without, **peak}, "cdm", heatmap=heatmap, threshold=1.0,
+                        spacing_mm=(2.0, 2.0, 2.0))

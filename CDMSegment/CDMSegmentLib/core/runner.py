@@ -190,7 +190,8 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
     remaking the mask at another threshold needs (core/refine.refinement_parts), and where the model has
     ``strong_finding_ml`` above 0 also strong_finding_voxels (that volume at ``spacing_mm``, the voxel spacing in mm)
     and strong_finding_peak (core/refine.strong_findings). supported voxels: how many the heatmap's support added
-    (0 without it). Raises CDMSegmentError for a model with strong findings given no spacing_mm."""
+    (0 without it). Raises CDMSegmentError for a model with strong findings given no spacing_mm or without a
+    strong_finding_peak above 0."""
     fraction = defaults.get("lesion_intensity", 0.0) if lesion_intensity is None else lesion_intensity
     if not fraction or method not in CDM_METHODS:
         return mask, None, 0
@@ -206,8 +207,12 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
     if calibrated_threshold is not None:
         refinement.update(calibrated_threshold=float(calibrated_threshold))
     if defaults.get("strong_finding_ml"):
+        if not defaults.get("strong_finding_peak"):
+            raise CDMSegmentError("the model's strong_finding_ml needs a strong_finding_peak above 0 (the heatmap's "
+                                  "peak in multiples of the threshold); set both with 'cdmsegment set-defaults'")
         if spacing_mm is None:
-            raise CDMSegmentError("this model keeps its strong findings whole, which needs the voxel spacing")
+            raise CDMSegmentError("this model keeps the bright voxels of its strong findings, which needs the voxel "
+                                  "spacing")
         refinement.update(strong_finding_voxels=voxels_for_ml(defaults["strong_finding_ml"], spacing_mm),
                           strong_finding_peak=float(defaults.get("strong_finding_peak", 0.0)))
     refined, added = refinement_parts(mask, image, content, refinement, heatmap, threshold)
