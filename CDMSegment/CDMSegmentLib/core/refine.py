@@ -150,7 +150,9 @@ def strong_findings(mask: np.ndarray, heatmap: np.ndarray, peak: float, min_voxe
         return np.zeros(mask.shape, bool)
     labels, count = ndimage.label(mask)
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    peaks = np.concatenate([[-np.inf], np.atleast_1d(ndimage.maximum(heatmap, labels, np.arange(1, count + 1)))])
+    # over the mask's voxels only: scipy sorts every voxel it is given
+    peaks = np.concatenate([[-np.inf], np.atleast_1d(ndimage.maximum(heatmap[mask], labels[mask],
+                                                                     np.arange(1, count + 1)))])
     keep = (sizes >= int(min_voxels)) & (peaks >= peak)
     keep[0] = False
     return keep[labels]
