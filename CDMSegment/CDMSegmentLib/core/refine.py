@@ -23,6 +23,11 @@ the bright components in which the heatmap is high *on average*: normal bright t
 rim) forms large components where the heatmap is mostly zero, a lesion a component where it is high throughout.
 Its numbers are the model's ``heatmap_floor`` and ``heatmap_support`` defaults, chosen after the three above on
 the same validation volumes (evaluation/refine_calibration.py).
+
+A lesion on the cortex forms, above its level, one component with the bright cortex, which the CDM's mask covers
+too little of for the support: the whole finding would drop out. ``strong_findings`` names the findings the CDM is
+sure of (large enough, a high heatmap peak), which keep their own bright voxels whatever the support; their numbers
+are the model's ``strong_finding_ml`` and ``strong_finding_peak``, chosen last on the same volumes.
 """
 
 from typing import Optional, Tuple
