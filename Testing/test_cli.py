@@ -375,6 +375,19 @@ def test_set_defaults_refuses_bad_defaults_with_one_line_and_no_file(content, tm
     assert not (tmp_path / "new.pt").exists()
 
 
+@pytest.mark.parametrize("defaults, line", [
+    ({"strong_finding_ml": -1}, "metadata field 'defaults.strong_finding_ml' must be"),
+    ({"strong_finding_ml": 0.5, "strong_finding_peak": 0}, "without a strong_finding_peak above 0")])
+def test_set_defaults_refuses_out_of_range_or_disagreeing_defaults_before_writing(defaults, line, tmp_path,
+                                                                                  tiny_model_path, capsys):
+    (tmp_path / "defaults.json").write_text(json.dumps(defaults))
+    code, _, err = run_cli(["set-defaults", tiny_model_path, tmp_path / "defaults.json", "-o", tmp_path / "new.pt"],
+                           capsys)
+    assert code == 1 and line in err and "damaged" not in err
+    assert_one_error_line(err)
+    assert not (tmp_path / "new.pt").exists() and not list(tmp_path.glob("new.pt*"))
+
+
 def test_cgcdm_with_the_bundled_model_is_guided_by_its_registered_classifier(tmp_path, capsys):
     # Bright blobs, not a brain: the bundled model's own OOD score refuses them unless forced.
     case = write_case(tmp_path / "case_0.nii.gz", phantom((3, 40, 48)))

@@ -122,7 +122,8 @@ def run_calibrate_refinement(args) -> None:
     from ..core.modelfile import load_model
     from ..core.reading import read_volume
     from ..data.cases import find_brats_cases_in
-    from ..evaluation.refine_calibration import check_validation_set, choose_refinement, refinement_runs, within_limit
+    from ..evaluation.refine_calibration import (DICE_TOLERANCE, check_validation_set, choose_refinement,
+                                                 refinement_runs, within_limit)
     from .writers import write_text_outputs
 
     if args.output.is_dir():
@@ -141,8 +142,8 @@ def run_calibrate_refinement(args) -> None:
     try:  # before the runs: a set that cannot measure the choice is refused before hours of work
         check_validation_set([bool(read_volume(case.seg).array.any()) for case in cases])
         runs = refinement_runs(cases, model, args.device, log=lambda m: print(m, file=sys.stderr))
-        best, scores = choose_refinement(runs, args.max_fp_ml, **(
-            {} if args.dice_tolerance is None else {"dice_tolerance": args.dice_tolerance}))
+        tolerance = DICE_TOLERANCE if args.dice_tolerance is None else args.dice_tolerance
+        best, scores = choose_refinement(runs, args.max_fp_ml, dice_tolerance=tolerance)
     except ValueError as e:
         raise CDMSegmentError(f"{where}: {e}") from None
     with_lesion = sum(bool(run.truth.any()) for run in runs)

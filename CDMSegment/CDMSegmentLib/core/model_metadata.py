@@ -138,9 +138,10 @@ SCHEMA: Dict[str, Tuple[Tuple[str, ...], Check]] = {  # field -> (the kinds that
 KINDS = ("diffusion", "classifier")
 
 
-def check_metadata(metadata: Any, where: str, newest_format: int) -> None:
+def check_metadata(metadata: Any, where: str, newest_format: int, writing: bool = False) -> None:
     """Raise ModelFileError, one line naming ``where`` (the file) and the field, unless ``metadata`` fits SCHEMA
-    and its fields agree with each other."""
+    and its fields agree with each other. writing: the metadata is about to be written (the line says that
+    nothing was, rather than that the file is damaged)."""
     if not isinstance(metadata, dict):
         raise ModelFileError(f"{where}: its metadata is not a JSON object; re-export the model with 'cdmsegment export'")
     kind = metadata.get("kind")
@@ -152,20 +153,23 @@ def check_metadata(metadata: Any, where: str, newest_format: int) -> None:
     for key, (_, check) in SCHEMA.items():
         found = check(metadata[key]) if key in metadata else None
         if found:
-            _refuse(where, f"{key}.{found.path}" if isinstance(found, _At) else key, found, metadata)
+            _refuse(where, f"{key}.{found.path}" if isinstance(found, _At) else key, found, metadata, writing)
     if metadata["format_version"] > newest_format:
         raise ModelFileError(f"{where} needs a newer CDMSegment (model format {metadata['format_version']}, "
                              f"this version reads {newest_format}); update the extension")
     _check_agreement(metadata, where)
 
 
-def _refuse(where: str, path: str, reason: str, metadata: dict) -> None:
+def _refuse(where: str, path: str, reason: str, metadata: dict, writing: bool) -> None:
     value = metadata
     for key in path.split("."):
         value = value[int(key)] if isinstance(value, list) else value.get(key) if isinstance(value, dict) else None
     shown = repr(value)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
     got = "" if reason == "is missing" else f", got {shown}"
+    if writing:
+        raise ModelFileError(f"{where} not written: metadata field '{path}' {reason}{got}; give a value in range "
+                             "(in the defaults JSON or the command's options)")
     raise ModelFileError(f"{where}: metadata field '{path}' {reason}{got}; the file is damaged or was edited by "
                          "hand: re-export the model ('cdmsegment export' or 'cdmsegment set-defaults')")
 
@@ -179,6 +183,11 @@ def _check_agreement(metadata: dict, where: str) -> None:
     if norm["low"] >= norm["high"]:
         raise ModelFileError(f"{where}: metadata field 'normalisation' has low percentile {norm['low']} not below "
                              f"high {norm['high']}")
+    defaults = metadata.get("defaults") or {}
+    if defaults.get("strong_finding_ml") and not defaults.get("strong_finding_peak"):
+        raise ModelFileError(f"{where}: metadata field 'defaults.strong_finding_ml' is {defaults['strong_finding_ml']} "
+                             "without a strong_finding_peak above 0 (the heatmap's peak a strong finding needs, in "
+                             "multiples of the threshold); set both with 'cdmsegment set-defaults'")
     ood = metadata.get("ood")
     if ood is not None:
         levels = len(ood.get("noise_levels", ood["mean"]))

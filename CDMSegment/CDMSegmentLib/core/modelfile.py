@@ -49,7 +49,7 @@ class LoadedModel(ModelDescription):
 
 def save_model(network: torch.nn.Module, metadata: dict, path: Union[str, Path]) -> str:
     """Script ``network`` and write it with ``metadata`` inside, atomically; returns the file's SHA256."""
-    check_metadata(metadata, str(path), FORMAT_VERSION)
+    check_metadata(metadata, str(path), FORMAT_VERSION, writing=True)
     path = Path(path)
     scripted = torch.jit.script(network.eval().cpu())
     tmp = path.with_name(path.name + ".partial")

@@ -147,4 +147,3 @@ def choose_refinement(runs: Sequence[RefinementRun], max_fp_ml: float = 0.5, gri
         best = choose_best(stage_scores, max_fp_ml, dice_tolerance)
         chosen = best.settings
     return best, scores
-
