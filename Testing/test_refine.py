@@ -7,7 +7,8 @@ from conftest import phantom
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
 from CDMSegmentLib.core.refine import (apply_refinement, grow_through_intensity, heatmap_supported_components,
-                                       lesion_intensity_components, strong_findings, supported_components)
+                                       lesion_intensity_components, small_lesion_components, strong_findings,
+                                       supported_components)
 from CDMSegmentLib.core.runner import refine_mask, segment_volume
 from CDMSegmentLib.core.threshold import voxels_for_ml
 from CDMSegmentLib.core.settings import CDMParams
@@ -389,3 +390,77 @@ def test_refine_mask_records_the_strong_findings_smallest_size_in_voxels_at_the_
         with pytest.raises(CDMSegmentError, match="strong_finding_ml needs a strong_finding_peak above 0"):
             refine_mask(mask, image, content, {**without, **peak}, "cdm", heatmap=heatmap, threshold=1.0,
                         spacing_mm=(2.0, 2.0, 2.0))
+
+
+def small_lesion_volume():
+    """(10, 24, 24), brain at 100: a small lesion at 250 (2x3x3 = 18 voxels) where the heatmap peaks at 0.3 and
+    is 0.1 around it, under the threshold 1 (the CDM's mask is empty); a bright normal rim at 250 (8x2x20 = 320
+    voxels) where the heatmap reaches 0.5 on a few voxels; a bright 2x2x2 spot (8 voxels) where it is 0."""
+    image = np.zeros((10, 24, 24), np.float32)
+    heatmap = np.zeros(image.shape, np.float32)
+    image[1:9, 2:22, 2:22] = 100
+    lesion = np.zeros(image.shape, bool)
+    lesion[4:6, 6:9, 6:9] = True
+    image[lesion] = 250
+    heatmap[3:7, 5:10, 5:10] = 0.1
+    heatmap[4, 7, 7] = 0.3
+    image[1:9, 19:21, 2:22] = 250
+    heatmap[4:6, 19:21, 10:12] = 0.5
+    image[6:8, 12:14, 12:14] = 250
+    return image, image > 0, heatmap, lesion
+
+
+def test_small_bright_lesions_the_heatmap_reaches_under_its_threshold_are_added_and_normal_bright_tissue_is_not():
+    image, content, heatmap, lesion = small_lesion_volume()
+    options = dict(floor=2.0, peak=0.2, max_voxels=20)
+    found = small_lesion_components(heatmap, 1.0, image, content, **options)
+    np.testing.assert_array_equal(found, lesion)  # the rim is too large, the spot has no heatmap
+    # the same from the brain's median alone (a mask re-made in Slicer has no content)
+    np.testing.assert_array_equal(small_lesion_components(heatmap, 1.0, image, None, brain_median=100.0, **options),
+                                  lesion)
+    assert not small_lesion_components(heatmap, 1.0, image, content, **{**options, "max_voxels": 17}).any()
+    assert not small_lesion_components(heatmap, 1.0, image, content, **{**options, "peak": 0.4}).any()
+    assert not small_lesion_components(heatmap, 1.0, image, content, **{**options, "floor": 2.6}).any()
+    assert not small_lesion_components(heatmap, 1.0, image, content, **{**options, "max_voxels": 0}).any()
+    # a peak measured in multiples of the threshold: at threshold 2 the lesion's 0.3 is under 0.2 x 2
+    assert not small_lesion_components(heatmap, 2.0, image, content, **options).any()
+    # large enough to hold the rim: the rim joins (its heatmap reaches 0.5), the spot never does
+    rim = np.zeros(image.shape, bool)
+    rim[1:9, 19:21, 2:22] = True
+    np.testing.assert_array_equal(
+        small_lesion_components(heatmap, 1.0, image, content, **{**options, "max_voxels": 400}), lesion | rim)
+    for floor, peak in ((0.9, 0.2), (2.0, 0.0), (float("nan"), 0.2), (2.0, float("inf"))):
+        with pytest.raises(CDMSegmentError, match="small lesions' floor must be 1 or more"):
+            small_lesion_components(heatmap, 1.0, image, content, floor, peak, 20)
+    with pytest.raises(CDMSegmentError, match="median intensity or its tissue mask"):
+        small_lesion_components(heatmap, 1.0, image, None, 2.0, 0.2, 20)
+
+
+def test_refine_mask_adds_the_small_lesions_at_the_volumes_spacing_and_a_new_threshold_re_makes_them():
+    image, content, heatmap, lesion = small_lesion_volume()
+    mask = heatmap > 1.0
+    defaults = {"lesion_intensity": 0.7, "lesion_intensity_floor": 1.4, "lesion_support": 0.2,
+                "small_lesion_ml": 0.2, "small_lesion_floor": 2.0, "small_lesion_peak": 0.2}
+    refined, refinement, added = refine_mask(mask, image, content, defaults, "cdm", heatmap=heatmap, threshold=1.0,
+                                             spacing_mm=(2.0, 2.0, 2.0))
+    assert refinement["small_lesion_voxels"] == voxels_for_ml(0.2, (2.0, 2.0, 2.0)) == 25
+    assert (refinement["small_lesion_floor"], refinement["small_lesion_peak"]) == (2.0, 0.2)
+    np.testing.assert_array_equal(refined > 0, lesion)
+    assert added == 18
+    # Slicer's new threshold re-makes the mask from the recorded refinement, without the content
+    np.testing.assert_array_equal(apply_refinement(heatmap > 1.0, image, None, refinement, heatmap, 1.0) > 0, lesion)
+    assert not apply_refinement(heatmap > 2.0, image, None, refinement, heatmap, 2.0).any()  # raised: it goes
+    # 0.1 ml at 2 mm is 12 voxels: the 18-voxel lesion is not small; off: not recorded
+    assert not refine_mask(mask, image, content, {**defaults, "small_lesion_ml": 0.1}, "cdm", heatmap=heatmap,
+                           threshold=1.0, spacing_mm=(2.0, 2.0, 2.0))[0].any()
+    off, refinement, added = refine_mask(mask, image, content, {**defaults, "small_lesion_ml": 0.0}, "cdm",
+                                         heatmap=heatmap, threshold=1.0)
+    assert not off.any() and added == 0 and "small_lesion_voxels" not in refinement
+    with pytest.raises(CDMSegmentError, match="needs the voxel spacing"):
+        refine_mask(mask, image, content, defaults, "cdm", heatmap=heatmap, threshold=1.0)
+    with pytest.raises(CDMSegmentError, match="small lesions' floor must be 1 or more"):
+        refine_mask(mask, image, content, {**defaults, "small_lesion_peak": 0.0}, "cdm", heatmap=heatmap,
+                    threshold=1.0, spacing_mm=(2.0, 2.0, 2.0))
+    with pytest.raises(CDMSegmentError, match="the small lesions it reaches"):
+        apply_refinement(mask, image, content, {**refinement, "small_lesion_voxels": 25, "small_lesion_floor": 2.0,
+                                                "small_lesion_peak": 0.2})

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from CDMSegmentLib.cli.main import main
-from CDMSegmentLib.evaluation.refine_calibration import (GRID, STRONG_GRID, SUPPORT_GRID, RefinementRun,
-                                                         RefinementScore, choose_best, choose_refinement,
-                                                         score_refinement)
+from CDMSegmentLib.evaluation.refine_calibration import (GRID, SMALL_GRID, STRONG_GRID, SUPPORT_GRID,
+                                                         RefinementRun, RefinementScore, choose_best,
+                                                         choose_refinement, score_refinement, stage_combinations)
 
 from conftest import make_tiny_model_file, randomised_cases_and_tiny_model
 
@@ -42,9 +42,10 @@ def run_with(lesion_value: float, cdm_false_spot: bool = False) -> RefinementRun
 def test_the_choice_delineates_faint_and_bright_lesions_and_keeps_the_rim_out():
     runs = [run_with(140.0), run_with(250.0), run_with(0.0, cdm_false_spot=True)]
     best, scores = choose_refinement(runs, max_fp_ml=0.0)
-    assert len(scores) == sum(np.prod([len(v) for v in stage.values()]) for stage in (GRID, SUPPORT_GRID, STRONG_GRID))
+    assert len(scores) == sum(len(stage_combinations(stage)) for stage in (GRID, SUPPORT_GRID, STRONG_GRID, SMALL_GRID))
     assert best.settings["heatmap_support"] == 0.0  # the heatmap is 0 outside the CDM's mask: nothing to add
     assert best.settings["strong_finding_ml"] == 0.0  # every finding is kept whole already: the rule stays off
+    assert best.settings["small_lesion_ml"] == 0.0  # and no small bright component has any heatmap
     assert best.mean_dice == pytest.approx(1.0) and best.false_positive_ml == 0.0
     # the rim (1.6 x the median, 8 x 2 x 20 voxels) joins wherever the spot is kept and the floor lets it count
     assert score_refinement(runs, {"min_component_ml": 0.05, "lesion_intensity": 0.6, "lesion_intensity_floor": 1.2,
@@ -112,6 +113,53 @@ def test_the_third_stage_keeps_strong_findings_own_voxels_only_within_the_false_
     else:
         assert best.settings["strong_finding_ml"] == 0.0
         assert best.mean_dice == 0.0 and best.false_positive_ml == 0.0
+
+
+def test_each_stage_scores_a_step_that_is_off_once_with_the_first_of_its_other_values():
+    for stage, switch in ((SUPPORT_GRID, "heatmap_support"), (STRONG_GRID, "strong_finding_ml"),
+                          (SMALL_GRID, "small_lesion_ml")):
+        combinations = stage_combinations(stage)
+        off = [c for c in combinations if not c[switch]]
+        assert off == [{key: (0.0 if key == switch else values[0]) for key, values in stage.items()}]
+        on = int(np.prod([len(values) for values in stage.values()]) * (1 - 1 / len(stage[switch])))
+        assert len(combinations) == on + 1 and len({tuple(c.items()) for c in combinations}) == on + 1
+    assert len(stage_combinations(GRID)) == int(np.prod([len(values) for values in GRID.values()]))
+
+
+def small_lesion_runs(normal_spot_heatmap: float):
+    """A volume (spacing 2 mm) with a lesion the CDM found (a 4x6x6 block at 250, its middle 32 voxels in the
+    heatmap's mask) and a small one it did not (2x3x3 = 18 voxels at 250, 0.144 ml, where the heatmap peaks at 0.5
+    on one voxel, under the threshold 1 and too little on average for the heatmap's support); a lesion-free volume
+    with a small bright normal spot of the same size whose heatmap peaks at ``normal_spot_heatmap``."""
+    def brain():
+        image = np.zeros((10, 24, 24), np.float32)
+        image[1:9, 2:22, 2:22] = 100
+        image[4:6, 15:18, 15:18] = 250
+        return image, np.zeros(image.shape, np.float32)
+
+    image, heatmap = brain()
+    truth = np.zeros(image.shape, bool)
+    truth[3:7, 4:10, 4:10] = True
+    image[truth] = 250
+    heatmap[4:6, 5:9, 5:9] = 2.0
+    heatmap[4, 16, 16] = 0.5
+    free, free_heatmap = brain()
+    free_heatmap[4, 16, 16] = normal_spot_heatmap
+    return [RefinementRun(heatmap, 1.0, image, image > 0, truth | (image == 250), SPACING_MM),
+            RefinementRun(free_heatmap, 1.0, free, free > 0, np.zeros(free.shape, bool), SPACING_MM)]
+
+
+@pytest.mark.parametrize("normal_spot_heatmap", [0.0, 0.5])
+def test_the_fourth_stage_adds_the_small_lesions_the_heatmap_reaches_where_the_normal_ones_stay_out(
+        normal_spot_heatmap):
+    best, _ = choose_refinement(small_lesion_runs(normal_spot_heatmap), max_fp_ml=0.1)
+    if not normal_spot_heatmap:
+        assert best.settings["small_lesion_ml"] == SMALL_GRID["small_lesion_ml"][1]  # 0.25 ml holds 18 voxels
+        assert best.settings["small_lesion_peak"] <= 0.4
+        assert best.mean_dice == pytest.approx(1.0) and best.false_positive_ml == 0.0
+    else:  # the normal spot would cost 0.144 ml, over the limit: the step stays off and the lesion is missed
+        assert best.settings["small_lesion_ml"] == 0.0
+        assert best.mean_dice == pytest.approx(2 * 144 / (144 + 18 + 144)) and best.false_positive_ml == 0.0
 
 
 def test_within_the_dice_tolerance_of_the_best_the_fewest_false_positives_win():

@@ -86,9 +86,10 @@ def add_calibrate_refinement_parser(sub) -> None:
     p = sub.add_parser("calibrate-refinement", help="choose the model's speck removal (min_component_ml), "
                                                     "lesion-intensity refinement (lesion_intensity, its floor and "
                                                     "support), heatmap support (heatmap_floor, heatmap_support) "
-                                                    "and strong findings (strong_finding_ml, strong_finding_peak) "
-                                                    "on validation volumes; write the model's defaults with them, "
-                                                    "for set-defaults",
+                                                    "strong findings (strong_finding_ml, strong_finding_peak) "
+                                                    "and small lesions (small_lesion_ml, small_lesion_floor, "
+                                                    "small_lesion_peak) on validation volumes; write the model's "
+                                                    "defaults with them, for set-defaults",
                        description="The CDM runs once per validation volume at the model's defaults; every "
                                    "combination of the grid (GRID in CDMSegmentLib/evaluation/"
                                    "refine_calibration.py: the speck removal min_component_ml, and "
@@ -99,8 +100,10 @@ def add_calibrate_refinement_parser(sub) -> None:
                                    "none does), and among those within --dice-tolerance of the best, the "
                                    "fewest false positives; then, by the same rule, the heatmap support added to it "
                                    "(SUPPORT_GRID; 0: none), then which findings keep their own bright voxels "
-                                   "(STRONG_GRID; strong_finding_ml 0: none). Give validation volumes of the "
-                                   "training families only; several folders are pooled.")
+                                   "(STRONG_GRID; strong_finding_ml 0: none), then which small bright components "
+                                   "the heatmap reaches are added (SMALL_GRID; small_lesion_ml 0: none). Give "
+                                   "validation volumes of the training families only, with small lesions among "
+                                   "them (the recipe gives val and val_small); several folders are pooled.")
     p.add_argument("model", help="model file or registered name, with its calibrated defaults (set-defaults)")
     p.add_argument("data", type=Path, nargs="+", metavar="DATA",
                    help="folders of validation cases with masks (BraTS layout), of the training families")

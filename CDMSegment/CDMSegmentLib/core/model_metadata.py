@@ -101,6 +101,7 @@ DEFAULTS = obj({**{name: setting(name) for name in ("noise_level", "steps", "tau
                                                     "grow_above", "lesion_intensity", "lesion_intensity_floor",
                                                     "lesion_support", "heatmap_floor", "heatmap_support",
                                                     "strong_finding_ml", "strong_finding_peak",
+                                                    "small_lesion_ml", "small_lesion_floor", "small_lesion_peak",
                                                     "crop_margin_px")},
                 "batch_size": (False, obj(values=number(ranges.SETTINGS["batch_size"]))),  # per device type
                 "antithetic": (False, flag),
@@ -188,6 +189,12 @@ def _check_agreement(metadata: dict, where: str) -> None:
         raise ModelFileError(f"{where}: metadata field 'defaults.strong_finding_ml' is {defaults['strong_finding_ml']} "
                              "without a strong_finding_peak above 0 (the heatmap's peak a strong finding needs, in "
                              "multiples of the threshold); set both with 'cdmsegment set-defaults'")
+    if defaults.get("small_lesion_ml") and (not defaults.get("small_lesion_peak")
+                                            or defaults.get("small_lesion_floor", 0.0) < 1):
+        raise ModelFileError(f"{where}: metadata field 'defaults.small_lesion_ml' is {defaults['small_lesion_ml']} "
+                             "without a small_lesion_peak above 0 (the heatmap's peak a small lesion needs, in "
+                             "multiples of the threshold) and a small_lesion_floor of 1 or more (in multiples of the "
+                             "brain's median intensity); set them with 'cdmsegment set-defaults'")
     ood = metadata.get("ood")
     if ood is not None:
         levels = len(ood.get("noise_levels", ood["mean"]))

@@ -110,6 +110,11 @@ SETTINGS = {
     # heatmap's peak it needs, in multiples of the mask's threshold
     "strong_finding_ml": Range(low=0.0),
     "strong_finding_peak": Range(low=0.0),
+    # core/refine.small_lesion_components: the largest small bright component added (ml; 0: off), its floor in
+    # multiples of the brain's median, and the heatmap's peak it needs, in multiples of the mask's threshold
+    "small_lesion_ml": Range(low=0.0),
+    "small_lesion_floor": Range(low=0.0),
+    "small_lesion_peak": Range(low=0.0),
     "min_component_voxels": Range(integer=True, low=0),
     "batch_size": Range(integer=True, low=1, high=65_536),
     # the noise of slice s, draw d is seeded seed * 1_000_003 + ...: torch's seeds hold 64 bits

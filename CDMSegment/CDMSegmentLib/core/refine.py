@@ -27,7 +27,15 @@ the same validation volumes (evaluation/refine_calibration.py).
 A lesion on the cortex forms, above its level, one component with the bright cortex, which the CDM's mask covers
 too little of for the support: the whole finding would drop out. ``strong_findings`` names the findings the CDM is
 sure of (large enough, a high heatmap peak), which keep their own bright voxels whatever the support; their numbers
-are the model's ``strong_finding_ml`` and ``strong_finding_peak``, chosen last on the same volumes.
+are the model's ``strong_finding_ml`` and ``strong_finding_peak``, chosen after those on the same volumes.
+
+A small lesion (an MS plaque of a few voxels) is often brighter than anything around it while the heatmap, made at
+the model's slice size, reaches only a share of the threshold there: its mask is empty or a speck, and its mean
+heatmap is too low for the support. ``small_lesion_components`` adds the small bright components the heatmap
+reaches at all: bright enough (``small_lesion_floor`` x the brain's median), small (at most ``small_lesion_ml``)
+and with a heatmap peak of ``small_lesion_peak`` x the threshold; normal bright tissue forms large components or
+lies where the heatmap is zero. Chosen last, on validation volumes that include small lesions of the training
+families.
 """
 
 from typing import Optional, Tuple
@@ -193,13 +201,52 @@ def heatmap_supported_components(heatmap: np.ndarray, threshold: float, image: n
     return keep[labels]
 
 
+def small_lesion_components(heatmap: np.ndarray, threshold: float, image: np.ndarray,
+                            content: Optional[np.ndarray], floor: float, peak: float, max_voxels: int, *,
+                            brain_median: Optional[float] = None) -> np.ndarray:
+    """bool (K, J, I): the 3D components (face-connected) of the content voxels brighter than ``floor`` times the
+    content's median intensity that hold at most ``max_voxels`` voxels and in which the heatmap reaches ``peak``
+    times ``threshold`` somewhere: small bright lesions the heatmap reaches without its mask covering them.
+    ``max_voxels`` 0 or less gives an empty result (the step is off).
+
+    heatmap: (K, J, I) float, the run's heatmap (>= 0, zero outside the content); threshold: the mask's threshold
+    in heatmap units; image, content, brain_median: as in lesion_intensity_components (content None with the
+    run's brain_median gives the same result for a floor of 1 or more).
+    Raises CDMSegmentError for a floor below 1 or a peak that is not a finite number above 0 (0 would keep every
+    small bright component: the intensity threshold, not the CDM), or neither content nor brain_median.
+    """
+    if not (np.isfinite(floor) and floor >= 1) or not (np.isfinite(peak) and peak > 0):
+        raise CDMSegmentError(f"the small lesions' floor must be 1 or more (a multiple of the brain's median "
+                              f"intensity, e.g. 2) and their heatmap peak above 0 (a share of the threshold, e.g. "
+                              f"0.2), got {floor} and {peak}")
+    if content is None and brain_median is None:
+        raise CDMSegmentError("the small lesions need the brain's median intensity or its tissue mask")
+    if max_voxels <= 0:
+        return np.zeros(image.shape, bool)
+    brain = float(np.median(image[content.astype(bool)])) if brain_median is None else float(brain_median)
+    bright = image > floor * brain if content is None else (image > floor * brain) & content.astype(bool)
+    labels, count = ndimage.label(bright)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    small = (sizes <= int(max_voxels)) & (np.arange(count + 1) > 0)
+    ids = np.flatnonzero(small)
+    if not ids.size:
+        return np.zeros(image.shape, bool)
+    inside = small[labels]  # the peak over the small components' voxels only: scipy sorts every voxel it is given
+    peaks = np.zeros(count + 1)
+    peaks[ids] = np.atleast_1d(ndimage.maximum(heatmap[inside], labels[inside], ids))
+    keep = small & (peaks >= peak * float(threshold))
+    return keep[labels]
+
+
 def refinement_parts(mask: np.ndarray, image: np.ndarray, content: Optional[np.ndarray], refinement: dict,
                      heatmap: Optional[np.ndarray] = None,
                      threshold: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(bool, bool) (K, J, I): ``mask`` delineated by the lesion's intensity as a run's ``refinement`` says
     (core/runner.refine_mask: lesion_intensity, lesion_intensity_floor, lesion_support, brain_median), and the
     voxels the heatmap's support adds to it (heatmap_supported_components, where heatmap_support is above 0, with
-    heatmap_floor, min_component_voxels and the ``heatmap`` and ``threshold`` the mask was made with; else none).
+    heatmap_floor, min_component_voxels and the ``heatmap`` and ``threshold`` the mask was made with; and
+    small_lesion_components, where small_lesion_voxels is above 0, with small_lesion_floor and small_lesion_peak;
+    else none).
     content None for a mask re-made from the heatmap alone (a new threshold in Slicer; lesion_intensity_components
     says why that gives the same).
     A refinement with a ``calibrated_threshold`` (the threshold its numbers were chosen at) made into a mask at a
@@ -208,11 +255,13 @@ def refinement_parts(mask: np.ndarray, image: np.ndarray, content: Optional[np.n
     A refinement with ``strong_finding_voxels`` above 0 keeps the own bright voxels of the findings of at least
     that many voxels whose heatmap peaks at ``strong_finding_peak`` times the threshold or more (strong_findings;
     the findings and the threshold are those the lesions are measured at: the calibrated one where it is used).
-    Raises CDMSegmentError for a refinement with heatmap support or strong findings given no heatmap or threshold."""
-    needs_heatmap = bool(refinement.get("heatmap_support") or refinement.get("strong_finding_voxels"))
+    Raises CDMSegmentError for a refinement with heatmap support, strong findings or small lesions given no heatmap
+    or threshold."""
+    needs_heatmap = bool(refinement.get("heatmap_support") or refinement.get("strong_finding_voxels")
+                         or refinement.get("small_lesion_voxels"))
     if needs_heatmap and (heatmap is None or threshold is None):
-        raise CDMSegmentError("this refinement adds the components the heatmap supports or keeps its strong findings, "
-                              "and needs the heatmap and its threshold")
+        raise CDMSegmentError("this refinement adds the components the heatmap supports (or the small lesions it "
+                              "reaches) or keeps its strong findings, and needs the heatmap and its threshold")
     calibrated = refinement.get("calibrated_threshold")
     reference, measured_at = None, threshold
     if calibrated is not None and heatmap is not None and threshold is not None and threshold > calibrated:
@@ -228,12 +277,17 @@ def refinement_parts(mask: np.ndarray, image: np.ndarray, content: Optional[np.n
                                           refinement["lesion_intensity_floor"], refinement["lesion_support"],
                                           brain_median=refinement["brain_median"], reference=reference,
                                           strong=strong) > 0
-    if not refinement.get("heatmap_support"):
-        return refined, np.zeros(refined.shape, bool)
-    supported = heatmap_supported_components(heatmap, threshold, image, content, refinement["heatmap_floor"],
-                                             refinement["heatmap_support"], refinement.get("min_component_voxels", 1),
-                                             brain_median=refinement["brain_median"])
-    return refined, supported & ~refined
+    added = np.zeros(refined.shape, bool)
+    if refinement.get("heatmap_support"):
+        added |= heatmap_supported_components(heatmap, threshold, image, content, refinement["heatmap_floor"],
+                                              refinement["heatmap_support"],
+                                              refinement.get("min_component_voxels", 1),
+                                              brain_median=refinement["brain_median"])
+    if refinement.get("small_lesion_voxels"):
+        added |= small_lesion_components(heatmap, threshold, image, content, refinement["small_lesion_floor"],
+                                         refinement["small_lesion_peak"], refinement["small_lesion_voxels"],
+                                         brain_median=refinement["brain_median"])
+    return refined, added & ~refined
 
 
 def apply_refinement(mask: np.ndarray, image: np.ndarray, content: Optional[np.ndarray], refinement: dict,

@@ -48,7 +48,8 @@ class SegmentationResult:
     # the lesion-intensity refinement the mask was delineated with (refine_mask), None without one: a new
     # threshold re-makes the mask the same way from it
     refinement: Optional[dict] = None
-    supported_voxels: int = 0  # of the mask, those the heatmap's support added to the lesion-intensity result
+    supported_voxels: int = 0  # of the mask, those the heatmap's support (and small lesions) added to the
+    # lesion-intensity result
 
 
 def _is_cancelled(cancel) -> bool:
@@ -189,9 +190,12 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
     method's calibrated threshold, where the refinement's numbers were chosen) that and min_component_voxels: what
     remaking the mask at another threshold needs (core/refine.refinement_parts), and where the model has
     ``strong_finding_ml`` above 0 also strong_finding_voxels (that volume at ``spacing_mm``, the voxel spacing in mm)
-    and strong_finding_peak (core/refine.strong_findings). supported voxels: how many the heatmap's support added
-    (0 without it). Raises CDMSegmentError for a model with strong findings given no spacing_mm or without a
-    strong_finding_peak above 0."""
+    and strong_finding_peak (core/refine.strong_findings), and where it has ``small_lesion_ml`` above 0 also
+    small_lesion_voxels (that volume at ``spacing_mm``), small_lesion_floor and small_lesion_peak
+    (core/refine.small_lesion_components). supported voxels: how many the heatmap's support and the small lesions
+    added (0 without them). Raises CDMSegmentError for a model with strong findings or small lesions given no
+    spacing_mm, strong findings without a strong_finding_peak above 0, or small lesions without a small_lesion_peak
+    above 0 and a small_lesion_floor of 1 or more (core/refine.small_lesion_components)."""
     fraction = defaults.get("lesion_intensity", 0.0) if lesion_intensity is None else lesion_intensity
     if not fraction or method not in CDM_METHODS:
         return mask, None, 0
@@ -215,6 +219,13 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
                                   "spacing")
         refinement.update(strong_finding_voxels=voxels_for_ml(defaults["strong_finding_ml"], spacing_mm),
                           strong_finding_peak=float(defaults.get("strong_finding_peak", 0.0)))
+    if defaults.get("small_lesion_ml"):
+        if spacing_mm is None:
+            raise CDMSegmentError("this model adds the small bright lesions its heatmap reaches, which needs the voxel "
+                                  "spacing")
+        refinement.update(small_lesion_voxels=voxels_for_ml(defaults["small_lesion_ml"], spacing_mm),
+                          small_lesion_floor=float(defaults.get("small_lesion_floor", 0.0)),
+                          small_lesion_peak=float(defaults.get("small_lesion_peak", 0.0)))
     refined, added = refinement_parts(mask, image, content, refinement, heatmap, threshold)
     return (refined | added).astype(np.uint8), refinement, int(added.sum())
 

@@ -12,8 +12,12 @@ A second stage then adds the components the heatmap supports
 (core/refine.heatmap_supported_components) to the chosen refinement, each combination of SUPPORT_GRID in turn,
 by the same rule; support 0 (the first stage's result) is among them, so it is added only where it helps. A third
 stage, by the same rule again, chooses which findings are strong enough to keep their own bright voxels
-(core/refine.strong_findings, STRONG_GRID; ``strong_finding_ml`` 0, the rule off, is among them). Only validation
-volumes of the training families belong here: the held-out sets measure the result.
+(core/refine.strong_findings, STRONG_GRID; ``strong_finding_ml`` 0, the rule off, is among them), and a fourth
+which small bright components the heatmap reaches are added (core/refine.small_lesion_components, SMALL_GRID;
+``small_lesion_ml`` 0 among them). Where a step is off (its switch 0: SWITCHES) its other values change nothing:
+that combination is scored once. Only validation volumes of the training families belong here, and where the small lesions are chosen,
+volumes with small lesions of those families among them (the recipe's ``val_small``): the held-out sets measure
+the result.
 """
 
 import itertools
@@ -33,6 +37,9 @@ GRID = {"min_component_ml": (0.05, 0.1, 0.25), "lesion_intensity": (0.6, 0.7, 0.
         "lesion_intensity_floor": (1.2, 1.3, 1.4, 1.5), "lesion_support": (0.0, 0.1, 0.2)}
 SUPPORT_GRID = {"heatmap_floor": (1.1, 1.15, 1.2, 1.25, 1.3), "heatmap_support": (0.0, 0.4, 0.5, 0.75, 1.0, 1.25)}
 STRONG_GRID = {"strong_finding_ml": (0.0, 0.1, 0.25, 0.5, 1.0), "strong_finding_peak": (2.0, 3.0, 4.0)}
+SMALL_GRID = {"small_lesion_ml": (0.0, 0.25, 0.5, 1.0), "small_lesion_floor": (1.6, 1.8, 2.0, 2.2),
+              "small_lesion_peak": (0.2, 0.4, 0.6)}
+SWITCHES = ("heatmap_support", "strong_finding_ml", "small_lesion_ml")  # 0: that step is off
 DICE_TOLERANCE = 0.001  # mean 3D Dice; within it of the best, the fewest false positives win
 
 
@@ -90,7 +97,8 @@ def refinement_runs(cases: Sequence[Case], model, device: str = "cpu",
 def score_refinement(runs: Sequence[RefinementRun], settings: Dict[str, float]) -> RefinementScore:
     """Mean 3D Dice (volumes with a lesion) and mean false positives in ml (lesion-free ones) of ``settings``
     (every key of GRID; with a heatmap_support above 0 also heatmap_floor, the components of SUPPORT_GRID; with a
-    strong_finding_ml above 0 also strong_finding_peak, STRONG_GRID)."""
+    strong_finding_ml above 0 also strong_finding_peak, STRONG_GRID; with a small_lesion_ml above 0 also
+    small_lesion_floor and small_lesion_peak, SMALL_GRID)."""
     dices, false_ml = [], []
     for run in runs:
         # the runner's own refinement, with these settings as the model's defaults
@@ -132,17 +140,31 @@ def choose_best(scores: Sequence[RefinementScore], max_fp_ml: float, dice_tolera
     return min(near, key=lambda s: s.false_positive_ml)  # the first of equals: best Dice, then grid order
 
 
+def stage_combinations(stage: Dict[str, Sequence[float]]) -> List[Dict[str, float]]:
+    """Every combination of a stage's values, in grid order, each once: where a switch (SWITCHES) is 0 the stage's
+    other values change nothing, so only the first such combination is kept."""
+    combinations, seen = [], set()
+    for values in itertools.product(*stage.values()):
+        settings = dict(zip(stage, values))
+        off = [k for k in SWITCHES if k in settings and not settings[k]]
+        key = tuple((k, v) for k, v in settings.items() if not off or k in off)
+        if key not in seen:
+            seen.add(key)
+            combinations.append(settings)
+    return combinations
+
+
 def choose_refinement(runs: Sequence[RefinementRun], max_fp_ml: float = 0.5, grid: Dict[str, Sequence[float]] = GRID,
                       support_grid: Dict[str, Sequence[float]] = SUPPORT_GRID,
                       strong_grid: Dict[str, Sequence[float]] = STRONG_GRID,
+                      small_grid: Dict[str, Sequence[float]] = SMALL_GRID,
                       dice_tolerance: float = DICE_TOLERANCE) -> Tuple[RefinementScore, List[RefinementScore]]:
-    """(the chosen settings' score, every combination's score, all three stages). Raises ValueError without a
+    """(the chosen settings' score, every combination's score, all four stages). Raises ValueError without a
     volume with a lesion or without a lesion-free one (the false-positive limit is measured there)."""
     check_validation_set([run.truth.any() for run in runs])
     scores, chosen = [], {}
-    for stage in (grid, support_grid, strong_grid):
-        stage_scores = [score_refinement(runs, {**chosen, **dict(zip(stage, values))})
-                        for values in itertools.product(*stage.values())]
+    for stage in (grid, support_grid, strong_grid, small_grid):
+        stage_scores = [score_refinement(runs, {**chosen, **settings}) for settings in stage_combinations(stage)]
         scores += stage_scores
         best = choose_best(stage_scores, max_fp_ml, dice_tolerance)
         chosen = best.settings
