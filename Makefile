@@ -79,6 +79,7 @@ CDM ?= $(VENV)/bin/cdmsegment
 TRAIN_CASES ?= 160
 SMALL_CASES ?= 80
 VAL_CASES ?= 48
+VAL_SMALL_CASES ?= 24
 OOD_CASES ?= 60
 TEST_CASES ?= 36
 STEPS ?= 3000
@@ -123,8 +124,8 @@ retrain: retrain-check $(MODEL_FILE) $(R)/test_families/cases.csv $(R)/test_cont
 retrain-check:
 	@test "$(OOD_CASES)" -ge 9 2>/dev/null || { echo "OOD_CASES=$(OOD_CASES): the OOD reference needs at least 9 \
 	held-out volumes (3 per noise level); use OOD_CASES=9 or more"; exit 2; }
-	@for folder in train:$(TRAIN_CASES) train_small:$(SMALL_CASES) val:$(VAL_CASES) ood:$(OOD_CASES) test_families:$(TEST_CASES) \
-	               test_contrast:$(TEST_CASES); do \
+	@for folder in train:$(TRAIN_CASES) train_small:$(SMALL_CASES) val:$(VAL_CASES) val_small:$(VAL_SMALL_CASES) \
+	               ood:$(OOD_CASES) test_families:$(TEST_CASES) test_contrast:$(TEST_CASES); do \
 	    dir=$(R)/$${folder%%:*}; asked=$${folder##*:}; \
 	    test -f $$dir/cases.csv || continue; held=$$(( $$(wc -l < $$dir/cases.csv) - 1 )); \
 	    test $$held -eq $$asked || { echo "$$dir holds $$held cases where $$asked are asked for: remove it \
@@ -138,6 +139,11 @@ $(R)/train_small/cases.csv:
 		--cases $(SMALL_CASES) --seed 1200 $(PHANTOM_OPTS)
 $(R)/val/cases.csv:
 	$(CDM) phantom $(@D) --families $(TRAIN_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --cases $(VAL_CASES) --seed 9000 $(PHANTOM_OPTS)
+# validation volumes with small lesions of the training families (as train_small's), where the refinement's small
+# lesions are chosen (calibrate-refinement pools both validation folders)
+$(R)/val_small/cases.csv:
+	$(CDM) phantom $(@D) --families $(SMALL_FAMILIES) --lesion-contrast $(TRAIN_CONTRAST) --lesion-ml $(SMALL_LESION_ML) \
+		--cases $(VAL_SMALL_CASES) --seed 9200 $(PHANTOM_OPTS)
 $(R)/ood/cases.csv:
 	$(CDM) phantom $(@D) --families all --cases $(OOD_CASES) --seed 9100 $(PHANTOM_OPTS)
 $(R)/test_families/cases.csv:
@@ -160,8 +166,8 @@ $(R)/expects.json:
 	mkdir -p $(@D) && echo '$(EXPECTS)' > $@
 $(R)/calibrated.pt: $(R)/trained.pt $(R)/defaults.json
 	$(CDM) set-defaults $^ -o $@
-$(R)/refined.json: $(R)/calibrated.pt $(R)/val/cases.csv
-	$(CDM) calibrate-refinement $< $(R)/val -o $@ --device $(DEVICE)
+$(R)/refined.json: $(R)/calibrated.pt $(R)/val/cases.csv $(R)/val_small/cases.csv
+	$(CDM) calibrate-refinement $< $(R)/val $(R)/val_small -o $@ --device $(DEVICE)
 $(MODEL_FILE): $(R)/trained.pt $(R)/refined.json $(R)/ood.json $(R)/expects.json
 	$(CDM) set-defaults $< $(R)/refined.json --ood $(R)/ood.json --expects $(R)/expects.json -o $@
 

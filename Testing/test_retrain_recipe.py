@@ -71,3 +71,20 @@ def test_the_recipe_pools_both_training_folders_into_one_slice_set(tmp_path):
     small = next(line for line in lines if f"phantom {tmp_path}/train_small " in line)
     assert "--lesion-ml 0.1,4" in small and "--seed 1200" in small and "--families core-oedema,infiltrative,multifocal" in small
     assert any(f"slices {tmp_path}/train {tmp_path}/train_small --subset all" in line for line in lines)
+
+
+def test_the_refinement_is_chosen_on_both_validation_folders_the_second_with_small_lesions(tmp_path):
+    plan = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), f"RETRAIN_DIR={tmp_path}",
+                           f"{tmp_path}/refined.json"], capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.replace("\\\n\t", "").splitlines()
+    small = next(line for line in lines if f"phantom {tmp_path}/val_small " in line)
+    assert "--lesion-ml 0.1,4" in small and "--seed 9200" in small and "--cases 24" in small
+    assert "--families core-oedema,infiltrative,multifocal " in small
+    assert any(f"calibrate-refinement {tmp_path}/calibrated.pt {tmp_path}/val {tmp_path}/val_small " in line
+               for line in lines)
+    seeds = [line.split("--seed ")[1].split()[0] for line in lines if "cdmsegment phantom " in line]
+    assert len(seeds) == len(set(seeds))  # no folder repeats another's phantoms
+    kept = cases_folder(tmp_path, "val_small", 8)
+    result = retrain_check(tmp_path)
+    assert result.returncode == 2 and str(kept) in result.stdout
