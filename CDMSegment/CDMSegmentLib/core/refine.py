@@ -245,8 +245,8 @@ def refinement_parts(mask: np.ndarray, image: np.ndarray, content: Optional[np.n
     (core/runner.refine_mask: lesion_intensity, lesion_intensity_floor, lesion_support, brain_median), and the
     voxels the heatmap's support adds to it (heatmap_supported_components, where heatmap_support is above 0, with
     heatmap_floor, min_component_voxels and the ``heatmap`` and ``threshold`` the mask was made with; and
-    small_lesion_components, where small_lesion_voxels is above 0, with small_lesion_floor and small_lesion_peak;
-    else none).
+    small_lesion_components, where small_lesion_voxels is above 0, with small_lesion_floor and small_lesion_peak,
+    the peak a share of ``threshold``, so a higher one drops them; else none).
     content None for a mask re-made from the heatmap alone (a new threshold in Slicer; lesion_intensity_components
     says why that gives the same).
     A refinement with a ``calibrated_threshold`` (the threshold its numbers were chosen at) made into a mask at a

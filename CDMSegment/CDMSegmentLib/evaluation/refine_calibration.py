@@ -15,9 +15,9 @@ stage, by the same rule again, chooses which findings are strong enough to keep 
 (core/refine.strong_findings, STRONG_GRID; ``strong_finding_ml`` 0, the rule off, is among them), and a fourth
 which small bright components the heatmap reaches are added (core/refine.small_lesion_components, SMALL_GRID;
 ``small_lesion_ml`` 0 among them). Where a step is off (its switch 0: SWITCHES) its other values change nothing:
-that combination is scored once. Only validation volumes of the training families belong here, and where the small lesions are chosen,
-volumes with small lesions of those families among them (the recipe's ``val_small``): the held-out sets measure
-the result.
+that combination is scored once. Only validation volumes of the training families belong here, with small lesions
+of those families among them where the small lesions are chosen (the recipe's ``val_small``): the held-out sets
+measure the result.
 """
 
 import itertools
