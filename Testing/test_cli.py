@@ -378,8 +378,8 @@ def test_set_defaults_refuses_bad_defaults_with_one_line_and_no_file(content, tm
 @pytest.mark.parametrize("defaults, line", [
     ({"strong_finding_ml": -1}, "metadata field 'defaults.strong_finding_ml' must be"),
     ({"strong_finding_ml": 0.5, "strong_finding_peak": 0}, "without a strong_finding_peak above 0"),
-    ({"small_lesion_ml": 0.5, "small_lesion_floor": 2.0}, "without a small_lesion_peak above 0"),
-    ({"small_lesion_ml": 0.5, "small_lesion_floor": 0.5, "small_lesion_peak": 0.2}, "a small_lesion_floor of 1")])
+    ({"small_lesion_ml": 0.5, "small_lesion_floor": 2.0, "small_lesion_peak": 0}, "threshold; here 0)"),
+    ({"small_lesion_ml": 0.5, "small_lesion_floor": 0.5, "small_lesion_peak": 0.2}, "median intensity; here 0.5)")])
 def test_set_defaults_refuses_out_of_range_or_disagreeing_defaults_before_writing(defaults, line, tmp_path,
                                                                                   tiny_model_path, capsys):
     (tmp_path / "defaults.json").write_text(json.dumps(defaults))

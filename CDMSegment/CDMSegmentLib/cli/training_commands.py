@@ -340,7 +340,8 @@ def add_set_defaults_parser(sub) -> None:
                                             "out-of-distribution reference or what it expects added, without retraining")
     p.add_argument("model", help="model file or registered name")
     p.add_argument("defaults", type=Path, nargs="?", default=None, help="defaults JSON written by 'cdmsegment calibrate' or "
-                                                                         "'cdmsegment calibrate-refinement'")
+                                                                         "'cdmsegment calibrate-refinement': its keys "
+                                                                         "replace the model's, the others are kept")
     p.add_argument("-o", "--output", type=Path, required=True, help="the new model file")
     p.add_argument("--kind", default="diffusion", choices=("diffusion", "classifier"),
                    help="what the model is: a diffusion model (default) or a noise-aware classifier")

@@ -191,10 +191,11 @@ def _check_agreement(metadata: dict, where: str) -> None:
                              "multiples of the threshold); set both with 'cdmsegment set-defaults'")
     if defaults.get("small_lesion_ml") and (not defaults.get("small_lesion_peak")
                                             or defaults.get("small_lesion_floor", 0.0) < 1):
-        raise ModelFileError(f"{where}: metadata field 'defaults.small_lesion_ml' is {defaults['small_lesion_ml']} "
-                             "without a small_lesion_peak above 0 (the heatmap's peak a small lesion needs, in "
-                             "multiples of the threshold) and a small_lesion_floor of 1 or more (in multiples of the "
-                             "brain's median intensity); set them with 'cdmsegment set-defaults'")
+        raise ModelFileError(f"{where}: metadata field 'defaults.small_lesion_ml' is {defaults['small_lesion_ml']}, "
+                             "which needs small_lesion_peak above 0 (the heatmap's peak a small lesion needs, in "
+                             f"multiples of the threshold; here {defaults.get('small_lesion_peak', 'missing')}) and "
+                             "small_lesion_floor of 1 or more (in multiples of the brain's median intensity; here "
+                             f"{defaults.get('small_lesion_floor', 'missing')}); give both in the defaults JSON")
     ood = metadata.get("ood")
     if ood is not None:
         levels = len(ood.get("noise_levels", ood["mean"]))
