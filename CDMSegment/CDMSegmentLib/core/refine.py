@@ -256,7 +256,8 @@ def refinement_parts(mask: np.ndarray, image: np.ndarray, content: Optional[np.n
     that many voxels whose heatmap peaks at ``strong_finding_peak`` times the threshold or more (strong_findings;
     the findings and the threshold are those the lesions are measured at: the calibrated one where it is used).
     Raises CDMSegmentError for a refinement with heatmap support, strong findings or small lesions given no heatmap
-    or threshold."""
+    or threshold, strong findings without a strong_finding_peak above 0, or small lesions with a floor or peak
+    small_lesion_components refuses."""
     needs_heatmap = bool(refinement.get("heatmap_support") or refinement.get("strong_finding_voxels")
                          or refinement.get("small_lesion_voxels"))
     if needs_heatmap and (heatmap is None or threshold is None):
@@ -269,6 +270,9 @@ def refinement_parts(mask: np.ndarray, image: np.ndarray, content: Optional[np.n
         measured_at = calibrated
     strong = None
     if refinement.get("strong_finding_voxels"):
+        if not refinement.get("strong_finding_peak", 0.0) > 0:  # a peak of 0 would make every large finding strong
+            raise CDMSegmentError("the model's strong_finding_ml needs a strong_finding_peak above 0 (the heatmap's "
+                                  "peak in multiples of the threshold); set both with 'cdmsegment set-defaults'")
         found = mask.astype(bool) if reference is None else reference | mask.astype(bool)
         strong = strong_findings(found if content is None else found & content.astype(bool), heatmap,
                                  refinement["strong_finding_peak"] * float(measured_at),

@@ -195,7 +195,7 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
     (core/refine.small_lesion_components). supported voxels: how many the heatmap's support and the small lesions
     added (0 without them). Raises CDMSegmentError for a model with strong findings or small lesions given no
     spacing_mm, strong findings without a strong_finding_peak above 0, or small lesions without a small_lesion_peak
-    above 0 and a small_lesion_floor of 1 or more (core/refine.small_lesion_components)."""
+    above 0 and a small_lesion_floor of 1 or more (both refused by core/refine.refinement_parts)."""
     fraction = defaults.get("lesion_intensity", 0.0) if lesion_intensity is None else lesion_intensity
     if not fraction or method not in CDM_METHODS:
         return mask, None, 0
@@ -211,9 +211,6 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
     if calibrated_threshold is not None:
         refinement.update(calibrated_threshold=float(calibrated_threshold))
     if defaults.get("strong_finding_ml"):
-        if not defaults.get("strong_finding_peak"):
-            raise CDMSegmentError("the model's strong_finding_ml needs a strong_finding_peak above 0 (the heatmap's "
-                                  "peak in multiples of the threshold); set both with 'cdmsegment set-defaults'")
         if spacing_mm is None:
             raise CDMSegmentError("this model keeps the bright voxels of its strong findings, which needs the voxel "
                                   "spacing")
