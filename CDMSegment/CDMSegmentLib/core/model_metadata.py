@@ -158,7 +158,7 @@ def check_metadata(metadata: Any, where: str, newest_format: int, writing: bool 
     if metadata["format_version"] > newest_format:
         raise ModelFileError(f"{where} needs a newer CDMSegment (model format {metadata['format_version']}, "
                              f"this version reads {newest_format}); update the extension")
-    _check_agreement(metadata, where)
+    _check_agreement(metadata, f"{where} not written" if writing else where)
 
 
 def _refuse(where: str, path: str, reason: str, metadata: dict, writing: bool) -> None:
@@ -188,14 +188,18 @@ def _check_agreement(metadata: dict, where: str) -> None:
     if defaults.get("strong_finding_ml") and not defaults.get("strong_finding_peak"):
         raise ModelFileError(f"{where}: metadata field 'defaults.strong_finding_ml' is {defaults['strong_finding_ml']} "
                              "without a strong_finding_peak above 0 (the heatmap's peak a strong finding needs, in "
-                             "multiples of the threshold); set both with 'cdmsegment set-defaults'")
-    if defaults.get("small_lesion_ml") and (not defaults.get("small_lesion_peak")
-                                            or defaults.get("small_lesion_floor", 0.0) < 1):
-        raise ModelFileError(f"{where}: metadata field 'defaults.small_lesion_ml' is {defaults['small_lesion_ml']}, "
-                             "which needs small_lesion_peak above 0 (the heatmap's peak a small lesion needs, in "
-                             f"multiples of the threshold; here {defaults.get('small_lesion_peak', 'missing')}) and "
-                             "small_lesion_floor of 1 or more (in multiples of the brain's median intensity; here "
-                             f"{defaults.get('small_lesion_floor', 'missing')}); give both in the defaults JSON")
+                             "multiples of the threshold); give both in the defaults JSON of 'cdmsegment set-defaults'")
+    if defaults.get("small_lesion_ml"):
+        wrong = ([f"small_lesion_peak above 0 (the heatmap's peak a small lesion needs, in multiples of the "
+                  f"threshold; here {defaults.get('small_lesion_peak', 'missing')})"]
+                 if not defaults.get("small_lesion_peak") else [])
+        wrong += ([f"small_lesion_floor of 1 or more (in multiples of the brain's median intensity; here "
+                   f"{defaults.get('small_lesion_floor', 'missing')})"]
+                  if not defaults.get("small_lesion_floor", 0.0) >= 1 else [])
+        if wrong:
+            raise ModelFileError(f"{where}: metadata field 'defaults.small_lesion_ml' is {defaults['small_lesion_ml']}, "
+                                 f"which needs {' and '.join(wrong)}; give it in the defaults JSON of 'cdmsegment "
+                                 "set-defaults'")
     ood = metadata.get("ood")
     if ood is not None:
         levels = len(ood.get("noise_levels", ood["mean"]))
