@@ -15,12 +15,12 @@ def build_parser():
                                       add_evaluate_volumes_parser)
     from .ood_commands import add_calibrate_ood_parser, add_ood_parser
     from .segment_command import SEGMENT_COMMANDS, make_parser
-    from .training_commands import (add_calibrate_parser, add_export_parser, add_phantom_parser,
+    from .training_commands import (add_calibrate_parser, add_ensemble_parser, add_export_parser, add_phantom_parser,
                                     add_set_defaults_parser, add_slices_parser, add_train_classifier_parser,
                                     add_train_parser)
 
     return make_parser(SEGMENT_COMMANDS + [add_segment_cohort_parser, add_phantom_parser, add_slices_parser,
-                                           add_train_parser, add_export_parser, add_calibrate_parser,
+                                           add_train_parser, add_export_parser, add_ensemble_parser, add_calibrate_parser,
                                            add_set_defaults_parser, add_train_classifier_parser, add_evaluate_parser,
                                            add_evaluate_volumes_parser, add_calibrate_refinement_parser, add_ood_parser,
                                            add_calibrate_ood_parser])

@@ -200,6 +200,11 @@ def model_summary(model) -> List[str]:
                      "torch; pip install onnx onnxruntime makes CPU runs about 1.3x faster"))
     if m["training"].get("data"):
         rows.append(("trained on", m["training"]["data"]))
+    members = m["training"].get("members")
+    if isinstance(members, list) and members:
+        seeds = [str(member.get("config", {}).get("seed", "?")) for member in members if isinstance(member, dict)]
+        rows.append(("ensemble", f"{len(members)} networks of this recipe (training seeds {', '.join(seeds)}); noise "
+                                 "draw d runs through network d mod " + str(len(members))))
     rows.append(("intended use", m.get("intended_use", "not stated in the model file")))
     lines = [f"{m['name']} {m['version']}: {m['kind']} model", f"  {'file':<15}{model.path}"]  # a path is never wrapped
     for label, text in rows:

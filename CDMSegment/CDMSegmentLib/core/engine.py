@@ -99,9 +99,35 @@ class OnnxNetwork:
         return self
 
 
-def onnx_file(model: "LoadedModel", cache_dir: Path) -> Path:
-    """The cached ONNX graph of ``model``, exported when missing (atomically: a reader never sees half a file)."""
-    target = Path(cache_dir) / "onnx" / f"{model.sha256[:32]}-opset{ONNX_OPSET}.onnx"
+class OnnxEnsemble:
+    """An ensemble (core/ensemble.py) whose members run on ONNX Runtime: ``members`` are OnnxNetworks, which
+    the CDM's noise draws take turns on; called as one network it averages their eps, each on its own part
+    of the class embedding, as ``UNetEnsemble`` does; ``class_embedding`` is the torch ensemble's."""
+
+    def __init__(self, torch_network, members: list):
+        self.torch_network = torch_network
+        self.members = members
+        self.emb_dim = int(torch_network.emb_dim)
+
+    def __call__(self, x: "torch.Tensor", t: "torch.Tensor", class_emb: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        parts = torch.split(class_emb, self.emb_dim, dim=1)
+        return sum(member(x, t, part) for member, part in zip(self.members, parts)) / len(self.members)
+
+    def class_embedding(self, y: "torch.Tensor") -> "torch.Tensor":
+        return self.torch_network.class_embedding(y)
+
+    def to(self, device) -> "OnnxEnsemble":
+        self.torch_network.to(device)
+        return self
+
+
+def onnx_file(model: "LoadedModel", cache_dir: Path, member: Optional[int] = None) -> Path:
+    """The cached ONNX graph of ``model`` (of its ``member``-th network when it is an ensemble), exported when
+    missing (atomically: a reader never sees half a file)."""
+    part = "" if member is None else f"-member{member}"
+    target = Path(cache_dir) / "onnx" / f"{model.sha256[:32]}{part}-opset{ONNX_OPSET}.onnx"
     if target.is_file():
         return target
     try:
@@ -112,7 +138,7 @@ def onnx_file(model: "LoadedModel", cache_dir: Path) -> Path:
                               "CDMSEGMENT_CACHE to a writable folder (default ~/.cache/CDMSegment/models)") from None
     os.close(fd)
     try:
-        _export(model, Path(tmp))
+        _export(model, Path(tmp), member)
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, target)
     except CDMSegmentError:
@@ -127,27 +153,36 @@ def onnx_file(model: "LoadedModel", cache_dir: Path) -> Path:
 
 
 def eager_network(model: "LoadedModel"):
-    """The model's weights in ``core/unet.py``'s module (outputs bit-identical to its TorchScript file), for
-    export. Raises CDMSegmentError when its metadata names no ConditionalUNet architecture."""
+    """The model's weights in ``core/unet.py``'s module (outputs bit-identical to its TorchScript file), or in
+    ``core/ensemble.py``'s for an ensemble of them, for export. Raises CDMSegmentError when its metadata names
+    neither architecture."""
+    from .ensemble import ENSEMBLE_TYPE, UNetEnsemble
     from .unet import ConditionalUNet, UNetConfig
 
     arch = dict(model.metadata.get("architecture", {}))
-    if arch.pop("type", None) != "ConditionalUNet":
+    kind = arch.pop("type", None)
+    members = int(arch.pop("members", 0))
+    if kind == "ConditionalUNet":
+        network = ConditionalUNet(UNetConfig.from_dict(arch))
+    elif kind == ENSEMBLE_TYPE and members >= 2:
+        network = UNetEnsemble([ConditionalUNet(UNetConfig.from_dict(arch)) for _ in range(members)])
+    else:
         raise CDMSegmentError(f"model {model.metadata['name']} has no ConditionalUNet architecture in its metadata, "
                               "so it cannot run on ONNX Runtime")
-    network = ConditionalUNet(UNetConfig.from_dict(arch)).eval()
-    network.load_state_dict(model.network.state_dict())
+    network.eval().load_state_dict(model.network.state_dict())
     return network
 
 
-def _export(model: "LoadedModel", path: Path) -> None:
+def _export(model: "LoadedModel", path: Path, member: Optional[int] = None) -> None:
     import torch
 
     network = eager_network(model)
+    if member is not None:
+        network = network.members[member]
     size, channels = model.image_size, int(model.metadata["in_channels"])
     x = torch.zeros(2, channels, size, size)
     t = torch.zeros(2, dtype=torch.int64)
-    emb = model.network.class_embedding(torch.tensor([1, 0])).detach()
+    emb = network.class_embedding(torch.tensor([1, 0])).detach()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes: the graph is checked on use
         torch.onnx.export(network, (x, t, emb), str(path), dynamo=False, opset_version=ONNX_OPSET,
@@ -160,8 +195,9 @@ def with_engine(model: "LoadedModel", engine: str, cache_dir: Optional[Path] = N
     """(``model`` as it runs on ``engine``, the engine it runs on); engine: 'torch' or 'onnxruntime', from
     ``choose_engine``.
 
-    For ONNX Runtime the model is a copy whose network is an OnnxNetwork, checked against the torch
-    network on one batch before use; a graph that fails to load or to agree is exported again once.
+    For ONNX Runtime the model is a copy whose network is an OnnxNetwork (an ensemble's: an OnnxEnsemble of
+    one per member), checked against the torch network on one batch before use; a graph that fails to load or
+    to agree is exported again once.
     When ONNX Runtime still cannot run the model (it fails to import, the cache cannot be written, the
     graph does not agree), the run stays on torch and ``log`` says why in one line, or, with
     ``required`` (the user asked for onnxruntime by name), CDMSegmentError is raised. A model whose own
@@ -191,24 +227,40 @@ def _on_onnxruntime(model: "LoadedModel", cache_dir: Optional[Path], log) -> Opt
 
     from .download import default_cache_dir
 
-    probe = _probe(model)
-    with torch.no_grad():
-        expected = model.network(*probe)
-    if not torch.isfinite(expected).all():
-        return None
+    from .ensemble import ensemble_members
+
+    members = ensemble_members(model.network)
+    onnx_members = []
+    for k, member in enumerate(members):
+        probe = _probe(model, member)
+        with torch.no_grad():
+            expected = member(*probe)
+        if not torch.isfinite(expected).all():
+            return None
+        onnx_members.append(_agreeing_graph(model, member, None if len(members) == 1 else k, probe, expected,
+                                            cache_dir or default_cache_dir(), log))
+    if len(members) == 1:
+        return replace(model, network=onnx_members[0])
+    return replace(model, network=OnnxEnsemble(model.network, onnx_members))
+
+
+def _agreeing_graph(model: "LoadedModel", member, k: Optional[int], probe: tuple, expected, cache_dir: Path,
+                    log) -> OnnxNetwork:
+    """The OnnxNetwork of ``member`` (the ``k``-th of an ensemble, None for a single network) whose output on
+    ``probe`` agrees with torch's ``expected``, exported once more when the cached graph does not."""
     for attempt in range(2):
-        path = onnx_file(model, cache_dir or default_cache_dir())
-        network = _onnx_network(model, path)
+        path = onnx_file(model, cache_dir, k)
+        network = _onnx_network(model, member, path)
         if network is not None and _agrees(network, probe, expected):
-            return replace(model, network=network)
+            return network
         path.unlink(missing_ok=True)
         if attempt == 0:
             log(f"the cached ONNX graph {path} did not reproduce the model's output; exporting it again")
     raise CDMSegmentError("its graph's output did not reproduce the model's")
 
 
-def _onnx_network(model: "LoadedModel", path: Path) -> Optional[OnnxNetwork]:
-    """An OnnxNetwork on ``path``, or None when ONNX Runtime refuses the file."""
+def _onnx_network(model: "LoadedModel", torch_network, path: Path) -> Optional[OnnxNetwork]:
+    """An OnnxNetwork on ``path`` standing in for ``torch_network``, or None when ONNX Runtime refuses the file."""
     import onnxruntime
     import torch
 
@@ -221,18 +273,18 @@ def _onnx_network(model: "LoadedModel", path: Path) -> Optional[OnnxNetwork]:
         return None
     if sorted(i.name for i in session.get_inputs()) != ["emb", "t", "x"]:
         return None
-    return OnnxNetwork(model.network, session, 2 ** (len(model.metadata["architecture"]["channel_mults"]) - 1))
+    return OnnxNetwork(torch_network, session, 2 ** (len(model.metadata["architecture"]["channel_mults"]) - 1))
 
 
-def _probe(model: "LoadedModel") -> tuple:
-    """One seeded batch (x_t, t, class_emb) as the CDM makes it: one slice twice, at the model's noise
-    level, conditioned on f(y1) and f(y0)."""
+def _probe(model: "LoadedModel", network) -> tuple:
+    """One seeded batch (x_t, t, class_emb) as the CDM makes it for ``network`` (the model's, or one member's):
+    one slice twice, at the model's noise level, conditioned on f(y1) and f(y0)."""
     import torch
 
     size, channels = model.image_size, int(model.metadata["in_channels"])
     x = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
     t = torch.full((2,), model.schedule().timestep_for_alpha_bar(model.defaults.get("noise_level", 0.5)))
-    return x, t, model.network.class_embedding(torch.tensor([1, 0])).detach()
+    return x, t, network.class_embedding(torch.tensor([1, 0])).detach()
 
 
 def _agrees(network: OnnxNetwork, probe: tuple, expected) -> bool:

@@ -14,6 +14,7 @@ import torch
 
 from .cdm import cdm_heatmap
 from .device import autocast
+from .ensemble import ensemble_members
 from .errors import CDMSegmentError
 from .model_description import check_classifier_fits
 from .modelfile import LoadedModel
@@ -89,7 +90,8 @@ def _check_class(c: int, class_names: list) -> None:
 def build_method(method: str, model: Optional[LoadedModel], params: CDMParams, *, target_class: int = 1,
                  normal_class: int = 0, classifier: Optional[LoadedModel] = None, seed: int = 0,
                  cgdiff=None) -> MethodFn:
-    """The heatmap function for ``method`` with the networks already on their device.
+    """The heatmap function for ``method`` with the networks already on their device. The CDM's noise draws
+    take turns on an ensemble's networks (core/ensemble.py): draw d runs through member d mod K.
 
     model: the diffusion model (not used by the CAM methods, which may pass None). classifier:
     the noise-aware classifier, needed by the methods in CLASSIFIER_METHODS. cgdiff: CG-Diff's
@@ -118,6 +120,11 @@ def build_method(method: str, model: Optional[LoadedModel], params: CDMParams, *
     t_start = model.check_noise_level(params.noise_level, params.steps)
     guide = classifier.network if method == "cg-cdm" else None
     sign = float(model.metadata.get("heatmap_sign", 1.0))
+    members = ensemble_members(model.network)  # draw d runs through member d mod K (core/ensemble.py)
+    if params.noise_draws % len(members):
+        raise CDMSegmentError(f"{model.metadata['name']} is an ensemble of {len(members)} networks and each noise "
+                              f"draw runs through one of them in turn: give noise draws as a multiple of "
+                              f"{len(members)}, not {params.noise_draws}")
 
     def heatmap(x_0: torch.Tensor, slice_ids: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """noise: (noise_draws, B, C, H, W) on x_0's device (default: ``draw_noise`` for these slices)."""
@@ -125,7 +132,8 @@ def build_method(method: str, model: Optional[LoadedModel], params: CDMParams, *
             noise = draw_noise(slice_ids.cpu(), x_0.shape[1:], seed, params).to(x_0.device)
         total = torch.zeros(x_0.shape[0], *x_0.shape[2:], device=x_0.device)
         for draw in range(params.noise_draws):
-            total += cdm_heatmap(model.network, schedule, x_0, t_start=t_start, steps=params.steps, tau=params.tau,
+            total += cdm_heatmap(members[draw % len(members)], schedule, x_0, t_start=t_start, steps=params.steps,
+                                 tau=params.tau,
                                  target_class=target_class, normal_class=normal_class, noise=noise[draw].to(x_0.dtype),
                                  classifier=guide, guidance_scale=params.guidance_scale).float()
         return sign * total / params.noise_draws

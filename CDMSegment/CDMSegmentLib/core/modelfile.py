@@ -9,6 +9,7 @@ process works from the description (model_description.py), without torch.
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -94,8 +95,11 @@ def check_network(network: torch.jit.ScriptModule, metadata: dict, where: str) -
     edited, or put on another network, fails here in one line, not at the first batch of a run in a traceback.
     Read from the parameters' shapes (a test pass through a freshly loaded TorchScript network costs seconds)."""
     expected = {"input channels": metadata["in_channels"], "classes": len(metadata["class_names"])}
-    shapes = {name: tuple(p.shape) for name, p in network.named_parameters() if name in SIZES}
-    for name, shape in shapes.items():
+    for full_name, p in network.named_parameters():
+        name = re.sub(r"^members\.\d+\.", "", full_name)  # an ensemble's member (core/ensemble.py) alike
+        if name not in SIZES:
+            continue
+        shape = tuple(p.shape)
         dim, what = SIZES[name]
         if shape[dim] != expected[what]:
             raise ModelFileError(f"{where}: its network has {shape[dim]} {what} where its metadata says "
