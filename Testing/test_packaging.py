@@ -1,5 +1,6 @@
 """Packaging: the module's CMakeLists lists every file Slicer needs, and the extension descriptions agree."""
 
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -58,7 +59,9 @@ def test_the_license_is_the_bsd_3_clause_license_pyproject_names():
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert text.startswith("BSD 3-Clause License\n\nCopyright (c) 2026, the CDMSegment authors\n")
     assert "Neither the name of the copyright holder nor the names of its" in text
-    assert 'license = { text = "BSD-3-Clause" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    # an SPDX expression (PEP 639), as the installed package's metadata says it
+    assert 'license = "BSD-3-Clause"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert importlib.metadata.metadata("cdmsegment")["License-Expression"] == "BSD-3-Clause"
 
 
 def test_the_screenshot_and_icon_urls_point_at_files_in_this_repository():
