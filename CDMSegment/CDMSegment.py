@@ -648,7 +648,7 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def useModel(self, model, source):
         """Show the checked model (a ModelDescription; ``source``: its entry in the model list): classes, measured
         defaults, inputs. A classifier registered with the model is checked too: it makes CG-CDM available."""
-        from CDMSegmentLib.slicer_adapters.panel_choices import advanced_defaults
+        from CDMSegmentLib.slicer_adapters.panel_choices import advanced_defaults, noise_draws_step
 
         classifierName = self.logic.classifierFor(model)
         self.model, self.modelSource, self.classifier = model, source, None
@@ -658,6 +658,8 @@ class CDMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.classifier is None:
             self.parameterNode.method = Method.cdm
         self.methodOfDefaults = self.parameterNode.method
+        # an ensemble's noise draws take turns on its networks: whole rounds only
+        self.ui.noiseDrawsSpinBox.minimum = self.ui.noiseDrawsSpinBox.singleStep = noise_draws_step(model)
         for name, value in advanced_defaults(model, self.classifier, self.parameterNode.method.value).items():
             setattr(self.parameterNode, name, value)
         self.describeChosenModel()

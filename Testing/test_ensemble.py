@@ -11,7 +11,8 @@ import torch
 from CDMSegmentLib.cli.main import main
 from CDMSegmentLib.core.cdm import cdm_heatmap
 from CDMSegmentLib.core.engine import OnnxEnsemble, with_engine
-from CDMSegmentLib.core.ensemble import ENSEMBLE_TYPE, UNetEnsemble, ensemble_members
+from CDMSegmentLib.core.ensemble import UNetEnsemble, ensemble_members
+from CDMSegmentLib.core.model_metadata import ENSEMBLE_TYPE
 from CDMSegmentLib.core.errors import CDMSegmentError, ModelFileError
 from CDMSegmentLib.core.image import Volume
 from CDMSegmentLib.core.methods import build_method, draw_noise
@@ -152,3 +153,18 @@ def test_members_of_different_recipes_are_refused_in_one_line_and_nothing_is_wri
     assert len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_the_panels_noise_draws_step_by_the_ensembles_size_read_without_torch(ensemble, tiny_model_path):
+    """Slicer's process describes a model without torch: the spin box steps by K for an ensemble of K, by 1 else."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from types import SimpleNamespace\n"
+            "from CDMSegmentLib.slicer_adapters.panel_choices import noise_draws_step, peek_metadata\n"
+            f"print(noise_draws_step(SimpleNamespace(metadata=peek_metadata({str(ensemble)!r}))),\n"
+            f"      noise_draws_step(SimpleNamespace(metadata=peek_metadata({str(tiny_model_path)!r}))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "1"]

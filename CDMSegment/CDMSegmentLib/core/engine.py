@@ -156,7 +156,8 @@ def eager_network(model: "LoadedModel"):
     """The model's weights in ``core/unet.py``'s module (outputs bit-identical to its TorchScript file), or in
     ``core/ensemble.py``'s for an ensemble of them, for export. Raises CDMSegmentError when its metadata names
     neither architecture."""
-    from .ensemble import ENSEMBLE_TYPE, UNetEnsemble
+    from .ensemble import UNetEnsemble
+    from .model_metadata import ENSEMBLE_TYPE
     from .unet import ConditionalUNet, UNetConfig
 
     arch = dict(model.metadata.get("architecture", {}))

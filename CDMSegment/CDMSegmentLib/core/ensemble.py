@@ -18,8 +18,6 @@ from typing import List
 import torch
 from torch import nn
 
-ENSEMBLE_TYPE = "ConditionalUNetEnsemble"  # metadata["architecture"]["type"] of an ensemble file
-
 
 class UNetEnsemble(nn.Module):
     """K ConditionalUNets of one design. eps(x_t (B, C, H, W), t (B,), class_emb (B, K E)) -> (B, C, H, W), the

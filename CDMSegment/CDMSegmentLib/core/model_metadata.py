@@ -16,6 +16,16 @@ from .errors import CDMSegmentError, ModelFileError
 # Slicer's process checks a model file's metadata and never imports torch (model_description.py).
 SCHEDULES = ("linear", "cosine")
 
+# metadata["architecture"]["type"] of an ensemble file (core/ensemble.py), whose "members" says how many networks
+ENSEMBLE_TYPE = "ConditionalUNetEnsemble"
+
+
+def ensemble_size(metadata: dict) -> int:
+    """How many networks a model file holds: its architecture's members for an ensemble, else 1."""
+    architecture = metadata.get("architecture") or {}
+    return int(architecture.get("members", 1)) if architecture.get("type") == ENSEMBLE_TYPE else 1
+
+
 # A check returns what is wrong with a value ('must be ...'), or None when it is fine.
 Check = Callable[[Any], Optional[str]]
 

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 from ..core.engine import ONNX_REQUIREMENTS, onnxruntime_available
 from ..core.model_description import read_metadata
+from ..core.model_metadata import ensemble_size
 from ..core.plausibility import takes
 from ..core.registry import REGISTRY_FILE, read_registry
 from ..core.settings import CDMSettings
@@ -55,6 +56,12 @@ def advanced_defaults(model, classifier=None, method: str = "cdm") -> dict:
     return {**sampler_defaults(model, classifier, method),
             "lesionIntensity": float(model.defaults.get("lesion_intensity", 0.0)),
             "minComponentMl": float(model.defaults.get("min_component_ml", 0.0))}
+
+
+def noise_draws_step(model) -> int:
+    """The step (and least value) of the panel's noise draws for ``model`` (a ModelDescription): 1, or for an
+    ensemble of K networks K, as each draw runs through one of them in turn (core/ensemble.py)."""
+    return ensemble_size(model.metadata)
 
 
 def settings_from_parameters(parameters):

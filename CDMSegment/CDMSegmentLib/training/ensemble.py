@@ -4,8 +4,9 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from ..core.engine import eager_network
-from ..core.ensemble import ENSEMBLE_TYPE, UNetEnsemble
+from ..core.ensemble import UNetEnsemble
 from ..core.errors import CDMSegmentError
+from ..core.model_metadata import ENSEMBLE_TYPE
 from ..core.modelfile import LoadedModel, save_model
 
 # What every member must share: the ensemble runs them on the same slices, noise levels and labels
