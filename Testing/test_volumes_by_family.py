@@ -144,6 +144,11 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
     assert otsu["lesions_found"] == otsu["lesions"]  # Otsu takes half the brain, and so every lesion
     report = (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")
     assert "| family |" in report
+    # each table under its own heading, in the order the screen shows them
+    headings = [line[4:] for line in report.splitlines() if line.startswith("### ")]
+    assert headings == ["All volumes", "By lesion family", "Where the 3D Dice goes, by lesion family",
+                        "By lesion volume"]
+    assert report.index("### By lesion family\n\n| family | method | volumes with lesion | 3D Dice (mean) | detected") > 0
     # the fitted threshold is written beside the tables that use it, as the screen says it
     fitted = next(line for line in out.err.splitlines() if line.startswith("Calibrated intensity threshold: "))
     assert f"\n\n{fitted}\n\n" in report and f"cases of {data})." in fitted

@@ -261,12 +261,15 @@ def size_table(scores: Sequence[VolumeScore]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TABLE_TITLES = ("All volumes", "By lesion family", "Where the 3D Dice goes, by lesion family", "By lesion volume")
+
+
 def tables(scores: Sequence[VolumeScore]) -> str:
-    """Markdown: summary_table, family_table, dice_parts_table, size_table, and paired.paired_table where the
-    calibrated threshold ran, blank lines between them."""
+    """Markdown: summary_table, family_table, dice_parts_table and size_table, each under its TABLE_TITLES heading,
+    then paired.paired_table (which says what it is) where the calibrated threshold ran; blank lines between."""
     paired = paired_table(scores)
-    return "\n".join([summary_table(scores), family_table(scores), dice_parts_table(scores), size_table(scores)]
-                     + ([paired] if paired else []))
+    parts = [summary_table(scores), family_table(scores), dice_parts_table(scores), size_table(scores)]
+    return "\n".join([f"### {title}\n\n{table}" for title, table in zip(TABLE_TITLES, parts)] + ([paired] if paired else []))
 
 
 def score_files(scores: Sequence[VolumeScore], command: str, notes: Sequence[str] = ()) -> Dict[str, str]:
