@@ -74,6 +74,7 @@ screenshot: venv
 # (timesteps 40-599 of 1000), with held-out figures logged at every checkpoint. The same command resumes an
 # interrupted run from its checkpoint, and a larger STEPS extends a finished one (the run folder is
 # $(RETRAIN_DIR)/run; its progress.jsonl says how far it is). On a GPU, scale it up: STEPS, BATCH, NETWORK, DEVICE.
+# SEEDS="0 1" trains a second network (in $(RETRAIN_DIR)/run_seed1) and writes both as one ensemble file.
 RETRAIN_DIR ?= work/retrain
 CDM ?= $(VENV)/bin/cdmsegment
 TRAIN_CASES ?= 160
@@ -83,6 +84,9 @@ VAL_SMALL_CASES ?= 24
 OOD_CASES ?= 60
 TEST_CASES ?= 36
 STEPS ?= 3000
+# training seeds: one network each, written as one ensemble file when there are two or more (CALIBRATE_OPTS'
+# noise draws must then be a multiple of their number; README, "Several seeds, one model file")
+SEEDS ?= 0
 BATCH ?= 32
 LR ?= 4e-4
 T_RANGE ?= 40,599
@@ -154,10 +158,16 @@ $(R)/train.npz: $(R)/train/cases.csv $(R)/train_small/cases.csv
 	$(CDM) slices $(R)/train $(R)/train_small --subset all --image-size $(IMAGE_SIZE) -o $@
 $(R)/val.npz: $(R)/val/cases.csv
 	$(CDM) slices $(<D) --subset all --with-masks --image-size $(IMAGE_SIZE) -o $@
-$(R)/trained.pt: $(R)/train.npz $(R)/val.npz
-	$(CDM) train $< -o $(R)/run --steps $(STEPS) --batch-size $(BATCH) --lr $(LR) $(NETWORK) --t-range $(T_RANGE) \
-		--val $(R)/val.npz --checkpoint-every $(CHECKPOINT_EVERY)
-	$(CDM) export $(R)/run/checkpoint.pt -o $@ --name $(MODEL_NAME) --training-data "$(TRAINING_DATA)"
+# One network per training seed, each in its own run folder (seed 0: $(R)/run, seed s: $(R)/run_seed<s>); two or
+# more are written as one ensemble file, whose noise draws take turns on them (cdmsegment ensemble)
+run_dir = $(R)/run$(if $(filter 0,$(1)),,_seed$(1))
+MEMBERS := $(foreach s,$(SEEDS),$(R)/member_seed$(s).pt)
+$(R)/member_seed%.pt: $(R)/train.npz $(R)/val.npz
+	$(CDM) train $< -o $(call run_dir,$*) --seed $* --steps $(STEPS) --batch-size $(BATCH) --lr $(LR) $(NETWORK) \
+		--t-range $(T_RANGE) --val $(R)/val.npz --checkpoint-every $(CHECKPOINT_EVERY)
+	$(CDM) export $(call run_dir,$*)/checkpoint.pt -o $@ --name $(MODEL_NAME) --training-data "$(TRAINING_DATA)"
+$(R)/trained.pt: $(MEMBERS)
+	$(if $(word 2,$^),$(CDM) ensemble $^ -o $@ --name $(MODEL_NAME),cp $< $@)
 $(R)/defaults.json: $(R)/trained.pt $(R)/val.npz
 	$(CDM) calibrate $^ -o $@ --device $(DEVICE) $(CALIBRATE_OPTS)
 $(R)/ood.json: $(R)/trained.pt $(R)/ood/cases.csv

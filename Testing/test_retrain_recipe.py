@@ -88,3 +88,28 @@ def test_the_refinement_is_chosen_on_both_validation_folders_the_second_with_sma
     kept = cases_folder(tmp_path, "val_small", 8)
     result = retrain_check(tmp_path)
     assert result.returncode == 2 and str(kept) in result.stdout
+
+
+def _plan(run_dir: Path, target: str, *variables: str) -> list:
+    plan = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), f"RETRAIN_DIR={run_dir}",
+                           *variables, f"{run_dir}/{target}"], capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    return plan.stdout.replace("\\\n\t", "").splitlines()
+
+
+def test_one_seed_trains_one_network_in_the_run_folder(tmp_path):
+    lines = _plan(tmp_path, "trained.pt")
+    trains = [line for line in lines if " train " in line]
+    assert len(trains) == 1 and f"-o {tmp_path}/run --seed 0 " in trains[0]
+    assert lines[-1] == f"cp {tmp_path}/member_seed0.pt {tmp_path}/trained.pt"
+    assert not any(" ensemble " in line for line in lines)
+
+
+def test_two_seeds_train_two_networks_written_as_one_ensemble(tmp_path):
+    lines = _plan(tmp_path, "trained.pt", "SEEDS=0 1")
+    trains = [line for line in lines if " train " in line]
+    assert [f"-o {tmp_path}/run --seed 0 " in trains[0], f"-o {tmp_path}/run_seed1 --seed 1 " in trains[1]] == [True] * 2
+    exports = [line for line in lines if " export " in line]
+    assert f"export {tmp_path}/run_seed1/checkpoint.pt -o {tmp_path}/member_seed1.pt " in exports[1]
+    assert lines[-1].endswith(f"ensemble {tmp_path}/member_seed0.pt {tmp_path}/member_seed1.pt -o {tmp_path}/trained.pt "
+                              "--name brain-flair-retrained")
