@@ -110,6 +110,9 @@ def test_the_ensemble_runs_on_onnxruntime_member_by_member_with_torchs_heatmap(e
     model = load_model(ensemble)
     onnx_model, engine = with_engine(model, "onnxruntime", tmp_path / "cache", log=lambda m: None)
     assert engine == "onnxruntime" and isinstance(onnx_model.network, OnnxEnsemble)
+    # the members' sessions run in turn, so none spins its threads waiting for work (README, bench_speed)
+    assert [m.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            for m in onnx_model.network.members] == ["0", "0"]
     graphs = sorted(p.name for p in (tmp_path / "cache" / "onnx").iterdir())
     assert len(graphs) == 2 and [g.split("-")[1] for g in graphs] == ["member0", "member1"]
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([300, 300])

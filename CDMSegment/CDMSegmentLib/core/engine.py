@@ -268,6 +268,9 @@ def _onnx_network(model: "LoadedModel", torch_network, path: Path) -> Optional[O
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3  # errors only: its warnings are not the user's business
+    if getattr(model.network, "members", None) is not None:
+        # an ensemble's sessions run in turn: threads that spin waiting for work would hold the cores from the next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception:  # a damaged file (ONNX Runtime raises its own exception types)
