@@ -177,6 +177,7 @@ def model_summary(model) -> List[str]:
     intended use (``cdmsegment info``; the whole metadata is ``--json``)."""
     import textwrap
 
+    from ..core.model_metadata import ensemble_size
     from ..core.plausibility import OOD_REFUSAL_FACTOR, takes
 
     m = model.metadata
@@ -200,11 +201,13 @@ def model_summary(model) -> List[str]:
                      "torch; pip install onnx onnxruntime makes CPU runs about 1.3x faster"))
     if m["training"].get("data"):
         rows.append(("trained on", m["training"]["data"]))
-    members = m["training"].get("members")
-    if isinstance(members, list) and members:
-        seeds = [str(member.get("config", {}).get("seed", "?")) for member in members if isinstance(member, dict)]
-        rows.append(("ensemble", f"{len(members)} networks of this recipe (training seeds {', '.join(seeds)}); noise "
-                                 "draw d runs through network d mod " + str(len(members))))
+    networks = ensemble_size(m)
+    if networks > 1:
+        members = m["training"].get("members")
+        seeds = [str(r.get("config", {}).get("seed", "?")) for r in members if isinstance(r, dict)] \
+            if isinstance(members, list) else []
+        rows.append(("ensemble", f"{networks} networks of this recipe" + (f" (training seeds {', '.join(seeds)})"
+                                 if seeds else "") + f"; noise draw d runs through network d mod {networks}"))
     rows.append(("intended use", m.get("intended_use", "not stated in the model file")))
     lines = [f"{m['name']} {m['version']}: {m['kind']} model", f"  {'file':<15}{model.path}"]  # a path is never wrapped
     for label, text in rows:

@@ -227,7 +227,6 @@ def _on_onnxruntime(model: "LoadedModel", cache_dir: Optional[Path], log) -> Opt
     import torch
 
     from .download import default_cache_dir
-
     from .ensemble import ensemble_members
 
     members = ensemble_members(model.network)
