@@ -84,8 +84,8 @@ VAL_SMALL_CASES ?= 24
 OOD_CASES ?= 60
 TEST_CASES ?= 36
 STEPS ?= 3000
-# training seeds: one network each, written as one ensemble file when there are two or more (CALIBRATE_OPTS'
-# noise draws must then be a multiple of their number; README, "Several seeds, one model file")
+# training seeds: one network each, written as one ensemble file when there are two or more, whose noise draws
+# take turns on them (README, "Several seeds, one model file")
 SEEDS ?= 0
 BATCH ?= 32
 LR ?= 4e-4
@@ -98,7 +98,9 @@ PHANTOM_OPTS ?=
 # alpha_bar 0.95: on the validation volumes, at the same false-positive volume, its heatmap reaches more lesions
 # than at 0.8 (85 against 74 of 182 at 0.5 ml); the pooled slice Dice that calibrate ranks by prefers 0.8 (0.642
 # against 0.509), led by large lesions that the refinement delineates anyway (README, brain-flair-cpu 4)
-CALIBRATE_OPTS ?= --tau 0 --steps 1 --noise-draws 2 --noise-level 0.95 --precision fp32
+# noise draws: 2, or one per network of an ensemble of more (SEEDS)
+NOISE_DRAWS = $(if $(word 3,$(SEEDS)),$(words $(SEEDS)),2)
+CALIBRATE_OPTS ?= --tau 0 --steps 1 --noise-draws $(NOISE_DRAWS) --noise-level 0.95 --precision fp32
 EVAL_OPTS ?=
 # not a registered model's name: a file that calls itself a registered model with other weights is refused
 MODEL_NAME ?= brain-flair-retrained

@@ -46,7 +46,7 @@ def ensemble(members, tmp_path, capsys):
     code, out, err = run_cli(["ensemble", *members, "-o", tmp_path / "ensemble.pt", "--name", "tiny-ensemble",
                               "--version", "2"], capsys)
     assert code == 0, err
-    assert "2 members" in out and "calibrate" in out
+    assert "2 networks, 2 noise draws" in out and "--noise-draws 2" in out and "calibrate-refinement" in out
     return tmp_path / "ensemble.pt"
 
 
@@ -76,6 +76,7 @@ def test_the_ensemble_file_records_its_members_and_drops_what_must_be_measured_a
     assert m["name"] == "tiny-ensemble" and m["version"] == "2"
     assert m["architecture"] == {**first.metadata["architecture"], "type": ENSEMBLE_TYPE, "members": 2}
     assert "threshold" not in model.defaults and model.defaults["noise_draws"] == 2
+    assert "calibration" not in model.defaults and "refinement_calibration" not in model.defaults
     assert "ood" not in m
     assert [r["sha256"] for r in m["training"]["members"]] == [first.sha256, load_model(members[1]).sha256]
     assert len(ensemble_members(model.network)) == 2
@@ -101,7 +102,7 @@ def test_noise_draw_d_runs_through_member_d_mod_k(members, ensemble):
 
 
 def test_noise_draws_that_would_leave_a_member_out_are_refused(ensemble):
-    with pytest.raises(CDMSegmentError, match="an ensemble of 2 networks .* multiple of 2, not 3"):
+    with pytest.raises(CDMSegmentError, match="an ensemble of 2 networks .* multiple of 2 \\(--noise-draws 2\\), not 3"):
         build_method("cdm", load_model(ensemble), CDMParams(noise_level=0.9, steps=1, tau=0.0, noise_draws=3))
 
 
@@ -171,3 +172,60 @@ def test_the_panels_noise_draws_step_by_the_ensembles_size_read_without_torch(en
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2", "1"]
+
+
+def test_three_networks_default_to_three_noise_draws_and_run_on_them(members, tmp_path, capsys):
+    third = tmp_path / "seed2.pt"
+    make_tiny_model_file(third, seed=2, defaults={"noise_level": 0.9, "steps": 1, "tau": 0.0, "noise_draws": 2})
+    code, out, err = run_cli(["ensemble", *members, third, "-o", tmp_path / "three.pt", "--name", "three"], capsys)
+    assert code == 0, err
+    model = load_model(tmp_path / "three.pt")
+    assert model.defaults["noise_draws"] == 3 and "--noise-draws 3" in out
+    volume = Volume(np.random.default_rng(0).integers(100, 1000, (2, 32, 32)).astype(np.float32),
+                    spacing_mm=(1.0, 1.0, 1.0))
+    run = segment_volume(model, [volume], device="cpu", engine="torch", force=True, log=lambda m: None, threshold=0.01)
+    assert run.heatmap.shape == (2, 32, 32)
+
+
+@pytest.mark.parametrize("case", ["copies", "registered name", "existing file", "folder"])
+def test_what_the_ensemble_would_write_badly_is_refused_before_any_file(members, tmp_path, capsys, case):
+    out = tmp_path / "out.pt"
+    args = ["ensemble", *members, "-o", out, "--name", "x"]
+    if case == "copies":
+        args = ["ensemble", members[0], members[1], members[0], "-o", out, "--name", "x"]
+        message = "seed0.pt is seed0.pt again: copies of one network make no ensemble"
+    elif case == "registered name":
+        version = load_model("brain-flair-cpu").metadata["version"]
+        args = ["ensemble", *members, "-o", out, "--name", "brain-flair-cpu", "--version", version]
+        message = f"brain-flair-cpu {version} is a registered model; give the ensemble a name or version of its own"
+    elif case == "existing file":
+        out.write_bytes(b"an earlier file")
+        message = f"{out} already exists; choose another output folder or pass --overwrite"
+    else:
+        out.mkdir()
+        message = f"{out} is a folder; give the model file's own name"
+    code, _, err = run_cli(args, capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert out.is_dir() if case == "folder" else (out.read_bytes() == b"an earlier file" if case == "existing file"
+                                                  else not out.exists())
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_missing_output_folder_is_made_and_overwrite_replaces(members, tmp_path, capsys):
+    out = tmp_path / "new" / "folder" / "e.pt"
+    assert run_cli(["ensemble", *members, "-o", out, "--name", "x"], capsys)[0] == 0
+    first = out.read_bytes()
+    assert run_cli(["ensemble", *members, "-o", out, "--name", "x", "--version", "2", "--overwrite"], capsys)[0] == 0
+    assert out.read_bytes() != first and load_model(out).metadata["version"] == "2"
+
+
+def test_a_run_without_a_calibrated_threshold_says_it_cuts_at_otsu(ensemble):
+    """Said beside the result (the summary line, Slicer's result text), as the input's findings are."""
+    volume = Volume(np.random.default_rng(0).integers(100, 1000, (2, 32, 32)).astype(np.float32),
+                    spacing_mm=(1.0, 1.0, 1.0))
+    run = segment_volume(load_model(ensemble), [volume], device="cpu", engine="torch", force=True, log=lambda m: None)
+    assert run.warnings[-1].startswith("tiny-ensemble stores no calibrated threshold for cdm, so the heatmap is cut "
+                                       "at Otsu's threshold of this volume")
+    given = segment_volume(load_model(ensemble), [volume], device="cpu", engine="torch", force=True, threshold=0.01,
+                           log=lambda m: None)
+    assert not any("calibrated threshold" in w for w in given.warnings)

@@ -113,3 +113,10 @@ def test_two_seeds_train_two_networks_written_as_one_ensemble(tmp_path):
     assert f"export {tmp_path}/run_seed1/checkpoint.pt -o {tmp_path}/member_seed1.pt " in exports[1]
     assert lines[-1].endswith(f"ensemble {tmp_path}/member_seed0.pt {tmp_path}/member_seed1.pt -o {tmp_path}/trained.pt "
                               "--name brain-flair-retrained")
+
+
+@pytest.mark.parametrize("seeds, draws", [("0", 2), ("0 1", 2), ("0 1 2", 3)])
+def test_the_calibration_runs_every_network_of_the_ensemble_alike(tmp_path, seeds, draws):
+    """Noise draws take turns on an ensemble's networks and must be a multiple of their number."""
+    calibrate = next(line for line in _plan(tmp_path, "defaults.json", f"SEEDS={seeds}") if " calibrate " in line)
+    assert f"--noise-draws {draws} " in calibrate

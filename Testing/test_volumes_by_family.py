@@ -144,7 +144,8 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
     assert otsu["lesions_found"] == otsu["lesions"]  # Otsu takes half the brain, and so every lesion
     report = (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")
     assert "| family |" in report
-    # each table under its own heading, in the order the screen shows them
+    # the words of the tables defined above them, and each table under its own heading
+    assert "\n\nTerms: a *case* is one volume." in report and "*Lesions found*: of the lesions" in report
     headings = [line[4:] for line in report.splitlines() if line.startswith("### ")]
     assert headings == ["All volumes", "By lesion family", "Where the 3D Dice goes, by lesion family",
                         "By lesion volume"]

@@ -276,17 +276,32 @@ def add_ensemble_parser(sub) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="the ensemble model file to write")
     p.add_argument("--name", required=True, help="the ensemble's name, stored in its metadata")
     p.add_argument("--version", default="1", help="the ensemble's version, stored in its metadata (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file at --output")
     p.set_defaults(func=run_ensemble)
 
 
 def run_ensemble(args) -> None:
-    from ..core.modelfile import load_model
-    from ..training.ensemble import write_ensemble
+    from ..core.model_description import read_metadata
+    from ..core.modelfile import MODELS_DIR, load_model, read_registry
+    from ..training.ensemble import noise_draws_for, write_ensemble
+    from .writers import check_not_existing
 
+    if args.output.is_dir():
+        raise CDMSegmentError(f"{args.output} is a folder; give the model file's own name, e.g. "
+                              f"{args.output / 'ensemble.pt'}")
+    check_not_existing([args.output], args.overwrite)
+    for entry in read_registry():  # the run's summary names a model by its name and version
+        if entry["name"] == args.name and (MODELS_DIR / entry["file"]).is_file() and \
+                str((read_metadata(MODELS_DIR / entry["file"]) or {}).get("version")) == str(args.version):
+            raise CDMSegmentError(f"{args.name} {args.version} is a registered model; give the ensemble a name or "
+                                  "version of its own (--name, --version)")
     models = [load_model(m) for m in args.models]
     sha = write_ensemble(models, args.output, args.name, args.version)
-    print(f"{args.output}: sha256 {sha}, {args.output.stat().st_size / 1e6:.1f} MB, {len(models)} members; its "
-          "threshold and OOD score are measured again: cdmsegment calibrate, calibrate-ood, set-defaults")
+    draws = noise_draws_for(int(models[0].defaults.get("noise_draws", 1)), len(models))
+    print(f"{args.output}: sha256 {sha}, {args.output.stat().st_size / 1e6:.1f} MB, {len(models)} networks, "
+          f"{draws} noise draws. Its threshold, OOD reference and refinement must be measured again: cdmsegment "
+          f"calibrate {args.output} VAL.npz --noise-draws {draws} ..., calibrate-ood, calibrate-refinement, then "
+          "set-defaults (README, Train your own model)")
 
 
 CALIBRATION_GRID = {"noise_level": [0.98, 0.95, 0.9, 0.8, 0.65, 0.5], "tau": [0.0, 0.5, 0.95], "steps": [2],

@@ -124,7 +124,7 @@ def build_method(method: str, model: Optional[LoadedModel], params: CDMParams, *
     if params.noise_draws % len(members):
         raise CDMSegmentError(f"{model.metadata['name']} is an ensemble of {len(members)} networks and each noise "
                               f"draw runs through one of them in turn: give noise draws as a multiple of "
-                              f"{len(members)}, not {params.noise_draws}")
+                              f"{len(members)} (--noise-draws {len(members)}), not {params.noise_draws}")
 
     def heatmap(x_0: torch.Tensor, slice_ids: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """noise: (noise_draws, B, C, H, W) on x_0's device (default: ``draw_noise`` for these slices)."""

@@ -52,6 +52,9 @@ def save_model(network: torch.nn.Module, metadata: dict, path: Union[str, Path])
     """Script ``network`` and write it with ``metadata`` inside, atomically; returns the file's SHA256."""
     check_metadata(metadata, str(path), FORMAT_VERSION, writing=True)
     path = Path(path)
+    if path.is_dir():
+        raise CDMSegmentError(f"{path} is a folder; give the model file's own name, e.g. {path / 'model.pt'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     scripted = torch.jit.script(network.eval().cpu())
     tmp = path.with_name(path.name + ".partial")
     torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1, sort_keys=True)})

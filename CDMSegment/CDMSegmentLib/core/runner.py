@@ -136,6 +136,10 @@ def segment_volume(model: LoadedModel, volumes: Sequence[Volume], *, method: str
     params = params or CDMParams.for_model(model, classifier=classifier, method=method)
     defaults = model.defaults
     calibrated = calibrated_threshold(method, model, classifier)
+    if threshold is None and calibrated is None:  # said beside the result, as the input's findings are
+        warnings = list(warnings) + [f"{model.metadata['name']} stores no calibrated threshold for {method}, so the "
+                                     "heatmap is cut at Otsu's threshold of this volume; measure one with "
+                                     "'cdmsegment calibrate'"]
     threshold = threshold if threshold is not None else ("model" if calibrated is not None else "otsu")
     ref = volumes[0]
     if min_component_voxels is None:  # the model's default is in ml, so it means the same at any spacing

@@ -261,6 +261,13 @@ def size_table(scores: Sequence[VolumeScore]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What the tables' words mean, written above them in volumes.md (metrics.lesion_counts and dice_parts)
+TERMS = ("Terms: a *case* is one volume. *3D Dice* is computed per volume with a lesion, then averaged. "
+         "*Detected*: the share of volumes with a lesion whose mask touches it (any overlap). *Lesions found*: of "
+         "the lesions (3D components of the truth, each counted once, as in the MSSEG challenge), those the mask "
+         "touches. *False regions*: 3D components of the mask that touch no lesion. *False positives* on "
+         "lesion-free volumes: all of their mask, in ml. The figure in brackets in the last column of the third "
+         "table is the number of volumes where a lesion was found.")
 TABLE_TITLES = ("All volumes", "By lesion family", "Where the 3D Dice goes, by lesion family", "By lesion volume")
 
 
@@ -279,5 +286,5 @@ def score_files(scores: Sequence[VolumeScore], command: str, notes: Sequence[str
     writer = csv.DictWriter(rows, fieldnames=list(asdict(scores[0])))
     writer.writeheader()
     writer.writerows(asdict(s) for s in scores)
-    preamble = "".join(f"{paragraph}\n\n" for paragraph in [f"Command: `{command}`", *notes])
+    preamble = "".join(f"{paragraph}\n\n" for paragraph in [f"Command: `{command}`", *notes, TERMS])
     return {"volumes.csv": rows.getvalue(), "volumes.md": preamble + tables(scores)}
