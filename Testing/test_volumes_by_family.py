@@ -144,8 +144,13 @@ def test_evaluate_volumes_reports_every_family_and_both_baselines(tmp_path, caps
     assert otsu["lesions_found"] == otsu["lesions"]  # Otsu takes half the brain, and so every lesion
     report = (tmp_path / "out" / "volumes.md").read_text(encoding="utf-8")
     assert "| family |" in report
+    # the model by name, version and SHA256, so that the figures can be traced to the exact weights
+    model_file = load_model(model)
+    assert (f"\n\nModel: {model_file.metadata['name']} {model_file.metadata['version']} (SHA256 "
+            f"{model_file.sha256}, ") in report
     # the words of the tables defined above them, and each table under its own heading
-    assert "\n\nTerms: a *case* is one volume." in report and "*Lesions found*: of the lesions" in report
+    assert "\n\nTerms: *3D Dice* is computed per volume" in report and "*Lesions found*: of the lesions" in report
+    assert "| method | volumes with lesion | 3D Dice (mean +- sd) |" in report
     headings = [line[4:] for line in report.splitlines() if line.startswith("### ")]
     assert headings == ["All volumes", "By lesion family", "Where the 3D Dice goes, by lesion family",
                         "By lesion volume"]

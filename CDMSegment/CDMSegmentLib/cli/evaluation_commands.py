@@ -200,7 +200,8 @@ def run_evaluate_volumes(args) -> None:
     check_not_existing(outputs, args.overwrite)
     model = load_model(args.model)
     cases, families = _cases_with_masks(args.data, args.cases, args.per_family)
-    threshold, notes = None, []
+    threshold = None
+    notes = [f"Model: {model.metadata['name']} {model.metadata['version']} (SHA256 {model.sha256}, {model.path})."]
     if args.fit_threshold_on is not None:
         fit_cases, _ = _cases_with_masks(args.fit_threshold_on, args.fit_cases)
         modality = model.modalities[0]

@@ -174,8 +174,8 @@ def case_line(n: int, total: int, case_scores: Sequence[VolumeScore]) -> str:
 
 def summary_table(scores: Sequence[VolumeScore]) -> str:
     """Markdown: per method, mean 3D Dice and slice Dice on lesion cases, false positives on lesion-free ones."""
-    lines = ["| method | cases with lesion | 3D Dice (mean +- sd) | slice Dice, lesion slices | "
-             "lesion-free cases | false positives on lesion-free cases (ml, mean / max) | s per volume |",
+    lines = ["| method | volumes with lesion | 3D Dice (mean +- sd) | slice Dice, lesion slices | "
+             "lesion-free volumes | false positives on lesion-free volumes (ml, mean / max) | s per volume |",
              "|---|---|---|---|---|---|---|"]
     for method in dict.fromkeys(s.method for s in scores):
         rows = [s for s in scores if s.method == method]
@@ -262,7 +262,7 @@ def size_table(scores: Sequence[VolumeScore]) -> str:
 
 
 # What the tables' words mean, written above them in volumes.md (metrics.lesion_counts and dice_parts)
-TERMS = ("Terms: a *case* is one volume. *3D Dice* is computed per volume with a lesion, then averaged. "
+TERMS = ("Terms: *3D Dice* is computed per volume with a lesion, then averaged. "
          "*Detected*: the share of volumes with a lesion whose mask touches it (any overlap). *Lesions found*: of "
          "the lesions (3D components of the truth, each counted once, as in the MSSEG challenge), those the mask "
          "touches. *False regions*: 3D components of the mask that touch no lesion. *False positives* on "
