@@ -197,7 +197,8 @@ def test_what_the_ensemble_would_write_badly_is_refused_before_any_file(members,
     elif case == "registered name":
         version = load_model("brain-flair-cpu").metadata["version"]
         args = ["ensemble", *members, "-o", out, "--name", "brain-flair-cpu", "--version", version]
-        message = f"brain-flair-cpu {version} is a registered model; give the ensemble a name or version of its own"
+        message = (f"{out} not written: it would call itself brain-flair-cpu {version}, a registered model, without "
+                   "its weights; give it a name or version of its own")
     elif case == "existing file":
         out.write_bytes(b"an earlier file")
         message = f"{out} already exists; choose another output folder or pass --overwrite"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from CDMSegmentLib.core.errors import ModelFileError
-from CDMSegmentLib.core.modelfile import load_model, read_registry, sha256_of
+from CDMSegmentLib.core.modelfile import load_model, read_registry, save_model, sha256_of
 
 from conftest import make_tiny_model_file
 
@@ -201,3 +201,16 @@ def test_metadata_that_does_not_fit_the_network_is_refused_when_loaded(change, w
     with_metadata(tiny_model_path, tmp_path / "edited.pt", change)
     with pytest.raises(ModelFileError, match=f"^edited.pt: {words}; the metadata was edited"):
         load_model(tmp_path / "edited.pt")
+
+
+def test_a_file_its_load_would_refuse_as_a_registered_models_impostor_is_not_written(tmp_path, tiny_model):
+    """Every model writer (export, set-defaults, ensemble) goes through save_model, which refuses what describe_model
+    would: a registered name and version on other weights; a version of its own is written."""
+    registered = load_model("brain-flair-cpu").metadata
+    metadata = {**tiny_model.metadata, "name": registered["name"], "version": registered["version"]}
+    with pytest.raises(ModelFileError, match=f"^{tmp_path / 'x.pt'} not written: it would call itself "
+                                             f"brain-flair-cpu {registered['version']}, a registered model"):
+        save_model(tiny_model.network, metadata, tmp_path / "x.pt")
+    assert list(tmp_path.iterdir()) == []
+    save_model(tiny_model.network, {**metadata, "version": "tiny"}, tmp_path / "x.pt")
+    assert load_model(tmp_path / "x.pt").metadata["version"] == "tiny"

@@ -281,8 +281,7 @@ def add_ensemble_parser(sub) -> None:
 
 
 def run_ensemble(args) -> None:
-    from ..core.model_description import read_metadata
-    from ..core.modelfile import MODELS_DIR, load_model, read_registry
+    from ..core.modelfile import load_model
     from ..training.ensemble import noise_draws_for, write_ensemble
     from .writers import check_not_existing
 
@@ -290,11 +289,6 @@ def run_ensemble(args) -> None:
         raise CDMSegmentError(f"{args.output} is a folder; give the model file's own name, e.g. "
                               f"{args.output / 'ensemble.pt'}")
     check_not_existing([args.output], args.overwrite)
-    for entry in read_registry():  # the run's summary names a model by its name and version
-        if entry["name"] == args.name and (MODELS_DIR / entry["file"]).is_file() and \
-                str((read_metadata(MODELS_DIR / entry["file"]) or {}).get("version")) == str(args.version):
-            raise CDMSegmentError(f"{args.name} {args.version} is a registered model; give the ensemble a name or "
-                                  "version of its own (--name, --version)")
     models = [load_model(m) for m in args.models]
     sha = write_ensemble(models, args.output, args.name, args.version)
     draws = noise_draws_for(int(models[0].defaults.get("noise_draws", 1)), len(models))

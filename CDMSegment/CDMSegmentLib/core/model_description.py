@@ -203,10 +203,12 @@ def _weights(path: Path) -> dict:
                 if i.filename.split("/", 1)[-1].startswith("data/")}
 
 
-def check_not_impostor(path: Path, metadata: dict, registry: Path = REGISTRY_FILE) -> None:
+def check_not_impostor(path: Path, metadata: dict, registry: Path = REGISTRY_FILE, writing_to: Optional[Path] = None
+                       ) -> None:
     """A file that is not registered must not carry the name and version of a registered model unless it holds
     that model's weights (its defaults may differ: ``cdmsegment set-defaults`` keeps the name): the run's
-    summary names the model by them."""
+    summary names the model by them. writing_to: ``path`` is the unfinished file about to become this one
+    (modelfile.save_model), which the error then says is not written."""
     for entry in read_registry(registry):
         registered = registry.parent / entry["file"]
         if entry["name"] != metadata["name"] or entry.get("kind", "diffusion") != metadata["kind"] or \
@@ -218,6 +220,10 @@ def check_not_impostor(path: Path, metadata: dict, registry: Path = REGISTRY_FIL
         except (OSError, EOFError, ValueError, AttributeError, zlib.error, zipfile.BadZipFile):
             continue  # the registered file is itself damaged: its own load says so
         if same_version and not same_weights:
+            if writing_to is not None:
+                raise ModelFileError(f"{writing_to} not written: it would call itself {metadata['name']} "
+                                     f"{metadata['version']}, a registered model, without its weights; give it a name "
+                                     "or version of its own (--name, --version)")
             raise ModelFileError(f"{path.name} calls itself {metadata['name']} {metadata['version']}, a registered "
                                  f"model, but does not hold its weights (the registered file is {registered}, SHA256 "
                                  f"{entry['sha256'][:12]}...); give the new model a name or version of its own "

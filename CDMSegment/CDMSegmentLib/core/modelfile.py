@@ -17,7 +17,8 @@ from typing import Optional, Union
 import torch
 
 from .errors import CDMSegmentError, ModelFileError
-from .model_description import FORMAT_VERSION, METADATA_FILE, ModelDescription, describe_model, sha256_of
+from .model_description import (FORMAT_VERSION, METADATA_FILE, ModelDescription, check_not_impostor,
+                                describe_model, sha256_of)
 from .model_metadata import check_metadata
 from .registry import MODELS_DIR, REGISTRY_FILE, read_registry  # noqa: F401 (also used from here)
 from .schedule import NoiseSchedule
@@ -58,6 +59,11 @@ def save_model(network: torch.nn.Module, metadata: dict, path: Union[str, Path])
     scripted = torch.jit.script(network.eval().cpu())
     tmp = path.with_name(path.name + ".partial")
     torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1, sort_keys=True)})
+    try:  # a file its own load would refuse is not written (describe_model's check, on what is about to be written)
+        check_not_impostor(tmp, metadata, writing_to=path)
+    except ModelFileError:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
     return sha256_of(path)
 

@@ -26,7 +26,7 @@ def ensemble_metadata(models: Sequence[LoadedModel], name: str, version: str) ->
     if len(models) < 2:
         raise CDMSegmentError("an ensemble needs two or more model files")
     first = models[0]
-    for model in models:
+    for n, model in enumerate(models):
         if model.metadata["kind"] != "diffusion":
             raise CDMSegmentError(f"{model.path.name} is a {model.metadata['kind']}, not a diffusion model")
         if model.metadata.get("architecture", {}).get("type") != "ConditionalUNet":
@@ -40,7 +40,6 @@ def ensemble_metadata(models: Sequence[LoadedModel], name: str, version: str) ->
                     key, mine, theirs = f"{key}.{sub}", mine.get(sub), theirs.get(sub)
                 raise CDMSegmentError(f"{model.path.name} differs from {first.path.name} in its {key} ({mine!r} "
                                       f"against {theirs!r}): the members of an ensemble must come from one recipe")
-    for n, model in enumerate(models):
         twin = next((m for m in models[:n] if m.sha256 == model.sha256), None)
         if twin is not None:
             raise CDMSegmentError(f"{model.path.name} is {twin.path.name} again: copies of one network make no "
