@@ -214,3 +214,22 @@ def test_a_file_its_load_would_refuse_as_a_registered_models_impostor_is_not_wri
     assert list(tmp_path.iterdir()) == []
     save_model(tiny_model.network, {**metadata, "version": "tiny"}, tmp_path / "x.pt")
     assert load_model(tmp_path / "x.pt").metadata["version"] == "tiny"
+
+
+@pytest.mark.parametrize("name, version", [("brain-flair-cpu ", None), (None, " {v}")])
+def test_a_registered_name_or_version_with_blanks_is_still_the_registered_one(tmp_path, tiny_model, name, version):
+    registered = load_model("brain-flair-cpu").metadata
+    metadata = {**tiny_model.metadata, "name": name or registered["name"],
+                "version": (version or "{v}").format(v=registered["version"])}
+    with pytest.raises(ModelFileError, match="not written: it would call itself"):
+        save_model(tiny_model.network, metadata, tmp_path / "x.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_given_a_model_file_says_it_is_not_a_checkpoint_in_one_line(tiny_model_path, tmp_path, capsys):
+    from CDMSegmentLib.cli.main import main
+
+    assert main(["export", str(tiny_model_path), "-o", str(tmp_path / "e.pt"), "--name", "e"]) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is not the checkpoint.pt of a 'cdmsegment train' run" in err, err
+    assert not (tmp_path / "e.pt").exists()

@@ -211,11 +211,13 @@ def check_not_impostor(path: Path, metadata: dict, registry: Path = REGISTRY_FIL
     (modelfile.save_model), which the error then says is not written."""
     for entry in read_registry(registry):
         registered = registry.parent / entry["file"]
-        if entry["name"] != metadata["name"] or entry.get("kind", "diffusion") != metadata["kind"] or \
+        # compared as a reader sees them: "brain-flair-cpu " and " 6" are brain-flair-cpu 6
+        if entry["name"] != str(metadata["name"]).strip() or entry.get("kind", "diffusion") != metadata["kind"] or \
                 not registered.is_file():
             continue
         try:
-            same_version = str((read_metadata(registered) or {}).get("version")) == str(metadata["version"])
+            same_version = str((read_metadata(registered) or {}).get("version")).strip() == \
+                str(metadata["version"]).strip()
             same_weights = same_version and _weights(registered) == _weights(path)
         except (OSError, EOFError, ValueError, AttributeError, zlib.error, zipfile.BadZipFile):
             continue  # the registered file is itself damaged: its own load says so

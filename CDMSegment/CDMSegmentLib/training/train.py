@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import time
+import warnings
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -289,9 +290,14 @@ def load_checkpoint(path: Path, weights: str = "ema", kind: str = "diffusion",
                     build: Callable[[UNetConfig], torch.nn.Module] = ConditionalUNet):
     """-> (network made by ``build`` with the EMA (or raw) weights on the CPU, TrainConfig, checkpoint dict)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # torch's note when the file is TorchScript: the line below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as e:
         raise CDMSegmentError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise CDMSegmentError(f"{path} is not the checkpoint.pt of a 'cdmsegment train' run (a model file, already "
+                              "exported? use it as it is, or change its defaults with 'cdmsegment set-defaults')")
     if state.get("kind", "diffusion") != kind:
         raise CDMSegmentError(f"{path} is a {state.get('kind', 'diffusion')} checkpoint, but a {kind} checkpoint is needed")
     cfg = TrainConfig.from_dict(state["config"])
