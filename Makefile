@@ -167,9 +167,9 @@ MEMBERS := $(foreach s,$(SEEDS),$(R)/member_seed$(s).pt)
 $(R)/member_seed%.pt: $(R)/train.npz $(R)/val.npz
 	$(CDM) train $< -o $(call run_dir,$*) --seed $* --steps $(STEPS) --batch-size $(BATCH) --lr $(LR) $(NETWORK) \
 		--t-range $(T_RANGE) --val $(R)/val.npz --checkpoint-every $(CHECKPOINT_EVERY)
-	$(CDM) export $(call run_dir,$*)/checkpoint.pt -o $@ --name $(MODEL_NAME) --training-data "$(TRAINING_DATA)"
+	$(CDM) export $(call run_dir,$*)/checkpoint.pt -o $@ --name $(MODEL_NAME) --training-data "$(TRAINING_DATA)" --overwrite
 $(R)/trained.pt: $(MEMBERS)
-	$(if $(word 2,$^),$(CDM) ensemble $^ -o $@ --name $(MODEL_NAME),cp $< $@)
+	$(if $(word 2,$^),$(CDM) ensemble $^ -o $@ --name $(MODEL_NAME) --overwrite,cp $< $@)
 $(R)/defaults.json: $(R)/trained.pt $(R)/val.npz
 	$(CDM) calibrate $^ -o $@ --device $(DEVICE) $(CALIBRATE_OPTS)
 $(R)/ood.json: $(R)/trained.pt $(R)/ood/cases.csv
@@ -177,11 +177,11 @@ $(R)/ood.json: $(R)/trained.pt $(R)/ood/cases.csv
 $(R)/expects.json:
 	mkdir -p $(@D) && echo '$(EXPECTS)' > $@
 $(R)/calibrated.pt: $(R)/trained.pt $(R)/defaults.json
-	$(CDM) set-defaults $^ -o $@
+	$(CDM) set-defaults $^ -o $@ --overwrite
 $(R)/refined.json: $(R)/calibrated.pt $(R)/val/cases.csv $(R)/val_small/cases.csv
 	$(CDM) calibrate-refinement $< $(R)/val $(R)/val_small -o $@ --device $(DEVICE)
 $(MODEL_FILE): $(R)/trained.pt $(R)/refined.json $(R)/ood.json $(R)/expects.json
-	$(CDM) set-defaults $< $(R)/refined.json --ood $(R)/ood.json --expects $(R)/expects.json -o $@
+	$(CDM) set-defaults $< $(R)/refined.json --ood $(R)/ood.json --expects $(R)/expects.json -o $@ --overwrite
 
 clean:
 	rm -rf $(VENV) $(VIEWS_VENV) $(NEWEST_VENV) demo-output .pytest_cache Testing/.data

@@ -201,7 +201,7 @@ def test_what_the_ensemble_would_write_badly_is_refused_before_any_file(members,
                    "its weights; give it a name or version of its own")
     elif case == "existing file":
         out.write_bytes(b"an earlier file")
-        message = f"{out} already exists; choose another output folder or pass --overwrite"
+        message = f"{out} already exists; choose another output file or pass --overwrite"
     else:
         out.mkdir()
         message = f"{out} is a folder; give the model file's own name"

@@ -233,3 +233,34 @@ def test_export_given_a_model_file_says_it_is_not_a_checkpoint_in_one_line(tiny_
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "is not the checkpoint.pt of a 'cdmsegment train' run" in err, err
     assert not (tmp_path / "e.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "set-defaults"])
+def test_export_and_set_defaults_replace_an_existing_model_file_only_with_overwrite(tmp_path, tiny_model_path, capsys,
+                                                                                    command):
+    """A model file replaced silently may be the only copy of a trained network: the existing file is refused in
+    one line and left as it was, a folder too; --overwrite replaces the file."""
+    from CDMSegmentLib.cli.main import main
+    from CDMSegmentLib.core.unet import UNetConfig
+    from CDMSegmentLib.training.train import TrainConfig, train_diffusion
+
+    if command == "export":
+        images, labels = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8), torch.tensor([1, 0, 1, 0])
+        checkpoint = train_diffusion(images, labels, TrainConfig(steps=1, batch_size=2, precision="fp32", unet=UNetConfig(
+            base_channels=8, channel_mults=(1, 2), attention_levels=())), tmp_path / "run", progress=False)
+        args = ["export", str(checkpoint), "--name", "mine"]
+    else:
+        args = ["set-defaults", str(tiny_model_path), "--version", "2"]
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"an earlier model")
+    assert main([*args, "-o", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert err.strip() == f"cdmsegment {command}: error: {out} already exists; choose another output file or pass " \
+                          "--overwrite", err
+    assert out.read_bytes() == b"an earlier model" and not list(tmp_path.glob("*.partial"))
+    (tmp_path / "folder").mkdir()
+    assert main([*args, "-o", str(tmp_path / "folder"), "--overwrite"]) != 0
+    assert "folder is a folder; give the model file's own name" in capsys.readouterr().err
+    assert main([*args, "-o", str(out), "--overwrite"]) == 0
+    written = load_model(out).metadata
+    assert (written["name"], written["version"]) == (("mine", "1") if command == "export" else ("tiny-test", "2"))

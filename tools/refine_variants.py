@@ -90,7 +90,8 @@ def default_refinement(run, model, min_component_ml) -> np.ndarray:
     """uint8: the model's default refinement of the CDM's mask made with this speck removal (in ml)."""
     cdm = run["cdm"]
     return refine_mask(cdm.mask(min_component_ml), cdm.image, cdm.content, model.defaults, "cdm", heatmap=cdm.heatmap,
-                       threshold=cdm.threshold, min_component_voxels=voxels_for_ml(min_component_ml, cdm.spacing_mm))[0]
+                       threshold=cdm.threshold, min_component_voxels=voxels_for_ml(min_component_ml, cdm.spacing_mm),
+                       spacing_mm=cdm.spacing_mm)[0]
 
 
 def scores(runs, name, method) -> list:

@@ -254,12 +254,15 @@ def add_export_parser(sub) -> None:
     p.add_argument("--defaults", type=Path, default=None,
                    help="JSON of measured defaults (noise_level, steps, tau, noise_draws, threshold, ...)")
     p.add_argument("--training-data", default="", help="what the model was trained on, for its metadata")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file at --output")
     p.set_defaults(func=run_export)
 
 
 def run_export(args) -> None:
     from ..training.export import export_checkpoint
+    from .writers import check_model_output
 
+    check_model_output(args.output, args.overwrite)
     defaults = json.loads(args.defaults.read_text()) if args.defaults else None
     run_info = args.checkpoint.parent / "run.json"
     training = json.loads(run_info.read_text()) if run_info.exists() else {}
@@ -283,12 +286,9 @@ def add_ensemble_parser(sub) -> None:
 def run_ensemble(args) -> None:
     from ..core.modelfile import load_model
     from ..training.ensemble import noise_draws_for, write_ensemble
-    from .writers import check_not_existing
+    from .writers import check_model_output
 
-    if args.output.is_dir():
-        raise CDMSegmentError(f"{args.output} is a folder; give the model file's own name, e.g. "
-                              f"{args.output / 'ensemble.pt'}")
-    check_not_existing([args.output], args.overwrite)
+    check_model_output(args.output, args.overwrite)
     models = [load_model(m) for m in args.models]
     sha = write_ensemble(models, args.output, args.name, args.version)
     draws = noise_draws_for(int(models[0].defaults.get("noise_draws", 1)), len(models))
@@ -381,6 +381,7 @@ def add_set_defaults_parser(sub) -> None:
     p.add_argument("--version", default=None,
                    help="the new file's version (default: the model's own); a registered model whose defaults change "
                         "is a new version")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file at --output")
     p.set_defaults(func=run_set_defaults)
 
 
@@ -396,7 +397,9 @@ def _json_object(path: Path, what: str) -> dict:
 
 def run_set_defaults(args) -> None:
     from ..core.modelfile import load_model, read_registry, with_defaults
+    from .writers import check_model_output
 
+    check_model_output(args.output, args.overwrite)
     if args.defaults is None and args.ood is None and args.expects is None and args.version is None:
         raise CDMSegmentError("nothing to write: give a defaults JSON, --ood, --expects or --version")
     defaults = _json_object(args.defaults, "defaults") if args.defaults else {}

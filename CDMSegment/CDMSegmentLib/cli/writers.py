@@ -69,13 +69,23 @@ def check_not_inputs(outputs: Sequence[Path], inputs: Sequence) -> None:
                                   "it is never replaced (not even with --overwrite); choose another output")
 
 
-def check_not_existing(outputs: Sequence[Path], overwrite: bool) -> None:
-    """Without --overwrite, outputs that already exist are refused with one line naming every one of them."""
+def check_not_existing(outputs: Sequence[Path], overwrite: bool, what: str = "output folder") -> None:
+    """Without --overwrite, outputs that already exist are refused with one line naming every one of them and
+    saying to choose another ``what`` (an output folder, or the output file itself)."""
     existing = [str(p) for p in outputs if Path(p).exists()]
     if existing and not overwrite:
         names = existing[0] if len(existing) == 1 else ", ".join(existing[:-1]) + " and " + existing[-1]
-        raise CDMSegmentError(f"{names} already exist{'s' if len(existing) == 1 else ''}; choose another output "
-                              "folder or pass --overwrite")
+        raise CDMSegmentError(f"{names} already exist{'s' if len(existing) == 1 else ''}; choose another {what} "
+                              "or pass --overwrite")
+
+
+def check_model_output(path: Path, overwrite: bool) -> None:
+    """The model file a command writes (export, set-defaults, ensemble), before any work: not a folder, and an
+    existing file only with --overwrite (a model file replaced silently may be the only copy of a trained network)."""
+    from ..core.modelfile import check_not_folder  # here: modelfile imports torch, which writers itself does not need
+
+    check_not_folder(path)
+    check_not_existing([path], overwrite, what="output file")
 
 
 # The arguments through which a command names what it writes (-o, a positional OUTDIR, train's run folder).

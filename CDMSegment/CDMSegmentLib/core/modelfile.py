@@ -49,12 +49,17 @@ class LoadedModel(ModelDescription):
         return t
 
 
+def check_not_folder(path: Path) -> None:
+    """A model file's path is not a folder: CDMSegmentError, one line, otherwise."""
+    if Path(path).is_dir():
+        raise CDMSegmentError(f"{path} is a folder; give the model file's own name, e.g. {Path(path) / 'model.pt'}")
+
+
 def save_model(network: torch.nn.Module, metadata: dict, path: Union[str, Path]) -> str:
     """Script ``network`` and write it with ``metadata`` inside, atomically; returns the file's SHA256."""
     check_metadata(metadata, str(path), FORMAT_VERSION, writing=True)
     path = Path(path)
-    if path.is_dir():
-        raise CDMSegmentError(f"{path} is a folder; give the model file's own name, e.g. {path / 'model.pt'}")
+    check_not_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scripted = torch.jit.script(network.eval().cpu())
     tmp = path.with_name(path.name + ".partial")
