@@ -175,3 +175,19 @@ def http_server(tmp_path):
     yield SimpleNamespace(directory=directory, url=f"http://127.0.0.1:{httpd.server_address[1]}")
     httpd.shutdown()
     httpd.server_close()
+
+
+def fragments_beside_a_lesion():
+    """Brain at 100 (2 mm voxels: 0.008 ml each); a 4x6x6 lesion at 250 the CDM found whole; and a 2x4x6 patch of
+    normal tissue the CDM also marked, where every other voxel is 170 (a checkerboard: each bright voxel is a
+    component of its own): over any floor, the refinement keeps 24 one-voxel fragments there."""
+    image = np.zeros((10, 24, 24), np.float32)
+    image[1:9, 2:22, 2:22] = 100
+    lesion = np.zeros(image.shape, bool)
+    lesion[3:7, 4:10, 4:10] = True
+    image[lesion] = 250
+    patch = np.zeros(image.shape, bool)
+    patch[4:6, 14:18, 12:18] = True
+    k, j, i = np.indices(image.shape)
+    image[patch & ((k + j + i) % 2 == 0)] = 170
+    return image, image > 0, lesion, lesion | patch

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from conftest import phantom
+from conftest import fragments_beside_a_lesion, phantom
 from CDMSegmentLib.core.errors import CDMSegmentError
 from CDMSegmentLib.core.image import Volume
 from CDMSegmentLib.core.refine import (apply_refinement, grow_through_intensity, heatmap_supported_components,
-                                       lesion_intensity_components, small_lesion_components, strong_findings,
-                                       supported_components)
+                                       lesion_intensity_components, refinement_parts, small_lesion_components,
+                                       strong_findings, supported_components)
 from CDMSegmentLib.core.runner import refine_mask, segment_volume
 from CDMSegmentLib.core.threshold import voxels_for_ml
 from CDMSegmentLib.core.settings import CDMParams
@@ -464,3 +464,41 @@ def test_refine_mask_adds_the_small_lesions_at_the_volumes_spacing_and_a_new_thr
     with pytest.raises(CDMSegmentError, match="the small lesions it reaches"):
         apply_refinement(mask, image, content, {**refinement, "small_lesion_voxels": 25, "small_lesion_floor": 2.0,
                                                 "small_lesion_peak": 0.2})
+
+
+def test_the_smallest_finding_kept_removes_the_refinements_fragments_and_keeps_the_lesion():
+    image, content, lesion, mask = fragments_beside_a_lesion()
+    defaults = {"lesion_intensity": 0.7, "lesion_intensity_floor": 1.2, "lesion_support": 0.2}
+    kept, _, _ = refine_mask(mask, image, content, defaults, "cdm", spacing_mm=(2.0, 2.0, 2.0))
+    assert (kept > 0).sum() == lesion.sum() + 24 and (kept[lesion] > 0).all()
+    refined, refinement, _ = refine_mask(mask, image, content, {**defaults, "min_finding_ml": 0.02}, "cdm",
+                                         spacing_mm=(2.0, 2.0, 2.0))
+    assert refinement["min_finding_voxels"] == voxels_for_ml(0.02, (2.0, 2.0, 2.0)) == 2
+    np.testing.assert_array_equal(refined > 0, lesion)
+    # a re-made mask (Slicer's threshold slider) applies the same rule from the run's refinement alone
+    np.testing.assert_array_equal(apply_refinement(mask, image, None, refinement) > 0, lesion)
+    # larger than the lesion (144 voxels, 1.15 ml): the lesion goes too
+    assert not refine_mask(mask, image, content, {**defaults, "min_finding_ml": 1.2}, "cdm",
+                           spacing_mm=(2.0, 2.0, 2.0))[0].any()
+    off, refinement, _ = refine_mask(mask, image, content, {**defaults, "min_finding_ml": 0.0}, "cdm")
+    assert (off > 0).sum() == lesion.sum() + 24 and "min_finding_voxels" not in refinement
+    with pytest.raises(CDMSegmentError, match="min_finding_ml, which needs the voxel spacing"):
+        refine_mask(mask, image, content, {**defaults, "min_finding_ml": 0.02}, "cdm")
+
+
+def test_the_smallest_finding_kept_counts_the_heatmaps_additions_with_the_refined_mask():
+    """A small lesion the heatmap support adds beside the refined mask is one finding with it where they touch,
+    and is removed alone where it is small and apart."""
+    image = np.zeros((8, 20, 20), np.float32)
+    image[1:7, 1:19, 1:19] = 100
+    image[3:5, 4:8, 4:8] = 200  # found by the mask: 32 voxels
+    image[3:5, 8:9, 4:8] = 150  # touching it, not in the mask: 8 voxels the support adds
+    image[3:4, 14:15, 14:16] = 150  # apart: 2 voxels the support adds
+    mask = image == 200
+    heatmap = np.where(image >= 150, 2.0, 0.0).astype(np.float32)
+    refinement = {"lesion_intensity": 0.9, "lesion_intensity_floor": 1.2, "lesion_support": 0.0,
+                  "brain_median": 100.0, "min_component_voxels": 1, "heatmap_floor": 1.2, "heatmap_support": 1.0}
+    refined, added = refinement_parts(mask, image, image > 0, refinement, heatmap, 1.0)
+    assert refined.sum() == 32 and added.sum() == 10
+    refined, added = refinement_parts(mask, image, image > 0, {**refinement, "min_finding_voxels": 5}, heatmap, 1.0)
+    assert refined.sum() == 32 and added.sum() == 8 and not added[3, 14, 14:16].any()

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from CDMSegmentLib.cli.main import main
-from CDMSegmentLib.evaluation.refine_calibration import (GRID, SMALL_GRID, STRONG_GRID, SUPPORT_GRID,
+from CDMSegmentLib.evaluation.refine_calibration import (FINDING_GRID, GRID, SMALL_GRID, STRONG_GRID, SUPPORT_GRID,
                                                          RefinementRun, RefinementScore, choose_best,
                                                          choose_refinement, score_refinement, stage_combinations)
 
-from conftest import make_tiny_model_file, randomised_cases_and_tiny_model
+from conftest import fragments_beside_a_lesion, make_tiny_model_file, randomised_cases_and_tiny_model
 
 
 SPACING_MM = (2.0, 2.0, 2.0)  # 0.008 ml per voxel: the grid's speck removals are 6, 12 and 31 voxels
@@ -42,10 +42,12 @@ def run_with(lesion_value: float, cdm_false_spot: bool = False) -> RefinementRun
 def test_the_choice_delineates_faint_and_bright_lesions_and_keeps_the_rim_out():
     runs = [run_with(140.0), run_with(250.0), run_with(0.0, cdm_false_spot=True)]
     best, scores = choose_refinement(runs, max_fp_ml=0.0)
-    assert len(scores) == sum(len(stage_combinations(stage)) for stage in (GRID, SUPPORT_GRID, STRONG_GRID, SMALL_GRID))
+    assert len(scores) == sum(len(stage_combinations(stage))
+                              for stage in (GRID, SUPPORT_GRID, STRONG_GRID, SMALL_GRID, FINDING_GRID))
     assert best.settings["heatmap_support"] == 0.0  # the heatmap is 0 outside the CDM's mask: nothing to add
     assert best.settings["strong_finding_ml"] == 0.0  # every finding is kept whole already: the rule stays off
     assert best.settings["small_lesion_ml"] == 0.0  # and no small bright component has any heatmap
+    assert best.settings["min_finding_ml"] == 0.0  # nothing small is left to remove: of equals, the first (all kept)
     assert best.mean_dice == pytest.approx(1.0) and best.false_positive_ml == 0.0
     # the rim (1.6 x the median, 8 x 2 x 20 voxels) joins wherever the spot is kept and the floor lets it count
     assert score_refinement(runs, {"min_component_ml": 0.05, "lesion_intensity": 0.6, "lesion_intensity_floor": 1.2,
@@ -305,3 +307,19 @@ def test_calibrate_refinement_pools_several_folders_and_refuses_one_given_twice_
     err = capsys.readouterr().err
     assert code == 1 and f"{tmp_path / 'a_folder'} is a folder; -o names the defaults JSON to write" in err
     assert "CDM run" not in err and list((tmp_path / "a_folder").iterdir()) == []
+
+
+def test_the_fifth_stage_removes_the_fragments_the_refinement_leaves_beside_a_lesion():
+    """Brain at 100; a lesion at 250 the CDM found whole, and a patch of normal tissue the CDM also marked whose
+    bright voxels (170, a checkerboard) are one-voxel components over every floor of the grid: only the smallest
+    finding kept removes them, and the lesion (1.15 ml) stays."""
+    image, _, truth, cdm_mask = fragments_beside_a_lesion()
+    free = np.where(image > 0, 100, 0).astype(np.float32)
+    runs = [run_from(image, truth, cdm_mask), run_from(free, np.zeros(free.shape, bool), np.zeros(free.shape, bool))]
+    before = score_refinement(runs, {"min_component_ml": 0.05, "lesion_intensity": 0.8, "lesion_intensity_floor": 1.5,
+                                     "lesion_support": 0.2})
+    assert before.mean_dice == pytest.approx(2 * 144 / (144 + 144 + 24))
+    best, _ = choose_refinement(runs, max_fp_ml=0.0)
+    # 0.02 ml is 2 voxels at 2 mm, the first size that removes one-voxel fragments (0.01 ml rounds to 1 voxel)
+    assert best.settings["min_finding_ml"] == FINDING_GRID["min_finding_ml"][2] == 0.02
+    assert best.mean_dice == pytest.approx(1.0)

@@ -87,8 +87,9 @@ def add_calibrate_refinement_parser(sub) -> None:
                                                     "lesion-intensity refinement (lesion_intensity, its floor and "
                                                     "support), heatmap support (heatmap_floor, heatmap_support) "
                                                     "strong findings (strong_finding_ml, strong_finding_peak) "
-                                                    "and small lesions (small_lesion_ml, small_lesion_floor, "
-                                                    "small_lesion_peak) on validation volumes; write the model's "
+                                                    "small lesions (small_lesion_ml, small_lesion_floor, "
+                                                    "small_lesion_peak) and the smallest finding kept "
+                                                    "(min_finding_ml) on validation volumes; write the model's "
                                                     "defaults with them, for set-defaults",
                        description="The CDM runs once per validation volume at the model's defaults; every "
                                    "combination of the grid (GRID in CDMSegmentLib/evaluation/"
@@ -101,7 +102,8 @@ def add_calibrate_refinement_parser(sub) -> None:
                                    "fewest false positives; then, by the same rule, the heatmap support added to it "
                                    "(SUPPORT_GRID; 0: none), then which findings keep their own bright voxels "
                                    "(STRONG_GRID; strong_finding_ml 0: none), then which small bright components "
-                                   "the heatmap reaches are added (SMALL_GRID; small_lesion_ml 0: none). Give "
+                                   "the heatmap reaches are added (SMALL_GRID; small_lesion_ml 0: none), then the "
+                                   "smallest component of the result kept (FINDING_GRID; min_finding_ml 0: all). Give "
                                    "validation volumes of the training families only, with small lesions among "
                                    "them (the recipe gives val and val_small); several folders are pooled.")
     p.add_argument("model", help="model file or registered name, with its calibrated defaults (set-defaults)")

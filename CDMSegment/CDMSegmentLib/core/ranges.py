@@ -115,6 +115,8 @@ SETTINGS = {
     "small_lesion_ml": Range(low=0.0),
     "small_lesion_floor": Range(low=0.0),
     "small_lesion_peak": Range(low=0.0),
+    # core/refine.refinement_parts: the refined segment's smallest component kept (ml; 0: all kept)
+    "min_finding_ml": Range(low=0.0),
     "min_component_voxels": Range(integer=True, low=0),
     "batch_size": Range(integer=True, low=1, high=65_536),
     # the noise of slice s, draw d is seeded seed * 1_000_003 + ...: torch's seeds hold 64 bits

@@ -56,14 +56,22 @@ def make_mask(heatmap: np.ndarray, threshold: float, content: Optional[np.ndarra
     mask = heatmap > threshold
     if content is not None:
         mask &= content
-    if min_component_voxels > 1 and mask.any():
+    return without_small_components(mask, min_component_voxels).astype(np.uint8)
+
+
+def without_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """bool (K, J, I): ``mask`` without its 3D components (face-connected) of fewer than ``min_voxels`` voxels;
+    ``min_voxels`` 1 or less keeps every one."""
+    mask = mask.astype(bool)
+    if min_voxels > 1 and mask.any():
         box = _bounding_box(mask)
-        labels, n = ndimage.label(mask[box])
+        labels, _ = ndimage.label(mask[box])
         sizes = np.bincount(labels.ravel())
-        keep = sizes >= min_component_voxels
+        keep = sizes >= min_voxels
         keep[0] = False
+        mask = mask.copy()
         mask[box] = keep[labels]
-    return mask.astype(np.uint8)
+    return mask
 
 
 def _bounding_box(mask: np.ndarray) -> tuple:

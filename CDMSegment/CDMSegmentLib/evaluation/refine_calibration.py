@@ -14,7 +14,8 @@ by the same rule; support 0 (the first stage's result) is among them, so it is a
 stage, by the same rule again, chooses which findings are strong enough to keep their own bright voxels
 (core/refine.strong_findings, STRONG_GRID; ``strong_finding_ml`` 0, the rule off, is among them), and a fourth
 which small bright components the heatmap reaches are added (core/refine.small_lesion_components, SMALL_GRID;
-``small_lesion_ml`` 0 among them). Where a step is off (its switch 0: SWITCHES) its other values change nothing:
+``small_lesion_ml`` 0 among them); a fifth, the smallest component the refined segment keeps
+(core/refine.refinement_parts' ``min_finding_voxels``, FINDING_GRID; ``min_finding_ml`` 0, all kept, among them). Where a step is off (its switch 0: SWITCHES) its other values change nothing:
 that combination is scored once. Only validation volumes of the training families belong here, with small lesions
 of those families among them where the small lesions are chosen (the recipe's ``val_small``): the held-out sets
 measure the result.
@@ -39,6 +40,7 @@ SUPPORT_GRID = {"heatmap_floor": (1.1, 1.15, 1.2, 1.25, 1.3), "heatmap_support":
 STRONG_GRID = {"strong_finding_ml": (0.0, 0.1, 0.25, 0.5, 1.0), "strong_finding_peak": (2.0, 3.0, 4.0)}
 SMALL_GRID = {"small_lesion_ml": (0.0, 0.25, 0.5, 1.0), "small_lesion_floor": (1.6, 1.8, 2.0, 2.2),
               "small_lesion_peak": (0.2, 0.4, 0.6)}
+FINDING_GRID = {"min_finding_ml": (0.0, 0.01, 0.02, 0.05, 0.1)}
 SWITCHES = ("heatmap_support", "strong_finding_ml", "small_lesion_ml")  # 0: that step is off
 DICE_TOLERANCE = 0.001  # mean 3D Dice; within it of the best, the fewest false positives win
 
@@ -158,12 +160,13 @@ def choose_refinement(runs: Sequence[RefinementRun], max_fp_ml: float = 0.5, gri
                       support_grid: Dict[str, Sequence[float]] = SUPPORT_GRID,
                       strong_grid: Dict[str, Sequence[float]] = STRONG_GRID,
                       small_grid: Dict[str, Sequence[float]] = SMALL_GRID,
+                      finding_grid: Dict[str, Sequence[float]] = FINDING_GRID,
                       dice_tolerance: float = DICE_TOLERANCE) -> Tuple[RefinementScore, List[RefinementScore]]:
-    """(the chosen settings' score, every combination's score, all four stages). Raises ValueError without a
+    """(the chosen settings' score, every combination's score, all five stages). Raises ValueError without a
     volume with a lesion or without a lesion-free one (the false-positive limit is measured there)."""
     check_validation_set([run.truth.any() for run in runs])
     scores, chosen = [], {}
-    for stage in (grid, support_grid, strong_grid, small_grid):
+    for stage in (grid, support_grid, strong_grid, small_grid, finding_grid):
         stage_scores = [score_refinement(runs, {**chosen, **settings}) for settings in stage_combinations(stage)]
         scores += stage_scores
         best = choose_best(stage_scores, max_fp_ml, dice_tolerance)

@@ -58,8 +58,8 @@ class VolumeScore:
 
 def refined_method_name(defaults: dict) -> str:
     """'CDM + lesion intensity (0.7, floor 1.4)', with ' + heatmap support (0.5, floor 1.2)' and
-    ' + strong findings (0.1 ml, peak 3)' and ' + small lesions (up to 0.5 ml, floor 2, peak 0.2)' where the
-    model has them."""
+    ' + strong findings (0.1 ml, peak 3)' and ' + small lesions (up to 0.5 ml, floor 2, peak 0.2)' and ', findings
+    under 0.05 ml removed' where the model has them."""
     name = (f"CDM + lesion intensity ({defaults.get('lesion_intensity', 0):g}, "
             f"floor {defaults.get('lesion_intensity_floor', 0):g})")
     if defaults.get("heatmap_support"):
@@ -70,6 +70,8 @@ def refined_method_name(defaults: dict) -> str:
     if defaults.get("small_lesion_ml"):
         name += (f" + small lesions (up to {defaults['small_lesion_ml']:g} ml, floor "
                  f"{defaults.get('small_lesion_floor', 0):g}, peak {defaults.get('small_lesion_peak', 0):g})")
+    if defaults.get("min_finding_ml"):
+        name += f", findings under {defaults['min_finding_ml']:g} ml removed"
     return name
 
 
