@@ -525,3 +525,10 @@ def test_the_summary_gives_the_threshold_and_says_when_no_voxel_reached_it(tmp_p
     assert code == 0, err
     assert "0 voxels segmented (0.0 ml; the heatmap reached the threshold, but nothing was left after the removal " \
            "of components under " in out and "voxels (--min-component-ml) and the lesion-intensity refinement)" in out
+    # a model whose smallest finding kept is larger than anything found: the summary names that rule too
+    huge = tmp_path / "huge.pt"
+    make_tiny_model_file(huge, defaults={"noise_level": 0.9, "steps": 1, "tau": 0.0, "noise_draws": 1,
+                                         "lesion_intensity": 0.7, "lesion_intensity_floor": 1.2, "min_finding_ml": 1e6})
+    code, out, err = run_cli(segment_args([case], tmp_path / "huge", huge, "--threshold", "otsu", "--force"), capsys)
+    assert code == 0, err
+    assert "0 voxels segmented" in out and "then of the findings under " in out and "(the model's min_finding_ml)" in out

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,10 +227,18 @@ def test_a_registered_name_or_version_with_blanks_is_still_the_registered_one(tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_given_a_model_file_says_it_is_not_a_checkpoint_in_one_line(tiny_model_path, tmp_path, capsys):
+@pytest.mark.parametrize("given", ["model file", "text", "image"])
+def test_export_given_a_model_file_says_it_is_not_a_checkpoint_in_one_line(tiny_model_path, tmp_path, capsys, given):
+    """A model file, a text and an image (torch's unpickler fails on each in its own way) get one line each."""
     from CDMSegmentLib.cli.main import main
 
-    assert main(["export", str(tiny_model_path), "-o", str(tmp_path / "e.pt"), "--name", "e"]) != 0
+    source = {"model file": tiny_model_path, "text": tmp_path / "notes.pt", "image": tmp_path / "scan.pt"}[given]
+    if given == "text":
+        source.write_text("hello\n")
+    elif given == "image":
+        source.write_bytes((Path(__file__).resolve().parents[1] / "CDMSegment" / "Resources" / "Sample" /
+                            "CDMSegmentSample_flair.nrrd").read_bytes()[:4096])
+    assert main(["export", str(source), "-o", str(tmp_path / "e.pt"), "--name", "e"]) != 0
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "is not the checkpoint.pt of a 'cdmsegment train' run" in err, err
     assert not (tmp_path / "e.pt").exists()

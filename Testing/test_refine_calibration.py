@@ -323,3 +323,11 @@ def test_the_fifth_stage_removes_the_fragments_the_refinement_leaves_beside_a_le
     # 0.02 ml is 2 voxels at 2 mm, the first size that removes one-voxel fragments (0.01 ml rounds to 1 voxel)
     assert best.settings["min_finding_ml"] == FINDING_GRID["min_finding_ml"][2] == 0.02
     assert best.mean_dice == pytest.approx(1.0)
+
+
+def test_the_help_lists_the_fifth_stages_sizes(capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate-refinement", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    sizes = ", ".join(f"{v:g}" for v in FINDING_GRID["min_finding_ml"][:-1]) + f" or {FINDING_GRID['min_finding_ml'][-1]:g}"
+    assert f"min_finding_ml {sizes} ml" in text, text

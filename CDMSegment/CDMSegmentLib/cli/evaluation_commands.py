@@ -103,7 +103,9 @@ def add_calibrate_refinement_parser(sub) -> None:
                                    "(SUPPORT_GRID; 0: none), then which findings keep their own bright voxels "
                                    "(STRONG_GRID; strong_finding_ml 0: none), then which small bright components "
                                    "the heatmap reaches are added (SMALL_GRID; small_lesion_ml 0: none), then the "
-                                   "smallest component of the result kept (FINDING_GRID; min_finding_ml 0: all). Give "
+                                   "smallest finding the refined segment keeps (FINDING_GRID: min_finding_ml 0, "
+                                   "0.01, 0.02, 0.05 or 0.1 ml; unlike min_component_ml, which applies to the "
+                                   "CDM's mask before the refinement, this applies to the final segment). Give "
                                    "validation volumes of the training families only, with small lesions among "
                                    "them (the recipe gives val and val_small); several folders are pooled.")
     p.add_argument("model", help="model file or registered name, with its calibrated defaults (set-defaults)")

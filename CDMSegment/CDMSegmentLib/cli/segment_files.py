@@ -65,6 +65,9 @@ class SegmentSummary:
             if self.refinement:
                 removed += " and the lesion-intensity refinement"
                 removed += " (no bright region the heatmap supports either)" if supporting else ""
+                if self.refinement.get("min_finding_voxels", 0) > 1:
+                    removed += (f", then of the findings under {self.refinement['min_finding_voxels']} voxels (the "
+                                "model's min_finding_ml)")
             note = f"; the heatmap reached the threshold, but nothing was left after {removed}"
         else:
             note = "; the CDM's mask delineated by the lesion's intensity" if self.refinement else ""

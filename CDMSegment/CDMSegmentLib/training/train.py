@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import os
+import pickle
 import time
 import warnings
 import dataclasses
@@ -295,6 +296,9 @@ def load_checkpoint(path: Path, weights: str = "ema", kind: str = "diffusion",
             state = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as e:
         raise CDMSegmentError(f"cannot read checkpoint {path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, AttributeError, ImportError):
+        raise CDMSegmentError(f"{path} is not the checkpoint.pt of a 'cdmsegment train' run (not a PyTorch file); "
+                              "give the checkpoint.pt in the run folder of 'cdmsegment train'") from None
     if not isinstance(state, dict):
         raise CDMSegmentError(f"{path} is not the checkpoint.pt of a 'cdmsegment train' run (a model file, already "
                               "exported? use it as it is, or change its defaults with 'cdmsegment set-defaults')")
