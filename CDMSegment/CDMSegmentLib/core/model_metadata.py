@@ -111,8 +111,8 @@ DEFAULTS = obj({**{name: setting(name) for name in ("noise_level", "steps", "tau
                                                     "grow_above", "lesion_intensity", "lesion_intensity_floor",
                                                     "lesion_support", "heatmap_floor", "heatmap_support",
                                                     "strong_finding_ml", "strong_finding_peak",
-                                                    "small_lesion_ml", "small_lesion_floor", "small_lesion_peak", "min_finding_ml",
-                                                    "crop_margin_px")},
+                                                    "small_lesion_ml", "small_lesion_floor", "small_lesion_peak",
+                                                    "min_finding_ml", "crop_margin_px")},
                 "batch_size": (False, obj(values=number(ranges.SETTINGS["batch_size"]))),  # per device type
                 "antithetic": (False, flag),
                 "calibration": (False, obj())})

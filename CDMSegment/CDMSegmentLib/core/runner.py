@@ -197,10 +197,11 @@ def refine_mask(mask: np.ndarray, image: np.ndarray, content: np.ndarray, defaul
     and strong_finding_peak (core/refine.strong_findings), and where it has ``small_lesion_ml`` above 0 also
     small_lesion_voxels (that volume at ``spacing_mm``), small_lesion_floor and small_lesion_peak
     (core/refine.small_lesion_components), and where it has ``min_finding_ml`` above 0 min_finding_voxels (that
-    volume at ``spacing_mm``: the refined mask's smaller components are removed). supported voxels: how many the heatmap's support and the small lesions
-    added (0 without them). Raises CDMSegmentError for a model with strong findings, small lesions or a
-    min_finding_ml given no spacing_mm, strong findings without a strong_finding_peak above 0, or small lesions without a small_lesion_peak
-    above 0 and a small_lesion_floor of 1 or more (both refused by core/refine.refinement_parts)."""
+    volume at ``spacing_mm``: the refined mask's smaller components are removed). supported voxels: how many the
+    heatmap's support and the small lesions added (0 without them). Raises CDMSegmentError for a model with strong
+    findings, small lesions or a min_finding_ml given no spacing_mm, strong findings without a strong_finding_peak
+    above 0, or small lesions without a small_lesion_peak above 0 and a small_lesion_floor of 1 or more (both
+    refused by core/refine.refinement_parts)."""
     fraction = defaults.get("lesion_intensity", 0.0) if lesion_intensity is None else lesion_intensity
     if not fraction or method not in CDM_METHODS:
         return mask, None, 0

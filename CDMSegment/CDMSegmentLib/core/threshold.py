@@ -69,8 +69,7 @@ def without_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
         sizes = np.bincount(labels.ravel())
         keep = sizes >= min_voxels
         keep[0] = False
-        mask = mask.copy()
-        mask[box] = keep[labels]
+        mask[box] = keep[labels]  # mask is astype's copy: the caller's array is not changed
     return mask
 
 

@@ -15,7 +15,8 @@ stage, by the same rule again, chooses which findings are strong enough to keep 
 (core/refine.strong_findings, STRONG_GRID; ``strong_finding_ml`` 0, the rule off, is among them), and a fourth
 which small bright components the heatmap reaches are added (core/refine.small_lesion_components, SMALL_GRID;
 ``small_lesion_ml`` 0 among them); a fifth, the smallest component the refined segment keeps
-(core/refine.refinement_parts' ``min_finding_voxels``, FINDING_GRID; ``min_finding_ml`` 0, all kept, among them). Where a step is off (its switch 0: SWITCHES) its other values change nothing:
+(core/refine.refinement_parts' ``min_finding_voxels``, FINDING_GRID; ``min_finding_ml`` 0, all kept, among them).
+Where a step is off (its switch 0: SWITCHES) its other values change nothing:
 that combination is scored once. Only validation volumes of the training families belong here, with small lesions
 of those families among them where the small lesions are chosen (the recipe's ``val_small``): the held-out sets
 measure the result.
